@@ -1,0 +1,55 @@
+# rewardctl developer commands. `make demo` and `make test` work on a fresh machine: they create
+# .venv, install the pinned CPU torch wheel first when torch is absent (an unpinned torch requirement
+# would pull a multi-GB CUDA build on a CPU machine), then install rewardctl with its extras.
+# GPU users: create the venv with your CUDA torch first, or set TORCH_SPEC.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup setup-bench demo test test-fast lint bench samples clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev,acceptance]"
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/pip install -e ".[dev,acceptance,bench]"
+	touch $@
+
+setup: $(VENV)/.installed-dev
+
+setup-bench: $(VENV)/.installed-bench
+
+## Train the embedded default (tiny model, bundled sample, CPU) into outputs/<date>/<time>/.
+demo: setup
+	$(BIN)/rewardctl train
+
+## Lint, then the whole test suite (acceptance tests skip when ../shared/data is absent).
+test: setup lint
+	$(BIN)/python -m pytest
+
+## The suite without the slow end-to-end runs.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check rewardctl tests benchmarks conf
+
+## Throughput and accuracy against TRL on ../shared/data (ratios measured in the same run).
+bench: setup-bench
+	$(BIN)/python benchmarks/pairwise_hh_vs_trl.py
+
+## Regenerate the bundled sample data and the tiny model asset.
+samples: setup
+	$(BIN)/python -m rewardctl.samples.generate
+	$(BIN)/python -m rewardctl.assets.build_tiny_llama
+
+clean:
+	rm -rf $(VENV) outputs multirun bench-results .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from rewardctl.cli import main
+
+sys.exit(main())

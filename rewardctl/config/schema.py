@@ -1,0 +1,246 @@
+"""Typed schemas for every config group.
+
+Hydra composes YAML files from ``conf/``; these dataclasses, registered in the ConfigStore, are the
+contract those files are validated against. OmegaConf refuses an unknown key, a value of the wrong
+type or an unset mandatory value (``???``) and names the full key, so a typo fails in milliseconds,
+before any model or dataset is touched. OmegaConf 2.3 cannot validate ``Literal``; choices are
+``Enum`` classes instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class Overlength(str, Enum):
+    """What to do with a row whose token sequence exceeds ``model.max_length``."""
+
+    truncate = "truncate"  # keep the end of the sequence (the response and its EOS)
+    drop = "drop"  # remove the row, counted in the data report
+
+
+class BadRows(str, Enum):
+    """What to do with a malformed row (missing field, empty list, wrong type...)."""
+
+    error = "error"  # stop before any expensive work, naming file, row and field
+    skip = "skip"  # leave the row out and count it in the data report
+
+
+class Scheduler(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class PaddingSide(str, Enum):
+    right = "right"
+    left = "left"
+
+
+class DType(str, Enum):
+    """Dtype of the weights as loaded. Keep float32 for training with mixed precision."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+    auto = "auto"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class PeftKind(str, Enum):
+    none = "none"
+
+
+@dataclass
+class ModelConfig:
+    """The backbone, its tokenizer, and how sequences are fed to it."""
+
+    # A hub id or a local directory (config.json + tokenizer files, weights unless from_scratch).
+    name_or_path: str = MISSING
+    # Build randomly initialised weights from the config alone (the offline tiny model).
+    from_scratch: bool = False
+    # Tokenizer location when it differs from name_or_path.
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Weights dtype at load time; float32 master weights + hardware.mixed_precision is the safe default.
+    dtype: DType = DType.float32
+    # e.g. sdpa, eager, flash_attention_2; null lets transformers choose.
+    attn_implementation: Optional[str] = None
+    # Token budget per sequence (prompt + response, special tokens included).
+    max_length: int = 512
+    # Decoder models read the reward at the last attended token, so both sides are correct.
+    padding_side: PaddingSide = PaddingSide.right
+    # Reward models train more stably without dropout (TRL and OpenRLHF do the same).
+    disable_dropout: bool = True
+    # Extra attributes set on the transformers config before the model is built.
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    # Path to a Jinja chat template replacing the tokenizer's own.
+    chat_template: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where rows come from and how malformed or over-long rows are handled."""
+
+    # A local file (jsonl/json/csv/tsv/parquet), a folder of such files, or a hub dataset id.
+    train: str = MISSING
+    # Same forms as train; null means no held-out set unless holdout_fraction > 0.
+    eval: Optional[str] = None
+    # Split names used for folders and hub datasets (slices such as "train[:1000]" work).
+    train_split: str = "train"
+    eval_split: str = "test"
+    # Hub dataset configuration name (the second argument of datasets.load_dataset).
+    subset: Optional[str] = None
+    revision: Optional[str] = None
+    # Canonical column name -> column name in the data, e.g. {chosen: response_a}.
+    columns: Dict[str, str] = field(default_factory=dict)
+    # Fraction of train rows held out for eval when data.eval is null.
+    holdout_fraction: float = 0.0
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+    overlength: Overlength = Overlength.truncate
+    bad_rows: BadRows = BadRows.error
+    # Processes for tokenisation (datasets.map num_proc); null tokenises in-process.
+    num_proc: Optional[int] = None
+    # Pad batches to a multiple of this many tokens (tensor-core friendly on GPUs).
+    pad_to_multiple_of: Optional[int] = None
+    # Batch rows of similar length together (within shuffled mega-batches): far less padding.
+    group_by_length: bool = True
+    # Mega-batch size, in batches, for group_by_length; larger groups pad less but shuffle less.
+    length_group_batches: int = 50
+
+
+@dataclass
+class TrainConfig:
+    """The shared loop's settings; identical for every method."""
+
+    # > 0 fixes the number of optimizer steps and overrides epochs.
+    max_steps: int = -1
+    epochs: float = 1.0
+    per_device_batch_size: int = 8
+    # null: same as per_device_batch_size.
+    per_device_eval_batch_size: Optional[int] = None
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    scheduler: Scheduler = Scheduler.linear
+    # warmup_steps > 0 wins over warmup_ratio.
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    # 0 disables clipping (the norm is still logged).
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # Evaluate every N optimizer steps (0: only at the end); eval_at_start gives the baseline.
+    eval_every: int = 0
+    eval_at_start: bool = True
+    # Save a resumable checkpoint every N optimizer steps (0: none until the end).
+    save_every: int = 0
+    # How many checkpoints to keep (oldest deleted first); <= 0 keeps all.
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    # auto: continue from the run directory's latest checkpoint; off; or a checkpoint path.
+    resume: str = "auto"
+    # Stop after this many optimizer steps as if interrupted (checkpoint first); the schedule still
+    # follows max_steps/epochs. For time-limited cluster jobs and resume tests.
+    stop_after_steps: Optional[int] = None
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_reentrant: bool = False
+    # accelerate trackers, e.g. [tensorboard] or [wandb]; metrics.jsonl is always written.
+    report_to: List[str] = field(default_factory=list)
+    num_workers: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class HardwareConfig:
+    """Device and precision; the distributed strategies arrive as further options of this group."""
+
+    name: str = MISSING
+    device: Device = Device.auto
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    # Allow TF32 matmuls on Ampere+ GPUs.
+    tf32: bool = False
+
+
+@dataclass
+class NoPeftConfig:
+    """Full fine-tuning: every parameter trains."""
+
+    name: PeftKind = PeftKind.none
+
+
+PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig}
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares; a method's own schema extends this."""
+
+    # The class implementing rewardctl.methods.base.Method; a user's own method plugs in here.
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class PairwiseConfig(MethodConfig):
+    """Bradley-Terry: L = -mean log sigma(r_c - r_r - m) + c * mean((r_c + r_r)^2)."""
+
+    _target_: str = "rewardctl.methods.pairwise.PairwiseMethod"
+    name: str = "pairwise"
+    # c in the centering term (arXiv 2312.09244 recommends 0.01); null disables it.
+    center_rewards_coefficient: Optional[float] = None
+    # Use the per-row `margin` column when the data has one.
+    use_margin: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One training run: the five groups plus the loop settings and the output directory."""
+
+    method: Any = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    peft: Any = MISSING
+    hardware: HardwareConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Where the run writes; in a multirun sweep each job gets <output_dir>/<job number>.
+    output_dir: str = MISSING
+
+
+@dataclass
+class EvalConfig:
+    """`rewardctl eval`: score a finished (or checkpointed) run on a dataset."""
+
+    # A training run directory; its config.yaml decides method, tokenisation and format.
+    run_dir: str = MISSING
+    # null: the run's final model/; or a checkpoint name (step-N) or a checkpoint path.
+    checkpoint: Optional[str] = None
+    # null: the run's data.eval; else a file, folder or hub id.
+    data: Optional[str] = None
+    split: Optional[str] = None
+    max_rows: Optional[int] = None
+    batch_size: Optional[int] = None
+    # null: <run_dir>/eval/<data name>; metrics.json and predictions.jsonl go there.
+    output_dir: Optional[str] = None
+    write_predictions: bool = True
+    device: Device = Device.auto
+    mixed_precision: MixedPrecision = MixedPrecision.no

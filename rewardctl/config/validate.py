@@ -1,0 +1,166 @@
+"""Turns a composed DictConfig into typed objects and checks what types alone cannot express.
+
+Everything here runs before any model or dataset is loaded, so a bad value costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from rewardctl.config.schema import Device, EvalConfig, MixedPrecision, RunConfig
+from rewardctl.errors import ConfigError
+
+KNOWN_TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "trackio": "trackio",
+}
+
+
+def _to_object(cfg: DictConfig) -> Any:
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(exc.full_key, "a value is required but none was given (set it on the command line)") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(key, str(exc).splitlines()[0]) from None
+
+
+def method_class(target: str) -> type:
+    """The Method subclass named by ``method._target_``."""
+    from rewardctl.methods.base import Method
+
+    try:
+        cls = get_class(target)
+    except Exception as exc:  # hydra wraps import errors in several types
+        raise ConfigError("method._target_", f"cannot import {target!r}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError("method._target_", f"{target!r} is not a subclass of rewardctl.methods.base.Method")
+    return cls
+
+
+def _typed_method(cfg: DictConfig) -> Any:
+    """Validates ``method`` against the method class's own schema (also for a user's own method)."""
+    node = cfg.method
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise ConfigError("method._target_", "every method config must name its class in _target_")
+    cls = method_class(target)
+    if OmegaConf.get_type(node) is not cls.config_class:
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cls.config_class), node)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"method.{getattr(exc, 'key', '')}".rstrip("."), str(exc).splitlines()[0]) from None
+        cfg.method = merged
+    return cls
+
+
+def _typed_peft(cfg: DictConfig) -> None:
+    """Validates ``peft`` against the schema of the adapter kind it names."""
+    from rewardctl.config.schema import PEFT_SCHEMAS
+
+    node = cfg.peft
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    if name not in PEFT_SCHEMAS:
+        raise ConfigError("peft.name", f"unknown adapter kind {name!r} (known: {', '.join(PEFT_SCHEMAS)})")
+    schema_cls = PEFT_SCHEMAS[name]
+    if OmegaConf.get_type(node) is not schema_cls:
+        try:
+            cfg.peft = OmegaConf.merge(OmegaConf.structured(schema_cls), node)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"peft.{getattr(exc, 'key', '')}".rstrip("."), str(exc).splitlines()[0]) from None
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def check_precision(device: Device, precision: MixedPrecision, key: str) -> None:
+    has_cuda = torch.cuda.is_available()
+    _require(not (device == Device.gpu and not has_cuda), key.replace("mixed_precision", "device"),
+             "gpu requested but torch sees no CUDA device (use hardware=cpu)")
+    on_cpu = device == Device.cpu or not has_cuda
+    _require(not (precision == MixedPrecision.fp16 and on_cpu), key, "fp16 mixed precision needs a GPU; use bf16 or no on CPU")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed, fully resolved and checked run config, or a ConfigError naming the key."""
+    _typed_method(cfg)
+    _typed_peft(cfg)
+    run: RunConfig = _to_object(cfg)
+    t, m, d = run.train, run.model, run.data
+    _require(m.max_length >= 8, "model.max_length", f"must be >= 8 (got {m.max_length})")
+    _require(t.per_device_batch_size >= 1, "train.per_device_batch_size", f"must be >= 1 (got {t.per_device_batch_size})")
+    if t.per_device_eval_batch_size is not None:
+        _require(t.per_device_eval_batch_size >= 1, "train.per_device_eval_batch_size", "must be >= 1")
+    _require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1 (got {t.grad_accum})")
+    _require(t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
+    _require(t.max_steps > 0 or t.epochs > 0, "train.epochs", "must be > 0 when train.max_steps is not set")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 evaluates only at the end)")
+    _require(t.save_every >= 0, "train.save_every", "must be >= 0 (0 saves only at the end)")
+    _require(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    if t.stop_after_steps is not None:
+        _require(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1")
+    if t.resume not in ("auto", "off"):
+        _require(Path(t.resume).is_dir(), "train.resume", f"must be auto, off or a checkpoint directory; {t.resume!r} does not exist")
+    for tracker in t.report_to:
+        _require(tracker in KNOWN_TRACKERS, "train.report_to", f"unknown tracker {tracker!r} (known: {', '.join(KNOWN_TRACKERS)})")
+        _require(importlib.util.find_spec(KNOWN_TRACKERS[tracker]) is not None, "train.report_to",
+                 f"{tracker} is not installed (pip install {tracker})")
+    _require(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
+    for key in ("max_train_rows", "max_eval_rows", "num_proc", "pad_to_multiple_of", "length_group_batches"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
+    _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
+    check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
+    if not is_dataclass(run.method):
+        raise ConfigError("method", "the method config did not validate against its schema")
+    method_class(run.method._target_).check_config(run)
+    return run
+
+
+def to_eval_config(cfg: DictConfig) -> EvalConfig:
+    ev: EvalConfig = _to_object(cfg)
+    _require(Path(ev.run_dir).is_dir(), "run_dir", f"{ev.run_dir!r} is not a directory")
+    _require((Path(ev.run_dir) / "config.yaml").is_file(), "run_dir", f"{ev.run_dir!r} has no config.yaml (not a rewardctl run)")
+    if ev.batch_size is not None:
+        _require(ev.batch_size >= 1, "batch_size", "must be >= 1")
+    if ev.max_rows is not None:
+        _require(ev.max_rows >= 1, "max_rows", "must be >= 1")
+    check_precision(ev.device, ev.mixed_precision, "mixed_precision")
+    return ev
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Reads a run's saved config.yaml back through the schema (used by eval and resume)."""
+    from rewardctl.config.store import register
+
+    register()
+    raw = OmegaConf.load(path)
+    base = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.masked_copy(raw, [k for k in raw.keys() if k not in ("method", "peft")]))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(getattr(exc, "full_key", path)), str(exc).splitlines()[0]) from None
+    merged.method = raw.method
+    merged.peft = raw.peft
+    return to_run_config(merged)

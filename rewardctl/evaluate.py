@@ -1,0 +1,128 @@
+"""`rewardctl eval`: re-score a run's saved model (or a checkpoint) on any dataset.
+
+The run's own config.yaml decides the method, the tokenisation, the truncation and the metrics, so
+`rewardctl eval` on the run's eval set reproduces the end-of-training eval exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import Dataset
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from rewardctl.config.schema import Device, EvalConfig, RunConfig
+from rewardctl.config.validate import load_run_config, method_class, to_eval_config
+from rewardctl.data.loading import load_rows, rename_columns
+from rewardctl.data.prepare import by_length
+from rewardctl.errors import ConfigError
+from rewardctl.methods.base import Method
+from rewardctl.training.checkpoint import STEP_DIR
+from rewardctl.training.evaluation import run_evaluation
+from rewardctl.training.session import load_raw_splits, quiet_other_processes
+from rewardctl.utils.fs import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
+    if checkpoint is None:
+        path = run_dir / "model"
+        if not path.is_dir():
+            raise ConfigError("checkpoint", f"{run_dir} has no model/ (the run did not finish); pass checkpoint=step-N")
+        return path
+    path = run_dir / "checkpoints" / checkpoint if STEP_DIR.match(checkpoint) else Path(checkpoint)
+    if not path.is_dir():
+        raise ConfigError("checkpoint", f"{path} is not a directory")
+    return path
+
+
+def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
+    """A saved model/ directory (stock transformers layout) or a training checkpoint."""
+    if (path / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer.padding_side = run.model.padding_side.value
+        method.use_tokenizer(tokenizer)
+        return method.load_trained(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights")
+    set_seed(run.train.seed)
+    model = method.build_model()
+    state = {re.sub(r"^(module\.)+", "", k): v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    return model
+
+
+def eval_rows(ev: EvalConfig, run: RunConfig) -> tuple[Dataset, str, str, str]:
+    """The rows to score: ``data=`` if given, else exactly the run's own eval set (same split, same
+    row limit, same held-out fraction), through the code path training used."""
+    if ev.data is None:
+        _, pair = load_raw_splits(run.data, run.train.seed)
+        rows, name = pair
+        source, split = run.data.eval or run.data.train, run.data.eval_split if run.data.eval else "holdout"
+    else:
+        source, split = ev.data, ev.split or run.data.eval_split
+        rows = load_rows(source, split=split, subset=run.data.subset, revision=run.data.revision)
+        if run.data.columns and all(c in rows.column_names for c in run.data.columns.values()):
+            rows = rename_columns(rows, run.data.columns, source)
+        name = source if Path(source).expanduser().is_file() else f"{source} [{split}]"
+    if ev.max_rows:
+        rows = rows.select(range(min(ev.max_rows, len(rows))))
+    return rows, name, source, split
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-80:] or "data"
+
+
+def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
+    ev: EvalConfig = to_eval_config(cfg)
+    run_dir = Path(ev.run_dir).resolve()
+    run = load_run_config(run_dir / "config.yaml")
+    if ev.batch_size:
+        run.train.per_device_eval_batch_size = ev.batch_size
+    if not (ev.data or run.data.eval or run.data.holdout_fraction > 0):
+        raise ConfigError("data", "the run had no eval set; pass data=<file, folder or hub id>")
+    model_path = resolve_checkpoint(run_dir, ev.checkpoint)
+
+    accelerator = Accelerator(cpu=ev.device == Device.cpu, mixed_precision=ev.mixed_precision.value)
+    quiet_other_processes(accelerator)
+    method = method_class(run.method._target_)(run.method, run)
+    model = load_model(method, run, model_path)
+
+    rows, name, source, split = eval_rows(ev, run)
+    with accelerator.main_process_first():
+        prepared = method.prepare(rows, name, training=False)
+    batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
+    ordered = by_length(prepared.dataset, method.lengths(prepared.dataset))
+    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False,
+                                            collate_fn=method.collate))
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    metrics, outputs = run_evaluation(accelerator, method, model, loader)
+
+    is_file = Path(source).expanduser().is_file()
+    label = Path(source).stem if is_file else f"{Path(source).name}-{split}"
+    out_dir = Path(ev.output_dir) if ev.output_dir else run_dir / "eval" / _slug(label)
+    result = {"metrics": metrics, "data": source, "split": split, "model": str(model_path), "report": prepared.report}
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "metrics.json", result)
+        if ev.write_predictions:
+            records = method.predictions(outputs)
+            write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        log.info("eval of %s on %s: %d %s", model_path, name, prepared.report["used"], method.item_name)
+        for key, value in metrics.items():
+            log.info("  %-14s %.6g", key, value)
+        log.info("written to %s", out_dir)
+    return result

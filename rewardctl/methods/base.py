@@ -1,0 +1,187 @@
+"""The Method interface: everything method-specific, behind a surface the shared loop drives blindly.
+
+A method builds its model(s), turns raw rows into features, collates batches, computes a loss and
+metrics for a batch, and aggregates eval outputs. It never touches devices, processes or files; the
+loop hands it a ``Runtime`` for the few collective operations a method may need (e.g. a running mean
+reduced across processes). Adding a method is one module and one YAML whose ``_target_`` names the
+class, so a user's own method plugs in without editing rewardctl.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rewardctl.config.schema import MethodConfig, RunConfig
+
+
+class Reduce(str, Enum):
+    """How the loop combines a metric over micro-batches, log windows and processes."""
+
+    mean = "mean"  # sum of values / sum of counts
+    sum = "sum"  # cumulative over the run (e.g. tokens seen); also reported per second
+    min = "min"
+    max = "max"
+
+
+@dataclass
+class Metric:
+    """One training metric of one micro-batch, in a form that aggregates exactly."""
+
+    value: Tensor
+    count: Tensor | float = 1.0
+    reduce: Reduce = Reduce.mean
+
+    @staticmethod
+    def mean_of(values: Tensor) -> Metric:
+        values = values.detach().float()
+        return Metric(values.sum(), float(values.numel()), Reduce.mean)
+
+    @staticmethod
+    def total(value: Tensor | float) -> Metric:
+        return Metric(torch.as_tensor(value, dtype=torch.float64), 1.0, Reduce.sum)
+
+    @staticmethod
+    def min_of(values: Tensor) -> Metric:
+        return Metric(values.detach().float().min(), 1.0, Reduce.min)
+
+    @staticmethod
+    def max_of(values: Tensor) -> Metric:
+        return Metric(values.detach().float().max(), 1.0, Reduce.max)
+
+
+@dataclass
+class StepOutput:
+    """What a training step returns.
+
+    ``loss_sum`` is the *sum* of per-item losses of the micro-batch. The loop divides it by the total
+    weight (see ``Method.batch_weight``) of the whole accumulation window across all processes, so
+    gradient accumulation and data parallelism never change the loss scale.
+    """
+
+    loss_sum: Tensor
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    """The few distributed facilities a method may use, without knowing how they are provided."""
+
+    device: torch.device
+    num_processes: int
+    is_main_process: bool
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...
+
+    def prepare_frozen(self, module: nn.Module) -> nn.Module: ...
+
+
+@dataclass
+class PreparedSplit:
+    """Features ready for the collator plus the counts reported before training starts."""
+
+    dataset: Any  # datasets.Dataset of features
+    report: dict[str, Any]
+
+
+class Method(ABC):
+    """Base class of pairwise, ranklist, bco and prm (and of a user's own method)."""
+
+    #: The dataclass schema of this method's config group option.
+    config_class: ClassVar[type]
+    #: Metric drawn next to the loss in curves.png and shown in the end-of-run summary.
+    primary_metric: ClassVar[str] = "accuracy"
+    #: What ``batch_weight`` counts, used to name throughput (e.g. pairs_per_sec).
+    item_name: ClassVar[str] = "items"
+
+    def __init__(self, cfg: MethodConfig, run: RunConfig) -> None:
+        self.cfg = cfg
+        self.run = run
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @classmethod
+    def check_config(cls, run: RunConfig) -> None:
+        """Method-specific config checks that run before anything loads; raise ConfigError."""
+
+    # ---- tokenizer and models -------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = self.load_tokenizer()
+        return self._tokenizer
+
+    def use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Adopt an already-loaded tokenizer (eval loads the one saved with the model)."""
+        self._tokenizer = tokenizer
+
+    @abstractmethod
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of ``run.model``, ready for this method (pad token, padding side)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The trainable module; the loop seeds the RNG just before calling this."""
+
+    @abstractmethod
+    def load_trained(self, path: Path) -> nn.Module:
+        """The trainable module as saved by ``save_model`` (for ``rewardctl eval``)."""
+
+    @abstractmethod
+    def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write a directory that stock transformers (or peft) loads; ``model`` is unwrapped.
+
+        ``state_dict`` is the full state gathered by the loop when the module is sharded.
+        """
+
+    # ---- data -----------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
+        """Validate and tokenise raw rows; raise DataError naming source, row and field."""
+
+    def lengths(self, dataset: Any) -> list[int] | None:
+        """Per-row padded cost (tokens), used to group rows of similar length; None disables grouping."""
+        return None
+
+    @abstractmethod
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Pad a list of features into a batch. The loop never looks inside a batch."""
+
+    # ---- steps ----------------------------------------------------------------------------------
+    @abstractmethod
+    def batch_weight(self, batch: dict[str, Tensor]) -> Tensor:
+        """How many loss items the batch holds (pairs, lists, labelled tokens): the normaliser."""
+
+    @abstractmethod
+    def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        """Forward + loss for one micro-batch (the loop does backward, clipping and stepping)."""
+
+    @abstractmethod
+    def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-item outputs (first dimension = items); gathered across processes without duplicates."""
+
+    @abstractmethod
+    def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        """Aggregate metrics from all gathered per-item outputs of the eval set."""
+
+    def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        """One JSON-able record per eval row for ``rewardctl eval``'s predictions.jsonl."""
+        return []
+
+    # ---- state carried in checkpoints ---------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors that must survive a resume (e.g. a running reward mean). Saved as safetensors."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def on_train_start(self, model: nn.Module, runtime: Runtime) -> None:
+        """Hook after the model is placed and before the first step (e.g. precompute references)."""

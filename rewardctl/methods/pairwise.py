@@ -1,0 +1,199 @@
+"""Pairwise (Bradley-Terry) reward modelling.
+
+Rows: ``prompt?``, ``chosen``, ``rejected``, optional ``margin``; strings or chat message lists, or
+pre-tokenised ``chosen_ids``/``rejected_ids``. One forward over chosen and rejected stacked as 2B rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from rewardctl.config.schema import PairwiseConfig
+from rewardctl.data.collate import pad_sequences
+from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
+from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids
+from rewardctl.errors import RowError
+from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput
+from rewardctl.modeling.sequence import (
+    SequenceRewardModel,
+    build_sequence_classifier,
+    load_saved_classifier,
+    save_sequence_classifier,
+)
+from rewardctl.modeling.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+PRETOKENIZED = (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids"))
+
+
+def bradley_terry_loss(
+    chosen: Tensor, rejected: Tensor, margin: Tensor | None = None, center_coefficient: float | None = None
+) -> Tensor:
+    """Per-pair loss ``-log sigma(r_c - r_r - m) + c * (r_c + r_r)^2``, shape (B,).
+
+    Every input must be exactly (B,): a (B, 1) reward against a (B,) margin would broadcast to (B, B)
+    and silently mix every margin with every pair (the bug of TRL before v0.24).
+    """
+    if chosen.ndim != 1 or rejected.shape != chosen.shape:
+        raise ValueError(f"rewards must both have shape (B,); got chosen {tuple(chosen.shape)}, rejected {tuple(rejected.shape)}")
+    if margin is not None and margin.shape != chosen.shape:
+        raise ValueError(f"margin must have shape {tuple(chosen.shape)}; got {tuple(margin.shape)}")
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    losses = -nn.functional.logsigmoid(diff)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen + rejected).pow(2)
+    return losses
+
+
+class PairwiseMethod(Method):
+    config_class = PairwiseConfig
+    primary_metric = "accuracy"
+    item_name = "pairs"
+    cfg: PairwiseConfig
+
+    # ---- tokenizer and model --------------------------------------------------------------------
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.run.model)
+
+    def _wrap(self, classifier: nn.Module) -> SequenceRewardModel:
+        model = SequenceRewardModel(classifier)
+        if model.pooling == "native" and self.tokenizer.padding_side != "right":
+            log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
+            self.tokenizer.padding_side = "right"
+        return model
+
+    def build_model(self) -> nn.Module:
+        return self._wrap(build_sequence_classifier(self.run.model, self.tokenizer, self.run.train))
+
+    def load_trained(self, path: Path) -> nn.Module:
+        return self._wrap(load_saved_classifier(path, self.run.model))
+
+    def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        save_sequence_classifier(model, self.tokenizer, path, method=self.cfg.name, state_dict=state_dict)
+
+    # ---- data -----------------------------------------------------------------------------------
+    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
+        columns = require_columns(dataset, source, ("chosen", "rejected"), *PRETOKENIZED)
+        use_margin = self.cfg.use_margin and "margin" in dataset.column_names
+        encoder = SequenceEncoder(self.tokenizer, self.run.model.max_length, self.run.data.overlength)
+        has_prompt = "prompt" in dataset.column_names
+
+        def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
+            if columns[0] == "chosen":
+                prompt = row["prompt"] if has_prompt else None
+                chosen = encoder.encode(prompt, row["chosen"], response_field="chosen")
+                rejected = encoder.encode(prompt, row["rejected"], response_field="rejected")
+            else:
+                chosen = check_token_ids(row[columns[0]], columns[0], encoder.vocab_size)
+                rejected = check_token_ids(row[columns[1]], columns[1], encoder.vocab_size)
+            chosen, chosen_fit = encoder.fit(chosen)
+            rejected, rejected_fit = encoder.fit(rejected)
+            features: dict[str, Any] = {"chosen_ids": chosen, "rejected_ids": rejected}
+            if use_margin:
+                features["margin"] = _margin(row["margin"])
+            return features, max(chosen_fit, rejected_fit)
+
+        featurized, report = featurize_split(
+            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
+            cache_key=(self.cfg, self.run.model.max_length, self.run.data.overlength, _tokenizer_key(self.tokenizer)),
+        )
+        report["margin"] = use_margin
+        return PreparedSplit(featurized, report)
+
+    def lengths(self, dataset: Any) -> list[int]:
+        return list_lengths(dataset, "chosen_ids", "rejected_ids")
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        sequences = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        input_ids, attention_mask = pad_sequences(
+            sequences, self.tokenizer.pad_token_id, side=self.tokenizer.padding_side,
+            multiple_of=self.run.data.pad_to_multiple_of,
+        )
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "margin" in features[0]:
+            batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+        if ROW_COLUMN in features[0]:
+            batch["row"] = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
+        return batch
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def batch_weight(self, batch: dict[str, Tensor]) -> Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2, dtype=torch.float32)
+
+    def _rewards(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        rewards = model(batch["input_ids"], batch["attention_mask"])
+        chosen, rejected = rewards.chunk(2)
+        losses = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.cfg.center_rewards_coefficient)
+        return chosen, rejected, losses
+
+    def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        chosen, rejected, losses = self._rewards(model, batch)
+        rewards = torch.cat([chosen, rejected]).detach()
+        metrics = {
+            "loss": Metric.mean_of(losses),
+            "accuracy": Metric.mean_of((chosen > rejected).float()),
+            "margin": Metric.mean_of(chosen - rejected),
+            "reward_mean": Metric.mean_of(rewards),
+            "reward_min": Metric.min_of(rewards),
+            "reward_max": Metric.max_of(rewards),
+            "tokens": Metric.total(batch["attention_mask"].sum()),
+            "pairs": Metric.total(chosen.shape[0]),
+        }
+        return StepOutput(loss_sum=losses.sum(), metrics=metrics)
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        chosen, rejected, losses = self._rewards(model, batch)
+        out = {"chosen_reward": chosen, "rejected_reward": rejected, "loss": losses}
+        if "row" in batch:
+            out["row"] = batch["row"]
+        return out
+
+    def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        chosen, rejected = outputs["chosen_reward"].double(), outputs["rejected_reward"].double()
+        rewards = torch.cat([chosen, rejected])
+        return {
+            "loss": outputs["loss"].double().mean().item(),
+            "accuracy": (chosen > rejected).double().mean().item(),
+            "margin": (chosen - rejected).mean().item(),
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std(unbiased=False).item(),
+            "reward_min": rewards.min().item(),
+            "reward_max": rewards.max().item(),
+            "pairs": float(chosen.numel()),
+        }
+
+    def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        rows = outputs.get("row")
+        records = []
+        for i, (c, r) in enumerate(zip(outputs["chosen_reward"].tolist(), outputs["rejected_reward"].tolist(), strict=True)):
+            records.append({
+                "row": int(rows[i]) + 1 if rows is not None else i + 1,
+                "chosen_reward": c,
+                "rejected_reward": r,
+                "correct": c > r,
+            })
+        return sorted(records, key=lambda record: record["row"])
+
+
+def _margin(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError("margin", f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> tuple[Any, ...]:
+    """What about a tokenizer changes token ids: its origin, size, specials, template, padding."""
+    return (
+        tokenizer.name_or_path, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+        tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None), type(tokenizer).__name__,
+    )

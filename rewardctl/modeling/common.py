@@ -1,0 +1,58 @@
+"""Model-construction steps every method shares: config overrides, dropout, dtype, checkpointing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from rewardctl.config.schema import DType, ModelConfig, TrainConfig
+from rewardctl.errors import ConfigError
+
+DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
+
+
+def load_config(model_cfg: ModelConfig, **updates: Any) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(
+            model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0]
+        raise ConfigError("model.name_or_path", f"cannot load a model config from {model_cfg.name_or_path!r}: {detail}") from None
+    for key, value in model_cfg.config_overrides.items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.config_overrides.{key}", f"{type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    if model_cfg.disable_dropout:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+    for key, value in updates.items():
+        setattr(config, key, value)
+    return config
+
+
+def load_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": "auto" if model_cfg.dtype == DType.auto else DTYPES[model_cfg.dtype]}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    return kwargs
+
+
+def finish_model(model: PreTrainedModel, model_cfg: ModelConfig, train_cfg: TrainConfig | None, vocab_size: int) -> None:
+    """Steps after construction: embeddings for added tokens, dropout off, activation checkpointing."""
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if model_cfg.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    if train_cfg is not None and train_cfg.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError("train.gradient_checkpointing", f"{type(model).__name__} does not support it")
+        model.activation_checkpointing_enable({"use_reentrant": train_cfg.gradient_checkpointing_reentrant})
+        if train_cfg.gradient_checkpointing_reentrant:
+            model.enable_input_require_grads()

@@ -1,0 +1,121 @@
+"""A scalar-reward sequence model that stock transformers can load and score identically.
+
+The trainable module wraps an ``AutoModelForSequenceClassification`` with one output. Decoder
+classifiers (a ``score`` head over the backbone) read the reward at the last attended token, found
+from the attention mask, with position ids derived from the mask too: left and right padding give the
+same reward. Encoder classifiers (BERT family) keep their own [CLS] pooler, which is what the
+architecture defines. Either way the saved directory is a plain sequence classifier: stock
+``from_pretrained`` + ``forward`` (or ``pipeline``) reproduces the training-time reward.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from rewardctl import __version__
+from rewardctl.config.schema import ModelConfig, TrainConfig
+from rewardctl.errors import ConfigError
+from rewardctl.modeling.common import finish_model, load_config, load_kwargs
+from rewardctl.utils.fs import atomic_directory
+
+log = logging.getLogger(__name__)
+
+
+def last_attended_index(attention_mask: Tensor) -> Tensor:
+    """Index of the rightmost 1 in each row, whatever the padding side."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def _unwrap_hf(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PEFT wrapper (adapters stay injected and active)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class SequenceRewardModel(nn.Module):
+    """``forward(input_ids, attention_mask) -> rewards`` of shape (N,), float32."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+        hf = _unwrap_hf(classifier)
+        backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+        self.pooling = "last_token" if isinstance(getattr(hf, "score", None), nn.Module) and backbone is not None else "native"
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.pooling == "native":
+            logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
+            return logits.squeeze(-1).float()
+        hf = _unwrap_hf(self.classifier)
+        backbone = getattr(hf, hf.base_model_prefix)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        last = last_attended_index(attention_mask)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hf.score(pooled).squeeze(-1).float()
+
+
+def check_single_output(num_labels: int, architectures: list[str] | None, name: str) -> None:
+    heads = [a for a in (architectures or []) if a.endswith("ForSequenceClassification")]
+    if heads and num_labels != 1:
+        raise ConfigError("model.name_or_path", f"{name!r} has a {num_labels}-output classification head ({heads[0]}); "
+                          "a reward model needs exactly one output. Start from a base or causal-LM checkpoint instead")
+
+
+def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None) -> PreTrainedModel:
+    """A one-output classifier from a checkpoint (head newly initialised) or from a config alone."""
+    if model_cfg.config_overrides.get("num_labels", 1) != 1:
+        raise ConfigError("model.config_overrides.num_labels", "a reward model has exactly one output")
+    config = load_config(model_cfg)
+    check_single_output(getattr(config, "num_labels", 1), getattr(config, "architectures", None), model_cfg.name_or_path)
+    config.num_labels = 1
+    config.problem_type = "regression"  # pipeline() then returns the raw reward, not sigmoid(reward)
+    config.id2label = {0: "reward"}
+    config.label2id = {"reward": 0}
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None or tokenizer.pad_token_id < vocab_size:  # an added pad token exists only after resizing
+        config.pad_token_id = tokenizer.pad_token_id
+    kwargs = load_kwargs(model_cfg)
+    if model_cfg.from_scratch:
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_cfg.name_or_path, config=config, revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code, **kwargs,
+        )
+    finish_model(model, model_cfg, train_cfg, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_saved_classifier(path: Path, model_cfg: ModelConfig) -> PreTrainedModel:
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), **load_kwargs(model_cfg))
+    if model.config.num_labels != 1:
+        raise ConfigError("run_dir", f"{path} holds a {model.config.num_labels}-output classifier, not a reward model")
+    return model
+
+
+def save_sequence_classifier(
+    model: SequenceRewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    *,
+    method: str,
+    state_dict: dict[str, Tensor] | None = None,
+) -> None:
+    """Write ``path`` atomically: config, safetensors weights, tokenizer (chat template included)."""
+    hf = model.classifier
+    hf.config.rewardctl = {"method": method, "version": __version__, "pooling": model.pooling}
+    if state_dict is not None:
+        state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
+    with atomic_directory(path) as tmp:
+        hf.save_pretrained(str(tmp), state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))

@@ -1,0 +1,52 @@
+"""One eval pass, shared by the training loop and `rewardctl eval` so both report identical numbers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from rewardctl.methods.base import Method
+
+
+@contextlib.contextmanager
+def preserved_rng(accelerator: Accelerator) -> Iterator[None]:
+    """Evaluation must not move the training RNG: a resumed run replays the same dropout masks."""
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def concat_ragged(chunks: list[Tensor]) -> Tensor:
+    """Concatenate along dim 0, zero-padding trailing dims (ragged lists come with their own masks)."""
+    if chunks[0].ndim <= 1:
+        return torch.cat(chunks)
+    width = max(c.shape[1] for c in chunks)
+    padded = [torch.nn.functional.pad(c, (0, 0) * (c.ndim - 2) + (0, width - c.shape[1])) for c in chunks]
+    return torch.cat(padded)
+
+
+def run_evaluation(
+    accelerator: Accelerator, method: Method, model: nn.Module, loader: Iterable
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Collective: gathers per-item outputs from every process (duplicates from uneven sharding
+    removed by ``gather_for_metrics``) and lets the method aggregate them."""
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[Tensor]] = defaultdict(list)
+    with torch.no_grad(), preserved_rng(accelerator):
+        for batch in loader:
+            out = {k: v.detach() for k, v in method.eval_step(model, batch).items()}
+            if accelerator.num_processes > 1:
+                out = {k: accelerator.pad_across_processes(v, dim=1) if v.ndim > 1 else v for k, v in out.items()}
+            out = accelerator.gather_for_metrics(out)
+            for key, value in out.items():
+                chunks[key].append(value.cpu())
+    if was_training:
+        model.train()
+    outputs = {key: concat_ragged(values) for key, values in chunks.items()}
+    return method.eval_metrics(outputs), outputs

@@ -1,0 +1,111 @@
+"""Aggregating training metrics exactly, and the metrics.jsonl event log.
+
+Methods report sums with counts (``Metric``); the tracker adds them over every micro-batch of a log
+window and reduces across processes in one collective, so "accuracy" is the accuracy over all pairs
+the window saw on all processes, not a mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from rewardctl.methods.base import Metric, Reduce
+from rewardctl.utils.fs import write_text_atomic
+
+
+class MetricTracker:
+    """Window accumulator plus run-long totals for ``Reduce.sum`` metrics (restored on resume)."""
+
+    def __init__(self) -> None:
+        self.window: dict[str, list[Any]] = {}
+        self.totals: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, Metric]) -> None:
+        for name, metric in metrics.items():
+            # Values stay on their device: no host synchronisation until the log step.
+            value = metric.value.detach().double() if torch.is_tensor(metric.value) else torch.tensor(float(metric.value), dtype=torch.float64)
+            count = float(metric.count)
+            slot = self.window.get(name)
+            if slot is None:
+                self.window[name] = [metric.reduce, value, count]
+            elif metric.reduce == Reduce.min:
+                slot[1] = torch.minimum(slot[1], value)
+            elif metric.reduce == Reduce.max:
+                slot[1] = torch.maximum(slot[1], value)
+            else:
+                slot[1] = slot[1] + value
+                slot[2] += count
+
+    def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], dict[str, float]]:
+        """Collective: call on every process. Returns (values to log, window sums of sum-metrics)."""
+        names = sorted(self.window)
+        device = accelerator.device
+        summed = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
+        extremes = torch.zeros(len(names), dtype=torch.float64, device=device)
+        for i, name in enumerate(names):
+            kind, value, count = self.window[name]
+            if kind in (Reduce.mean, Reduce.sum):
+                summed[2 * i] = value.to(device)
+                summed[2 * i + 1] = count
+            else:
+                extremes[i] = value.to(device)
+        if accelerator.num_processes > 1:
+            summed = accelerator.reduce(summed, reduction="sum")
+            gathered = accelerator.gather(extremes.unsqueeze(0))
+        else:
+            gathered = extremes.unsqueeze(0)
+        values: dict[str, float] = {}
+        window_sums: dict[str, float] = {}
+        for i, name in enumerate(names):
+            kind = self.window[name][0]
+            if kind == Reduce.mean:
+                if summed[2 * i + 1] > 0:
+                    values[name] = (summed[2 * i] / summed[2 * i + 1]).item()
+            elif kind == Reduce.sum:
+                window_sums[name] = summed[2 * i].item()
+                self.totals[name] = self.totals.get(name, 0.0) + window_sums[name]
+                values[name] = self.totals[name]
+            elif kind == Reduce.min:
+                values[name] = gathered[:, i].min().item()
+            else:
+                values[name] = gathered[:, i].max().item()
+        self.window.clear()
+        return values, window_sums
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """One JSON object per line: every train log and every eval, each with ``step`` and ``split``."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def keep_until(self, step: int) -> None:
+        """On resume: drop events the interrupted run wrote after its last checkpoint (they will be replayed)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))

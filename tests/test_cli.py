@@ -1,0 +1,135 @@
+"""The real command line, as subprocesses: default run, overrides, sweeps, errors, two processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import cli, read_jsonl, write_jsonl
+
+SMOKE = ["experiment=smoke"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts)
+
+
+def test_help_lists_commands_and_groups(tmp_path: Path):
+    top = cli("--help", cwd=tmp_path)
+    assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
+    train_help = cli("train", "--help", cwd=tmp_path)
+    assert train_help.returncode == 0
+    assert "== Config groups" in train_help.stdout and "model: llama-3.2-1b, minilm, qwen2.5-0.5b, tiny" in train_help.stdout
+    assert "eval" in cli("eval", "--help", cwd=tmp_path).stdout
+    assert cli("frobnicate", cwd=tmp_path).returncode == 2
+    assert cli("--version", cwd=tmp_path).stdout.startswith("rewardctl ")
+
+
+def test_cfg_job_prints_the_composed_config_without_running(tmp_path: Path):
+    result = cli("train", "--cfg", "job", "train.lr=0.5", "method.center_rewards_coefficient=0.01", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "lr: 0.5" in result.stdout and "center_rewards_coefficient: 0.01" in result.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_embedded_default_run_learns_and_eval_reproduces_it(tmp_path: Path):
+    result = cli("train", cwd=tmp_path)  # no overrides at all: the embedded default
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run_dir] = run_dirs(tmp_path / "outputs")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first, final = summary["first_eval"], summary["final_eval"]
+    assert summary["status"] == "completed" and summary["step"] == 500
+    assert final["accuracy"] >= first["accuracy"] + 0.2, (first["accuracy"], final["accuracy"])
+    assert (run_dir / "curves.png").is_file() and (run_dir / "model" / "model.safetensors").is_file()
+    assert "eval accuracy" in result.stdout + result.stderr
+    evaluated = cli("eval", f"run_dir={run_dir}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((run_dir / "eval" / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] == pytest.approx(final["accuracy"]) and metrics["loss"] == pytest.approx(final["loss"], rel=1e-6)
+
+
+def test_override_run(tmp_path: Path):
+    out = tmp_path / "run"
+    result = cli("train", *SMOKE, "data=pairwise_sample_chat", "train.lr=5e-4", "train.per_device_batch_size=2",
+                 f"output_dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (out / "config.yaml").read_text()
+    assert "lr: 0.0005" in config and "per_device_batch_size: 2" in config and "pairwise_chat/train.jsonl" in config
+    assert json.loads((out / "summary.json").read_text())["totals"]["pairs"] == 12
+
+
+def test_multirun_sweep_writes_one_directory_per_job(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = cli("train", "-m", *SMOKE, "train.lr=1e-3,2e-3", f"output_dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep / "multirun.yaml").is_file()
+    assert run_dirs(sweep) == [sweep / "0", sweep / "1"]
+    assert "lr: 0.001" in (sweep / "0" / "config.yaml").read_text()
+    assert "lr: 0.002" in (sweep / "1" / "config.yaml").read_text()
+    assert f"output_dir: {sweep / '1'}" in (sweep / "1" / "config.yaml").read_text()
+    assert all((sweep / job / "model" / "config.json").is_file() for job in ("0", "1"))
+
+
+def test_bad_key_fails_fast_naming_it(tmp_path: Path):
+    out = tmp_path / "run"
+    result = cli("train", "train.lrr=1e-3", f"output_dir={out}", cwd=tmp_path)
+    assert result.returncode != 0 and "train.lrr" in result.stderr + result.stdout
+    assert not out.exists()
+    bad_value = cli("train", "train.per_device_batch_size=0", f"output_dir={out}", cwd=tmp_path)
+    assert bad_value.returncode == 2
+    assert "rewardctl: error: train.per_device_batch_size: must be >= 1 (got 0)" in bad_value.stderr
+
+
+def test_malformed_data_fails_before_the_model_loads(tmp_path: Path):
+    path = tmp_path / "broken.jsonl"
+    write_jsonl(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    with path.open("a") as handle:
+        handle.write('{"prompt": "p", "chosen": "a" "rejected": "b"}\n')
+    result = cli("train", *SMOKE, f"data.train={path}", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"rewardctl: error: {path}, row 2: line 2 is not valid JSON" in result.stderr
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path):
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+               "-m", "rewardctl", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
+    """2 processes x 4 rows is the same global batch as 1 process x 4 rows x 2 accumulation steps:
+    the loss trajectory and the eval metrics must agree, and only one run directory is written."""
+    common = [*SMOKE, "train.log_every=1", "train.per_device_batch_size=4"]
+    result = torchrun("train", *common, f"output_dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = cli("train", *common, "train.grad_accum=2", f"output_dir={tmp_path / 'single'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert run_dirs(tmp_path) == [tmp_path / "ddp", tmp_path / "single"]  # no per-rank directories
+    assert not (tmp_path / "outputs").exists()
+    ddp, one = read_jsonl(tmp_path / "ddp" / "metrics.jsonl"), read_jsonl(tmp_path / "single" / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in ddp] == [(r["step"], r["split"]) for r in one]
+    for a, b in zip(ddp, one, strict=True):
+        for key in ("loss", "accuracy", "margin", "pairs", "tokens"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], a["split"], key)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-6").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
