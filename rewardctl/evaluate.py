@@ -25,11 +25,12 @@ from rewardctl.config.schema import Device, EvalConfig, RunConfig
 from rewardctl.config.validate import load_run_config, method_class, to_eval_config
 from rewardctl.data.loading import load_rows, rename_columns
 from rewardctl.data.prepare import by_length
+from rewardctl.data.splits import load_raw_splits
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.training.checkpoint import STEP_DIR
 from rewardctl.training.evaluation import run_evaluation
-from rewardctl.training.session import load_raw_splits, quiet_other_processes
+from rewardctl.training.runtime import quiet_other_processes
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)

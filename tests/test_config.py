@@ -122,6 +122,9 @@ def test_saved_config_round_trips(tmp_path: Path):
     run = load_run_config(tmp_path / "config.yaml")
     assert run.train.lr == 2e-4 and run.method.center_rewards_coefficient == 0.01
     assert run.output_dir == str(tmp_path)
+    moved = resolved_config_yaml(cfg, tmp_path).replace("resume: auto", "resume: /gone/step-5")
+    (tmp_path / "config.yaml").write_text(moved.replace("report_to: []", "report_to: [wandb]"))
+    assert load_run_config(tmp_path / "config.yaml").train.resume == "/gone/step-5"  # eval needs neither
     (tmp_path / "config.yaml").write_text(resolved_config_yaml(cfg, tmp_path).replace("lr: 0.0002", "lr: fast"))
     with pytest.raises(ConfigError) as info:
         load_run_config(tmp_path / "config.yaml")

@@ -189,3 +189,16 @@ def test_conversational_data_and_margins_with_centering_train(tmp_path: Path):
                                               "method.center_rewards_coefficient=0.01"], name="margin")
     assert margin["status"] == "completed"
     assert json.loads((run_dir / "data_report.json").read_text())["train"]["margin"] is True
+
+
+def test_tensorboard_tracker_receives_the_metrics(tmp_path: Path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (pip install -e '.[tensorboard]')")
+    summary, run_dir = run_training(tmp_path, ["experiment=smoke", "train.report_to=[tensorboard]"])
+    assert summary["status"] == "completed"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "trackers" / "rewardctl"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "eval/loss", "eval/accuracy"} <= tags
+    assert [e.step for e in accumulator.Scalars("eval/accuracy")] == [0, 3, 6]

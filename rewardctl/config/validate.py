@@ -97,8 +97,12 @@ def check_precision(device: Device, precision: MixedPrecision, key: str) -> None
     _require(not (precision == MixedPrecision.fp16 and on_cpu), key, "fp16 mixed precision needs a GPU; use bf16 or no on CPU")
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Typed, fully resolved and checked run config, or a ConfigError naming the key."""
+def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
+    """Typed, fully resolved and checked run config, or a ConfigError naming the key.
+
+    ``for_training=False`` (re-reading a finished run for eval) skips what only matters to start
+    training on this machine: the resume path, installed trackers, the device and precision.
+    """
     _typed_method(cfg)
     _typed_peft(cfg)
     run: RunConfig = _to_object(cfg)
@@ -120,9 +124,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     if t.stop_after_steps is not None:
         _require(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1")
-    if t.resume not in ("auto", "off"):
+    if for_training and t.resume not in ("auto", "off"):
         _require(Path(t.resume).is_dir(), "train.resume", f"must be auto, off or a checkpoint directory; {t.resume!r} does not exist")
-    for tracker in t.report_to:
+    for tracker in t.report_to if for_training else ():
         _require(tracker in KNOWN_TRACKERS, "train.report_to", f"unknown tracker {tracker!r} (known: {', '.join(KNOWN_TRACKERS)})")
         _require(importlib.util.find_spec(KNOWN_TRACKERS[tracker]) is not None, "train.report_to",
                  f"{tracker} is not installed (pip install {tracker})")
@@ -131,7 +135,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
-    check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
+    if for_training:
+        check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")
     method_class(run.method._target_).check_config(run)
@@ -163,4 +168,4 @@ def load_run_config(path: Path) -> RunConfig:
         raise ConfigError(str(getattr(exc, "full_key", path)), str(exc).splitlines()[0]) from None
     merged.method = raw.method
     merged.peft = raw.peft
-    return to_run_config(merged)
+    return to_run_config(merged, for_training=False)

@@ -7,98 +7,34 @@ broken row therefore fails in seconds, and nothing in an existing run directory 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-import transformers
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from datasets import Dataset
+from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from torch.utils.data import DataLoader
 
-from rewardctl.config.schema import DataConfig, Device, HardwareConfig, RunConfig
+from rewardctl.config.schema import RunConfig
 from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.data.batching import EpochBatchSampler
-from rewardctl.data.loading import load_rows, rename_columns
 from rewardctl.data.prepare import by_length
+from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
-from rewardctl.methods.base import Method, PreparedSplit
+from rewardctl.methods.base import Method
 from rewardctl.training.checkpoint import latest_checkpoint
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
 from rewardctl.training.optim import build_optimizer, build_scheduler
 from rewardctl.training.plot import plot_curves
+from rewardctl.training.runtime import AccelerateRuntime, build_accelerator, quiet_other_processes, shared_run_dir
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-class AccelerateRuntime:
-    """The ``Runtime`` a method sees: collectives and placement, backed by accelerate."""
-
-    def __init__(self, accelerator: Accelerator) -> None:
-        self.accelerator = accelerator
-        self.device = accelerator.device
-        self.num_processes = accelerator.num_processes
-        self.is_main_process = accelerator.is_main_process
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.num_processes == 1:
-            return tensor
-        return self.accelerator.reduce(tensor, reduction="sum")
-
-    def prepare_frozen(self, module: nn.Module) -> nn.Module:
-        module.requires_grad_(False)
-        module.eval()
-        return self.accelerator.prepare_model(module, evaluation_mode=True)
-
-
-def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Accelerator:
-    use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
-    if hardware.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(
-        cpu=use_cpu,
-        mixed_precision=hardware.mixed_precision.value,
-        log_with=list(report_to) or None,
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
-    )
-
-
-def hydra_output_dir(fallback: str) -> Path:
-    """Hydra's job directory (the run dir, or <sweep dir>/<job number> in a multirun)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not running under Hydra (e.g. the compose API in tests)
-        return Path(fallback)
-
-
-def shared_run_dir(accelerator: Accelerator, fallback: str) -> Path:
-    """Rank 0 decides; every process adopts its choice (no per-rank ${now:} directories)."""
-    chosen = [str(hydra_output_dir(fallback).resolve())] if accelerator.is_main_process else [None]
-    if accelerator.num_processes > 1:
-        chosen = broadcast_object_list(chosen, from_process=0)
-    return Path(chosen[0])
-
-
-def quiet_other_processes(accelerator: Accelerator) -> None:
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
-    if not accelerator.is_main_process:
-        logging.getLogger("rewardctl").setLevel(logging.WARNING)
-        transformers.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
 
 
 def resolved_config_yaml(cfg: DictConfig, run_dir: Path) -> str:
@@ -107,50 +43,23 @@ def resolved_config_yaml(cfg: DictConfig, run_dir: Path) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(container))
 
 
-# ---- data ---------------------------------------------------------------------------------------
-def _source_name(source: str, split: str) -> str:
-    return source if Path(source).expanduser().is_file() else f"{source} [{split}]"
+def flat_config(cfg: DictConfig) -> dict[str, int | float | str | bool]:
+    """Dotted keys with scalar values: what trackers accept as run hyperparameters."""
+    flat: dict[str, int | float | str | bool] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, (int, float, str, bool)):
+            flat[prefix[:-1]] = node
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
+    return flat
 
 
-def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], tuple[Dataset, str] | None]:
-    train_rows = rename_columns(load_rows(data.train, split=data.train_split, subset=data.subset, revision=data.revision),
-                                data.columns, data.train)
-    train_name = _source_name(data.train, data.train_split)
-    eval_pair = None
-    if data.eval:
-        eval_rows = rename_columns(load_rows(data.eval, split=data.eval_split, subset=data.subset, revision=data.revision),
-                                   data.columns, data.eval)
-        eval_pair = (eval_rows, _source_name(data.eval, data.eval_split))
-    elif data.holdout_fraction > 0:
-        parts = train_rows.train_test_split(test_size=data.holdout_fraction, seed=seed)
-        train_rows = parts["train"]
-        eval_pair = (parts["test"], f"{train_name} (held-out {data.holdout_fraction:.0%})")
-    if data.max_train_rows:
-        train_rows = train_rows.select(range(min(len(train_rows), data.max_train_rows)))
-    if eval_pair and data.max_eval_rows:
-        eval_pair = (eval_pair[0].select(range(min(len(eval_pair[0]), data.max_eval_rows))), eval_pair[1])
-    return (train_rows, train_name), eval_pair
-
-
-def describe(split: str, report: dict[str, Any], method: Method, run: RunConfig) -> str:
-    text = f"{split}: {report['rows']} rows from {report['source']} -> {report['used']} {method.item_name} used"
-    if report.get("truncated"):
-        text += f"; {report['truncated']} truncated to model.max_length={run.model.max_length} (sequence ends kept)"
-    if report.get("dropped_overlength"):
-        text += f"; {report['dropped_overlength']} dropped as longer than model.max_length={run.model.max_length}"
-    if report.get("skipped_bad"):
-        text += f"; {report['skipped_bad']} malformed rows skipped (first: {report['errors'][0] if report['errors'] else '?'})"
-    return text
-
-
-def prepare_data(method: Method, run: RunConfig) -> tuple[PreparedSplit, PreparedSplit | None]:
-    (train_rows, train_name), eval_pair = load_raw_splits(run.data, run.train.seed)
-    train = method.prepare(train_rows, train_name, training=True)
-    evaluation = method.prepare(eval_pair[0], eval_pair[1], training=False) if eval_pair else None
-    return train, evaluation
-
-
-# ---- the run ------------------------------------------------------------------------------------
 def decide_resume(run: RunConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from, or None; refuses to clobber an existing run."""
     if run.train.resume == "off":
@@ -173,8 +82,6 @@ def _already_complete(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
     summary_path = run_dir / "summary.json"
     if not summary_path.exists() or not (run_dir / "model").exists():
         return None
-    import json
-
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     if summary.get("status") == "completed" and summary.get("step", -1) >= max_steps:
         return summary
@@ -250,9 +157,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         backup = metrics_log.path.with_name(f"metrics.{int(time.time())}.jsonl.bak")
         metrics_log.path.rename(backup)
         log.warning("no checkpoint to resume in %s; the previous metrics.jsonl was kept as %s", run_dir, backup.name)
-    if accelerator.trackers or run.train.report_to:
-        accelerator.project_configuration.set_directories(str(run_dir))
-        accelerator.init_trackers("rewardctl", config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if run.train.report_to:
+        accelerator.project_configuration.project_dir = str(run_dir)
+        accelerator.project_configuration.logging_dir = str(run_dir / "trackers")
+        accelerator.init_trackers("rewardctl", config=flat_config(cfg))
     log.info("training %d steps (%d micro-batches of %d per process per epoch, grad_accum=%d, %d process%s)",
              max_steps, len(sampler), run.train.per_device_batch_size, run.train.grad_accum,
              accelerator.num_processes, "es" if accelerator.num_processes > 1 else "")

@@ -1,0 +1,79 @@
+"""Process-level set-up: the Accelerator, the run directory every process agrees on, quiet workers,
+and the ``Runtime`` a method sees (collectives and placement, without knowing accelerate)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
+from torch import nn
+
+from rewardctl.config.schema import Device, HardwareConfig
+
+
+class AccelerateRuntime:
+    """The ``Runtime`` a method sees: collectives and placement, backed by accelerate."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.num_processes = accelerator.num_processes
+        self.is_main_process = accelerator.is_main_process
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        module.requires_grad_(False)
+        module.eval()
+        return self.accelerator.prepare_model(module, evaluation_mode=True)
+
+
+def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Accelerator:
+    use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
+    if hardware.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=hardware.mixed_precision.value,
+        log_with=list(report_to) or None,
+        # Trackers insist on a directory at construction; the real one is set once the run dir is agreed.
+        project_config=ProjectConfiguration(project_dir=".") if report_to else None,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+    )
+
+
+def hydra_output_dir(fallback: str) -> Path:
+    """Hydra's job directory (the run dir, or <sweep dir>/<job number> in a multirun)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not running under Hydra (e.g. the compose API in tests)
+        return Path(fallback)
+
+
+def shared_run_dir(accelerator: Accelerator, fallback: str) -> Path:
+    """Rank 0 decides; every process adopts its choice (no per-rank ${now:} directories)."""
+    chosen = [str(hydra_output_dir(fallback).resolve())] if accelerator.is_main_process else [None]
+    if accelerator.num_processes > 1:
+        chosen = broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0])
+
+
+def quiet_other_processes(accelerator: Accelerator) -> None:
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
+    if not accelerator.is_main_process:
+        logging.getLogger("rewardctl").setLevel(logging.WARNING)
+        transformers.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
