@@ -133,3 +133,14 @@ def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
     assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-6").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_eval_writes_nothing_in_the_working_directory(tmp_path: Path):
+    out = tmp_path / "run"
+    assert cli("train", *SMOKE, "train.max_steps=2", f"output_dir={out}", cwd=tmp_path).returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = cli("eval", f"run_dir={out}", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(elsewhere.iterdir()) == []
+    assert "accuracy" in result.stdout and (out / "eval" / "eval" / "metrics.json").is_file()
