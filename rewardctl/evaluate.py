@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from rewardctl.config.schema import Device, EvalConfig, RunConfig
-from rewardctl.config.validate import load_run_config, method_class, to_eval_config
+from rewardctl.config.validate import check_precision, load_run_config, method_class, to_eval_config
 from rewardctl.data.loading import load_rows, rename_columns
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits
@@ -48,16 +49,27 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
     return path
 
 
-def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
-    """A saved model/ directory (stock transformers layout) or a training checkpoint."""
+def is_saved_model(path: Path) -> bool:
+    """A model/ directory (stock transformers layout) rather than a training checkpoint."""
     if (path / "config.json").is_file():
+        return True
+    if not (path / "model.safetensors").is_file():
+        raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights")
+    return False
+
+
+def use_saved_tokenizer(method: Method, run: RunConfig, path: Path) -> None:
+    """A saved model scores with the tokenizer saved beside it (template and pad token included)."""
+    if is_saved_model(path):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         tokenizer.padding_side = run.model.padding_side.value
         method.use_tokenizer(tokenizer)
+
+
+def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
+    if is_saved_model(path):
         return method.load_trained(path)
     weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights")
     set_seed(run.train.seed)
     model = method.build_model()
     state = {re.sub(r"^(module\.)+", "", k): v for k, v in load_file(str(weights)).items()}
@@ -97,14 +109,18 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("data", "the run had no eval set; pass data=<file, folder or hub id>")
     model_path = resolve_checkpoint(run_dir, ev.checkpoint)
 
-    accelerator = Accelerator(cpu=ev.device == Device.cpu, mixed_precision=ev.mixed_precision.value)
+    device = ev.device or run.hardware.device
+    precision = ev.mixed_precision or run.hardware.mixed_precision
+    check_precision(device, precision, "mixed_precision")
+    accelerator = Accelerator(cpu=device == Device.cpu or not torch.cuda.is_available(), mixed_precision=precision.value)
     quiet_other_processes(accelerator)
     method = method_class(run.method._target_)(run.method, run)
-    model = load_model(method, run, model_path)
+    use_saved_tokenizer(method, run, model_path)
 
-    rows, name, source, split = eval_rows(ev, run)
+    rows, name, source, split = eval_rows(ev, run)  # data problems surface before the weights load
     with accelerator.main_process_first():
         prepared = method.prepare(rows, name, training=False)
+    model = load_model(method, run, model_path)
     batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
     ordered = by_length(prepared.dataset, method.lengths(prepared.dataset))
     loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False,
@@ -114,6 +130,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
 
     is_file = Path(source).expanduser().is_file()
     label = Path(source).stem if is_file else f"{Path(source).name}-{split}"
+    label = f"{label}-holdout" if split == "holdout" and is_file else label
     out_dir = Path(ev.output_dir) if ev.output_dir else run_dir / "eval" / _slug(label)
     result = {"metrics": metrics, "data": source, "split": split, "model": str(model_path), "report": prepared.report}
     if accelerator.is_main_process:

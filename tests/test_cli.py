@@ -115,7 +115,8 @@ def torchrun(*args: str, cwd: Path):
 @pytest.mark.slow
 def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
     """2 processes x 4 rows is the same global batch as 1 process x 4 rows x 2 accumulation steps:
-    the loss trajectory and the eval metrics must agree, and only one run directory is written."""
+    the loss trajectory and the eval metrics must agree, and only one run directory is written.
+    A 2-process run stopped mid-way and resumed must log exactly what the uninterrupted one did."""
     common = [*SMOKE, "train.log_every=1", "train.per_device_batch_size=4"]
     result = torchrun("train", *common, f"output_dir={tmp_path / 'ddp'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -131,8 +132,16 @@ def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], a["split"], key)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-6").glob("random_states_*")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-6").glob("*_state*_[01].*")) == [
+        "process_state_0.json", "process_state_1.json", "random_states_0.pkl", "random_states_1.pkl"]
+    chunked = [*common, "train.stop_after_steps=4", f"output_dir={tmp_path / 'ddp-resumed'}"]
+    for _ in range(2):  # stops at step 4, then the same command resumes both processes and finishes
+        result = torchrun("train", *chunked, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+    resumed = read_jsonl(tmp_path / "ddp-resumed" / "metrics.jsonl")
+    timing = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in ddp]
 
 
 def test_eval_writes_nothing_in_the_working_directory(tmp_path: Path):

@@ -90,6 +90,9 @@ def test_unknown_keys_and_bad_types_are_refused_at_composition(override: str, ke
     ("method.center_rewards_coefficient=[1]", "method.center_rewards_coefficient", ""),
     ("method._target_=collections.OrderedDict", "method._target_", "not a subclass"),
     ("method._target_=no.such.Method", "method._target_", "cannot import"),
+    ("train.adam_beta1=1.5", "train.adam_beta1", "[0, 1)"),
+    ("train.adam_eps=-1", "train.adam_eps", "> 0"),
+    ("method.center_rewards_coefficient=-5", "method.center_rewards_coefficient", ">= 0"),
 ])
 def test_invalid_values_are_refused_before_anything_loads(override: str, key: str, text: str):
     try:
@@ -129,3 +132,18 @@ def test_saved_config_round_trips(tmp_path: Path):
     with pytest.raises(ConfigError) as info:
         load_run_config(tmp_path / "config.yaml")
     assert "train.lr" in str(info.value)
+
+
+def test_max_length_beyond_learned_positions_is_refused_before_data(tmp_path: Path):
+    from transformers import BertConfig
+
+    from rewardctl.config.schema import ModelConfig
+    from rewardctl.modeling.common import check_max_length
+
+    BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=64).save_pretrained(tmp_path)
+    check_max_length(ModelConfig(name_or_path=str(tmp_path), max_length=64))
+    with pytest.raises(ConfigError) as info:
+        check_max_length(ModelConfig(name_or_path=str(tmp_path), max_length=65))
+    assert info.value.key == "model.max_length" and "learned absolute positions; use <= 64" in str(info.value)
+    check_max_length(ModelConfig(name_or_path=str(REPO / "rewardctl/assets/tiny-llama"), max_length=4096))  # RoPE: warns

@@ -167,3 +167,36 @@ def test_length_grouping_cuts_padding_and_stays_a_permutation():
     assert batches == list(grouped)  # a pure function of (seed, epoch)
     grouped.set_epoch(1)
     assert list(grouped) != batches
+
+
+def test_tokenisation_cache_key_covers_data_settings_and_code():
+    from rewardctl.data.prepare import fingerprint
+
+    first, second = Dataset.from_list([{"chosen": "a"}]), Dataset.from_list([{"chosen": "b"}])
+    key = fingerprint(first, _featurizer, ("max_length=8",))
+    assert key == fingerprint(first, _featurizer, ("max_length=8",))  # stable across calls
+    assert key != fingerprint(first, _featurizer, ("max_length=9",))
+    assert key != fingerprint(second, _featurizer, ("max_length=8",))
+    assert key != fingerprint(first, json.loads, ("max_length=8",))  # another module's code
+
+
+def test_skip_survives_a_whole_batch_of_bad_rows():
+    rows = [{"chosen": ""}] * 1000 + [{"chosen": "ok"}] * 5  # datasets.map batches are 1000 rows
+    features, report = featurize_split(Dataset.from_list(rows), _featurizer, source="f", bad_rows=BadRows.skip)
+    assert features["_row"] == [1000, 1001, 1002, 1003, 1004] and report["skipped_bad"] == 1000
+
+
+def test_metrics_log_ignores_only_a_torn_last_line(tmp_path: Path):
+    from rewardctl.training.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.write({"step": 1, "split": "train", "loss": 0.5})
+    log.write({"step": 2, "split": "train", "loss": 0.4})
+    with log.path.open("a") as handle:
+        handle.write('{"step": 3, "split": "tr')  # the process died here
+    assert [r["step"] for r in log.records()] == [1, 2]
+    log.keep_until(2)
+    assert log.path.read_text().count("\n") == 2
+    log.path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):
+        log.records()

@@ -105,6 +105,20 @@ def test_prepare_accepts_pretokenised_rows_and_checks_the_vocabulary():
     assert "ids.jsonl, row 1, field 'chosen_ids'" in str(info.value) and "outside the vocabulary" in str(info.value)
 
 
+def test_prepare_rejects_null_prompts_and_pairs_mixing_formats(tmp_path):
+    method = make_method()
+    rows = [{"prompt": "Q", "chosen": "a", "rejected": "b"}, {"prompt": None, "chosen": "a", "rejected": "b"}]
+    path = write_jsonl(tmp_path / "null.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        method.prepare(load_rows(str(path), split="train"), str(path), training=True)
+    assert str(info.value) == f"{path}, row 2, field 'prompt': is missing (null) in a dataset with a prompt column"
+    rows = [{"chosen": CHAT_PROMPT + CHAT_GOOD, "rejected": "User: Is the sky blue?\nAssistant: No."}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        method.prepare(load_rows(str(path), split="train"), str(path), training=True)
+    assert info.value.row == 1 and info.value.field == "rejected" and "same format" in str(info.value)
+
+
 def test_prepare_rejects_a_non_numeric_margin_by_row(tmp_path):
     method = make_method()
     rows = [{"chosen": "a", "rejected": "b", "margin": 1.0}, {"chosen": "a", "rejected": "b", "margin": "big"}]

@@ -113,23 +113,49 @@ def test_eval_from_a_checkpoint(tmp_path: Path):
     assert result["metrics"]["loss"] == pytest.approx(summary["final_eval"]["loss"], rel=1e-6)
 
 
-RESUMABLE = ["experiment=smoke", "train.max_steps=12", "train.save_every=4", "train.eval_every=4", "train.log_every=2",
+RESUMABLE = ["experiment=smoke", "train.max_steps=12", "train.save_every=4", "train.eval_every=4", "train.log_every=4",
              "model.disable_dropout=false", "+model.config_overrides.attention_dropout=0.2"]
 
 
 def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path: Path):
+    """Stopping at step 6 (between two log steps) and rerunning the same command must give exactly the
+    uninterrupted run: same metrics.jsonl (the half-filled log window is carried in the checkpoint),
+    same weights, same metric totals."""
     full, full_dir = run_training(tmp_path, RESUMABLE, name="full")
-    stopped, part_dir = run_training(tmp_path, [*RESUMABLE, "train.stop_after_steps=6"], name="part")
+    chunked = [*RESUMABLE, "train.stop_after_steps=6"]
+    stopped, part_dir = run_training(tmp_path, chunked, name="part")
     assert stopped["status"] == "stopped" and stopped["step"] == 6 and not (part_dir / "model").exists()
     assert sorted(p.name for p in (part_dir / "checkpoints").iterdir()) == ["step-4", "step-6"]
-    resumed, _ = run_training(tmp_path, RESUMABLE, name="part")
+    resumed, _ = run_training(tmp_path, chunked, name="part")  # the same command continues (6 more steps)
     assert resumed["status"] == "completed" and resumed["step"] == 12
     assert comparable(read_jsonl(part_dir / "metrics.jsonl")) == comparable(read_jsonl(full_dir / "metrics.jsonl"))
-    assert resumed["final_eval"]["loss"] == full["final_eval"]["loss"]
+    assert resumed["totals"] == full["totals"] and resumed["final_eval"]["loss"] == full["final_eval"]["loss"]
     full_weights = load_file(str(full_dir / "model" / "model.safetensors"))
     part_weights = load_file(str(part_dir / "model" / "model.safetensors"))
     assert all(torch.equal(full_weights[k], part_weights[k]) for k in full_weights)
     assert sorted(p.name for p in (part_dir / "checkpoints").iterdir()) == ["step-12", "step-8"]  # keep_checkpoints=2
+
+
+def test_resume_refuses_a_checkpoint_with_a_different_data_order(tmp_path: Path):
+    _, run_dir = run_training(tmp_path, [*RESUMABLE, "train.stop_after_steps=4"])
+    for override, key in (("data.max_train_rows=40", "train_rows"), ("train.per_device_batch_size=2", "per_device_batch_size"),
+                          ("data.group_by_length=false", "group_by_length")):
+        with pytest.raises(ConfigError) as info:
+            run_training(tmp_path, [*RESUMABLE, override])
+        reset_accelerate()
+        assert info.value.key == "train.resume" and key in str(info.value)
+    with pytest.raises(ConfigError, match="is not a rewardctl checkpoint"):
+        to_run_config(compose_train([f"train.resume={run_dir}"]))
+
+
+def test_a_finished_run_without_checkpoints_is_not_retrained_over(tmp_path: Path):
+    summary, run_dir = run_training(tmp_path, ["experiment=smoke", "train.save_every=0", "train.max_steps=2"])
+    before = (run_dir / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError) as info:
+        run_training(tmp_path, ["experiment=smoke", "train.save_every=0", "train.max_steps=4"])
+    reset_accelerate()
+    assert "no checkpoint to continue from" in str(info.value)
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == before
 
 
 def test_gradient_accumulation_is_normalised_like_one_big_batch(tmp_path: Path):
@@ -148,14 +174,15 @@ def test_gradient_accumulation_is_normalised_like_one_big_batch(tmp_path: Path):
 
 def test_existing_runs_are_never_clobbered(tmp_path: Path):
     summary, run_dir = run_training(tmp_path, ["experiment=smoke"])
-    before = (run_dir / "metrics.jsonl").read_text()
-    again, _ = run_training(tmp_path, ["experiment=smoke"])  # resume=auto on a finished run: nothing to do
-    assert again == summary and (run_dir / "metrics.jsonl").read_text() == before
+    files = ("metrics.jsonl", "config.yaml", "data_report.json", "summary.json", "model/model.safetensors")
+    before = {name: (run_dir / name).read_bytes() for name in files}
+    again, _ = run_training(tmp_path, ["experiment=smoke", "train.lr=0.5"])  # resume=auto on a finished run
+    assert again == summary
     with pytest.raises(ConfigError) as info:
-        run_training(tmp_path, ["experiment=smoke", "train.resume=off"])
+        run_training(tmp_path, ["experiment=smoke", "train.resume=off", "train.lr=0.5"])
     reset_accelerate()
     assert info.value.key == "train.resume" and "already holds a run" in str(info.value)
-    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert {name: (run_dir / name).read_bytes() for name in files} == before
 
 
 def test_bad_rows_and_overlength_rows_are_counted_before_training(tmp_path: Path):
@@ -202,3 +229,22 @@ def test_tensorboard_tracker_receives_the_metrics(tmp_path: Path):
     tags = set(accumulator.Tags()["scalars"])
     assert {"train/loss", "train/accuracy", "eval/loss", "eval/accuracy"} <= tags
     assert [e.step for e in accumulator.Scalars("eval/accuracy")] == [0, 3, 6]
+
+
+def test_heldout_split_errors_and_predictions_use_file_row_numbers(tmp_path: Path):
+    rows = read_jsonl(SAMPLES / "pairwise" / "train.jsonl")[:60]
+    rows[2]["chosen"] = ""
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    overrides = ["experiment=smoke", f"data.train={path}", "data.eval=null", "data.holdout_fraction=0.25",
+                 "train.max_steps=2", "data.max_eval_rows=null"]
+    with pytest.raises(Exception) as info:
+        run_training(tmp_path, overrides, name="strict")
+    reset_accelerate()
+    assert f"{path}, row 3, field 'chosen': is empty" in str(info.value)
+    summary, run_dir = run_training(tmp_path, [*overrides, "data.bad_rows=skip"], name="lenient")
+    result = evaluate_run(compose_train_eval([f"run_dir={run_dir}"]))
+    assert result["metrics"]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
+    predicted = [r["row"] for r in read_jsonl(run_dir / "eval" / "train-holdout" / "predictions.jsonl")]
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert len(predicted) == report["eval"]["used"] == 15 and predicted == sorted(predicted)
+    assert set(predicted) <= set(range(1, 61)) and max(predicted) > 15  # file rows, not positions in the split

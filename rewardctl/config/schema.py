@@ -159,8 +159,9 @@ class TrainConfig:
     log_every: int = 10
     # auto: continue from the run directory's latest checkpoint; off; or a checkpoint path.
     resume: str = "auto"
-    # Stop after this many optimizer steps as if interrupted (checkpoint first); the schedule still
-    # follows max_steps/epochs. For time-limited cluster jobs and resume tests.
+    # Stop after this many optimizer steps of this invocation, as if interrupted (checkpoint first);
+    # the schedule still follows max_steps/epochs. Rerunning the same command continues: chunked
+    # cluster jobs and resume tests.
     stop_after_steps: Optional[int] = None
     gradient_checkpointing: bool = False
     gradient_checkpointing_reentrant: bool = False
@@ -242,5 +243,6 @@ class EvalConfig:
     # null: <run_dir>/eval/<data name>; metrics.json and predictions.jsonl go there.
     output_dir: Optional[str] = None
     write_predictions: bool = True
-    device: Device = Device.auto
-    mixed_precision: MixedPrecision = MixedPrecision.no
+    # null: the run's own hardware.device / hardware.mixed_precision, so its eval is reproduced.
+    device: Optional[Device] = None
+    mixed_precision: Optional[MixedPrecision] = None

@@ -121,11 +121,16 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0.0 <= getattr(t, key) < 1.0, f"train.{key}", f"must be in [0, 1) (got {getattr(t, key)})")
+    _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0 (got {t.adam_eps})")
     _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     if t.stop_after_steps is not None:
         _require(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1")
     if for_training and t.resume not in ("auto", "off"):
         _require(Path(t.resume).is_dir(), "train.resume", f"must be auto, off or a checkpoint directory; {t.resume!r} does not exist")
+        _require((Path(t.resume) / "trainer_state.json").is_file(), "train.resume",
+                 f"{t.resume!r} is not a rewardctl checkpoint (no trainer_state.json); pass checkpoints/step-N")
     for tracker in t.report_to if for_training else ():
         _require(tracker in KNOWN_TRACKERS, "train.report_to", f"unknown tracker {tracker!r} (known: {', '.join(KNOWN_TRACKERS)})")
         _require(importlib.util.find_spec(KNOWN_TRACKERS[tracker]) is not None, "train.report_to",
@@ -151,7 +156,8 @@ def to_eval_config(cfg: DictConfig) -> EvalConfig:
         _require(ev.batch_size >= 1, "batch_size", "must be >= 1")
     if ev.max_rows is not None:
         _require(ev.max_rows >= 1, "max_rows", "must be >= 1")
-    check_precision(ev.device, ev.mixed_precision, "mixed_precision")
+    if ev.device is not None and ev.mixed_precision is not None:
+        check_precision(ev.device, ev.mixed_precision, "mixed_precision")
     return ev
 
 

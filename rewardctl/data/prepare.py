@@ -23,6 +23,8 @@ from rewardctl.errors import DataError, RowError
 Featurizer = Callable[[dict[str, Any]], tuple[dict[str, Any], Fit]]
 ROW_COLUMN = "_row"
 FIT_COLUMN = "_fit"
+# Set by splits.py before a shuffle (held-out split) so errors and predictions keep file row numbers.
+SOURCE_ROW_COLUMN = "_source_row"
 MAX_REPORTED_ERRORS = 3
 
 
@@ -63,16 +65,18 @@ def by_length(dataset: Dataset, lengths: list[int] | None) -> Dataset:
 
 
 def fingerprint(dataset: Dataset, featurizer: Featurizer, extra: tuple[Any, ...]) -> str:
-    """Cache key: the input data, the code that featurises it, and every setting it depends on."""
-    owner = getattr(featurizer, "__self__", None)
+    """Cache key: the input data, the code that featurises it (whole modules, so a helper's change
+    counts too), the rewardctl version, and every setting the output depends on."""
+    from rewardctl import __version__
+
     sources = []
-    for obj in (type(owner) if owner is not None else featurizer, sys.modules[__name__], sys.modules["rewardctl.data.text"]):
+    for name in sorted({featurizer.__module__, __name__, "rewardctl.data.text"}):
         try:
-            sources.append(inspect.getsource(sys.modules[obj.__module__] if isinstance(obj, type) else obj))
-        except (OSError, TypeError):
-            sources.append(repr(obj))
+            sources.append(inspect.getsource(sys.modules[name]))
+        except (OSError, TypeError, KeyError):
+            sources.append(name)
     digest = hashlib.sha256()
-    for part in (dataset._fingerprint, *sources, *map(repr, extra)):
+    for part in (dataset._fingerprint, __version__, *sources, *map(repr, extra)):
         digest.update(str(part).encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()[:32]
@@ -85,7 +89,8 @@ def _output_features(dataset: Dataset, featurizer: Featurizer, source: str, bad_
             example, fit = featurizer(dataset[index])
         except RowError as exc:
             if bad_rows == BadRows.error:
-                raise DataError(source, exc.reason, row=index + 1, field=exc.field) from None
+                row = dataset[index][SOURCE_ROW_COLUMN] if SOURCE_ROW_COLUMN in dataset.column_names else index
+                raise DataError(source, exc.reason, row=row + 1, field=exc.field) from None
             continue
         return Dataset.from_list([{**example, ROW_COLUMN: index, FIT_COLUMN: int(fit)}]).features
     raise DataError(source, f"no usable rows: all {len(dataset)} rows are malformed")
@@ -103,22 +108,24 @@ def featurize_split(
     """Features for every usable row plus ``_row`` (the 0-based source row) and the report."""
     total = len(dataset)
     columns = dataset.column_names
-    features = _output_features(dataset, featurizer, source, bad_rows)
+    has_source_rows = SOURCE_ROW_COLUMN in columns
+    output_features = _output_features(dataset, featurizer, source, bad_rows)
 
     def run(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         for i, index in enumerate(indices):
+            row = batch[SOURCE_ROW_COLUMN][i] if has_source_rows else index
             try:
-                features, fit = featurizer(_row_at(batch, i))
+                example, fit = featurizer(_row_at(batch, i))
             except RowError as exc:
                 if bad_rows == BadRows.error:
-                    raise DataError(source, exc.reason, row=index + 1, field=exc.field) from None
+                    raise DataError(source, exc.reason, row=row + 1, field=exc.field) from None
                 continue
-            for key, value in features.items():
+            for key, value in example.items():
                 out.setdefault(key, []).append(value)
-            out.setdefault(ROW_COLUMN, []).append(index)
+            out.setdefault(ROW_COLUMN, []).append(row)
             out.setdefault(FIT_COLUMN, []).append(int(fit))
-        return out or {name: [] for name in features}
+        return out or {name: [] for name in output_features}
 
     featurized = dataset.map(
         run,
@@ -126,18 +133,21 @@ def featurize_split(
         with_indices=True,
         remove_columns=columns,
         num_proc=num_proc,
-        features=features,
+        features=output_features,
         new_fingerprint=fingerprint(dataset, featurizer, (bad_rows, *cache_key)),
         desc=f"tokenising {source}",
     )
     report: dict[str, Any] = {"source": source, "rows": total, "skipped_bad": total - len(featurized), "errors": []}
     if report["skipped_bad"]:
         kept = set(featurized[ROW_COLUMN])
-        for index in (i for i in range(total) if i not in kept):
+        rows = dataset[SOURCE_ROW_COLUMN] if has_source_rows else range(total)
+        for index, row in enumerate(rows):
+            if row in kept:
+                continue
             try:
                 featurizer(dataset[index])
             except RowError as exc:
-                report["errors"].append(str(DataError(source, exc.reason, row=index + 1, field=exc.field)))
+                report["errors"].append(str(DataError(source, exc.reason, row=row + 1, field=exc.field)))
             if len(report["errors"]) >= MAX_REPORTED_ERRORS:
                 break
     if len(featurized) == 0:

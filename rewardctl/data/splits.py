@@ -13,6 +13,7 @@ from datasets import Dataset
 
 from rewardctl.config.schema import DataConfig, RunConfig
 from rewardctl.data.loading import load_rows, rename_columns
+from rewardctl.data.prepare import SOURCE_ROW_COLUMN
 
 if TYPE_CHECKING:
     from rewardctl.methods.base import Method, PreparedSplit
@@ -32,6 +33,7 @@ def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], t
                                    data.columns, data.eval)
         eval_pair = (eval_rows, _source_name(data.eval, data.eval_split))
     elif data.holdout_fraction > 0:
+        train_rows = train_rows.add_column(SOURCE_ROW_COLUMN, list(range(len(train_rows))))  # file rows survive the shuffle
         parts = train_rows.train_test_split(test_size=data.holdout_fraction, seed=seed)
         train_rows = parts["train"]
         eval_pair = (parts["test"], f"{train_name} (held-out {data.holdout_fraction:.0%})")

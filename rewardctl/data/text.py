@@ -4,7 +4,9 @@ Two row formats exist (as in TRL): *standard* rows hold strings, *conversational
 message lists. A prompt is optional (implicit prompt: the response field holds the whole sequence).
 Standard text is tokenised in one piece (prompt + response, no separator, so BPE merges match the
 real text) with the tokenizer's special tokens and an EOS appended when absent; conversational rows
-go through the chat template, whose end-of-turn token ends the sequence (no extra EOS).
+go through the chat template and end as the template ends them (no extra EOS; with ChatML that is
+``<|im_end|>`` and a newline, so the reward is read at that newline, in training as in stock
+transformers scoring).
 """
 
 from __future__ import annotations

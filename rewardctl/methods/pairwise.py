@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from rewardctl.config.schema import PairwiseConfig
+from rewardctl.config.schema import PairwiseConfig, RunConfig
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
-from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids
-from rewardctl.errors import RowError
+from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids, is_conversational
+from rewardctl.errors import ConfigError, RowError
 from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput
 from rewardctl.modeling.sequence import (
     SequenceRewardModel,
@@ -61,6 +61,13 @@ class PairwiseMethod(Method):
     item_name = "pairs"
     cfg: PairwiseConfig
 
+    @classmethod
+    def check_config(cls, run: RunConfig) -> None:
+        coefficient = run.method.center_rewards_coefficient
+        if coefficient is not None and coefficient < 0:
+            raise ConfigError("method.center_rewards_coefficient", f"must be >= 0 or null (got {coefficient}); a "
+                              "negative centering term rewards pushing every reward apart without bound")
+
     # ---- tokenizer and model --------------------------------------------------------------------
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.run.model)
@@ -91,6 +98,11 @@ class PairwiseMethod(Method):
         def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
             if columns[0] == "chosen":
                 prompt = row["prompt"] if has_prompt else None
+                if has_prompt and prompt is None:
+                    raise RowError("prompt", "is missing (null) in a dataset with a prompt column")
+                if is_conversational(row["chosen"]) != is_conversational(row["rejected"]):
+                    raise RowError("rejected", "is not in the same format as 'chosen' (one is a message list, "
+                                               "the other a string); a pair must use one format")
                 chosen = encoder.encode(prompt, row["chosen"], response_field="chosen")
                 rejected = encoder.encode(prompt, row["rejected"], response_field="rejected")
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -33,6 +34,22 @@ def load_config(model_cfg: ModelConfig, **updates: Any) -> PretrainedConfig:
     for key, value in updates.items():
         setattr(config, key, value)
     return config
+
+
+def check_max_length(model_cfg: ModelConfig) -> None:
+    """``model.max_length`` must fit the position table of models with learned absolute positions
+    (BERT, GPT-2: an overflow only surfaces as a shape error mid-training); RoPE models can run
+    past their trained length, so they only get a warning."""
+    config = load_config(model_cfg)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if not limit or model_cfg.max_length <= limit:
+        return
+    rotary = any(getattr(text_config, key, None) for key in ("rope_theta", "rope_parameters", "rope_scaling"))
+    message = f"{model_cfg.max_length} exceeds the {limit} positions of {model_cfg.name_or_path!r}"
+    if not rotary:
+        raise ConfigError("model.max_length", f"{message}, which has learned absolute positions; use <= {limit}")
+    logging.getLogger(__name__).warning("model.max_length %s (rotary positions: allowed, quality may drop)", message)
 
 
 def load_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:

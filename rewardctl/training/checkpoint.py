@@ -23,6 +23,7 @@ from rewardctl.utils.fs import replace_directory, write_json_atomic
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 METHOD_STATE = "method_state.safetensors"
+PROCESS_STATE = "process_state_{}.json"
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -48,8 +49,9 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     method_state: dict[str, torch.Tensor],
     keep: int,
+    process_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every process calls it (each writes its own RNG state)."""
+    """Collective: every process calls it (each writes its own RNG state and ``process_state``)."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     if accelerator.is_main_process:
@@ -59,6 +61,8 @@ def save_checkpoint(
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if process_state is not None:
+        write_json_atomic(tmp / PROCESS_STATE.format(accelerator.process_index), process_state)
     if accelerator.is_main_process:
         write_json_atomic(tmp / TRAINER_STATE, trainer_state)
         save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(tmp / METHOD_STATE))
@@ -72,9 +76,18 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The loop's position in a checkpoint; cheap, so compatibility is checked before anything loads."""
+    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def load_checkpoint(
+    accelerator: Accelerator, path: Path
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainer state, method state, this process's state) after restoring the accelerate state."""
     accelerator.load_state(str(path))
-    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     method_file = path / METHOD_STATE
     method_state = load_file(str(method_file)) if method_file.exists() else {}
-    return trainer_state, method_state
+    process_file = path / PROCESS_STATE.format(accelerator.process_index)
+    process_state = json.loads(process_file.read_text(encoding="utf-8")) if process_file.exists() else {}
+    return read_trainer_state(path), method_state, process_state

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from rewardctl import __version__
 from rewardctl.config.schema import TrainConfig
 from rewardctl.data.batching import EpochBatchSampler
-from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.training.checkpoint import load_checkpoint, save_checkpoint
 from rewardctl.training.evaluation import run_evaluation
@@ -62,6 +61,7 @@ class TrainingLoop:
         run_dir: Path,
         metrics_log: MetricsLog,
         on_eval: Callable[[], None] | None = None,
+        resume_guard: dict[str, Any] | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.method = method
@@ -76,6 +76,8 @@ class TrainingLoop:
         self.checkpoint_root = run_dir / "checkpoints"
         self.metrics_log = metrics_log
         self.on_eval = on_eval
+        # Settings that fix the data order; stored in checkpoints and compared before a resume.
+        self.resume_guard = dict(resume_guard or {})
         self.tracker = MetricTracker()
         self.step = 0
         self.micro_batches = 0
@@ -84,6 +86,7 @@ class TrainingLoop:
         self.last_train: dict[str, Any] = {}
         self._mark = time.perf_counter()
         self._window_seconds = 0.0
+        self._grad_norms: list[torch.Tensor] = []
 
     def _clock(self) -> None:
         """Count the time since the last mark as training time (call after a synchronising op)."""
@@ -123,35 +126,33 @@ class TrainingLoop:
             "max_steps": self.max_steps,
             "totals": self.tracker.totals,
             "train_seconds": self.train_seconds,
-            "world_size": self.accelerator.num_processes,
-            "per_device_batch_size": self.cfg.per_device_batch_size,
-            "grad_accum": self.cfg.grad_accum,
-            "seed": self.cfg.seed,
             "rewardctl_version": __version__,
+            **self.resume_guard,
         }
+
+    def _process_state(self) -> dict[str, Any]:
+        """What this process has seen since the last log: a resumed run must log the same numbers."""
+        return {"window": self.tracker.window_state(), "grad_norms": [g.item() for g in self._grad_norms],
+                "window_seconds": self._window_seconds}
 
     def save(self) -> Path:
         path = save_checkpoint(
             self.accelerator, self.checkpoint_root, self.step, self._trainer_state(),
-            self.method.state_dict(), self.cfg.keep_checkpoints,
+            self.method.state_dict(), self.cfg.keep_checkpoints, process_state=self._process_state(),
         )
         log.info("checkpoint saved: %s", path)
         return path
 
     def restore(self, path: Path) -> None:
-        state, method_state = load_checkpoint(self.accelerator, path)
-        for key, now in (("world_size", self.accelerator.num_processes),
-                         ("per_device_batch_size", self.cfg.per_device_batch_size),
-                         ("grad_accum", self.cfg.grad_accum), ("seed", self.cfg.seed)):
-            if state.get(key) != now:
-                raise ConfigError("train.resume", f"{path} was written with {key}={state.get(key)}, this run has {now}; "
-                                  "resuming would replay a different data order (start a new run instead)")
-        if state["step"] > self.max_steps:
-            raise ConfigError("train.resume", f"{path} is at step {state['step']}, beyond this run's {self.max_steps} steps")
+        """Continue from ``path``; the session has already checked it matches this run (``resume_guard``)."""
+        state, method_state, process_state = load_checkpoint(self.accelerator, path)
         self.step = state["step"]
         self.micro_batches = state["micro_batches"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.tracker.totals = dict(state.get("totals", {}))
+        self.tracker.load_window_state(process_state.get("window", {}))
+        self._grad_norms = [torch.tensor(g) for g in process_state.get("grad_norms", [])]
+        self._window_seconds = process_state.get("window_seconds", 0.0)
         self.method.load_state_dict(method_state)
         self.metrics_log.keep_until(self.step)
         self.evals = [r for r in self.metrics_log.records() if r.get("split") == "eval"]
@@ -166,14 +167,15 @@ class TrainingLoop:
             self.accelerator.log({f"{prefix}/{k}": v for k, v in record.items()
                                   if k not in ("step", "split") and isinstance(v, (int, float))}, step=record["step"])
 
-    def _log_train(self, grad_norms: list[torch.Tensor]) -> None:
+    def _log_train(self) -> None:
         values, window_sums = self.tracker.reduce(self.accelerator)  # synchronises: the clock is now honest
         self._clock()
         seconds, self._window_seconds = self._window_seconds, 0.0
         record: dict[str, Any] = {"step": self.step, "split": "train", "epoch": round(self.epoch, 4),
                                   "lr": self.scheduler.get_last_lr()[0]}
-        if grad_norms:
-            record["grad_norm"] = torch.stack([g.float().cpu() for g in grad_norms]).mean().item()
+        if self._grad_norms:
+            record["grad_norm"] = torch.stack([g.float().cpu() for g in self._grad_norms]).mean().item()
+            self._grad_norms = []
         record.update(values)
         for name, total in window_sums.items():
             record[f"{name}_per_sec"] = total / seconds if seconds > 0 else None
@@ -229,18 +231,17 @@ class TrainingLoop:
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc=f"{self.method.cfg.name}",
                    disable=not (self.accelerator.is_main_process and cfg.progress_bar), dynamic_ncols=True)
-        grad_norms: list[torch.Tensor] = []
+        start_step = self.step
         self._restart_clock()
         last_eval = self.step if (self.step == 0 and cfg.eval_at_start) else -1
         last_save = self.step
         status = "completed"
         while self.step < self.max_steps:
-            grad_norms.append(self._optimizer_step(stream))
+            self._grad_norms.append(self._optimizer_step(stream))
             bar.update(1)
             final = self.step == self.max_steps
             if self.step % cfg.log_every == 0 or final:
-                self._log_train(grad_norms)
-                grad_norms = []
+                self._log_train()
                 if "loss" in self.last_train:
                     bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.last_train['lr']:.2e}")
             if self.eval_loader is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
@@ -253,12 +254,12 @@ class TrainingLoop:
                 self.save()
                 self._restart_clock()
                 last_save = self.step
-            if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps and not final:
+            if cfg.stop_after_steps is not None and self.step - start_step >= cfg.stop_after_steps and not final:
                 self._clock()
                 if last_save != self.step:
                     self.save()
-                log.info("stopping at step %d as asked (train.stop_after_steps); rerun with the same output_dir "
-                         "and train.resume=auto to continue", self.step)
+                log.info("stopping at step %d after %d steps as asked (train.stop_after_steps); rerun the same "
+                         "command (same output_dir, train.resume=auto) to continue", self.step, self.step - start_step)
                 status = "stopped"
                 break
         bar.close()

@@ -42,6 +42,14 @@ class MetricTracker:
                 slot[1] = slot[1] + value
                 slot[2] += count
 
+    def window_state(self) -> dict[str, list[Any]]:
+        """This process's not-yet-logged window, JSON-able, for checkpoints (restored per process)."""
+        return {name: [kind.value, value.item(), count] for name, (kind, value, count) in self.window.items()}
+
+    def load_window_state(self, state: dict[str, list[Any]]) -> None:
+        self.window = {name: [Reduce(kind), torch.tensor(value, dtype=torch.float64), count]
+                       for name, (kind, value, count) in state.items()}
+
     def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], dict[str, float]]:
         """Collective: call on every process. Returns (values to log, window sums of sum-metrics)."""
         names = sorted(self.window)
@@ -99,9 +107,18 @@ class MetricsLog:
             handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """All events; a torn last line (the process died mid-write) is ignored, any other bad line raises."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number != len(lines):
+                    raise
+        return records
 
     def keep_until(self, step: int) -> None:
         """On resume: drop events the interrupted run wrote after its last checkpoint (they will be replayed)."""

@@ -26,7 +26,8 @@ from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
-from rewardctl.training.checkpoint import latest_checkpoint
+from rewardctl.modeling.common import check_max_length
+from rewardctl.training.checkpoint import latest_checkpoint, read_trainer_state
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
 from rewardctl.training.optim import build_optimizer, build_scheduler
@@ -78,14 +79,24 @@ def plan_steps(run: RunConfig, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(run.train.epochs * micro_batches_per_epoch / run.train.grad_accum))
 
 
-def _already_complete(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+def finished_run(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a completed run in ``run_dir``, if there is one."""
     summary_path = run_dir / "summary.json"
     if not summary_path.exists() or not (run_dir / "model").exists():
         return None
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    if summary.get("status") == "completed" and summary.get("step", -1) >= max_steps:
-        return summary
-    return None
+    return summary if summary.get("status") == "completed" else None
+
+
+def check_resume(path: Path, guard: dict[str, Any], max_steps: int) -> None:
+    """Refuse, before the model loads, a checkpoint whose data order differs from this run's."""
+    state = read_trainer_state(path)
+    for key, now in guard.items():
+        if key in state and state[key] != now:
+            raise ConfigError("train.resume", f"{path} was written with {key}={state[key]}, this run has {now}; "
+                              "resuming would replay a different data order (start a new output_dir instead)")
+    if state["step"] > max_steps:
+        raise ConfigError("train.resume", f"{path} is at step {state['step']}, beyond this run's {max_steps} steps")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -95,13 +106,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_other_processes(accelerator)
     run_dir = shared_run_dir(accelerator, run.output_dir)
     main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", resolved_config_yaml(cfg, run_dir))
     log.info("run directory: %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
              "es" if accelerator.num_processes > 1 else "", accelerator.device)
     method = method_class(run.method._target_)(run.method, run)
     resume_from = decide_resume(run, run_dir)
+    check_max_length(run.model)  # a config read: cheap, and before any data work
 
     with accelerator.main_process_first():
         train_split, eval_split = prepare_data(method, run)
@@ -110,8 +119,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(describe(split, report, method, run))
     if eval_split is None:
         log.warning("no eval set (set data.eval or data.holdout_fraction): only training metrics will be reported")
-    if main:
-        write_json_atomic(run_dir / "data_report.json", reports)
 
     sampler = EpochBatchSampler(
         len(train_split.dataset), run.train.per_device_batch_size, seed=run.train.seed,
@@ -120,10 +127,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rank=accelerator.process_index,
     )
     max_steps = plan_steps(run, len(sampler))
-    done = _already_complete(run_dir, max_steps)
-    if done is not None:
-        log.info("%s already completed %d steps; nothing to do (raise train.max_steps to continue)", run_dir, done["step"])
-        return done
+    finished = finished_run(run_dir)
+    if finished is not None and finished["step"] >= max_steps:
+        hint = "raise train.max_steps to continue" if resume_from else "no checkpoint was kept (train.save_every=0)"
+        log.info("%s already completed %d steps; nothing to do (%s)", run_dir, finished["step"], hint)
+        return finished
+    if finished is not None and resume_from is None:
+        raise ConfigError("train.resume", f"{run_dir} holds a finished {finished['step']}-step run and no checkpoint to "
+                          "continue from (it ran with train.save_every=0); use a new output_dir")
+    guard = {"world_size": accelerator.num_processes, "per_device_batch_size": run.train.per_device_batch_size,
+             "grad_accum": run.train.grad_accum, "seed": run.train.seed, "train_rows": len(train_split.dataset),
+             "group_by_length": run.data.group_by_length, "length_group_batches": run.data.length_group_batches}
+    if resume_from is not None:
+        check_resume(resume_from, guard, max_steps)
+    if main:  # only now: a refused or already-finished run leaves the directory's files as they were
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", resolved_config_yaml(cfg, run_dir))
+        write_json_atomic(run_dir / "data_report.json", reports)
 
     set_seed(run.train.seed)  # before the head is created, so runs reproduce
     model = method.build_model()
@@ -150,7 +170,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     loop = TrainingLoop(accelerator=accelerator, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
                         train_loader=train_loader, batch_sampler=sampler, eval_loader=eval_loader, cfg=run.train,
-                        max_steps=max_steps, run_dir=run_dir, metrics_log=metrics_log, on_eval=replot)
+                        max_steps=max_steps, run_dir=run_dir, metrics_log=metrics_log, on_eval=replot,
+                        resume_guard=guard)
     if resume_from is not None:
         loop.restore(resume_from)
     elif main and metrics_log.path.exists():
