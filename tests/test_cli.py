@@ -153,3 +153,19 @@ def test_eval_writes_nothing_in_the_working_directory(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(elsewhere.iterdir()) == []
     assert "accuracy" in result.stdout and (out / "eval" / "eval" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_cpu_processes_into_one_run(tmp_path: Path):
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), "-m", "rewardctl", "train", *SMOKE, f"output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert run_dirs(tmp_path) == [tmp_path / "run"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
