@@ -24,9 +24,8 @@ from transformers import AutoTokenizer
 
 from rewardctl.config.schema import Device, EvalConfig, RunConfig
 from rewardctl.config.validate import check_precision, load_run_config, method_class, to_eval_config
-from rewardctl.data.loading import load_rows, rename_columns
 from rewardctl.data.prepare import by_length
-from rewardctl.data.splits import load_raw_splits
+from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.training.checkpoint import STEP_DIR
@@ -86,10 +85,7 @@ def eval_rows(ev: EvalConfig, run: RunConfig) -> tuple[Dataset, str, str, str]:
         source, split = run.data.eval or run.data.train, run.data.eval_split if run.data.eval else "holdout"
     else:
         source, split = ev.data, ev.split or run.data.eval_split
-        rows = load_rows(source, split=split, subset=run.data.subset, revision=run.data.revision)
-        if run.data.columns and all(c in rows.column_names for c in run.data.columns.values()):
-            rows = rename_columns(rows, run.data.columns, source)
-        name = source if Path(source).expanduser().is_file() else f"{source} [{split}]"
+        rows, name = load_split(run.data, source, split, mapping_required=False)
     if ev.max_rows:
         rows = rows.select(range(min(ev.max_rows, len(rows))))
     return rows, name, source, split

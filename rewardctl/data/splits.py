@@ -19,19 +19,25 @@ if TYPE_CHECKING:
     from rewardctl.methods.base import Method, PreparedSplit
 
 
-def _source_name(source: str, split: str) -> str:
+def source_name(source: str, split: str) -> str:
+    """How errors and reports name a split: the file path, or the folder / hub id with the split."""
     return source if Path(source).expanduser().is_file() else f"{source} [{split}]"
 
 
+def load_split(data: DataConfig, source: str, split: str, *, mapping_required: bool = True) -> tuple[Dataset, str]:
+    """Rows of one split with ``data.columns`` applied, and the split's name. Eval of other data than
+    the run's (``mapping_required=False``) applies the mapping only where its columns exist."""
+    rows = load_rows(source, split=split, subset=data.subset, revision=data.revision)
+    if data.columns and (mapping_required or all(c in rows.column_names for c in data.columns.values())):
+        rows = rename_columns(rows, data.columns, source)
+    return rows, source_name(source, split)
+
+
 def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], tuple[Dataset, str] | None]:
-    train_rows = rename_columns(load_rows(data.train, split=data.train_split, subset=data.subset, revision=data.revision),
-                                data.columns, data.train)
-    train_name = _source_name(data.train, data.train_split)
+    train_rows, train_name = load_split(data, data.train, data.train_split)
     eval_pair = None
     if data.eval:
-        eval_rows = rename_columns(load_rows(data.eval, split=data.eval_split, subset=data.subset, revision=data.revision),
-                                   data.columns, data.eval)
-        eval_pair = (eval_rows, _source_name(data.eval, data.eval_split))
+        eval_pair = load_split(data, data.eval, data.eval_split)
     elif data.holdout_fraction > 0:
         train_rows = train_rows.add_column(SOURCE_ROW_COLUMN, list(range(len(train_rows))))  # file rows survive the shuffle
         parts = train_rows.train_test_split(test_size=data.holdout_fraction, seed=seed)

@@ -27,7 +27,7 @@ from rewardctl.modeling.sequence import (
     load_saved_classifier,
     save_sequence_classifier,
 )
-from rewardctl.modeling.tokenizer import load_tokenizer
+from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class PairwiseMethod(Method):
 
         featurized, report = featurize_split(
             dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=(self.cfg, self.run.model.max_length, self.run.data.overlength, _tokenizer_key(self.tokenizer)),
+            cache_key=(self.cfg, self.run.model.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
         )
         report["margin"] = use_margin
         return PreparedSplit(featurized, report)
@@ -201,11 +201,3 @@ def _margin(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RowError("margin", f"must be a finite number, got {value!r}")
     return float(value)
-
-
-def _tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> tuple[Any, ...]:
-    """What about a tokenizer changes token ids: its origin, size, specials, template, padding."""
-    return (
-        tokenizer.name_or_path, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-        tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None), type(tokenizer).__name__,
-    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -60,3 +61,12 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer.padding_side = model_cfg.padding_side.value
     ensure_distinct_pad_token(tokenizer)
     return tokenizer
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple[Any, ...]:
+    """What about a tokenizer changes token ids (origin, size, special tokens, template): part of the
+    tokenisation cache key of every method."""
+    return (
+        tokenizer.name_or_path, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+        tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None), type(tokenizer).__name__,
+    )
