@@ -42,9 +42,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check rewardctl tests benchmarks conf
 
-## Throughput and accuracy against TRL on ../shared/data (ratios measured in the same run).
+## Throughput against the peers on ../shared/data (ratios against a baseline measured in the same run):
+## pairwise vs TRL's RewardTrainer; ranklist vs the RLHF_GLM article's per-text loop.
 bench: setup-bench
 	$(BIN)/python benchmarks/pairwise_hh_vs_trl.py
+	$(BIN)/python benchmarks/ranklist_vs_per_text_loop.py
 
 ## Regenerate the bundled sample data and the tiny model asset.
 samples: setup

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
-from rewardctl.training.checkpoint import STEP_DIR
+from rewardctl.training.checkpoint import METHOD_STATE, STEP_DIR
 from rewardctl.training.evaluation import run_evaluation
-from rewardctl.training.runtime import quiet_other_processes
+from rewardctl.training.runtime import AccelerateRuntime, quiet_other_processes
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 
 def is_saved_model(path: Path) -> bool:
-    """A model/ directory (stock transformers layout) rather than a training checkpoint."""
-    if (path / "config.json").is_file():
+    """A model/ directory (stock transformers or peft layout) rather than a training checkpoint."""
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return True
     if not (path / "model.safetensors").is_file():
         raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights")
@@ -73,6 +74,8 @@ def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
     model = method.build_model()
     state = {re.sub(r"^(module\.)+", "", k): v for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state)
+    if (path / METHOD_STATE).is_file():  # e.g. BCO's delta, as the checkpointed run had it
+        method.load_state_dict(load_file(str(path / METHOD_STATE)))
     return model
 
 
@@ -85,7 +88,8 @@ def eval_rows(ev: EvalConfig, run: RunConfig) -> tuple[Dataset, str, str, str]:
         source, split = run.data.eval or run.data.train, run.data.eval_split if run.data.eval else "holdout"
     else:
         source, split = ev.data, ev.split or run.data.eval_split
-        rows, name = load_split(run.data, source, split, mapping_required=False)
+        data = replace(run.data, layout=ev.layout) if ev.layout is not None else run.data
+        rows, name = load_split(data, source, split, mapping_required=False)
     if ev.max_rows:
         rows = rows.select(range(min(ev.max_rows, len(rows))))
     return rows, name, source, split
@@ -122,6 +126,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False,
                                             collate_fn=method.collate))
     model = accelerator.prepare_model(model, evaluation_mode=True)
+    method.on_eval_start(model, AccelerateRuntime(accelerator))
     metrics, outputs = run_evaluation(accelerator, method, model, loader)
 
     is_file = Path(source).expanduser().is_file()

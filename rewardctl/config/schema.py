@@ -30,6 +30,15 @@ class BadRows(str, Enum):
     skip = "skip"  # leave the row out and count it in the data report
 
 
+class Layout(str, Enum):
+    """How a local file is read into rows."""
+
+    auto = "auto"  # by suffix: jsonl/json/csv/tsv (with a header row)/parquet
+    # One ranked list per line, responses separated by tabs, best first, no header (the RLHF_GLM
+    # article's files); gives rows with a `responses` column.
+    ranked_tsv = "ranked_tsv"
+
+
 class Scheduler(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -64,6 +73,7 @@ class MixedPrecision(str, Enum):
 
 class PeftKind(str, Enum):
     none = "none"
+    lora = "lora"
 
 
 @dataclass
@@ -108,6 +118,8 @@ class DataConfig:
     # Hub dataset configuration name (the second argument of datasets.load_dataset).
     subset: Optional[str] = None
     revision: Optional[str] = None
+    # auto reads files by suffix; ranked_tsv reads the tab-separated ranked-list text form.
+    layout: Layout = Layout.auto
     # Canonical column name -> column name in the data, e.g. {chosen: response_a}.
     columns: Dict[str, str] = field(default_factory=dict)
     # Fraction of train rows held out for eval when data.eval is null.
@@ -189,7 +201,21 @@ class NoPeftConfig:
     name: PeftKind = PeftKind.none
 
 
-PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig}
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the backbone; the method's head always trains and is saved with them."""
+
+    name: PeftKind = PeftKind.lora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Module names or suffixes; ["all-linear"] adapts every linear layer except the output head.
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    # Extra modules trained in full and saved with the adapter (the method's head is always added).
+    modules_to_save: List[str] = field(default_factory=list)
+
+
+PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig, PeftKind.lora.value: LoraConfig}
 
 
 @dataclass
@@ -211,6 +237,75 @@ class PairwiseConfig(MethodConfig):
     center_rewards_coefficient: Optional[float] = None
     # Use the per-row `margin` column when the data has one.
     use_margin: bool = True
+
+
+class RankLoss(str, Enum):
+    pairwise = "pairwise"  # mean over every ordered pair i above j of -log sigma(r_i - r_j)
+    listmle = "listmle"  # Plackett-Luce negative log-likelihood of the given order
+
+
+@dataclass
+class RanklistConfig(MethodConfig):
+    """Listwise: K >= 2 responses per prompt ranked best first; one forward over all of them."""
+
+    _target_: str = "rewardctl.methods.ranklist.RanklistMethod"
+    name: str = "ranklist"
+    loss: RankLoss = RankLoss.pairwise
+    # With a `scores` column, subtract margin_scale * (s_i - s_j) inside each pair's sigmoid
+    # (loss=pairwise only): pairs far apart in score must be separated further.
+    score_margin: bool = False
+    margin_scale: float = 1.0
+
+
+class TruncationMode(str, Enum):
+    """Which part of an over-long prompt survives (a leading BOS always does)."""
+
+    keep_end = "keep_end"  # the question, right before the completion
+    keep_start = "keep_start"
+
+
+@dataclass
+class UdmConfig:
+    """Underlying distribution matching: reweight undesirable rows whose prompts look desirable."""
+
+    enabled: bool = False
+    # null: mean-pooled last hidden states of the reference model; else an AutoModel path or hub id.
+    embedding_model: Optional[str] = None
+    # L2 penalty of the logistic regression (sklearn's C = 1 / l2).
+    l2: float = 1.0
+
+
+@dataclass
+class BcoConfig(MethodConfig):
+    """Binary Classifier Optimization (arXiv 2404.04656) on unpaired thumbs-up / thumbs-down rows.
+
+    r = beta * (log pi(y|x) - log pi_ref(y|x)) summed over completion tokens; delta is the running
+    count-weighted mean of all training rewards; L = -log sigma(r - delta) for desirable rows,
+    -log sigma(-(r - delta)) (times the UDM weight) for undesirable ones.
+    """
+
+    _target_: str = "rewardctl.methods.bco.BcoMethod"
+    name: str = "bco"
+    beta: float = 0.1
+    # Token budget of prompt + completion; null: model.max_length.
+    max_length: Optional[int] = None
+    # An over-long row's prompt is cut to this many tokens first (by truncation_mode), the completion
+    # then to what is left; null: half of max_length.
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+    truncation_mode: TruncationMode = TruncationMode.keep_end
+    # An explicit reference model (path or hub id); null: adapter disabled with LoRA, else
+    # precomputed log-probs or a frozen copy of the starting weights.
+    ref_model: Optional[str] = None
+    # One no-grad pass over train and eval rows before training, kept in checkpoints; frees the copy.
+    precompute_ref_log_probs: bool = False
+    udm: UdmConfig = field(default_factory=UdmConfig)
+    # Prompts sampled per side (desirable / undesirable) to fit the UDM classifier.
+    prompt_sample_size: int = 1024
+    min_density_ratio: float = 0.5
+    max_density_ratio: float = 10.0
+    # Dropout off in policy and reference, so log-prob ratios are not noise (as TRL does).
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -238,6 +333,8 @@ class EvalConfig:
     # null: the run's data.eval; else a file, folder or hub id.
     data: Optional[str] = None
     split: Optional[str] = None
+    # How to read ``data``: null keeps the run's data.layout (e.g. ranked_tsv for RLHF_GLM files).
+    layout: Optional[Layout] = None
     max_rows: Optional[int] = None
     batch_size: Optional[int] = None
     # null: <run_dir>/eval/<data name>; metrics.json and predictions.jsonl go there.

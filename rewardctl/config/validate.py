@@ -144,7 +144,11 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")
-    method_class(run.method._target_).check_config(run)
+    cls = method_class(run.method._target_)
+    if getattr(run.peft, "name", None) is not None and run.peft.name.value != "none" and not cls.supports_adapters:
+        raise ConfigError("peft", f"method {run.method.name} does not support adapters yet (peft={run.peft.name.value}); "
+                                  "use peft=none")
+    cls.check_config(run)
     return run
 
 

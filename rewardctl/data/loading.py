@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 from datasets import Dataset
 
+from rewardctl.config.schema import Layout
 from rewardctl.errors import DataError
 
 FILE_BUILDERS = {
@@ -122,10 +123,50 @@ def _load_hub(name: str, split: str, subset: str | None, revision: str | None) -
                               "offline machines need a local file or folder") from exc
 
 
-def load_rows(source: str, *, split: str, subset: str | None = None, revision: str | None = None) -> Dataset:
+def unquote_field(field: str) -> str:
+    """A field wrapped in double quotes by a CSV export loses them (and un-doubles inner quotes)."""
+    field = field.strip()
+    if len(field) >= 2 and field[0] == field[-1] == '"':
+        return field[1:-1].replace('""', '"')
+    return field
+
+
+def _ranked_lists(batch: dict[str, list[str]]) -> dict[str, list[list[str]]]:
+    return {"responses": [[unquote_field(f) for f in line.strip().split("\t")] for line in batch["text"]]}
+
+
+def _load_ranked_tsv(source: str, path: Path, split: str) -> Dataset:
+    """The RLHF_GLM text form: one list per non-blank line, responses separated by tabs, best first.
+
+    A folder holds one file per split (``<split>.tsv`` or ``<split>.txt``), as the article's
+    ``data/reward_datasets/<task>/{train,dev}.tsv`` does. Row N of errors is the N-th list.
+    """
+    if path.is_dir():
+        candidates = [path / f"{split}{suffix}" for suffix in (".tsv", ".txt")]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise DataError(source, f"data.layout=ranked_tsv: the folder has no {split}.tsv or {split}.txt for split {split!r}")
+        path = found[0]
+    elif not path.is_file():
+        raise DataError(source, "data.layout=ranked_tsv reads local files or folders only; no such file or directory")
+    if path.stat().st_size == 0:
+        raise DataError(str(path), "is empty")
+    try:
+        lines = datasets.load_dataset("text", data_files=str(path), split="train")
+    except Exception as exc:
+        raise _diagnose(path, exc) from exc
+    lines = lines.filter(lambda text: bool(text.strip()), input_columns=["text"])
+    return lines.map(_ranked_lists, batched=True, remove_columns=["text"])
+
+
+def load_rows(
+    source: str, *, split: str, subset: str | None = None, revision: str | None = None, layout: Layout = Layout.auto
+) -> Dataset:
     """Raw rows of one split. Local files hold a single split; folders and hub ids are split by name."""
     path = Path(source).expanduser()
-    if path.is_file():
+    if layout == Layout.ranked_tsv:
+        dataset = _load_ranked_tsv(source, path, split)
+    elif path.is_file():
         dataset = _load_file(path)
     elif path.is_dir():
         dataset = _load_folder(path, split)

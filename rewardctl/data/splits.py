@@ -27,7 +27,7 @@ def source_name(source: str, split: str) -> str:
 def load_split(data: DataConfig, source: str, split: str, *, mapping_required: bool = True) -> tuple[Dataset, str]:
     """Rows of one split with ``data.columns`` applied, and the split's name. Eval of other data than
     the run's (``mapping_required=False``) applies the mapping only where its columns exist."""
-    rows = load_rows(source, split=split, subset=data.subset, revision=data.revision)
+    rows = load_rows(source, split=split, subset=data.subset, revision=data.revision, layout=data.layout)
     if data.columns and (mapping_required or all(c in rows.column_names for c in data.columns.values())):
         rows = rename_columns(rows, data.columns, source)
     return rows, source_name(source, split)
@@ -52,10 +52,13 @@ def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], t
 
 def describe(split: str, report: dict[str, Any], method: Method, run: RunConfig) -> str:
     text = f"{split}: {report['rows']} rows from {report['source']} -> {report['used']} {method.item_name} used"
+    budget = report.get("budget", f"model.max_length={run.model.max_length}")
     if report.get("truncated"):
-        text += f"; {report['truncated']} truncated to model.max_length={run.model.max_length} (sequence ends kept)"
+        text += f"; {report['truncated']} truncated to {budget} ({report.get('truncation_note', 'sequence ends kept')})"
     if report.get("dropped_overlength"):
-        text += f"; {report['dropped_overlength']} dropped as longer than model.max_length={run.model.max_length}"
+        text += f"; {report['dropped_overlength']} dropped as longer than {budget}"
+    if report.get("details"):
+        text += f" ({report['details']})"
     if report.get("skipped_bad"):
         text += f"; {report['skipped_bad']} malformed rows skipped (first: {report['errors'][0] if report['errors'] else '?'})"
     return text

@@ -77,6 +77,7 @@ class Runtime(Protocol):
 
     device: torch.device
     num_processes: int
+    process_index: int
     is_main_process: bool
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor: ...
@@ -101,6 +102,8 @@ class Method(ABC):
     primary_metric: ClassVar[str] = "accuracy"
     #: What ``batch_weight`` counts, used to name throughput (e.g. pairs_per_sec).
     item_name: ClassVar[str] = "items"
+    #: Whether ``build_model``/``save_model``/``load_trained`` handle PEFT adapters (peft=lora).
+    supports_adapters: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, run: RunConfig) -> None:
         self.cfg = cfg
@@ -183,5 +186,10 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what ``state_dict`` returned."""
 
-    def on_train_start(self, model: nn.Module, runtime: Runtime) -> None:
-        """Hook after the model is placed and before the first step (e.g. precompute references)."""
+    def on_train_start(self, model: nn.Module, runtime: Runtime, *, resuming: bool) -> None:
+        """Hook after the model is placed and before the first step, while ``model`` still holds the
+        starting weights (e.g. copy a reference, precompute reference log-probs). With ``resuming``,
+        ``load_state_dict`` follows with the checkpoint's method state: skip what it restores."""
+
+    def on_eval_start(self, model: nn.Module, runtime: Runtime) -> None:
+        """Hook of ``rewardctl eval`` after the trained model is placed (e.g. load a reference)."""

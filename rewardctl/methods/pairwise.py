@@ -6,30 +6,20 @@ pre-tokenised ``chosen_ids``/``rejected_ids``. One forward over chosen and rejec
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import PairwiseConfig, RunConfig
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, RowError
-from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput
-from rewardctl.modeling.sequence import (
-    SequenceRewardModel,
-    build_sequence_classifier,
-    load_saved_classifier,
-    save_sequence_classifier,
-)
-from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
-
-log = logging.getLogger(__name__)
+from rewardctl.methods.base import Metric, PreparedSplit, StepOutput
+from rewardctl.methods.scalar import ScalarRewardMethod
+from rewardctl.modeling.tokenizer import tokenizer_identity
 
 PRETOKENIZED = (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids"))
 
@@ -55,7 +45,7 @@ def bradley_terry_loss(
     return losses
 
 
-class PairwiseMethod(Method):
+class PairwiseMethod(ScalarRewardMethod):
     config_class = PairwiseConfig
     primary_metric = "accuracy"
     item_name = "pairs"
@@ -67,26 +57,6 @@ class PairwiseMethod(Method):
         if coefficient is not None and coefficient < 0:
             raise ConfigError("method.center_rewards_coefficient", f"must be >= 0 or null (got {coefficient}); a "
                               "negative centering term rewards pushing every reward apart without bound")
-
-    # ---- tokenizer and model --------------------------------------------------------------------
-    def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        return load_tokenizer(self.run.model)
-
-    def _wrap(self, classifier: nn.Module) -> SequenceRewardModel:
-        model = SequenceRewardModel(classifier)
-        if model.pooling == "native" and self.tokenizer.padding_side != "right":
-            log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
-            self.tokenizer.padding_side = "right"
-        return model
-
-    def build_model(self) -> nn.Module:
-        return self._wrap(build_sequence_classifier(self.run.model, self.tokenizer, self.run.train))
-
-    def load_trained(self, path: Path) -> nn.Module:
-        return self._wrap(load_saved_classifier(path, self.run.model))
-
-    def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        save_sequence_classifier(model, self.tokenizer, path, method=self.cfg.name, state_dict=state_dict)
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:

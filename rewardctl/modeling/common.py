@@ -73,3 +73,23 @@ def finish_model(model: PreTrainedModel, model_cfg: ModelConfig, train_cfg: Trai
         model.activation_checkpointing_enable({"use_reentrant": train_cfg.gradient_checkpointing_reentrant})
         if train_cfg.gradient_checkpointing_reentrant:
             model.enable_input_require_grads()
+
+
+def instantiate(auto_class: Any, config: PretrainedConfig, model_cfg: ModelConfig, tokenizer: Any,
+                train_cfg: TrainConfig | None) -> PreTrainedModel:
+    """``auto_class`` from a checkpoint, or randomly initialised from ``config`` alone (``from_scratch``),
+    with the tokenizer's pad token and the shared finishing steps."""
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None or tokenizer.pad_token_id < vocab_size:  # an added pad token exists only after resizing
+        config.pad_token_id = tokenizer.pad_token_id
+    kwargs = load_kwargs(model_cfg)
+    if model_cfg.from_scratch:
+        model = auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    else:
+        model = auto_class.from_pretrained(
+            model_cfg.name_or_path, config=config, revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code, **kwargs,
+        )
+    finish_model(model, model_cfg, train_cfg, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from rewardctl import __version__
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError
-from rewardctl.modeling.common import finish_model, load_config, load_kwargs
+from rewardctl.modeling.common import instantiate, load_config, load_kwargs
 from rewardctl.utils.fs import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -80,20 +80,7 @@ def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedToken
     config.problem_type = "regression"  # pipeline() then returns the raw reward, not sigmoid(reward)
     config.id2label = {0: "reward"}
     config.label2id = {"reward": 0}
-    vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is None or tokenizer.pad_token_id < vocab_size:  # an added pad token exists only after resizing
-        config.pad_token_id = tokenizer.pad_token_id
-    kwargs = load_kwargs(model_cfg)
-    if model_cfg.from_scratch:
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_cfg.name_or_path, config=config, revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code, **kwargs,
-        )
-    finish_model(model, model_cfg, train_cfg, len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return instantiate(AutoModelForSequenceClassification, config, model_cfg, tokenizer, train_cfg)
 
 
 def load_saved_classifier(path: Path, model_cfg: ModelConfig) -> PreTrainedModel:

@@ -23,6 +23,7 @@ class AccelerateRuntime:
         self.accelerator = accelerator
         self.device = accelerator.device
         self.num_processes = accelerator.num_processes
+        self.process_index = accelerator.process_index
         self.is_main_process = accelerator.is_main_process
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

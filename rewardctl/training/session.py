@@ -159,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         eval_rows = by_length(eval_split.dataset, method.lengths(eval_split.dataset))
         eval_loader = accelerator.prepare(DataLoader(eval_rows, batch_size=eval_batch, shuffle=False,
                                                      collate_fn=method.collate, num_workers=run.train.num_workers))
-    method.on_train_start(model, AccelerateRuntime(accelerator))
+    method.on_train_start(model, AccelerateRuntime(accelerator), resuming=resume_from is not None)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     plot_metrics = ("loss", method.primary_metric)

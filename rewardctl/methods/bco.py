@@ -1,0 +1,566 @@
+"""Binary Classifier Optimization (arXiv 2404.04656): a causal-LM policy whose implicit reward
+``r = beta * (log pi(y|x) - log pi_ref(y|x))`` separates desirable from undesirable completions.
+
+Rows: ``prompt``, ``completion``, ``label`` (bool), standard or conversational; paired rows
+(``prompt?``, ``chosen``, ``rejected``) are unpaired on the fly. The reference is, in this order: an
+explicit ``method.ref_model``; the policy with its LoRA adapter disabled; precomputed log-probs
+(one pass before training, kept in checkpoints); a frozen copy of the starting weights.
+``delta`` is the running count-weighted mean of every training reward, reduced across processes,
+updated per micro-batch before it is read, frozen in eval and saved in checkpoints and in the final
+model's config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from rewardctl.config.schema import BcoConfig, Overlength, RunConfig, TruncationMode
+from rewardctl.data.collate import pad_sequences
+from rewardctl.data.prepare import ROW_COLUMN, SOURCE_ROW_COLUMN, featurize_split, list_lengths, require_columns
+from rewardctl.data.text import Fit, check_messages, check_text, is_conversational
+from rewardctl.errors import ConfigError, DataError, RowError
+from rewardctl.methods.base import Method, Metric, PreparedSplit, Runtime, StepOutput
+from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
+from rewardctl.modeling.adapters import is_adapter_model, wrap_with_adapter
+from rewardctl.modeling.causal import (
+    build_causal_lm,
+    completion_logps,
+    frozen_copy,
+    load_causal_lm,
+    mean_pooled_prompt,
+    save_causal_lm,
+    saved_meta,
+)
+from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
+
+log = logging.getLogger(__name__)
+INDEX_COLUMN = "_index"  # position in the prepared split: the key of per-row tables (reference log-probs, UDM weights)
+
+
+class LocalRuntime:
+    """The runtime of a single process (unit tests, or before the loop hands over its own)."""
+
+    device = torch.device("cpu")
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        module.requires_grad_(False)
+        return module.eval()
+
+
+class RunningMean:
+    """delta: the count-weighted mean of every training reward seen so far, on every process alike."""
+
+    def __init__(self) -> None:
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    @property
+    def value(self) -> float:
+        return float(self.total / self.count) if self.count > 0 else 0.0
+
+    def update(self, rewards: Tensor, runtime: Runtime) -> None:
+        local = torch.stack([rewards.detach().double().sum(), torch.tensor(float(rewards.numel()), dtype=torch.float64,
+                                                                         device=rewards.device)])
+        summed = runtime.all_reduce_sum(local).cpu()
+        self.total += summed[0]
+        self.count += summed[1]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCompletionEncoder:
+    """(prompt ids, completion ids) exactly as the full text tokenises, then fitted to the budget.
+
+    The prompt and prompt + completion are tokenised as wholes and split at their common prefix, so
+    BPE merges across the boundary match real text. Standard rows get BOS (when the tokenizer has
+    one) before the prompt and EOS after the completion; conversational rows end as the chat template
+    ends them (no second EOS). Truncation: the completion to ``max_completion_length`` (keeping its
+    start), the prompt to ``max_prompt_length`` (null: half of ``max_length``; by ``truncation_mode``,
+    BOS kept), then the completion to what ``max_length`` leaves; a completion never ends up empty.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: BcoConfig, max_length: int, overlength: Overlength) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.max_length = max_length
+        self.overlength = overlength
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+
+    def _template(self, messages: list[dict[str, Any]], *, generation_prompt: bool) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                                 return_dict=False)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def split_ids(self, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+        if is_conversational(completion) or (isinstance(completion, list) and not completion):
+            completion = check_messages(completion, "completion")
+            prompt = check_messages(prompt, "prompt") if prompt not in (None, "", []) else []
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RowError("completion", "is a chat message list but the tokenizer has no chat template")
+            prompt_ids = self._template(prompt, generation_prompt=True) if prompt else []
+            full = self._template(prompt + completion, generation_prompt=False)
+        else:
+            text = check_text(completion, "completion")
+            if is_conversational(prompt):
+                raise RowError("prompt", "is a message list but 'completion' is a string; use one format per row")
+            prompt_text = check_text(prompt, "prompt", allow_empty=True) if prompt is not None else ""
+            prompt_ids = list(self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]) if prompt_text else []
+            full = list(self.tokenizer(prompt_text + text, add_special_tokens=False)["input_ids"])
+            if self.bos is not None:
+                prompt_ids, full = [self.bos, *prompt_ids], [self.bos, *full]
+            if self.eos is not None and full[-1] != self.eos:
+                full.append(self.eos)
+        boundary = common_prefix_length(prompt_ids, full)
+        if boundary >= len(full):
+            raise RowError("completion", "adds no token after the prompt")
+        return full[:boundary], full[boundary:]
+
+    def fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int], Fit]:
+        cfg = self.cfg
+        too_long = len(prompt) + len(completion) > self.max_length
+        if (cfg.max_completion_length and len(completion) > cfg.max_completion_length) or (
+                cfg.max_prompt_length and len(prompt) > cfg.max_prompt_length):
+            too_long = True
+        if not too_long:
+            return prompt, completion, Fit.fits
+        if self.overlength == Overlength.drop:
+            return prompt, completion, Fit.too_long
+        if cfg.max_completion_length:
+            completion = completion[:cfg.max_completion_length]
+        prompt_cap = cfg.max_prompt_length or self.max_length // 2
+        if len(prompt) > prompt_cap:
+            keep_bos = 1 if prompt and prompt[0] == self.bos else 0
+            room = prompt_cap - keep_bos
+            if cfg.truncation_mode == TruncationMode.keep_end:
+                prompt = prompt[:keep_bos] + prompt[len(prompt) - room:]
+            else:
+                prompt = prompt[:keep_bos + room]
+        room = self.max_length - len(prompt)
+        if room < 1:
+            raise RowError("prompt", f"fills the whole budget ({len(prompt)} tokens, max_length {self.max_length}); "
+                                     "set method.max_prompt_length below the max_length")
+        return prompt, completion[:room], Fit.truncated
+
+
+def unpair(dataset: Dataset) -> Dataset:
+    """Paired rows (prompt?, chosen, rejected) become two unpaired rows, keeping their file row."""
+    has_prompt = "prompt" in dataset.column_names
+    has_source = SOURCE_ROW_COLUMN in dataset.column_names
+
+    def split(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": [], SOURCE_ROW_COLUMN: []}
+        for i, index in enumerate(indices):
+            prompt = batch["prompt"][i] if has_prompt else None
+            chosen, rejected = batch["chosen"][i], batch["rejected"][i]
+            if prompt is None:
+                prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+            row = batch[SOURCE_ROW_COLUMN][i] if has_source else index
+            for completion, label in ((chosen, True), (rejected, False)):
+                out["prompt"].append(prompt)
+                out["completion"].append(completion)
+                out["label"].append(label)
+                out[SOURCE_ROW_COLUMN].append(row)
+        return out
+
+    return dataset.map(split, batched=True, with_indices=True, remove_columns=dataset.column_names, desc="unpairing")
+
+
+def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """The shared beginning of chosen and rejected is the prompt (whole messages, or text)."""
+    if is_conversational(chosen) and is_conversational(rejected):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = len(chosen[:len(rejected)])
+        for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)):
+            if a != b:
+                n = i
+                break
+        n = min(n, len(chosen) - 1, len(rejected) - 1)
+        return chosen[:n], chosen[n:], rejected[n:]
+    return "", chosen, rejected
+
+
+class BcoMethod(Method):
+    config_class = BcoConfig
+    primary_metric = "accuracy"
+    item_name = "rows"
+    supports_adapters = True
+    cfg: BcoConfig
+
+    def __init__(self, cfg: BcoConfig, run: RunConfig) -> None:
+        super().__init__(cfg, run)
+        self.delta = RunningMean()
+        self.runtime: Runtime = LocalRuntime()
+        self.reference: nn.Module | None = None
+        self.ref_tables: dict[str, Tensor] = {}  # split -> log pi_ref per _index
+        self.udm: PromptClassifier | None = None
+        self.udm_weights: Tensor | None = None  # per train _index (1 for desirable rows)
+        self.splits: dict[str, Dataset] = {}
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.max_length or self.run.model.max_length
+
+    @classmethod
+    def check_config(cls, run: RunConfig) -> None:
+        m: BcoConfig = run.method
+        budget = m.max_length or run.model.max_length
+        if m.beta <= 0:
+            raise ConfigError("method.beta", f"must be > 0 (got {m.beta})")
+        if m.max_length is not None and m.max_length < 8:
+            raise ConfigError("method.max_length", f"must be >= 8 or null (got {m.max_length})")
+        if m.max_prompt_length is not None and not 1 <= m.max_prompt_length < budget:
+            raise ConfigError("method.max_prompt_length", f"must be in [1, {budget}) so a completion fits (got {m.max_prompt_length})")
+        if m.max_completion_length is not None and m.max_completion_length < 1:
+            raise ConfigError("method.max_completion_length", "must be >= 1 or null")
+        if not 0 < m.min_density_ratio <= m.max_density_ratio:
+            raise ConfigError("method.min_density_ratio", "need 0 < min_density_ratio <= max_density_ratio "
+                              f"(got {m.min_density_ratio}, {m.max_density_ratio})")
+        if m.prompt_sample_size < 2:
+            raise ConfigError("method.prompt_sample_size", f"must be >= 2 (got {m.prompt_sample_size})")
+        if m.udm.l2 <= 0:
+            raise ConfigError("method.udm.l2", f"must be > 0 (got {m.udm.l2})")
+
+    # ---- tokenizer and models -------------------------------------------------------------------
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = load_tokenizer(self.run.model)
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    def build_model(self) -> nn.Module:
+        model = build_causal_lm(self.run.model, self.tokenizer, self.run.train, disable_dropout=self.cfg.disable_dropout)
+        return wrap_with_adapter(model, self.run.peft, head=[], task_type="CAUSAL_LM")
+
+    def load_trained(self, path: Path) -> nn.Module:
+        model = load_causal_lm(path, self.run.model, disable_dropout=self.cfg.disable_dropout)
+        saved = saved_meta(path, model)
+        if "delta_total" in saved:
+            self.delta.total = torch.tensor(saved["delta_total"], dtype=torch.float64)
+            self.delta.count = torch.tensor(saved["delta_count"], dtype=torch.float64)
+        return model
+
+    def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        meta = {"method": self.cfg.name, "beta": self.cfg.beta, "delta": self.delta.value,
+                "delta_total": float(self.delta.total), "delta_count": float(self.delta.count)}
+        save_causal_lm(model, self.tokenizer, path, self.run.model, meta=meta, state_dict=state_dict)
+
+    # ---- data -----------------------------------------------------------------------------------
+    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
+        columns = require_columns(dataset, source, ("prompt", "completion", "label"), ("chosen", "rejected"))
+        paired = columns == ("chosen", "rejected")
+        if paired:
+            dataset = unpair(dataset)
+        encoder = PromptCompletionEncoder(self.tokenizer, self.cfg, self.max_length, self.run.data.overlength)
+
+        def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
+            label = row["label"]
+            if not isinstance(label, bool):
+                raise RowError("label", f"must be true (desirable) or false (undesirable), got {label!r}")
+            if row["prompt"] is None:
+                raise RowError("prompt", "is missing (null)")
+            prompt, completion = encoder.split_ids(row["prompt"], row["completion"])
+            prompt, completion, fit = encoder.fit(prompt, completion)
+            return {"input_ids": prompt + completion, "prompt_length": len(prompt), "label": label}, fit
+
+        featurized, report = featurize_split(
+            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
+            cache_key=(self.cfg, self.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+        )
+        featurized = featurized.add_column(INDEX_COLUMN, list(range(len(featurized))))
+        labels = featurized["label"]
+        report["desirable"] = sum(labels)
+        report["undesirable"] = len(labels) - sum(labels)
+        report["unpaired_from_pairs"] = paired
+        report["budget"] = f"method.max_length={self.max_length}" if self.cfg.max_length else f"model.max_length={self.max_length}"
+        report["truncation_note"] = f"prompt {self.cfg.truncation_mode.value}, completion start kept"
+        report["details"] = f"{report['desirable']} desirable, {report['undesirable']} undesirable" + (
+            ", unpaired from chosen/rejected" if paired else "")
+        if training and not (report["desirable"] and report["undesirable"]):
+            raise DataError(source, "BCO needs both desirable (label true) and undesirable (label false) rows; "
+                                    f"found {report['desirable']} and {report['undesirable']}")
+        self.splits["train" if training else "eval"] = featurized
+        return PreparedSplit(featurized, report)
+
+    def lengths(self, dataset: Any) -> list[int]:
+        return list_lengths(dataset, "input_ids")
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Right-padded ``input_ids``; ``completion_mask`` marks the tokens whose log-probs count."""
+        sequences = [f["input_ids"] for f in features]
+        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, side="right",
+                                                  multiple_of=self.run.data.pad_to_multiple_of)
+        positions = torch.arange(input_ids.shape[1])
+        prompt_lengths = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
+        completion_mask = (positions[None, :] >= prompt_lengths[:, None]).long() * attention_mask
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+                 "prompt_length": prompt_lengths, "label": torch.tensor([f["label"] for f in features], dtype=torch.bool)}
+        for column, key in ((ROW_COLUMN, "row"), (INDEX_COLUMN, "index")):
+            if column in features[0]:
+                batch[key] = torch.tensor([f[column] for f in features], dtype=torch.long)
+        return batch
+
+    # ---- references, delta, UDM ---------------------------------------------------------------------
+    def on_train_start(self, model: nn.Module, runtime: Runtime, *, resuming: bool) -> None:
+        self.runtime = runtime
+        base = getattr(model, "module", model)
+        if self.cfg.ref_model:
+            self.reference = runtime.prepare_frozen(self._load_reference())
+        elif _adapter_model(base) is not None:
+            log.info("reference: the policy with its adapter disabled (no second copy)")
+        elif self.cfg.precompute_ref_log_probs:
+            if not resuming:
+                for split, dataset in self.splits.items():
+                    self.ref_tables[split] = self._table(dataset, lambda b: self._logps(model, b)[0])
+                log.info("reference log-probs precomputed for %s", ", ".join(f"{len(d)} {s} rows" for s, d in self.splits.items()))
+        else:
+            self.reference = runtime.prepare_frozen(frozen_copy(base))
+        if self.cfg.udm.enabled and not resuming:
+            self._fit_udm(model)
+
+    def on_eval_start(self, model: nn.Module, runtime: Runtime) -> None:
+        """``rewardctl eval``: the reference is rebuilt (explicit model, or the starting weights)."""
+        self.runtime = runtime
+        if _adapter_model(getattr(model, "module", model)) is not None:
+            return
+        if self.cfg.ref_model:
+            self.reference = runtime.prepare_frozen(self._load_reference())
+        else:
+            from accelerate.utils import set_seed
+
+            set_seed(self.run.train.seed)  # the starting weights, also for a from-scratch model
+            self.reference = runtime.prepare_frozen(self.build_model())
+
+    def _load_reference(self) -> nn.Module:
+        return load_causal_lm(self.cfg.ref_model, self.run.model, disable_dropout=self.cfg.disable_dropout)
+
+    def _logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        return completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+    def _reference_logps(self, model: nn.Module, batch: dict[str, Tensor], split: str) -> Tensor:
+        table = self.ref_tables.get(split)
+        if table is not None and "index" in batch:
+            return table.to(batch["index"].device)[batch["index"]]
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._logps(self.reference, batch)[0]
+            adapter = _adapter_model(getattr(model, "module", model))
+            if adapter is not None:
+                with adapter.disable_adapter():
+                    return self._logps(model, batch)[0]
+        raise RuntimeError("BCO has no reference: call on_train_start or on_eval_start first")
+
+    @torch.no_grad()
+    def _table(self, dataset: Dataset, compute: Any, rows: list[int] | None = None, width: int | None = None) -> Tensor:
+        """Per-row values (scalars, or vectors of ``width``) over ``rows`` of a split, computed in
+        batches shared out across processes and summed back, so every process holds the whole table."""
+        rows = list(range(len(dataset))) if rows is None else rows
+        size = self.run.train.per_device_eval_batch_size or self.run.train.per_device_batch_size
+        runtime = self.runtime
+        table = torch.zeros((len(rows), width) if width else (len(rows),), dtype=torch.float32, device=runtime.device)
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        for number, chunk in enumerate(chunks):
+            if number % runtime.num_processes != runtime.process_index:
+                continue
+            batch = {k: v.to(runtime.device) for k, v in self.collate([dataset[i] for i in chunk]).items()}
+            start = number * size
+            table[start:start + len(chunk)] = compute(batch).float()
+        return runtime.all_reduce_sum(table).cpu()
+
+    def _fit_udm(self, model: nn.Module) -> None:
+        dataset = self.splits["train"]
+        labels = torch.tensor(dataset["label"], dtype=torch.bool)
+        generator = torch.Generator().manual_seed(self.run.train.seed)
+        sample = []
+        for side in (True, False):
+            candidates = torch.nonzero(labels == side).flatten()
+            take = min(len(candidates), self.cfg.prompt_sample_size)
+            sample += candidates[torch.randperm(len(candidates), generator=generator)[:take]].tolist()
+        embed = self._prompt_embedder(model)
+        probe = embed({k: v.to(self.runtime.device) for k, v in self.collate([dataset[sample[0]]]).items()})
+        features = self._table(dataset, embed, rows=sample, width=probe.shape[-1])
+        self.udm = fit_balanced_logistic_regression(features, labels[sample].double(), l2=self.cfg.udm.l2)
+        predicted = self.udm.prob_desirable(features) > 0.5
+        truth = labels[sample]
+        log.info("UDM prompt classifier on %d + %d prompts: accuracy %.3f on desirable, %.3f on undesirable",
+                 int(truth.sum()), int((~truth).sum()), float((predicted[truth]).double().mean()),
+                 float((~predicted[~truth]).double().mean()))
+        undesirable = torch.nonzero(~labels).flatten().tolist()
+        embeddings = self._table(dataset, embed, rows=undesirable, width=probe.shape[-1])
+        weights = torch.ones(len(dataset))
+        weights[undesirable] = self.udm.density_ratio(embeddings, self.cfg.min_density_ratio, self.cfg.max_density_ratio)
+        self.udm_weights = weights
+
+    def _prompt_embedder(self, model: nn.Module) -> Any:
+        """Prompt embeddings: mean-pooled last hidden states of the reference (the starting policy when
+        no explicit reference is given), or of ``method.udm.embedding_model``."""
+        if self.cfg.udm.embedding_model:
+            from transformers import AutoModel, AutoTokenizer
+
+            name = self.cfg.udm.embedding_model
+            encoder = self.runtime.prepare_frozen(AutoModel.from_pretrained(name))
+            embed_tokenizer = AutoTokenizer.from_pretrained(name)
+
+            def embed_other(batch: dict[str, Tensor]) -> Tensor:
+                texts = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                         for ids, n in zip(batch["input_ids"].tolist(), batch["prompt_length"].tolist(), strict=True)]
+                encoded = embed_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.runtime.device)
+                return mean_pooled_prompt(encoder, encoded["input_ids"], encoded["attention_mask"])
+
+            return embed_other
+        source = self.reference if self.reference is not None else model
+
+        def embed_reference(batch: dict[str, Tensor]) -> Tensor:
+            positions = torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device)
+            prompt_mask = (positions[None, :] < batch["prompt_length"][:, None]).long()
+            return mean_pooled_prompt(source, batch["input_ids"], prompt_mask)
+
+        return embed_reference
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def batch_weight(self, batch: dict[str, Tensor]) -> Tensor:
+        return torch.tensor(float(batch["label"].shape[0]))
+
+    def _rewards(self, model: nn.Module, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        logps, aux = self._logps(model, batch)
+        ref = self._reference_logps(model, batch, split).to(logps.dtype)
+        return self.cfg.beta * (logps - ref), logps, ref, aux
+
+    def _losses(self, rewards: Tensor, labels: Tensor, delta: float, weights: Tensor | None) -> Tensor:
+        shifted = rewards - delta
+        desirable = -nn.functional.logsigmoid(shifted)
+        undesirable = -nn.functional.logsigmoid(-shifted)
+        if weights is not None:
+            undesirable = undesirable * weights.to(undesirable.dtype)
+        return torch.where(labels, desirable, undesirable)
+
+    def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        rewards, logps, _, aux = self._rewards(model, batch, "train")
+        self.delta.update(rewards, self.runtime)  # before it is read, as the paper's running shift
+        delta = self.delta.value
+        weights = None
+        if self.udm_weights is not None and "index" in batch:
+            weights = self.udm_weights.to(rewards.device)[batch["index"]]
+        labels = batch["label"]
+        losses = self._losses(rewards, labels, delta, weights)
+        loss_sum = losses.sum()
+        if aux is not None:
+            coefficient = getattr(getattr(model, "module", model).config, "router_aux_loss_coef", 0.0)
+            loss_sum = loss_sum + coefficient * aux * labels.shape[0]  # the loop divides by rows: coef * aux per row
+        detached = rewards.detach().float()
+        correct = torch.where(labels, detached > delta, detached < delta).float()
+        metrics = {
+            "loss": Metric.mean_of(losses),
+            "accuracy": Metric.mean_of(correct),
+            "rewards/chosen": Metric(detached[labels].sum(), float(labels.sum())),
+            "rewards/rejected": Metric(detached[~labels].sum(), float((~labels).sum())),
+            "logps/chosen": Metric(logps.detach()[labels].sum(), float(labels.sum())),
+            "logps/rejected": Metric(logps.detach()[~labels].sum(), float((~labels).sum())),
+            "delta": Metric(torch.tensor(delta), 1.0),
+            "tokens": Metric.total(batch["attention_mask"].sum()),
+            "rows": Metric.total(labels.shape[0]),
+        }
+        if weights is not None and (~labels).any():
+            metrics["udm_weight"] = Metric.mean_of(weights[~labels])
+        if aux is not None:
+            metrics["aux_loss"] = Metric(aux.detach().float(), 1.0)
+        return StepOutput(loss_sum=loss_sum, metrics=metrics)
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        rewards, logps, ref, _ = self._rewards(model, batch, "eval")
+        out = {"reward": rewards.float(), "logps": logps.float(), "ref_logps": ref.float(), "label": batch["label"].long(),
+               "loss": self._losses(rewards, batch["label"], self.delta.value, None).float()}
+        if "row" in batch:
+            out["row"] = batch["row"]
+        return out
+
+    def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        rewards, labels = outputs["reward"].double(), outputs["label"].bool()
+        delta = self.delta.value
+        correct = torch.where(labels, rewards > delta, rewards < delta)
+        chosen, rejected = rewards[labels], rewards[~labels]
+        metrics = {
+            "loss": outputs["loss"].double().mean().item(),
+            "accuracy": correct.double().mean().item(),
+            "delta": delta,
+            "rows": float(labels.numel()),
+        }
+        if chosen.numel() and rejected.numel():
+            metrics.update({
+                "rewards/chosen": chosen.mean().item(),
+                "rewards/rejected": rejected.mean().item(),
+                "rewards/margin": (chosen.mean() - rejected.mean()).item(),
+                "logps/chosen": outputs["logps"].double()[labels].mean().item(),
+                "logps/rejected": outputs["logps"].double()[~labels].mean().item(),
+                "auc": _auc(chosen, rejected),
+            })
+        return metrics
+
+    def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        rows = outputs.get("row")
+        delta = self.delta.value
+        records = []
+        for i, (reward, logp, ref, label) in enumerate(zip(outputs["reward"].tolist(), outputs["logps"].tolist(),
+                                                           outputs["ref_logps"].tolist(), outputs["label"].tolist(), strict=True)):
+            records.append({"row": int(rows[i]) + 1 if rows is not None else i + 1, "label": bool(label),
+                            "reward": reward, "logp": logp, "ref_logp": ref,
+                            "correct": (reward > delta) if label else (reward < delta)})
+        return sorted(records, key=lambda record: (record["row"], not record["label"]))
+
+    # ---- state carried in checkpoints ---------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {"delta_total": self.delta.total.clone(), "delta_count": self.delta.count.clone()}
+        for split, table in self.ref_tables.items():
+            state[f"ref_logps.{split}"] = table
+        if self.udm is not None:
+            state.update(self.udm.state_dict("udm."))
+        if self.udm_weights is not None:
+            state["udm_weights"] = self.udm_weights
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "delta_total" in state:
+            self.delta.total = state["delta_total"].double().clone()
+            self.delta.count = state["delta_count"].double().clone()
+        for key, value in state.items():
+            if key.startswith("ref_logps."):
+                self.ref_tables[key.removeprefix("ref_logps.")] = value
+        self.udm = PromptClassifier.from_state_dict(state, "udm.") or self.udm
+        if "udm_weights" in state:
+            self.udm_weights = state["udm_weights"]
+
+
+def _adapter_model(model: nn.Module) -> Any:
+    """The PEFT model when the policy carries an adapter (its reference is the adapter disabled)."""
+    return model if is_adapter_model(model) else None
+
+
+def _auc(positives: Tensor, negatives: Tensor) -> float:
+    """P(reward of a desirable row > reward of an undesirable row), ties counting one half; O(n log n)."""
+    ordered = negatives.sort().values
+    below = torch.searchsorted(ordered, positives, right=False).double()
+    at_or_below = torch.searchsorted(ordered, positives, right=True).double()
+    return ((below + 0.5 * (at_or_below - below)).sum() / (positives.numel() * negatives.numel())).item()

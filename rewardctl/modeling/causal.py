@@ -1,0 +1,115 @@
+"""Causal-LM policies (BCO): construction, sequence log-probabilities, prompt embeddings, saving.
+
+The final model is a plain ``AutoModelForCausalLM`` directory (or a PEFT adapter), loadable with
+stock transformers; rewardctl's own facts (method, beta, delta) ride along in ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from rewardctl import __version__
+from rewardctl.config.schema import ModelConfig, TrainConfig
+from rewardctl.modeling.adapters import base_location, has_adapter, is_adapter_model, save_adapter
+from rewardctl.modeling.common import instantiate, load_config, load_kwargs
+from rewardctl.utils.fs import atomic_directory
+
+
+def build_causal_lm(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None, *, disable_dropout: bool
+) -> PreTrainedModel:
+    """The policy from a checkpoint, or randomly initialised from a config alone (``from_scratch``)."""
+    model_cfg = dataclasses.replace(model_cfg, disable_dropout=disable_dropout)
+    return instantiate(AutoModelForCausalLM, load_config(model_cfg), model_cfg, tokenizer, train_cfg)
+
+
+def load_causal_lm(path: str | Path, model_cfg: ModelConfig, *, disable_dropout: bool) -> nn.Module:
+    """A saved policy: a plain directory, or an adapter directory over its base weights."""
+    if has_adapter(Path(path)):
+        from peft import PeftModel
+
+        base = load_causal_lm(base_location(Path(path), model_cfg), model_cfg, disable_dropout=disable_dropout)
+        return PeftModel.from_pretrained(base, str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs(model_cfg))
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def wants_router_logits(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "output_router_logits", False))
+
+
+def completion_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Sum of log pi(token) over completion tokens, shape (B,), in float32; plus the MoE auxiliary
+    loss when the model emits router logits (else None). Token t is predicted by logits at t - 1."""
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if wants_router_logits(_config_holder(model)):
+        kwargs["output_router_logits"] = True
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    logits = out.logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    mask = completion_mask[:, 1:].to(picked.dtype)
+    logps = (picked * mask).sum(-1)
+    return logps, getattr(out, "aux_loss", None) if "output_router_logits" in kwargs else None
+
+
+def _config_holder(model: nn.Module) -> nn.Module:
+    """DDP / accelerate wrappers keep the transformers model in ``.module``."""
+    return getattr(model, "module", model)
+
+
+def mean_pooled_prompt(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of the last hidden states over attended tokens, shape (B, hidden), float32."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    hidden = (out.hidden_states[-1] if getattr(out, "hidden_states", None) else out.last_hidden_state).float()
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+META_FILE = "rewardctl.json"
+
+
+def save_causal_lm(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, model_cfg: ModelConfig, *, meta: dict[str, Any],
+    state_dict: dict[str, Tensor] | None = None,
+) -> None:
+    """Write ``path`` atomically: a stock causal-LM (or PEFT adapter) directory plus the tokenizer.
+    rewardctl's facts go into ``config.json`` (under ``rewardctl``) and, for adapters, ``rewardctl.json``."""
+    meta = {"version": __version__, **meta}
+    with atomic_directory(path) as tmp:
+        if is_adapter_model(model):
+            save_adapter(model, tmp, model_cfg, state_dict, final_path=path)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        else:
+            model.config.rewardctl = meta
+            model.save_pretrained(str(tmp), state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))
+
+
+def saved_meta(path: Path, model: nn.Module) -> dict[str, Any]:
+    if (Path(path) / META_FILE).is_file():
+        return json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+    return dict(getattr(getattr(model, "config", None), "rewardctl", None) or {})
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached copy of the starting weights: the reference when nothing cheaper is available."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref.eval()
+
