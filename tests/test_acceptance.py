@@ -93,3 +93,29 @@ def test_bco_hh_rlhf_unpaired_end_to_end(tmp_path: Path, shared_data: Path):
     result = evaluate_run(cfg)
     assert result["metrics"]["accuracy"] == pytest.approx(final["accuracy"])
     assert result["metrics"]["loss"] == pytest.approx(final["loss"], rel=1e-4)
+
+
+def test_prm_prm800k_with_minilm(tmp_path: Path, shared_data: Path, minilm_path: Path):
+    """Real PRM800K steps (lists up to 92 steps) with the MiniLM-L6 encoder as a token classifier.
+
+    Budget: 800 train rows, 1 epoch, 8 rows per batch, lr 5e-5, 256 tokens (so truncation matters:
+    rows whose first step no longer fits are skipped and counted), [SEP] between steps (BERT's
+    tokenizer drops a newline). Step accuracy is judged against the majority-class baseline."""
+    data = shared_data / "prm800k_stepwise"
+    summary, run_dir = run_training(tmp_path, [
+        "method=prm", "model=minilm", f"model.name_or_path={minilm_path}", f"data.train={data / 'train.jsonl'}",
+        f"data.eval={data / 'test.jsonl'}", "data.max_train_rows=800", "data.max_eval_rows=200", "data.bad_rows=skip",
+        "train.epochs=1", "train.per_device_batch_size=8", "train.lr=5e-5", "model.max_length=256",
+        "method.step_separator='[SEP]'", "train.log_every=25",
+    ])
+    report = json.loads((run_dir / "data_report.json").read_text())
+    first, final = summary["first_eval"], summary["final_eval"]
+    print(f"\nPRM800K, MiniLM-L6: step accuracy {first['step_accuracy']:.3f} -> {final['step_accuracy']:.3f} "
+          f"(majority baseline {final['majority_baseline']:.3f}) on {final['steps']:.0f} steps, wrong-step F1 "
+          f"{first['error_f1']:.3f} -> {final['error_f1']:.3f}, first-error accuracy {first['first_error_accuracy']:.3f} -> "
+          f"{final['first_error_accuracy']:.3f}; {report['train']['truncated']} train rows truncated, "
+          f"{report['train']['skipped_bad']} skipped (no label left); {summary['steps_per_sec']:.1f} labelled steps/s")
+    assert summary["status"] == "completed" and report["train"]["truncated"] > 0
+    assert report["train"]["used"] + report["train"]["skipped_bad"] == 800
+    assert final["rows"] == 200 and final["step_accuracy"] > final["majority_baseline"]
+    assert final["error_f1"] > first["error_f1"] and final["loss"] < first["loss"]

@@ -98,7 +98,12 @@ def test_truncation_keeps_the_prompt_end_and_the_completion_start_never_emptying
     assert p == prompt[:4] and c == completion[:6]
     capped = make_method("method.max_length=10", "method.max_completion_length=3")
     p, c, _ = PromptCompletionEncoder(capped.tokenizer, capped.cfg, 10, Overlength.truncate).fit(prompt, completion)
-    assert p == prompt[-5:] and c == completion[:3]  # prompt cap null: half of max_length
+    assert p == prompt[-7:] and c == completion[:3]  # no prompt cap: as much prompt as the budget leaves
+    p, c, _ = PromptCompletionEncoder(capped.tokenizer, capped.cfg, 10, Overlength.truncate).fit(prompt, completion[:1])
+    assert p == prompt[-8:] and c == completion[:1]  # the whole prompt fits beside a 1-token completion
+    long_both = PromptCompletionEncoder(method.tokenizer, make_method("method.max_length=10").cfg, 10, Overlength.truncate)
+    p, c, _ = long_both.fit(prompt, completion)
+    assert p == prompt[-5:] and c == completion[:5]  # both long: the prompt keeps half the budget
     dropping = PromptCompletionEncoder(method.tokenizer, method.cfg, 10, Overlength.drop)
     assert dropping.fit(prompt, completion)[2] == 2
 
@@ -211,6 +216,9 @@ def test_udm_weights_clamp_the_density_ratio_and_apply_to_undesirable_rows_only(
     # delta = 1/3; row 0 desirable (weight ignored), rows 1-2 undesirable with weights 3 and 0.5.
     expected = nll_sigmoid(2 / 3) + 3 * nll_sigmoid(-2 / 3) + 0.5 * nll_sigmoid(4 / 3)
     assert out.loss_sum.item() == pytest.approx(expected, abs=1e-5)
+    assert out.metrics["udm_weight"].value.item() == pytest.approx(3.5) and out.metrics["udm_weight"].count == 2
+    only_desirable = method.train_step(UniformLM(), rows_with_rewards(method, [1.0], [True], 3))
+    assert only_desirable.metrics["udm_weight"].count == 0  # same metric keys on every process, every step
 
 
 def test_balanced_logistic_regression_solves_its_objective():
@@ -420,3 +428,10 @@ def test_an_explicit_reference_model_is_loaded_frozen(tmp_path: Path):
     got = with_ref._reference_logps(policy, batch, "train")
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, policy_logps)
+
+
+def test_eval_drops_precomputed_tables_and_rebuilds_the_reference():
+    method = make_method("method.precompute_ref_log_probs=true")
+    method.ref_tables = {"eval": torch.zeros(3), "train": torch.zeros(3)}  # as restored from a checkpoint
+    method.on_eval_start(method.build_model(), LocalRuntime())
+    assert method.ref_tables == {} and method.reference is not None

@@ -130,6 +130,15 @@ def test_list_metrics_by_hand():
     assert perfect["exact"].item() and perfect["kendall_tau"].item() == pytest.approx(1.0)
 
 
+def test_tau_b_and_top1_with_tied_gold_ranks_by_hand():
+    ranks = torch.tensor([[0, 0, 1], [0, 0, 1]])
+    m = list_metrics(torch.tensor([[3.0, 1.0, 0.0], [3.0, 0.0, 1.0]]), ranks)
+    # list 1: pairs (0,2), (1,2) concordant, (0,1) a gold tie -> 2 / sqrt((3 - 1) * 3); list 2: +1 - 1 = 0.
+    torch.testing.assert_close(m["kendall_tau"], torch.tensor([2 / math.sqrt(6), 0.0]))
+    assert m["top1"].tolist() == [True, False]  # every best-ranked response must beat every other one
+    assert m["pairs"].tolist() == [2, 2] and m["exact"].tolist() == [True, False]
+
+
 def test_pair_count_for_lists_with_ties():
     assert pair_count(torch.tensor([[0, 0, 1, 2], [0, 1, -1, -1]])).tolist() == [5, 1]
 
@@ -171,12 +180,12 @@ def test_tsv_and_scores_forms_parse_to_the_jsonl_rows(tmp_path: Path):
 
 
 def test_tsv_fields_lose_csv_quotes_and_a_folder_holds_one_file_per_split(tmp_path: Path):
-    (tmp_path / "train.tsv").write_text('"say ""hi"""\tplain\n\n  x \t y\n', encoding="utf-8")
+    (tmp_path / "train.tsv").write_text('"say ""hi"""\tplain\n\n  x \t y\r\n"a\ttab"\tz\rw\n', encoding="utf-8")
     (tmp_path / "dev.tsv").write_text("a\tb\tc\n", encoding="utf-8")
     from rewardctl.config.schema import Layout
 
     train = load_rows(str(tmp_path), split="train", layout=Layout.ranked_tsv)
-    assert train["responses"] == [['say "hi"', "plain"], ["x", "y"]]
+    assert train["responses"] == [['say "hi"', "plain"], ["x", "y"], ["a\ttab", "z\rw"]]
     assert load_rows(str(tmp_path), split="dev", layout=Layout.ranked_tsv)["responses"] == [["a", "b", "c"]]
     with pytest.raises(DataError, match="no test.tsv or test.txt"):
         load_rows(str(tmp_path), split="test", layout=Layout.ranked_tsv)

@@ -309,6 +309,24 @@ class BcoConfig(MethodConfig):
 
 
 @dataclass
+class PrmConfig(MethodConfig):
+    """Process reward model: token classification with each step's label on its separator's last token."""
+
+    _target_: str = "rewardctl.methods.prm.PrmMethod"
+    name: str = "prm"
+    # Appended after every step (the last one too); multi-token separators work.
+    step_separator: str = "\n"
+    # Training labels only the last step (eval always labels every step).
+    train_on_last_step_only: bool = False
+    # Token budget of prompt + steps; null: model.max_length.
+    max_length: Optional[int] = None
+    # An over-long row's prompt is cut to this (keeping its end; null: half of max_length), the steps
+    # to max_completion_length and then to what is left (keeping their start; later steps' labels go).
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+
+
+@dataclass
 class RunConfig:
     """One training run: the five groups plus the loop settings and the output directory."""
 

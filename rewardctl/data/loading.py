@@ -7,6 +7,7 @@ of surfacing a pyarrow error about "column changed from string to array".
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -123,23 +124,20 @@ def _load_hub(name: str, split: str, subset: str | None, revision: str | None) -
                               "offline machines need a local file or folder") from exc
 
 
-def unquote_field(field: str) -> str:
-    """A field wrapped in double quotes by a CSV export loses them (and un-doubles inner quotes)."""
-    field = field.strip()
-    if len(field) >= 2 and field[0] == field[-1] == '"':
-        return field[1:-1].replace('""', '"')
-    return field
-
-
-def _ranked_lists(batch: dict[str, list[str]]) -> dict[str, list[list[str]]]:
-    return {"responses": [[unquote_field(f) for f in line.strip().split("\t")] for line in batch["text"]]}
+def parse_ranked_line(line: str) -> list[str]:
+    """One tab-separated list: CSV quoting rules (a quoted field may hold tabs and doubled quotes),
+    surrounding whitespace stripped."""
+    protected = line.replace("\r", "\x00")  # the csv module refuses a bare \r in an unquoted field
+    fields = next(csv.reader([protected], delimiter="\t", quotechar='"'))
+    return [field.replace("\x00", "\r").strip() for field in fields]
 
 
 def _load_ranked_tsv(source: str, path: Path, split: str) -> Dataset:
     """The RLHF_GLM text form: one list per non-blank line, responses separated by tabs, best first.
 
     A folder holds one file per split (``<split>.tsv`` or ``<split>.txt``), as the article's
-    ``data/reward_datasets/<task>/{train,dev}.tsv`` does. Row N of errors is the N-th list.
+    ``data/reward_datasets/<task>/{train,dev}.tsv`` does. Lines end at ``\n`` only (a stray ``\r``
+    inside a review does not split a list). Row N of errors is the N-th list.
     """
     if path.is_dir():
         candidates = [path / f"{split}{suffix}" for suffix in (".tsv", ".txt")]
@@ -152,11 +150,11 @@ def _load_ranked_tsv(source: str, path: Path, split: str) -> Dataset:
     if path.stat().st_size == 0:
         raise DataError(str(path), "is empty")
     try:
-        lines = datasets.load_dataset("text", data_files=str(path), split="train")
-    except Exception as exc:
-        raise _diagnose(path, exc) from exc
-    lines = lines.filter(lambda text: bool(text.strip()), input_columns=["text"])
-    return lines.map(_ranked_lists, batched=True, remove_columns=["text"])
+        text = path.read_bytes().decode("utf-8")  # no universal newlines: a lone \r stays inside its field
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+    return Dataset.from_dict({"responses": [parse_ranked_line(line) for line in lines]})
 
 
 def load_rows(

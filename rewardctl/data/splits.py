@@ -51,7 +51,7 @@ def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], t
 
 
 def describe(split: str, report: dict[str, Any], method: Method, run: RunConfig) -> str:
-    text = f"{split}: {report['rows']} rows from {report['source']} -> {report['used']} {method.item_name} used"
+    text = f"{split}: {report['rows']} rows from {report['source']} -> {report['used']} {report.get('row_name', method.item_name)} used"
     budget = report.get("budget", f"model.max_length={run.model.max_length}")
     if report.get("truncated"):
         text += f"; {report['truncated']} truncated to {budget} ({report.get('truncation_note', 'sequence ends kept')})"

@@ -111,3 +111,42 @@ class SequenceEncoder:
             return ids, Fit.too_long
         keep = 1 if ids[0] in self.keep_first else 0
         return ids[:keep] + ids[len(ids) - (self.max_length - keep):], Fit.truncated
+
+
+def fit_prompt_completion(
+    prompt: list[int],
+    completion: list[int],
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    keep_prompt_end: bool = True,
+    bos_id: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Truncate a (prompt, completion) pair for methods that score the completion (BCO, PRM).
+
+    In order: the completion to ``max_completion_length`` (its start kept); the prompt to an explicit
+    ``max_prompt_length``; if still over ``max_length``, the prompt down to what the completion leaves
+    but never below half the budget (its end kept with ``keep_prompt_end``; a leading BOS always
+    survives); then the completion to the room left. The completion keeps at least one token.
+    """
+
+    def cut_prompt(ids: list[int], size: int) -> list[int]:
+        if len(ids) <= size:
+            return ids
+        keep_bos = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+        room = max(size - keep_bos, 0)
+        kept = ids[len(ids) - room:] if keep_prompt_end else ids[keep_bos:keep_bos + room]
+        return ids[:keep_bos] + (kept if room else [])
+
+    if max_completion_length:
+        completion = completion[:max_completion_length]
+    if max_prompt_length:
+        prompt = cut_prompt(prompt, max_prompt_length)
+    if len(prompt) + len(completion) > max_length:
+        prompt = cut_prompt(prompt, max(max_length - len(completion), max_length // 2))
+    room = max_length - len(prompt)
+    if room < 1:
+        raise RowError("prompt", f"fills the whole budget ({len(prompt)} tokens of max_length {max_length}); "
+                                 "set method.max_prompt_length below the max_length")
+    return prompt, completion[:room]

@@ -193,3 +193,18 @@ class Method(ABC):
 
     def on_eval_start(self, model: nn.Module, runtime: Runtime) -> None:
         """Hook of ``rewardctl eval`` after the trained model is placed (e.g. load a reference)."""
+
+
+def check_token_budget(method_cfg: Any, run: RunConfig) -> None:
+    """The ``method.max_length`` / ``max_prompt_length`` / ``max_completion_length`` triple shared by
+    methods that score a completion after a prompt (bco, prm): a prompt cap must leave room."""
+    from rewardctl.errors import ConfigError
+
+    budget = method_cfg.max_length or run.model.max_length
+    if method_cfg.max_length is not None and method_cfg.max_length < 8:
+        raise ConfigError("method.max_length", f"must be >= 8 or null (got {method_cfg.max_length})")
+    if method_cfg.max_prompt_length is not None and not 1 <= method_cfg.max_prompt_length < budget:
+        raise ConfigError("method.max_prompt_length",
+                          f"must be in [1, {budget}) so a completion fits (got {method_cfg.max_prompt_length})")
+    if method_cfg.max_completion_length is not None and method_cfg.max_completion_length < 1:
+        raise ConfigError("method.max_completion_length", "must be >= 1 or null")

@@ -12,7 +12,9 @@ model's config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,9 @@ from transformers import PreTrainedTokenizerBase
 from rewardctl.config.schema import BcoConfig, Overlength, RunConfig, TruncationMode
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.prepare import ROW_COLUMN, SOURCE_ROW_COLUMN, featurize_split, list_lengths, require_columns
-from rewardctl.data.text import Fit, check_messages, check_text, is_conversational
+from rewardctl.data.text import Fit, check_messages, check_text, fit_prompt_completion, is_conversational
 from rewardctl.errors import ConfigError, DataError, RowError
-from rewardctl.methods.base import Method, Metric, PreparedSplit, Runtime, StepOutput
+from rewardctl.methods.base import Method, Metric, PreparedSplit, Runtime, StepOutput, check_token_budget
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 from rewardctl.modeling.adapters import is_adapter_model, wrap_with_adapter
 from rewardctl.modeling.causal import (
@@ -94,9 +96,10 @@ class PromptCompletionEncoder:
     The prompt and prompt + completion are tokenised as wholes and split at their common prefix, so
     BPE merges across the boundary match real text. Standard rows get BOS (when the tokenizer has
     one) before the prompt and EOS after the completion; conversational rows end as the chat template
-    ends them (no second EOS). Truncation: the completion to ``max_completion_length`` (keeping its
-    start), the prompt to ``max_prompt_length`` (null: half of ``max_length``; by ``truncation_mode``,
-    BOS kept), then the completion to what ``max_length`` leaves; a completion never ends up empty.
+    ends them (no second EOS). Truncation (``fit_prompt_completion``): the completion to
+    ``max_completion_length`` (its start kept), the prompt to ``max_prompt_length`` and, when still
+    over budget, down to what the completion leaves but not below half of ``max_length`` (by
+    ``truncation_mode``, BOS kept), then the completion to the room left; never to nothing.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: BcoConfig, max_length: int, overlength: Overlength) -> None:
@@ -138,29 +141,19 @@ class PromptCompletionEncoder:
 
     def fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int], Fit]:
         cfg = self.cfg
-        too_long = len(prompt) + len(completion) > self.max_length
-        if (cfg.max_completion_length and len(completion) > cfg.max_completion_length) or (
-                cfg.max_prompt_length and len(prompt) > cfg.max_prompt_length):
-            too_long = True
+        too_long = len(prompt) + len(completion) > self.max_length or bool(
+            (cfg.max_completion_length and len(completion) > cfg.max_completion_length)
+            or (cfg.max_prompt_length and len(prompt) > cfg.max_prompt_length))
         if not too_long:
             return prompt, completion, Fit.fits
         if self.overlength == Overlength.drop:
             return prompt, completion, Fit.too_long
-        if cfg.max_completion_length:
-            completion = completion[:cfg.max_completion_length]
-        prompt_cap = cfg.max_prompt_length or self.max_length // 2
-        if len(prompt) > prompt_cap:
-            keep_bos = 1 if prompt and prompt[0] == self.bos else 0
-            room = prompt_cap - keep_bos
-            if cfg.truncation_mode == TruncationMode.keep_end:
-                prompt = prompt[:keep_bos] + prompt[len(prompt) - room:]
-            else:
-                prompt = prompt[:keep_bos + room]
-        room = self.max_length - len(prompt)
-        if room < 1:
-            raise RowError("prompt", f"fills the whole budget ({len(prompt)} tokens, max_length {self.max_length}); "
-                                     "set method.max_prompt_length below the max_length")
-        return prompt, completion[:room], Fit.truncated
+        prompt, completion = fit_prompt_completion(
+            prompt, completion, max_length=self.max_length, max_prompt_length=cfg.max_prompt_length,
+            max_completion_length=cfg.max_completion_length,
+            keep_prompt_end=cfg.truncation_mode == TruncationMode.keep_end, bos_id=self.bos,
+        )
+        return prompt, completion, Fit.truncated
 
 
 def unpair(dataset: Dataset) -> Dataset:
@@ -228,15 +221,9 @@ class BcoMethod(Method):
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
         m: BcoConfig = run.method
-        budget = m.max_length or run.model.max_length
+        check_token_budget(m, run)
         if m.beta <= 0:
             raise ConfigError("method.beta", f"must be > 0 (got {m.beta})")
-        if m.max_length is not None and m.max_length < 8:
-            raise ConfigError("method.max_length", f"must be >= 8 or null (got {m.max_length})")
-        if m.max_prompt_length is not None and not 1 <= m.max_prompt_length < budget:
-            raise ConfigError("method.max_prompt_length", f"must be in [1, {budget}) so a completion fits (got {m.max_prompt_length})")
-        if m.max_completion_length is not None and m.max_completion_length < 1:
-            raise ConfigError("method.max_completion_length", "must be >= 1 or null")
         if not 0 < m.min_density_ratio <= m.max_density_ratio:
             raise ConfigError("method.min_density_ratio", "need 0 < min_density_ratio <= max_density_ratio "
                               f"(got {m.min_density_ratio}, {m.max_density_ratio})")
@@ -333,17 +320,22 @@ class BcoMethod(Method):
             log.info("reference: the policy with its adapter disabled (no second copy)")
         elif self.cfg.precompute_ref_log_probs:
             if not resuming:
-                for split, dataset in self.splits.items():
-                    self.ref_tables[split] = self._table(dataset, lambda b: self._logps(model, b)[0])
+                with eval_mode(model):
+                    for split, dataset in self.splits.items():
+                        self.ref_tables[split] = self._table(dataset, lambda b: self._logps(model, b)[0])
                 log.info("reference log-probs precomputed for %s", ", ".join(f"{len(d)} {s} rows" for s, d in self.splits.items()))
         else:
             self.reference = runtime.prepare_frozen(frozen_copy(base))
         if self.cfg.udm.enabled and not resuming:
-            self._fit_udm(model)
+            with eval_mode(model):
+                self._fit_udm(model)
 
     def on_eval_start(self, model: nn.Module, runtime: Runtime) -> None:
-        """``rewardctl eval``: the reference is rebuilt (explicit model, or the starting weights)."""
+        """``rewardctl eval``: the reference is rebuilt (explicit model, or the starting weights).
+        Precomputed tables restored from a checkpoint describe the training run's rows, not the rows
+        being evaluated now: they are dropped."""
         self.runtime = runtime
+        self.ref_tables.clear()
         if _adapter_model(getattr(model, "module", model)) is not None:
             return
         if self.cfg.ref_model:
@@ -369,7 +361,7 @@ class BcoMethod(Method):
                 return self._logps(self.reference, batch)[0]
             adapter = _adapter_model(getattr(model, "module", model))
             if adapter is not None:
-                with adapter.disable_adapter():
+                with adapter.disable_adapter(), eval_mode(model):
                     return self._logps(model, batch)[0]
         raise RuntimeError("BCO has no reference: call on_train_start or on_eval_start first")
 
@@ -483,8 +475,8 @@ class BcoMethod(Method):
             "tokens": Metric.total(batch["attention_mask"].sum()),
             "rows": Metric.total(labels.shape[0]),
         }
-        if weights is not None and (~labels).any():
-            metrics["udm_weight"] = Metric.mean_of(weights[~labels])
+        if weights is not None:  # emitted for every micro-batch (count 0 allowed): every process logs the same keys
+            metrics["udm_weight"] = Metric(weights[~labels].sum(), float((~labels).sum()))
         if aux is not None:
             metrics["aux_loss"] = Metric(aux.detach().float(), 1.0)
         return StepOutput(loss_sum=loss_sum, metrics=metrics)
@@ -551,6 +543,17 @@ class BcoMethod(Method):
         self.udm = PromptClassifier.from_state_dict(state, "udm.") or self.udm
         if "udm_weights" in state:
             self.udm_weights = state["udm_weights"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Reference and embedding passes run without dropout, whatever mode the policy is in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _adapter_model(model: nn.Module) -> Any:

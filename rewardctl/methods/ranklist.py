@@ -88,8 +88,9 @@ class RanklistMethod(ScalarRewardMethod):
                 order, ranks = rank_by_scores(row["scores"], len(encoded))
             else:
                 order, ranks = list(range(len(encoded))), list(range(len(encoded)))
-            _refuse_contradictions(encoded, order, ranks, field)
             fitted = [encoder.fit(encoded[k]) for k in order]
+            # After truncation: two responses that differ only where it cut are one text to the model.
+            _refuse_contradictions({k: fitted[slot][0] for slot, k in enumerate(order)}, order, ranks, field)
             features: dict[str, Any] = {
                 "responses_ids": [ids for ids, _ in fitted],
                 "ranks": ranks,
@@ -245,7 +246,7 @@ class RanklistMethod(ScalarRewardMethod):
         return sorted(records, key=lambda record: record["row"])
 
 
-def _refuse_contradictions(encoded: list[list[int]], order: list[int], ranks: list[int], field: str) -> None:
+def _refuse_contradictions(encoded: dict[int, list[int]], order: list[int], ranks: list[int], field: str) -> None:
     """The same text at two different ranks asks the model for r > r: refuse it by name."""
     seen: dict[tuple[int, ...], tuple[int, int]] = {}
     for slot, index in enumerate(order):

@@ -12,6 +12,9 @@ thorough (polite, two or three on-topic sentences), brief (one on-topic sentence
 fact), off-topic (or a wrong fact), evasive, rude. A list draws K distinct rungs, so every ordered
 pair of rungs appears and the order is learnable as one scale.
 
+Each prm row solves a chain of single-digit additions and subtractions step by step; half the rows
+get one step wrong (wrong start, operand, result or final answer) and stop there, as in PRM800K.
+
 Each bco row is one half of a pairwise example, alternately the good answer (label true) and the bad
 one (label false): unpaired thumbs-up / thumbs-down data over the same five failure modes.
 """
@@ -156,7 +159,68 @@ def bco_rows(split: str) -> list[dict[str, Any]]:
             for i, e in enumerate(preference_examples(split))]
 
 
-BUILDERS = {"pairwise": pairwise_rows, "pairwise_chat": pairwise_chat_rows, "bco": bco_rows,
+PRM_SIZES = {"train": (8000, 2468), "eval": (500, 1357)}
+
+
+# Half of the mistakes are final answers that do not match the last result (a check the tiny model
+# learns in seconds); the rest start from the wrong number, use the wrong operand or miscompute.
+PRM_ERRORS = ("wrong_answer", "wrong_start", "wrong_operand", "wrong_result")
+
+
+def _chain(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
+    """A start value and 2-4 operations that keep every intermediate value within 0..9."""
+    value = rng.randint(1, 9)
+    start, operations = value, []
+    for _ in range(rng.randint(2, 4)):
+        choices = [("+", n) for n in range(1, 10) if value + n <= 9] + [("-", n) for n in range(1, 10) if value - n >= 0]
+        op, operand = rng.choice(choices)
+        operations.append((op, operand))
+        value = value + operand if op == "+" else value - operand
+    return start, operations
+
+
+def prm_rows(split: str) -> list[dict[str, Any]]:
+    """Single-digit arithmetic chains solved step by step, one step per operation and a final answer.
+    Half the rows make one mistake and, as PRM800K's labellers did, stop there: a final answer other
+    than the last result (half of the mistakes), or a step that starts from a number other than the
+    previous result, uses an operand other than the prompt's, or computes a wrong result."""
+    count, seed = PRM_SIZES[split]
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        start, operations = _chain(rng)
+        error = PRM_ERRORS[(index // 2) % len(PRM_ERRORS)] if index % 2 == 1 else None
+        wrong_at = len(operations) if error == "wrong_answer" else (rng.randrange(len(operations)) if error else None)
+        steps, labels, value = [], [], start
+        for k, (op, operand) in enumerate(operations):
+            shown_value, shown_operand = value, operand
+            result = value + operand if op == "+" else value - operand
+            shown_result = result
+            if k == wrong_at:
+                if error == "wrong_start":
+                    shown_value = rng.choice([n for n in range(10) if n != value])
+                    shown_result = shown_value + operand if op == "+" else shown_value - operand
+                elif error == "wrong_operand":
+                    shown_operand = rng.choice([n for n in range(1, 10) if n != operand])
+                    shown_result = value + shown_operand if op == "+" else value - shown_operand
+                else:
+                    shown_result = rng.choice([n for n in range(10) if n != result])
+            steps.append(f"{shown_value}{op}{shown_operand}={shown_result}.")
+            labels.append(k != wrong_at)
+            value = result
+            if k == wrong_at:
+                break
+        else:
+            answer = value if error != "wrong_answer" else rng.choice([n for n in range(10) if n != value])
+            steps.append(f"answer={answer}.")
+            labels.append(error != "wrong_answer")
+        # Compact arithmetic ("5-1=4.") tokenises one digit per token with the bundled tokenizer.
+        chain = ", then ".join(f"{op}{operand}" for op, operand in operations)
+        rows.append({"prompt": f"Start from {start}, then {chain}.", "completions": steps, "labels": labels})
+    return rows
+
+
+BUILDERS = {"pairwise": pairwise_rows, "prm": prm_rows, "pairwise_chat": pairwise_chat_rows, "bco": bco_rows,
             "ranklist": ranklist_rows, "ranklist_chat": ranklist_chat_rows}
 
 

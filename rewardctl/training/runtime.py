@@ -32,9 +32,16 @@ class AccelerateRuntime:
         return self.accelerator.reduce(tensor, reduction="sum")
 
     def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """Placed on the device and run under the run's autocast, but not registered with accelerate:
+        a frozen reference must not be written into every checkpoint."""
         module.requires_grad_(False)
         module.eval()
-        return self.accelerator.prepare_model(module, evaluation_mode=True)
+        module.to(self.device)
+        precision = self.accelerator.mixed_precision
+        if precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            module.forward = torch.autocast(device_type=self.device.type, dtype=dtype)(module.forward)
+        return module
 
 
 def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Accelerator:

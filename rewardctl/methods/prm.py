@@ -1,0 +1,341 @@
+"""Process reward models: step-wise supervision as token classification.
+
+Rows: ``prompt`` (text or chat messages), ``completions`` (the steps) and ``labels`` (per step: a
+bool, 1 = correct, or a probability of being correct in [0, 1]); or pre-tokenised ``input_ids`` +
+token-level ``labels``. The sequence is BOS (or [CLS] for encoders; nothing if the tokenizer has neither) + prompt, then each step
+followed by ``step_separator``; a step's label sits on the last token of its separator and -100
+everywhere else. Soft labels train with soft-target cross-entropy; the loss is normalised by the
+labelled-token count of the whole accumulation window (``batch_weight``), across processes.
+``score_steps`` builds inference sequences with the very same encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from rewardctl.config.schema import Overlength, PrmConfig, RunConfig
+from rewardctl.data.collate import pad_sequences
+from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
+from rewardctl.data.text import (
+    Fit,
+    check_messages,
+    check_text,
+    check_token_ids,
+    fit_prompt_completion,
+    is_conversational,
+)
+from rewardctl.errors import ConfigError, RowError
+from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput, check_token_budget
+from rewardctl.modeling.token import build_token_classifier, load_token_classifier, save_token_classifier
+from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
+
+IGNORE = -100
+
+
+def check_step_label(value: Any, index: int) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0:
+        return float(value)
+    raise RowError(f"labels[{index}]", f"must be true/false or a probability in [0, 1], got {value!r}")
+
+
+class StepEncoder:
+    """(input_ids, labels, targets) for a row, identical for training, eval and ``score_steps``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: PrmConfig, max_length: int, overlength: Overlength) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.max_length = max_length
+        self.overlength = overlength
+        # Encoders (BERT family) have no BOS but were pretrained with [CLS] first: it takes BOS's place.
+        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+        self.separator = list(tokenizer.encode(cfg.step_separator, add_special_tokens=False))
+        if not self.separator:
+            raise ConfigError("method.step_separator", f"{cfg.step_separator!r} tokenises to nothing with this tokenizer "
+                              "(BERT-style tokenizers drop whitespace); choose a visible one, e.g. '[SEP]' or ' ; '")
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        if is_conversational(prompt):
+            messages = check_messages(prompt, "prompt")
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+        ids = list(self.tokenizer(check_text(prompt, "prompt", allow_empty=True), add_special_tokens=False)["input_ids"])
+        return [self.bos, *ids] if self.bos is not None else ids
+
+    def encode(self, prompt: Any, steps: Any, labels: Any, *, training: bool) -> tuple[list[int], list[int], list[float], Fit]:
+        if not isinstance(steps, list) or not steps:
+            raise RowError("completions", "must be a non-empty list of steps")
+        if not isinstance(labels, list) or len(labels) != len(steps):
+            size = len(labels) if isinstance(labels, list) else type(labels).__name__
+            raise RowError("labels", f"must hold one label per step: {len(steps)} steps, got {size}")
+        targets = [check_step_label(v, k) for k, v in enumerate(labels)]
+        last_only = self.cfg.train_on_last_step_only and training
+        completion: list[int] = []
+        label_at: dict[int, float] = {}
+        for k, step in enumerate(steps):
+            completion += list(self.tokenizer(check_text(step, f"completions[{k}]"), add_special_tokens=False)["input_ids"])
+            completion += self.separator
+            if not last_only or k == len(steps) - 1:
+                label_at[len(completion) - 1] = targets[k]
+        prompt = self.prompt_ids(prompt)
+        fit = Fit.fits
+        over = len(prompt) + len(completion) > self.max_length or bool(
+            (self.cfg.max_completion_length and len(completion) > self.cfg.max_completion_length)
+            or (self.cfg.max_prompt_length and len(prompt) > self.cfg.max_prompt_length))
+        if over:
+            if self.overlength == Overlength.drop:
+                fit = Fit.too_long
+            else:
+                prompt, completion = fit_prompt_completion(
+                    prompt, completion, max_length=self.max_length, max_prompt_length=self.cfg.max_prompt_length,
+                    max_completion_length=self.cfg.max_completion_length, keep_prompt_end=True, bos_id=self.bos,
+                )
+                fit = Fit.truncated
+        kept = {i: t for i, t in label_at.items() if i < len(completion)}
+        if not kept:
+            first_step = min(label_at) + 1
+            raise RowError("completions", f"no step label survives truncation to {self.max_length} tokens: the first "
+                                          f"labelled step ends at token {first_step} of the steps, {len(completion)} are "
+                                          f"left after the {len(prompt)}-token prompt; raise the budget or skip such rows "
+                                          "(data.bad_rows=skip)")
+        offset = len(prompt)
+        hard = [IGNORE] * (offset + len(completion))
+        soft = [0.0] * (offset + len(completion))
+        for i, t in kept.items():
+            hard[offset + i] = 1 if t >= 0.5 else 0
+            soft[offset + i] = t
+        return prompt + completion, hard, soft, fit
+
+
+class PrmMethod(Method):
+    config_class = PrmConfig
+    primary_metric = "step_accuracy"
+    item_name = "steps"
+    cfg: PrmConfig
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.max_length or self.run.model.max_length
+
+    @classmethod
+    def check_config(cls, run: RunConfig) -> None:
+        m: PrmConfig = run.method
+        check_token_budget(m, run)
+        if not m.step_separator:
+            raise ConfigError("method.step_separator", "must not be empty: each step's label sits on its separator")
+
+    # ---- tokenizer and model --------------------------------------------------------------------
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = load_tokenizer(self.run.model)
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    def build_model(self) -> nn.Module:
+        return build_token_classifier(self.run.model, self.tokenizer, self.run.train)
+
+    def load_trained(self, path: Path) -> nn.Module:
+        return load_token_classifier(path, self.run.model)
+
+    def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        meta = {"method": self.cfg.name, "step_separator": self.cfg.step_separator}
+        save_token_classifier(model, self.tokenizer, path, meta=meta, state_dict=state_dict)
+
+    # ---- data -----------------------------------------------------------------------------------
+    def encoder(self) -> StepEncoder:
+        return StepEncoder(self.tokenizer, self.cfg, self.max_length, self.run.data.overlength)
+
+    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
+        columns = require_columns(dataset, source, ("prompt", "completions", "labels"), ("input_ids", "labels"))
+        encoder = self.encoder()
+
+        def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
+            if columns[0] == "prompt":
+                if row["prompt"] is None:
+                    raise RowError("prompt", "is missing (null)")
+                ids, hard, soft, fit = encoder.encode(row["prompt"], row["completions"], row["labels"], training=training)
+            else:
+                ids, hard, soft, fit = self._pretokenised(row, encoder)
+            return {"input_ids": ids, "labels": hard, "targets": soft}, fit
+
+        featurized, report = featurize_split(
+            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
+            cache_key=(self.cfg, self.max_length, training, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+        )
+        labels = featurized.with_format("arrow")[:]["labels"].combine_chunks().flatten().to_numpy()
+        labelled = labels[labels != IGNORE]
+        report["row_name"] = "rows"
+        report["labelled_steps"] = int(labelled.size)
+        report["correct_steps"] = int((labelled == 1).sum())
+        report["budget"] = f"method.max_length={self.max_length}" if self.cfg.max_length else f"model.max_length={self.max_length}"
+        report["truncation_note"] = "prompt end and first steps kept; cut steps lose their labels"
+        report["details"] = f"{report['labelled_steps']} labelled steps, {report['correct_steps']} correct"
+        return PreparedSplit(featurized, report)
+
+    def _pretokenised(self, row: dict[str, Any], encoder: StepEncoder) -> tuple[list[int], list[int], list[float], Fit]:
+        ids = check_token_ids(row["input_ids"], "input_ids", len(self.tokenizer))
+        labels = row["labels"]
+        if not isinstance(labels, list) or len(labels) != len(ids):
+            raise RowError("labels", f"pre-tokenised rows need one label per token ({len(ids)}), with -100 where unlabelled")
+        if any(v not in (IGNORE, 0, 1) or isinstance(v, bool) for v in labels):
+            raise RowError("labels", "pre-tokenised labels must be -100, 0 or 1")
+        fit = Fit.fits
+        if len(ids) > self.max_length:
+            if encoder.overlength == Overlength.drop:
+                fit = Fit.too_long
+            else:
+                ids, labels, fit = ids[:self.max_length], labels[:self.max_length], Fit.truncated
+        if all(v == IGNORE for v in labels):
+            raise RowError("labels", "no labelled token (every label is -100)")
+        return ids, list(labels), [float(max(v, 0)) for v in labels], fit
+
+    def lengths(self, dataset: Any) -> list[int]:
+        return list_lengths(dataset, "input_ids")
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        input_ids, attention_mask = pad_sequences([f["input_ids"] for f in features], self.tokenizer.pad_token_id,
+                                                  side="right", multiple_of=self.run.data.pad_to_multiple_of)
+        width = input_ids.shape[1]
+        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+        targets = torch.zeros((len(features), width), dtype=torch.float32)
+        for b, f in enumerate(features):
+            labels[b, :len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
+            targets[b, :len(f["targets"])] = torch.tensor(f["targets"], dtype=torch.float32)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets}
+        if ROW_COLUMN in features[0]:
+            batch["row"] = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
+        return batch
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def batch_weight(self, batch: dict[str, Tensor]) -> Tensor:
+        """Labelled tokens: the loop divides by their count over the accumulation window and processes."""
+        return (batch["labels"] != IGNORE).sum().float()
+
+    def _forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(log p(correct), log p(incorrect), per-token soft cross-entropy), each (B, L), float32."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        log_probs = logits.log_softmax(-1)
+        t = batch["targets"]
+        losses = -(t * log_probs[..., 1] + (1 - t) * log_probs[..., 0])
+        losses = torch.where(batch["labels"] != IGNORE, losses, torch.zeros_like(losses))
+        return log_probs[..., 1], log_probs[..., 0], losses
+
+    def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
+        log_correct, log_incorrect, losses = self._forward(model, batch)
+        mask = batch["labels"] != IGNORE
+        right = ((log_correct > log_incorrect).long() == batch["labels"]) & mask
+        count = mask.sum().float()
+        metrics = {
+            "loss": Metric(losses.detach().sum(), count),
+            "step_accuracy": Metric(right.sum().float(), count),
+            "tokens": Metric.total(batch["attention_mask"].sum()),
+            "steps": Metric.total(count),
+            "rows": Metric.total(batch["labels"].shape[0]),
+        }
+        return StepOutput(loss_sum=losses.sum(), metrics=metrics)
+
+    def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per row, its labelled steps packed to the left: (rows, steps) tensors with a ``present`` mask."""
+        log_correct, _, losses = self._forward(model, batch)
+        mask = batch["labels"] != IGNORE
+        counts = mask.sum(1)
+        present = torch.arange(int(counts.max()), device=mask.device)[None, :] < counts[:, None]
+
+        def pack(values: Tensor) -> Tensor:
+            return torch.zeros(present.shape, dtype=values.dtype, device=values.device).masked_scatter(present, values[mask])
+
+        out = {"step_prob": pack(log_correct.exp()), "step_label": pack(batch["labels"]),
+               "step_target": pack(batch["targets"]), "present": present.long(), "loss_sum": losses.sum(1)}
+        if "row" in batch:
+            out["row"] = batch["row"]
+        return out
+
+    def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        return step_metrics(outputs)
+
+    def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+        present = outputs["present"].bool()
+        first_gold, first_pred = first_errors(outputs)
+        rows = outputs.get("row")
+        records = []
+        for b in range(present.shape[0]):
+            n = int(present[b].sum())
+            records.append({
+                "row": int(rows[b]) + 1 if rows is not None else b + 1,
+                "step_probs": [float(p) for p in outputs["step_prob"][b, :n]],
+                "labels": [float(t) for t in outputs["step_target"][b, :n]],
+                "first_error": _one_based(first_gold[b]),
+                "predicted_first_error": _one_based(first_pred[b]),
+            })
+        return sorted(records, key=lambda record: record["row"])
+
+
+def _one_based(index: Tensor) -> int | None:
+    return None if int(index) < 0 else int(index) + 1
+
+
+def first_errors(outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Index of the first wrong step per row, gold and predicted (-1: no wrong step)."""
+    present = outputs["present"].bool()
+    wrong_gold = present & (outputs["step_label"] == 0)
+    wrong_pred = present & ~(outputs["step_prob"] > 0.5)
+
+    def first(flags: Tensor) -> Tensor:
+        positions = torch.arange(flags.shape[1]).expand_as(flags)
+        return torch.where(flags.any(1), positions.masked_fill(~flags, flags.shape[1]).min(1).values, torch.full_like(flags[:, 0], -1, dtype=torch.long))
+
+    return first(wrong_gold), first(wrong_pred)
+
+
+def step_metrics(outputs: dict[str, Tensor]) -> dict[str, float]:
+    """Step accuracy; precision / recall / F1 for *detecting wrong steps*; first-error accuracy (the
+    model finds the earliest wrong step, or says none is wrong, as ProcessBench scores it)."""
+    present = outputs["present"].bool()
+    labels = outputs["step_label"][present]
+    correct_pred = outputs["step_prob"][present] > 0.5
+    gold_wrong, pred_wrong = labels == 0, ~correct_pred
+    tp = (gold_wrong & pred_wrong).sum().item()
+    fp = (~gold_wrong & pred_wrong).sum().item()
+    fn = (gold_wrong & ~pred_wrong).sum().item()
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    first_gold, first_pred = first_errors(outputs)
+    steps = labels.numel()
+    share_correct = (labels == 1).double().mean().item()
+    return {
+        "loss": (outputs["loss_sum"].double().sum() / steps).item(),
+        "step_accuracy": (correct_pred == (labels == 1)).double().mean().item(),
+        "error_precision": precision,
+        "error_recall": recall,
+        "error_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "first_error_accuracy": (first_gold == first_pred).double().mean().item(),
+        "majority_baseline": max(share_correct, 1 - share_correct),
+        "steps": float(steps),
+        "rows": float(present.shape[0]),
+    }
+
+
+def score_steps(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: Any, steps: list[str], *,
+                step_separator: str | None = None, max_length: int | None = None) -> list[float]:
+    """P(step correct) for each step of one row, with the sequence built exactly as in training.
+
+    ``model`` is a stock ``AutoModelForTokenClassification`` (e.g. from a run's ``model/``); the step
+    separator defaults to the one recorded in its config. Steps cut by ``max_length`` get no score.
+    """
+    saved = getattr(model.config, "rewardctl", None) or {}
+    separator = step_separator if step_separator is not None else saved.get("step_separator", "\n")
+    cfg = PrmConfig(step_separator=separator)
+    budget = max_length or getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    encoder = StepEncoder(tokenizer, cfg, budget, Overlength.truncate)
+    ids, labels, _, _ = encoder.encode(prompt, steps, [True] * len(steps), training=False)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+    probs = logits.softmax(-1)[:, 1]
+    return [float(probs[i]) for i, label in enumerate(labels) if label != IGNORE]
