@@ -34,8 +34,7 @@ def test_the_glob_sees_every_group():
 
 
 # Presets that leave a value for the user (``???``), and what a user would pass.
-REQUIRED = {("data", "rlhf_glm"): ["data.train=data/reward_datasets/sentiment_analysis"],
-            ("peft", "lora"): ["method=bco"]}  # the methods with adapter support so far
+REQUIRED = {("data", "rlhf_glm"): ["data.train=data/reward_datasets/sentiment_analysis"]}
 
 
 @pytest.mark.parametrize(("group", "option"), group_options())

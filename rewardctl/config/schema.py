@@ -213,6 +213,8 @@ class LoraConfig:
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     # Extra modules trained in full and saved with the adapter (the method's head is always added).
     modules_to_save: List[str] = field(default_factory=list)
+    # Also write <run>/model-merged/: adapter merged into the base, a stock transformers directory.
+    save_merged: bool = True
 
 
 PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig, PeftKind.lora.value: LoraConfig}

@@ -30,16 +30,14 @@ from rewardctl.data.text import Fit, check_messages, check_text, fit_prompt_comp
 from rewardctl.errors import ConfigError, DataError, RowError
 from rewardctl.methods.base import Method, Metric, PreparedSplit, Runtime, StepOutput, check_token_budget
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
-from rewardctl.modeling.adapters import is_adapter_model, wrap_with_adapter
-from rewardctl.modeling.causal import (
-    build_causal_lm,
-    completion_logps,
-    frozen_copy,
-    load_causal_lm,
-    mean_pooled_prompt,
-    save_causal_lm,
+from rewardctl.modeling.adapters import (
+    is_adapter_model,
+    save_model_dir,
     saved_meta,
+    wants_merged_copy,
+    wrap_with_adapter,
 )
+from rewardctl.modeling.causal import build_causal_lm, completion_logps, frozen_copy, load_causal_lm, mean_pooled_prompt
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -253,7 +251,8 @@ class BcoMethod(Method):
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         meta = {"method": self.cfg.name, "beta": self.cfg.beta, "delta": self.delta.value,
                 "delta_total": float(self.delta.total), "delta_count": float(self.delta.count)}
-        save_causal_lm(model, self.tokenizer, path, self.run.model, meta=meta, state_dict=state_dict)
+        save_model_dir(model, self.tokenizer, path, self.run.model, meta=meta, state_dict=state_dict,
+                       save_merged=wants_merged_copy(self.run.peft))
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:

@@ -32,6 +32,7 @@ from rewardctl.data.text import (
 )
 from rewardctl.errors import ConfigError, RowError
 from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput, check_token_budget
+from rewardctl.modeling.adapters import wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.token import build_token_classifier, load_token_classifier, save_token_classifier
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
@@ -118,6 +119,7 @@ class PrmMethod(Method):
     config_class = PrmConfig
     primary_metric = "step_accuracy"
     item_name = "steps"
+    supports_adapters = True
     cfg: PrmConfig
 
     @property
@@ -138,14 +140,17 @@ class PrmMethod(Method):
         return tokenizer
 
     def build_model(self) -> nn.Module:
-        return build_token_classifier(self.run.model, self.tokenizer, self.run.train)
+        model = build_token_classifier(self.run.model, self.tokenizer, self.run.train)
+        head = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
+        return wrap_with_adapter(model, self.run.peft, head=[head], task_type="TOKEN_CLS")
 
     def load_trained(self, path: Path) -> nn.Module:
         return load_token_classifier(path, self.run.model)
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         meta = {"method": self.cfg.name, "step_separator": self.cfg.step_separator}
-        save_token_classifier(model, self.tokenizer, path, meta=meta, state_dict=state_dict)
+        save_token_classifier(model, self.tokenizer, path, self.run.model, meta=meta, state_dict=state_dict,
+                              save_merged=wants_merged_copy(self.run.peft))
 
     # ---- data -----------------------------------------------------------------------------------
     def encoder(self) -> StepEncoder:

@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from rewardctl.methods.base import Method
+from rewardctl.modeling.adapters import wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.sequence import (
     SequenceRewardModel,
     build_sequence_classifier,
+    head_name,
     load_saved_classifier,
     save_sequence_classifier,
 )
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 class ScalarRewardMethod(Method):
     """A method whose trainable module maps a sequence to one reward."""
+
+    supports_adapters = True
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.run.model)
@@ -38,10 +42,14 @@ class ScalarRewardMethod(Method):
         return model
 
     def build_model(self) -> nn.Module:
-        return self._wrap(build_sequence_classifier(self.run.model, self.tokenizer, self.run.train))
+        classifier = build_sequence_classifier(self.run.model, self.tokenizer, self.run.train)
+        # With LoRA the head trains in full and is saved with the adapter (modules_to_save).
+        classifier = wrap_with_adapter(classifier, self.run.peft, head=[head_name(classifier)], task_type="SEQ_CLS")
+        return self._wrap(classifier)
 
     def load_trained(self, path: Path) -> nn.Module:
         return self._wrap(load_saved_classifier(path, self.run.model))
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        save_sequence_classifier(model, self.tokenizer, path, method=self.cfg.name, state_dict=state_dict)
+        save_sequence_classifier(model, self.tokenizer, path, self.run.model, method=self.cfg.name, state_dict=state_dict,
+                                 save_merged=wants_merged_copy(self.run.peft))

@@ -8,14 +8,20 @@ directory also carries them under ``base/`` and points ``base_model_name_or_path
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
+from rewardctl import __version__
 from rewardctl.config.schema import LoraConfig, ModelConfig
+from rewardctl.utils.fs import atomic_directory
 
 BASE_DIR = "base"
+META_FILE = "rewardctl.json"
 
 
 def uses_adapter(peft_cfg: Any) -> bool:
@@ -81,3 +87,44 @@ def base_location(path: Path, model_cfg: ModelConfig) -> str:
 
 def has_adapter(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
+
+
+def save_model_dir(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, model_cfg: ModelConfig, *,
+    meta: dict[str, Any], state_dict: dict[str, Tensor] | None = None, save_merged: bool = False,
+) -> None:
+    """Write ``path`` atomically: a stock transformers directory (rewardctl's facts under ``rewardctl``
+    in config.json) or a PEFT adapter directory (facts in rewardctl.json), plus the tokenizer. With
+    ``save_merged`` an adapter is also merged into its base and written to ``<path>-merged``."""
+    meta = {"version": __version__, **meta}
+    with atomic_directory(path) as tmp:
+        if is_adapter_model(model):
+            save_adapter(model, tmp, model_cfg, state_dict, final_path=path)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        else:
+            model.config.rewardctl = meta
+            model.save_pretrained(str(tmp), state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))
+    if save_merged and is_adapter_model(model):
+        merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
+        save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)
+
+
+def load_model_dir(path: Path, model_cfg: ModelConfig, load_plain: Callable[[str], nn.Module]) -> nn.Module:
+    """A directory written by ``save_model_dir``: ``load_plain`` reads a stock directory (or the base
+    of an adapter directory), then the adapter goes on top."""
+    if not has_adapter(path):
+        return load_plain(str(path))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_plain(base_location(Path(path), model_cfg)), str(path))
+
+
+def saved_meta(path: Path, model: nn.Module) -> dict[str, Any]:
+    if (Path(path) / META_FILE).is_file():
+        return json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
+    return dict(getattr(getattr(model, "config", None), "rewardctl", None) or {})
+
+
+def wants_merged_copy(peft_cfg: Any) -> bool:
+    return uses_adapter(peft_cfg) and bool(getattr(peft_cfg, "save_merged", False))

@@ -7,18 +7,15 @@ stock transformers; rewardctl's own facts (method, beta, delta) ride along in ``
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from rewardctl import __version__
 from rewardctl.config.schema import ModelConfig, TrainConfig
-from rewardctl.modeling.adapters import base_location, has_adapter, is_adapter_model, save_adapter
+from rewardctl.modeling.adapters import load_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs
-from rewardctl.utils.fs import atomic_directory
 
 
 def build_causal_lm(
@@ -31,17 +28,16 @@ def build_causal_lm(
 
 def load_causal_lm(path: str | Path, model_cfg: ModelConfig, *, disable_dropout: bool) -> nn.Module:
     """A saved policy: a plain directory, or an adapter directory over its base weights."""
-    if has_adapter(Path(path)):
-        from peft import PeftModel
 
-        base = load_causal_lm(base_location(Path(path), model_cfg), model_cfg, disable_dropout=disable_dropout)
-        return PeftModel.from_pretrained(base, str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs(model_cfg))
-    if disable_dropout:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
-    return model
+    def plain(location: str) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(location, **load_kwargs(model_cfg))
+        if disable_dropout:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        return model
+
+    return load_model_dir(Path(path), model_cfg, plain)
 
 
 def wants_router_logits(model: nn.Module) -> bool:
@@ -77,32 +73,6 @@ def mean_pooled_prompt(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     hidden = (out.hidden_states[-1] if getattr(out, "hidden_states", None) else out.last_hidden_state).float()
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-
-META_FILE = "rewardctl.json"
-
-
-def save_causal_lm(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, model_cfg: ModelConfig, *, meta: dict[str, Any],
-    state_dict: dict[str, Tensor] | None = None,
-) -> None:
-    """Write ``path`` atomically: a stock causal-LM (or PEFT adapter) directory plus the tokenizer.
-    rewardctl's facts go into ``config.json`` (under ``rewardctl``) and, for adapters, ``rewardctl.json``."""
-    meta = {"version": __version__, **meta}
-    with atomic_directory(path) as tmp:
-        if is_adapter_model(model):
-            save_adapter(model, tmp, model_cfg, state_dict, final_path=path)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        else:
-            model.config.rewardctl = meta
-            model.save_pretrained(str(tmp), state_dict=state_dict)
-        tokenizer.save_pretrained(str(tmp))
-
-
-def saved_meta(path: Path, model: nn.Module) -> dict[str, Any]:
-    if (Path(path) / META_FILE).is_file():
-        return json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
-    return dict(getattr(getattr(model, "config", None), "rewardctl", None) or {})
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

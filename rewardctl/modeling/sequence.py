@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from rewardctl import __version__
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError
+from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs
-from rewardctl.utils.fs import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +82,20 @@ def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedToken
     return instantiate(AutoModelForSequenceClassification, config, model_cfg, tokenizer, train_cfg)
 
 
-def load_saved_classifier(path: Path, model_cfg: ModelConfig) -> PreTrainedModel:
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), **load_kwargs(model_cfg))
-    if model.config.num_labels != 1:
-        raise ConfigError("run_dir", f"{path} holds a {model.config.num_labels}-output classifier, not a reward model")
+def head_name(model: nn.Module) -> str:
+    """The classification head's attribute: ``score`` (decoders) or ``classifier`` (encoders)."""
+    return "score" if isinstance(getattr(_unwrap_hf(model), "score", None), nn.Module) else "classifier"
+
+
+def load_saved_classifier(path: Path, model_cfg: ModelConfig) -> nn.Module:
+    """A saved reward model: a stock directory, or a LoRA adapter (with its trained head) over its base."""
+
+    def plain(location: str) -> PreTrainedModel:
+        return AutoModelForSequenceClassification.from_pretrained(location, num_labels=1, **load_kwargs(model_cfg))
+
+    model = load_model_dir(path, model_cfg, plain)
+    if _unwrap_hf(model).config.num_labels != 1:
+        raise ConfigError("run_dir", f"{path} holds a {_unwrap_hf(model).config.num_labels}-output classifier, not a reward model")
     return model
 
 
@@ -94,15 +103,14 @@ def save_sequence_classifier(
     model: SequenceRewardModel,
     tokenizer: PreTrainedTokenizerBase,
     path: Path,
+    model_cfg: ModelConfig,
     *,
     method: str,
     state_dict: dict[str, Tensor] | None = None,
+    save_merged: bool = False,
 ) -> None:
-    """Write ``path`` atomically: config, safetensors weights, tokenizer (chat template included)."""
-    hf = model.classifier
-    hf.config.rewardctl = {"method": method, "version": __version__, "pooling": model.pooling}
+    """Write ``path`` atomically: config, safetensors weights (or the adapter), tokenizer."""
     if state_dict is not None:
         state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
-    with atomic_directory(path) as tmp:
-        hf.save_pretrained(str(tmp), state_dict=state_dict)
-        tokenizer.save_pretrained(str(tmp))
+    save_model_dir(model.classifier, tokenizer, path, model_cfg, meta={"method": method, "pooling": model.pooling},
+                   state_dict=state_dict, save_merged=save_merged)

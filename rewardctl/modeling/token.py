@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from rewardctl import __version__
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError
+from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs
-from rewardctl.utils.fs import atomic_directory
 
 LABELS = {0: "incorrect", 1: "correct"}
 
@@ -32,16 +31,17 @@ def build_token_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenize
     return instantiate(AutoModelForTokenClassification, config, model_cfg, tokenizer, train_cfg)
 
 
-def load_token_classifier(path: Path, model_cfg: ModelConfig) -> PreTrainedModel:
-    model = AutoModelForTokenClassification.from_pretrained(str(path), **load_kwargs(model_cfg))
-    if model.config.num_labels != 2:
-        raise ConfigError("run_dir", f"{path} holds a {model.config.num_labels}-label token classifier, not a PRM")
+def load_token_classifier(path: Path, model_cfg: ModelConfig) -> nn.Module:
+    def plain(location: str) -> PreTrainedModel:
+        return AutoModelForTokenClassification.from_pretrained(location, num_labels=2, **load_kwargs(model_cfg))
+
+    model = load_model_dir(path, model_cfg, plain)
+    labels = getattr(getattr(model, "config", None), "num_labels", 2)
+    if labels != 2:
+        raise ConfigError("run_dir", f"{path} holds a {labels}-label token classifier, not a PRM")
     return model
 
 
-def save_token_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, *,
-                          meta: dict[str, Any], state_dict: dict[str, Tensor] | None = None) -> None:
-    model.config.rewardctl = {"version": __version__, **meta}
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(str(tmp), state_dict=state_dict)
-        tokenizer.save_pretrained(str(tmp))
+def save_token_classifier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, model_cfg: ModelConfig, *,
+                          meta: dict[str, Any], state_dict: dict[str, Tensor] | None = None, save_merged: bool = False) -> None:
+    save_model_dir(model, tokenizer, path, model_cfg, meta=meta, state_dict=state_dict, save_merged=save_merged)

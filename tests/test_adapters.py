@@ -1,0 +1,76 @@
+"""LoRA for the reward-model methods: only the adapter and the head train, the saved adapter reloads
+with stock peft, and the merged copy with stock transformers, all scoring as rewardctl eval does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from hydra import compose, initialize_config_module
+from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+from rewardctl.config.validate import method_class, to_run_config
+from rewardctl.evaluate import evaluate_run
+from rewardctl.methods.prm import score_steps
+
+from .conftest import SAMPLES, compose_train, read_jsonl, run_training
+
+HEADS = {"pairwise": "score", "ranklist": "score", "prm": "score"}
+
+
+def stock_scores(method: str, model, tokenizer, rows: list[dict]) -> list[list[float]]:
+    """What a user gets from stock libraries: rewards of the first response, or per-step probabilities."""
+    if method == "prm":
+        return [score_steps(model, tokenizer, r["prompt"], r["completions"]) for r in rows]
+    field = "chosen" if method == "pairwise" else "responses"
+    texts = [r["prompt"] + (r[field] if method == "pairwise" else r[field][0]) + tokenizer.eos_token for r in rows]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
+    return [[float(v)] for v in logits]
+
+
+def rewardctl_scores(method: str, predictions: list[dict]) -> list[list[float]]:
+    if method == "prm":
+        return [p["step_probs"] for p in predictions]
+    return [[p["chosen_reward"] if method == "pairwise" else p["rewards"][0]] for p in predictions]
+
+
+@pytest.mark.parametrize("method", ["pairwise", "ranklist", "prm"])
+def test_lora_trains_adapter_and_head_only_and_reloads_with_stock_peft_and_merged(tmp_path: Path, method: str):
+    overrides = [f"method={method}", "peft=lora", "peft.r=4", "experiment=smoke", "train.max_steps=6"]
+    summary, run_dir = run_training(tmp_path, overrides)
+    assert summary["status"] == "completed"
+    model_dir, merged_dir = run_dir / "model", run_dir / "model-merged"
+    assert (model_dir / "adapter_config.json").is_file() and (merged_dir / "config.json").is_file()
+
+    run = to_run_config(compose_train([*overrides, f"output_dir={run_dir}"]))
+    rebuilt = method_class(run.method._target_)(run.method, run)
+    set_seed(run.train.seed)  # the session seeds exactly here: the starting weights again
+    initial = {k.removeprefix("classifier."): v.clone() for k, v in rebuilt.build_model().state_dict().items()}
+    auto = AutoPeftModelForTokenClassification if method == "prm" else AutoPeftModelForSequenceClassification
+    labels = 2 if method == "prm" else 1
+    adapted = auto.from_pretrained(model_dir, num_labels=labels).eval()
+    final = adapted.state_dict()
+    lora_b = [k for k in initial if "lora_B" in k]
+    head = [k for k in initial if f"{HEADS[method]}.modules_to_save" in k]
+    frozen = [k for k in initial if "lora_" not in k and "modules_to_save" not in k]
+    assert lora_b and head and frozen
+    assert all(torch.equal(initial[k], final[k]) for k in frozen), "base weights must not move"
+    assert all(not torch.equal(initial[k], final[k]) for k in lora_b + head), "adapter and head must train"
+
+    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}", "max_rows=4"])
+    evaluate_run(cfg)
+    predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    rows = read_jsonl(SAMPLES / f"{method}" / "eval.jsonl")
+    rows = [rows[p["row"] - 1] for p in predictions]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    merged_class = AutoModelForTokenClassification if method == "prm" else AutoModelForSequenceClassification
+    merged = merged_class.from_pretrained(merged_dir).eval()
+    ours = rewardctl_scores(method, predictions)
+    for got in (stock_scores(method, adapted, tokenizer, rows), stock_scores(method, merged, tokenizer, rows)):
+        for a, b in zip(got, ours, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
