@@ -202,3 +202,22 @@ def test_each_method_under_two_processes_equals_one_process_with_the_same_global
                 compared += 1
     assert compared > 20
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_train_starts_its_own_workers_through_accelerate_into_one_run(tmp_path: Path):
+    """`hardware=ddp hardware.num_processes=2` on CPU: rewardctl launches 2 gloo workers itself; the
+    result is the torchrun run's (same global batch), in one run directory named once."""
+    common = [*SMOKE, "train.log_every=1", "data.group_by_length=false"]
+    result = cli("train", *common, "hardware=ddp", "hardware.device=cpu", "hardware.mixed_precision=no",
+                 "hardware.num_processes=2", f"hardware.main_process_port={free_port()}", cwd=tmp_path,
+                 env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    [run_dir] = run_dirs(tmp_path)  # outputs/<date>/<time>: ${now:} resolved once, by the launcher
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["status"] == "completed" and summary["totals"]["pairs"] == 48
+    reference = torchrun("train", *common, f"output_dir={tmp_path / 'torchrun'}", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ours, theirs = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(tmp_path / "torchrun" / "metrics.jsonl")
+    assert [(r["step"], r["split"], round(r["loss"], 5)) for r in ours] == \
+        [(r["step"], r["split"], round(r["loss"], 5)) for r in theirs]

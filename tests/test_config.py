@@ -44,7 +44,9 @@ def test_every_group_option_composes_and_validates(group: str, option: str):
         with pytest.raises(ConfigError, match=required[0].split("=")[0]):
             to_run_config(compose_train([f"{group}={option}"]))  # refused by name until given
     cfg = compose_train([f"{group}={option}", *required])
-    run = to_run_config(cfg)
+    # GPU presets validate fully except what needs this machine to have GPUs (tested separately below).
+    needs_gpu = (group == "hardware" and option != "cpu") or (group, option) == ("peft", "qlora")
+    run = to_run_config(cfg, for_training=not needs_gpu)
     assert isinstance(run, RunConfig)
     assert OmegaConf.select(cfg, "hydra") is None  # the run config never carries Hydra's own node
 
@@ -155,3 +157,25 @@ def test_max_length_beyond_learned_positions_is_refused_before_data(tmp_path: Pa
         check_max_length(ModelConfig(name_or_path=str(tmp_path), max_length=65))
     assert info.value.key == "model.max_length" and "learned absolute positions; use <= 64" in str(info.value)
     check_max_length(ModelConfig(name_or_path=str(REPO / "rewardctl/assets/tiny-llama"), max_length=4096))  # RoPE: warns
+
+
+@pytest.mark.parametrize(("overrides", "key", "text"), [
+    (["hardware=deepspeed"], "hardware.strategy", "deepspeed is not installed"),
+    (["hardware=fsdp"], "hardware.strategy", "fsdp shards over CUDA GPUs and torch sees none"),
+    (["hardware=ddp"], "hardware.num_processes", "0 means one process per visible GPU and torch sees none"),
+    (["hardware.num_processes=-1"], "hardware.num_processes", "must be >= 0"),
+    (["hardware.num_machines=2"], "hardware.main_process_ip", "multi-machine run needs rank 0's address"),
+    (["hardware.machine_rank=1"], "hardware.machine_rank", "must be in [0, 1)"),
+    (["hardware.zero_stage=4"], "hardware.zero_stage", "must be 1, 2 or 3"),
+    (["hardware.fsdp_sharding_strategy=SOME"], "hardware.fsdp_sharding_strategy", "must be one of"),
+    (["hardware.device=gpu"], "hardware.device", "gpu requested but torch sees no CUDA device"),
+    (["peft=qlora"], "peft", "needs a CUDA GPU; on CPU use peft=lora"),
+])
+def test_hardware_mistakes_are_refused_before_anything_loads(overrides, key, text):
+    import importlib.util
+
+    if "deepspeed" in overrides[0] and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    with pytest.raises(ConfigError) as info:
+        to_run_config(compose_train(overrides))
+    assert info.value.key == key and text in str(info.value)

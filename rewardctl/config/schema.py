@@ -74,6 +74,7 @@ class MixedPrecision(str, Enum):
 class PeftKind(str, Enum):
     none = "none"
     lora = "lora"
+    qlora = "qlora"
 
 
 @dataclass
@@ -183,15 +184,39 @@ class TrainConfig:
     progress_bar: bool = True
 
 
+class Strategy(str, Enum):
+    """How several processes share the work (through accelerate; never a home-made launcher)."""
+
+    none = "none"  # one process, or whatever an outer accelerate launch / torchrun configured (DDP)
+    ddp = "ddp"
+    fsdp = "fsdp"  # FSDP2 through accelerate, transformer-layer auto-wrap
+    deepspeed = "deepspeed"  # ZeRO stage hardware.zero_stage (optional dependency)
+
+
 @dataclass
 class HardwareConfig:
-    """Device and precision; the distributed strategies arrive as further options of this group."""
+    """Device, precision and distribution. ``rewardctl train`` with num_processes x num_machines > 1
+    starts its workers itself through accelerate's launcher, on one run directory."""
 
     name: str = MISSING
     device: Device = Device.auto
     mixed_precision: MixedPrecision = MixedPrecision.no
     # Allow TF32 matmuls on Ampere+ GPUs.
     tf32: bool = False
+    strategy: Strategy = Strategy.none
+    # Processes per machine; 0: one per visible GPU.
+    num_processes: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    # Rendezvous of multi-machine runs (rank 0's address).
+    main_process_ip: Optional[str] = None
+    main_process_port: int = 29500
+    # FSDP: FULL_SHARD (ZeRO-3 like), SHARD_GRAD_OP (ZeRO-2 like), NO_SHARD, HYBRID_SHARD.
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    fsdp_cpu_offload: bool = False
+    # DeepSpeed ZeRO stage (1, 2 or 3) and optimizer-state offload to CPU.
+    zero_stage: int = 2
+    offload_optimizer: bool = False
 
 
 @dataclass
@@ -217,7 +242,22 @@ class LoraConfig:
     save_merged: bool = True
 
 
-PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig, PeftKind.lora.value: LoraConfig}
+@dataclass
+class QLoraConfig(LoraConfig):
+    """LoRA over a 4-bit base (bitsandbytes, CUDA only): the base is quantised at load time."""
+
+    name: PeftKind = PeftKind.qlora
+    # nf4 or fp4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    # Dtype of the matmuls on dequantised weights.
+    compute_dtype: DType = DType.bfloat16
+    # A merged copy would be dequantised; off by default.
+    save_merged: bool = False
+
+
+PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig, PeftKind.lora.value: LoraConfig,
+                                 PeftKind.qlora.value: QLoraConfig}
 
 
 @dataclass

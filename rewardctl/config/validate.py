@@ -6,6 +6,7 @@ Everything here runs before any model or dataset is loaded, so a bad value costs
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,55 @@ def check_precision(device: Device, precision: MixedPrecision, key: str) -> None
              "gpu requested but torch sees no CUDA device (use hardware=cpu)")
     on_cpu = device == Device.cpu or not has_cuda
     _require(not (precision == MixedPrecision.fp16 and on_cpu), key, "fp16 mixed precision needs a GPU; use bf16 or no on CPU")
+    if precision == MixedPrecision.bf16 and on_cpu and not cpu_has_native_bf16():
+        logging.getLogger(__name__).warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); autocast "
+                                            "will emulate it and run slower than fp32 (use %s=no)", key, key)
+    if precision == MixedPrecision.bf16 and not on_cpu:
+        _require(torch.cuda.is_bf16_supported(), key, "this GPU has no bf16 support; use fp16 (loss-scaled) or no")
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+
+
+def check_hardware(hw: Any, *, for_training: bool, peft_name: str = "none") -> None:
+    """Process counts, strategy and its optional dependency: refused before any model loads."""
+    from rewardctl.config.schema import Strategy
+
+    _require(hw.num_processes >= 0, "hardware.num_processes", f"must be >= 0 (0: one per visible GPU); got {hw.num_processes}")
+    _require(hw.num_machines >= 1, "hardware.num_machines", f"must be >= 1 (got {hw.num_machines})")
+    _require(0 <= hw.machine_rank < hw.num_machines, "hardware.machine_rank",
+             f"must be in [0, {hw.num_machines}) (got {hw.machine_rank})")
+    _require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", f"must be 1, 2 or 3 (got {hw.zero_stage})")
+    _require(hw.fsdp_sharding_strategy in FSDP_SHARDING, "hardware.fsdp_sharding_strategy",
+             f"must be one of {', '.join(FSDP_SHARDING)} (got {hw.fsdp_sharding_strategy!r})")
+    _require(hw.num_machines == 1 or bool(hw.main_process_ip), "hardware.main_process_ip",
+             "a multi-machine run needs rank 0's address")
+    if not for_training:
+        return
+    has_cuda = torch.cuda.is_available()
+    if peft_name == "qlora":
+        _require(has_cuda and hw.device != Device.cpu, "peft", "qlora loads the base in 4 bits with bitsandbytes, which "
+                 "needs a CUDA GPU; on CPU use peft=lora")
+        _require(importlib.util.find_spec("bitsandbytes") is not None, "peft", "qlora needs bitsandbytes "
+                 "(pip install bitsandbytes)")
+    gpus = torch.cuda.device_count() if has_cuda else 0
+    if hw.strategy == Strategy.deepspeed:
+        _require(importlib.util.find_spec("deepspeed") is not None, "hardware.strategy",
+                 "deepspeed is not installed (pip install deepspeed), or choose hardware=fsdp")
+    if hw.strategy in (Strategy.fsdp, Strategy.deepspeed):
+        _require(has_cuda and hw.device != Device.cpu, "hardware.strategy",
+                 f"{hw.strategy.value} shards over CUDA GPUs and torch sees none; use hardware=ddp hardware.device=cpu on CPU")
+    _require(hw.num_processes > 0 or gpus > 0, "hardware.num_processes",
+             "0 means one process per visible GPU and torch sees none; give a number (CPU processes use gloo)")
+    if hw.device == Device.gpu and hw.num_processes > 0 and has_cuda:
+        _require(hw.num_processes <= gpus, "hardware.num_processes", f"{hw.num_processes} processes but only {gpus} GPUs are visible")
 
 
 def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
@@ -140,6 +190,7 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
+    check_hardware(run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none"))
     if for_training:
         check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
     if not is_dataclass(run.method):

@@ -32,6 +32,7 @@ from rewardctl.methods.base import Method, Metric, PreparedSplit, Runtime, StepO
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 from rewardctl.modeling.adapters import (
     is_adapter_model,
+    quantization_config,
     save_model_dir,
     saved_meta,
     wants_merged_copy,
@@ -237,7 +238,8 @@ class BcoMethod(Method):
         return tokenizer
 
     def build_model(self) -> nn.Module:
-        model = build_causal_lm(self.run.model, self.tokenizer, self.run.train, disable_dropout=self.cfg.disable_dropout)
+        model = build_causal_lm(self.run.model, self.tokenizer, self.run.train, disable_dropout=self.cfg.disable_dropout,
+                                quantization=quantization_config(self.run.peft))
         return wrap_with_adapter(model, self.run.peft, head=[], task_type="CAUSAL_LM")
 
     def load_trained(self, path: Path) -> nn.Module:

@@ -32,7 +32,7 @@ from rewardctl.data.text import (
 )
 from rewardctl.errors import ConfigError, RowError
 from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput, check_token_budget
-from rewardctl.modeling.adapters import wants_merged_copy, wrap_with_adapter
+from rewardctl.modeling.adapters import quantization_config, wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.token import build_token_classifier, load_token_classifier, save_token_classifier
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
@@ -140,7 +140,7 @@ class PrmMethod(Method):
         return tokenizer
 
     def build_model(self) -> nn.Module:
-        model = build_token_classifier(self.run.model, self.tokenizer, self.run.train)
+        model = build_token_classifier(self.run.model, self.tokenizer, self.run.train, quantization_config(self.run.peft))
         head = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
         return wrap_with_adapter(model, self.run.peft, head=[head], task_type="TOKEN_CLS")
 

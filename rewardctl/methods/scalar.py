@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from rewardctl.methods.base import Method
-from rewardctl.modeling.adapters import wants_merged_copy, wrap_with_adapter
+from rewardctl.modeling.adapters import quantization_config, wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.sequence import (
     SequenceRewardModel,
     build_sequence_classifier,
@@ -42,7 +42,8 @@ class ScalarRewardMethod(Method):
         return model
 
     def build_model(self) -> nn.Module:
-        classifier = build_sequence_classifier(self.run.model, self.tokenizer, self.run.train)
+        classifier = build_sequence_classifier(self.run.model, self.tokenizer, self.run.train,
+                                               quantization_config(self.run.peft))
         # With LoRA the head trains in full and is saved with the adapter (modules_to_save).
         classifier = wrap_with_adapter(classifier, self.run.peft, head=[head_name(classifier)], task_type="SEQ_CLS")
         return self._wrap(classifier)

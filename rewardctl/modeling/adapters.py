@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from rewardctl import __version__
-from rewardctl.config.schema import LoraConfig, ModelConfig
+from rewardctl.config.schema import LoraConfig, ModelConfig, QLoraConfig
 from rewardctl.utils.fs import atomic_directory
 
 BASE_DIR = "base"
@@ -28,12 +28,28 @@ def uses_adapter(peft_cfg: Any) -> bool:
     return isinstance(peft_cfg, LoraConfig)
 
 
+def quantization_config(peft_cfg: Any) -> Any:
+    """The bitsandbytes 4-bit config of peft=qlora (None otherwise); validated to need CUDA before."""
+    if not isinstance(peft_cfg, QLoraConfig):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft_cfg.quant_type,
+                              bnb_4bit_use_double_quant=peft_cfg.double_quant,
+                              bnb_4bit_compute_dtype=dtypes.get(peft_cfg.compute_dtype.value, torch.bfloat16))
+
+
 def wrap_with_adapter(model: nn.Module, peft_cfg: Any, *, head: list[str], task_type: str) -> nn.Module:
     """``model`` unchanged for peft=none; else a PeftModel with the head trained in full."""
     if not uses_adapter(peft_cfg):
         return model
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if isinstance(peft_cfg, QLoraConfig):  # norms in fp32, inputs requiring grads for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     targets: Any = list(peft_cfg.target_modules)
     if targets == ["all-linear"]:

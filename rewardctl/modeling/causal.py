@@ -19,11 +19,12 @@ from rewardctl.modeling.common import instantiate, load_config, load_kwargs
 
 
 def build_causal_lm(
-    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None, *, disable_dropout: bool
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None, *, disable_dropout: bool,
+    quantization: Any = None,
 ) -> PreTrainedModel:
     """The policy from a checkpoint, or randomly initialised from a config alone (``from_scratch``)."""
     model_cfg = dataclasses.replace(model_cfg, disable_dropout=disable_dropout)
-    return instantiate(AutoModelForCausalLM, load_config(model_cfg), model_cfg, tokenizer, train_cfg)
+    return instantiate(AutoModelForCausalLM, load_config(model_cfg), model_cfg, tokenizer, train_cfg, quantization)
 
 
 def load_causal_lm(path: str | Path, model_cfg: ModelConfig, *, disable_dropout: bool) -> nn.Module:

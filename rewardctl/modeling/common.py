@@ -76,13 +76,17 @@ def finish_model(model: PreTrainedModel, model_cfg: ModelConfig, train_cfg: Trai
 
 
 def instantiate(auto_class: Any, config: PretrainedConfig, model_cfg: ModelConfig, tokenizer: Any,
-                train_cfg: TrainConfig | None) -> PreTrainedModel:
+                train_cfg: TrainConfig | None, quantization: Any = None) -> PreTrainedModel:
     """``auto_class`` from a checkpoint, or randomly initialised from ``config`` alone (``from_scratch``),
     with the tokenizer's pad token and the shared finishing steps."""
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is None or tokenizer.pad_token_id < vocab_size:  # an added pad token exists only after resizing
         config.pad_token_id = tokenizer.pad_token_id
     kwargs = load_kwargs(model_cfg)
+    if quantization is not None:
+        if model_cfg.from_scratch:
+            raise ConfigError("peft", "qlora quantises pretrained weights; a from-scratch model has none (use peft=lora)")
+        kwargs["quantization_config"] = quantization
     if model_cfg.from_scratch:
         model = auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,8 @@ def check_single_output(num_labels: int, architectures: list[str] | None, name: 
                           "a reward model needs exactly one output. Start from a base or causal-LM checkpoint instead")
 
 
-def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None) -> PreTrainedModel:
+def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None,
+                              quantization: Any = None) -> PreTrainedModel:
     """A one-output classifier from a checkpoint (head newly initialised) or from a config alone."""
     if model_cfg.config_overrides.get("num_labels", 1) != 1:
         raise ConfigError("model.config_overrides.num_labels", "a reward model has exactly one output")
@@ -79,7 +81,7 @@ def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedToken
     config.problem_type = "regression"  # pipeline() then returns the raw reward, not sigmoid(reward)
     config.id2label = {0: "reward"}
     config.label2id = {"reward": 0}
-    return instantiate(AutoModelForSequenceClassification, config, model_cfg, tokenizer, train_cfg)
+    return instantiate(AutoModelForSequenceClassification, config, model_cfg, tokenizer, train_cfg, quantization)
 
 
 def head_name(model: nn.Module) -> str:

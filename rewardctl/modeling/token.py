@@ -21,14 +21,15 @@ from rewardctl.modeling.common import instantiate, load_config, load_kwargs
 LABELS = {0: "incorrect", 1: "correct"}
 
 
-def build_token_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None) -> PreTrainedModel:
+def build_token_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None,
+                           quantization: Any = None) -> PreTrainedModel:
     if model_cfg.config_overrides.get("num_labels", 2) != 2:
         raise ConfigError("model.config_overrides.num_labels", "a process reward model has exactly 2 labels")
     config = load_config(model_cfg)
     config.num_labels = 2
     config.id2label = dict(LABELS)
     config.label2id = {v: k for k, v in LABELS.items()}
-    return instantiate(AutoModelForTokenClassification, config, model_cfg, tokenizer, train_cfg)
+    return instantiate(AutoModelForTokenClassification, config, model_cfg, tokenizer, train_cfg, quantization)
 
 
 def load_token_classifier(path: Path, model_cfg: ModelConfig) -> nn.Module:

@@ -28,11 +28,18 @@ from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.modeling.common import check_max_length
 from rewardctl.training.checkpoint import latest_checkpoint, read_trainer_state
+from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
 from rewardctl.training.optim import build_optimizer, build_scheduler
 from rewardctl.training.plot import plot_curves
-from rewardctl.training.runtime import AccelerateRuntime, build_accelerator, quiet_other_processes, shared_run_dir
+from rewardctl.training.runtime import (
+    AccelerateRuntime,
+    build_accelerator,
+    hydra_output_dir,
+    quiet_other_processes,
+    shared_run_dir,
+)
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,8 @@ def check_resume(path: Path, guard: dict[str, Any], max_steps: int) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job from a composed config; returns the summary written to summary.json."""
     run = to_run_config(cfg)
+    if wants_launch(run.hardware):
+        return launch(run)
     accelerator = build_accelerator(run.hardware, run.train.report_to)
     quiet_other_processes(accelerator)
     run_dir = shared_run_dir(accelerator, run.output_dir)
@@ -203,6 +212,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info(line)
     accelerator.end_training()
     return summary
+
+
+def launch(run: RunConfig) -> dict[str, Any]:
+    """This process only starts the workers (same overrides, one run directory) and waits for them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        raise ConfigError("hardware.num_processes", "starting several processes needs the command line "
+                          "(rewardctl train ...); from Python, run under accelerate launch or torchrun") from None
+    run_dir = hydra_output_dir(run.output_dir).resolve()
+    status = launch_workers(run.hardware, overrides, run_dir)
+    if status != 0:
+        raise ConfigError("hardware", f"the worker processes failed (exit status {status}); see their output above")
+    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
 def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path, max_steps: int, processes: int) -> dict[str, Any]:

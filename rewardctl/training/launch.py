@@ -1,0 +1,72 @@
+"""`rewardctl train hardware.num_processes=N ...`: start the workers through accelerate's launcher.
+
+The launching process composes the config, decides the run directory once and starts
+``accelerate launch -m rewardctl train <the same overrides> output_dir=<that directory>``: every worker
+composes the same config with the run directory fixed, so a multi-process run has one directory and
+``${now:}`` cannot split it (facebookresearch/hydra#2070). Inside a worker (``WORLD_SIZE`` set by the
+launcher, torchrun or a user's own ``accelerate launch``) nothing is launched again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from rewardctl.config.schema import Device, HardwareConfig, Strategy
+
+log = logging.getLogger(__name__)
+
+# FSDP1 sharding names -> FSDP2's reshard-after-forward (FULL_SHARD frees parameters after forward).
+RESHARD_AFTER_FORWARD = {"FULL_SHARD": "true", "HYBRID_SHARD": "true", "SHARD_GRAD_OP": "false", "NO_SHARD": "false"}
+
+
+def inside_worker() -> bool:
+    return "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def processes_per_machine(hardware: HardwareConfig) -> int:
+    """``num_processes``, where 0 means one per visible GPU."""
+    return hardware.num_processes or torch.cuda.device_count()
+
+
+def wants_launch(hardware: HardwareConfig) -> bool:
+    return not inside_worker() and processes_per_machine(hardware) * hardware.num_machines > 1
+
+
+def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, str]]:
+    """Arguments of ``accelerate launch`` and the environment the workers need."""
+    per_machine = processes_per_machine(hardware)
+    on_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
+    args = ["--num_processes", str(per_machine * hardware.num_machines), "--num_machines", str(hardware.num_machines),
+            "--machine_rank", str(hardware.machine_rank), "--main_process_port", str(hardware.main_process_port),
+            "--mixed_precision", hardware.mixed_precision.value, "--dynamo_backend", "no"]
+    if hardware.main_process_ip:
+        args += ["--main_process_ip", hardware.main_process_ip]
+    env: dict[str, str] = {}
+    if hardware.strategy == Strategy.fsdp:
+        args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                 "--fsdp_reshard_after_forward", RESHARD_AFTER_FORWARD[hardware.fsdp_sharding_strategy],
+                 "--fsdp_offload_params", str(hardware.fsdp_cpu_offload).lower()]
+    elif hardware.strategy == Strategy.deepspeed:
+        args += ["--use_deepspeed", "--zero_stage", str(hardware.zero_stage),
+                 "--offload_optimizer_device", "cpu" if hardware.offload_optimizer else "none"]
+    else:
+        args += ["--multi_gpu"]
+        if on_cpu:  # several CPU processes over gloo (accelerate needs to be told)
+            env["ACCELERATE_USE_CPU"] = "true"
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_machine)))
+    return args, env
+
+
+def launch_workers(hardware: HardwareConfig, overrides: list[str], run_dir: Path) -> int:
+    """Run the workers to completion; returns their exit status."""
+    args, env = launcher_arguments(hardware)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *args, "-m", "rewardctl", "train",
+               *[o for o in overrides if not o.startswith("output_dir=")], f"output_dir={run_dir}"]
+    log.info("starting %s processes through accelerate launch into %s", args[1], run_dir)
+    return subprocess.run(command, env={**os.environ, **env}, check=False).returncode
