@@ -405,6 +405,10 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_adapter_disabled(
         policy = completion_logps(trained.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
     assert first["ref_logp"] == pytest.approx(reference.item(), abs=1e-4)  # the reference is the base, adapter off
     assert first["logp"] == pytest.approx(policy.item(), abs=1e-4) and first["logp"] != pytest.approx(first["ref_logp"])
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "model-merged").eval()  # stock transformers alone
+    with torch.no_grad():
+        merged_logp = completion_logps(merged, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+    assert merged_logp.item() == pytest.approx(policy.item(), abs=1e-4)
 
 
 def test_an_explicit_reference_model_is_loaded_frozen(tmp_path: Path):
