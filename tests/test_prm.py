@@ -214,6 +214,11 @@ def test_step_metrics_by_hand():
     # first error gold / predicted: row 1: 1 / 1; row 2: 2 / none; row 3: none / 0 -> one of three right
     assert m["first_error_accuracy"] == pytest.approx(1 / 3)
     assert m["majority_baseline"] == pytest.approx(5 / 7) and m["loss"] == pytest.approx(2.1 / 7)
+    assert m["processbench_f1"] == 0.0  # 1 of 2 erroneous rows right, 0 of 1 correct row right
+    both_right = step_metrics({"step_prob": torch.tensor([[0.9, 0.9], [0.9, 0.1]]), "step_label": torch.tensor([[1, 1], [1, 0]]),
+                               "step_target": torch.zeros(2, 2), "present": torch.ones(2, 2, dtype=torch.long),
+                               "loss_sum": torch.zeros(2)})
+    assert both_right["processbench_f1"] == 1.0 and both_right["first_error_accuracy"] == 1.0
 
 
 def test_tokenisation_matches_trl_0_29_prm_on_the_same_rows():

@@ -143,7 +143,7 @@ def check_hardware(hw: Any, *, for_training: bool, peft_name: str = "none") -> N
                  f"{hw.strategy.value} shards over CUDA GPUs and torch sees none; use hardware=ddp hardware.device=cpu on CPU")
     _require(hw.num_processes > 0 or gpus > 0, "hardware.num_processes",
              "0 means one process per visible GPU and torch sees none; give a number (CPU processes use gloo)")
-    if hw.device == Device.gpu and hw.num_processes > 0 and has_cuda:
+    if hw.device != Device.cpu and hw.num_processes > 1 and has_cuda:
         _require(hw.num_processes <= gpus, "hardware.num_processes", f"{hw.num_processes} processes but only {gpus} GPUs are visible")
 
 
@@ -190,6 +190,9 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
+    _require(not (run.hardware.strategy.value == "deepspeed" and t.grad_accum > 1), "train.grad_accum",
+             "hardware=deepspeed needs grad_accum=1 for now (the DeepSpeed engine's own accumulation is not wired); "
+             "raise per_device_batch_size or the process count instead")
     check_hardware(run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none"))
     if for_training:
         check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")

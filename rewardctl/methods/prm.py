@@ -311,6 +311,10 @@ def step_metrics(outputs: dict[str, Tensor]) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     first_gold, first_pred = first_errors(outputs)
+    found = first_gold == first_pred
+    with_error, without_error = first_gold >= 0, first_gold < 0
+    on_erroneous = found[with_error].double().mean().item() if with_error.any() else 0.0
+    on_correct = found[without_error].double().mean().item() if without_error.any() else 0.0
     steps = labels.numel()
     share_correct = (labels == 1).double().mean().item()
     return {
@@ -319,7 +323,9 @@ def step_metrics(outputs: dict[str, Tensor]) -> dict[str, float]:
         "error_precision": precision,
         "error_recall": recall,
         "error_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "first_error_accuracy": (first_gold == first_pred).double().mean().item(),
+        "first_error_accuracy": found.double().mean().item(),
+        # ProcessBench's score: harmonic mean of the accuracy on rows with and without a wrong step.
+        "processbench_f1": 2 * on_erroneous * on_correct / (on_erroneous + on_correct) if on_erroneous + on_correct else 0.0,
         "majority_baseline": max(share_correct, 1 - share_correct),
         "steps": float(steps),
         "rows": float(present.shape[0]),
@@ -334,7 +340,10 @@ def score_steps(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: An
     separator defaults to the one recorded in its config. Steps cut by ``max_length`` get no score.
     """
     saved = getattr(model.config, "rewardctl", None) or {}
-    separator = step_separator if step_separator is not None else saved.get("step_separator", "\n")
+    separator = step_separator if step_separator is not None else saved.get("step_separator")
+    if separator is None:
+        raise ValueError("the model's config does not record its step separator (an adapter over a hub base keeps it "
+                         "in rewardctl.json); pass step_separator= as trained")
     cfg = PrmConfig(step_separator=separator)
     budget = max_length or getattr(model.config, "max_position_embeddings", None) or 10 ** 9
     encoder = StepEncoder(tokenizer, cfg, budget, Overlength.truncate)

@@ -9,6 +9,7 @@ directory also carries them under ``base/`` and points ``base_model_name_or_path
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from rewardctl.config.schema import LoraConfig, ModelConfig, QLoraConfig
 from rewardctl.utils.fs import atomic_directory
 
 BASE_DIR = "base"
+log = logging.getLogger(__name__)
 META_FILE = "rewardctl.json"
 
 
@@ -115,13 +117,17 @@ def save_model_dir(
     meta = {"version": __version__, **meta}
     with atomic_directory(path) as tmp:
         if is_adapter_model(model):
+            model.get_base_model().config.rewardctl = meta  # base/config.json and stock peft reloads carry it too
             save_adapter(model, tmp, model_cfg, state_dict, final_path=path)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         else:
             model.config.rewardctl = meta
             model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
-    if save_merged and is_adapter_model(model):
+    if save_merged and is_adapter_model(model) and state_dict is not None:
+        log.warning("the model is sharded (FSDP / ZeRO-3): no model-merged/ copy is written; merge the adapter "
+                    "in %s with peft's merge_and_unload on one machine", path)
+    elif save_merged and is_adapter_model(model):
         merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
         save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)
 

@@ -42,8 +42,10 @@ def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, s
     """Arguments of ``accelerate launch`` and the environment the workers need."""
     per_machine = processes_per_machine(hardware)
     on_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
+    # One machine: a free port, so concurrent runs and parallel sweep jobs never collide.
+    port = hardware.main_process_port if hardware.num_machines > 1 else free_port()
     args = ["--num_processes", str(per_machine * hardware.num_machines), "--num_machines", str(hardware.num_machines),
-            "--machine_rank", str(hardware.machine_rank), "--main_process_port", str(hardware.main_process_port),
+            "--machine_rank", str(hardware.machine_rank), "--main_process_port", str(port),
             "--mixed_precision", hardware.mixed_precision.value, "--dynamo_backend", "no"]
     if hardware.main_process_ip:
         args += ["--main_process_ip", hardware.main_process_ip]
@@ -55,11 +57,14 @@ def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, s
     elif hardware.strategy == Strategy.deepspeed:
         args += ["--use_deepspeed", "--zero_stage", str(hardware.zero_stage),
                  "--offload_optimizer_device", "cpu" if hardware.offload_optimizer else "none"]
+        if hardware.zero_stage == 3:  # the final model is gathered into one 16-bit state dict
+            args += ["--zero3_save_16bit_model", "true"]
     else:
         args += ["--multi_gpu"]
         if on_cpu:  # several CPU processes over gloo (accelerate needs to be told)
             env["ACCELERATE_USE_CPU"] = "true"
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_machine)))
+            if "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // per_machine))
     return args, env
 
 
@@ -70,3 +75,11 @@ def launch_workers(hardware: HardwareConfig, overrides: list[str], run_dir: Path
                *[o for o in overrides if not o.startswith("output_dir=")], f"output_dir={run_dir}"]
     log.info("starting %s processes through accelerate launch into %s", args[1], run_dir)
     return subprocess.run(command, env={**os.environ, **env}, check=False).returncode
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -112,6 +112,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if wants_launch(run.hardware):
         return launch(run)
     accelerator = build_accelerator(run.hardware, run.train.report_to)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None:  # the loop feeds its own batches: DeepSpeed cannot infer these from a loader
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = run.train.per_device_batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = run.train.max_grad_norm
     quiet_other_processes(accelerator)
     run_dir = shared_run_dir(accelerator, run.output_dir)
     main = accelerator.is_main_process
@@ -227,6 +231,8 @@ def launch(run: RunConfig) -> dict[str, Any]:
     status = launch_workers(run.hardware, overrides, run_dir)
     if status != 0:
         raise ConfigError("hardware", f"the worker processes failed (exit status {status}); see their output above")
+    if run.hardware.machine_rank != 0:  # the run directory and its summary belong to machine 0
+        return {"status": "completed", "machine_rank": run.hardware.machine_rank}
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
