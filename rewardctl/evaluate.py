@@ -29,6 +29,7 @@ from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
+from rewardctl.modeling.adapters import has_adapter
 from rewardctl.training.checkpoint import METHOD_STATE, STEP_DIR
 from rewardctl.training.evaluation import run_evaluation
 from rewardctl.training.runtime import AccelerateRuntime, quiet_other_processes
@@ -51,7 +52,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 def is_saved_model(path: Path) -> bool:
     """A model/ directory (stock transformers or peft layout) rather than a training checkpoint."""
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+    if (path / "config.json").is_file() or has_adapter(path):
         return True
     if not (path / "model.safetensors").is_file():
         raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights")

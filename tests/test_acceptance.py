@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import read_jsonl, run_training
+from .conftest import compose_eval, read_jsonl, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 
@@ -67,7 +67,6 @@ def test_ranklist_rlhf_glm_sentiment_with_minilm(tmp_path: Path, shared_data: Pa
 def test_bco_hh_rlhf_unpaired_end_to_end(tmp_path: Path, shared_data: Path):
     """Real unpaired HH-RLHF rows (half desirable), the bundled tiny policy from scratch, precomputed
     reference log-probs and UDM weights: trains, evaluates, and `rewardctl eval` reproduces the eval."""
-    from hydra import compose, initialize_config_module
 
     from rewardctl.evaluate import evaluate_run
 
@@ -88,8 +87,7 @@ def test_bco_hh_rlhf_unpaired_end_to_end(tmp_path: Path, shared_data: Path):
     assert final["rows"] == 200 and math.isfinite(final["loss"]) and final["delta"] != 0
     state = load_file(str(run_dir / "checkpoints" / "step-100" / "method_state.safetensors"))
     assert state["ref_logps.train"].shape == (800,) and state["udm_weights"].shape == (800,)
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}"])
     result = evaluate_run(cfg)
     assert result["metrics"]["accuracy"] == pytest.approx(final["accuracy"])
     assert result["metrics"]["loss"] == pytest.approx(final["loss"], rel=1e-4)

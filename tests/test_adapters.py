@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from hydra import compose, initialize_config_module
 from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
@@ -16,7 +15,7 @@ from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.evaluate import evaluate_run
 from rewardctl.methods.prm import score_steps
 
-from .conftest import SAMPLES, compose_train, read_jsonl, run_training
+from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, run_training
 
 HEADS = {"pairwise": "score", "ranklist": "score", "prm": "score"}
 
@@ -61,8 +60,7 @@ def test_lora_trains_adapter_and_head_only_and_reloads_with_stock_peft_and_merge
     assert all(torch.equal(initial[k], final[k]) for k in frozen), "base weights must not move"
     assert all(not torch.equal(initial[k], final[k]) for k in lora_b + head), "adapter and head must train"
 
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}", "max_rows=4"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}", "max_rows=4"])
     evaluate_run(cfg)
     predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
     rows = read_jsonl(SAMPLES / f"{method}" / "eval.jsonl")

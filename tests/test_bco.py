@@ -19,7 +19,7 @@ from rewardctl.errors import ConfigError, DataError
 from rewardctl.methods.bco import BcoMethod, LocalRuntime, RunningMean
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 
-from .conftest import compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import compose_eval, compose_train, read_jsonl, run_training, write_jsonl
 
 
 def make_method(*overrides: str) -> BcoMethod:
@@ -302,13 +302,11 @@ def test_training_moves_classifier_accuracy_up_and_saves_a_stock_causal_lm(train
 
 
 def test_eval_command_reproduces_the_end_of_training_eval(trained, tmp_path: Path):
-    from hydra import compose, initialize_config_module
 
     from rewardctl.evaluate import evaluate_run
 
     summary, run_dir = trained
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path}"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}"])
     result = evaluate_run(cfg)
     for key in ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "auc"):
         assert result["metrics"][key] == pytest.approx(summary["final_eval"][key], rel=1e-5, abs=1e-6), key
@@ -365,7 +363,6 @@ def test_loss_and_delta_match_trl_0_29_bco_over_three_micro_batches():
 
 def test_lora_trains_only_the_adapter_and_its_reference_is_the_adapter_disabled(tmp_path: Path):
     from accelerate.utils import set_seed
-    from hydra import compose, initialize_config_module
     from peft import AutoPeftModelForCausalLM
 
     from rewardctl.evaluate import evaluate_run
@@ -387,8 +384,7 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_adapter_disabled(
     assert all(torch.equal(initial[k], final[k]) for k in base)  # base weights untouched
     assert all(not torch.equal(initial[k], final[k]) for k in lora if "lora_B" in k)  # every adapter matrix B moved
 
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}", "max_rows=4"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}", "max_rows=4"])
     evaluate_run(cfg)
     first = read_jsonl(tmp_path / "eval" / "predictions.jsonl")[0]
     row = read_jsonl(Path(method.run.data.eval))[first["row"] - 1]

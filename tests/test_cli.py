@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from rewardctl.training.launch import free_port
 
 from .conftest import cli, read_jsonl, write_jsonl
 
@@ -94,12 +95,6 @@ def test_malformed_data_fails_before_the_model_loads(tmp_path: Path):
     assert result.returncode == 2
     assert f"rewardctl: error: {path}, row 2: line 2 is not valid JSON" in result.stderr
     assert not (tmp_path / "run" / "model").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(*args: str, cwd: Path):

@@ -17,7 +17,7 @@ from rewardctl.data.loading import load_rows
 from rewardctl.errors import ConfigError, DataError, RowError
 from rewardctl.methods.prm import IGNORE, PrmMethod, StepEncoder, score_steps, step_metrics
 
-from .conftest import SAMPLES, compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, run_training, write_jsonl
 
 
 def make_method(*overrides: str) -> PrmMethod:
@@ -251,13 +251,11 @@ def test_training_improves_step_accuracy_and_finds_wrong_steps(trained):
 
 
 def test_stock_reload_scores_steps_exactly_as_training_did(trained, tmp_path: Path):
-    from hydra import compose, initialize_config_module
 
     from rewardctl.evaluate import evaluate_run
 
     summary, run_dir = trained
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path}", "max_rows=20"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}", "max_rows=20"])
     result = evaluate_run(cfg)
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     rows = read_jsonl(SAMPLES / "prm" / "eval.jsonl")
@@ -270,15 +268,8 @@ def test_stock_reload_scores_steps_exactly_as_training_did(trained, tmp_path: Pa
         assert probs == pytest.approx(prediction["step_probs"], abs=1e-5)
         assert prediction["labels"] == [float(v) for v in row["labels"]]
     assert result["metrics"]["rows"] == 20
-    full = evaluate_run(_eval_cfg(run_dir, tmp_path / "full"))
+    full = evaluate_run(compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'full'}"]))
     assert full["metrics"]["step_accuracy"] == pytest.approx(summary["final_eval"]["step_accuracy"])
-
-
-def _eval_cfg(run_dir: Path, out: Path):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        return compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={out}"])
 
 
 def test_score_steps_builds_the_training_sequence():

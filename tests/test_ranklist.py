@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rewardctl.config.validate import to_run_config
@@ -21,7 +20,7 @@ from rewardctl.methods.pairwise import bradley_terry_loss
 from rewardctl.methods.ranking import list_metrics, listmle_loss, pair_count, ranked_pair_loss
 from rewardctl.methods.ranklist import RanklistMethod
 
-from .conftest import SAMPLES, compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, run_training, write_jsonl
 
 
 def make_method(*overrides: str) -> RanklistMethod:
@@ -297,8 +296,7 @@ def test_training_on_the_sample_raises_every_ranking_metric(trained):
 
 def test_save_reload_gives_the_same_scores_and_eval_reproduces_training(trained, tmp_path: Path):
     summary, run_dir = trained
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[f"run_dir={run_dir}", f"output_dir={tmp_path}"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}"])
     result = evaluate_run(cfg)
     for key in ("loss", "accuracy", "top1_accuracy", "exact_order_accuracy", "kendall_tau", "lists"):
         assert result["metrics"][key] == pytest.approx(summary["final_eval"][key], rel=1e-6, abs=1e-6), key

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -17,7 +16,7 @@ from rewardctl.errors import ConfigError
 from rewardctl.evaluate import evaluate_run
 from rewardctl.methods.pairwise import PairwiseMethod
 
-from .conftest import SAMPLES, compose_train, read_jsonl, reset_accelerate, run_training, write_jsonl
+from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, reset_accelerate, run_training, write_jsonl
 
 TIMING_KEYS = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
 SHORT = ["train.max_steps=100", "train.eval_every=50", "train.log_every=10", "train.weight_decay=0.0",
@@ -73,7 +72,7 @@ def test_every_trainable_parameter_changed(trained):
 
 def test_stock_transformers_reload_and_pipeline_give_the_training_scores(trained, tmp_path: Path):
     summary, run_dir = trained
-    cfg = compose_train_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}", "max_rows=16"])
+    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}", "max_rows=16"])
     evaluate_run(cfg)
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     rows = read_jsonl(SAMPLES / "pairwise" / "eval.jsonl")[:16]
@@ -90,14 +89,9 @@ def test_stock_transformers_reload_and_pipeline_give_the_training_scores(trained
     assert scorer(texts[0])[0]["label"] == "reward"
 
 
-def compose_train_eval(overrides: list[str]):
-    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
-
-
 def test_eval_command_reproduces_the_end_of_training_eval(trained):
     summary, run_dir = trained
-    result = evaluate_run(compose_train_eval([f"run_dir={run_dir}"]))
+    result = evaluate_run(compose_eval([f"run_dir={run_dir}"]))
     final = summary["final_eval"]
     for key in ("loss", "accuracy", "margin", "reward_mean", "reward_std", "reward_min", "reward_max", "pairs"):
         assert result["metrics"][key] == pytest.approx(final[key], rel=1e-6, abs=1e-6), key
@@ -108,7 +102,7 @@ def test_eval_command_reproduces_the_end_of_training_eval(trained):
 
 def test_eval_from_a_checkpoint(tmp_path: Path):
     summary, run_dir = run_training(tmp_path, ["experiment=smoke"])
-    result = evaluate_run(compose_train_eval([f"run_dir={run_dir}", "checkpoint=step-6"]))
+    result = evaluate_run(compose_eval([f"run_dir={run_dir}", "checkpoint=step-6"]))
     assert result["metrics"]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
     assert result["metrics"]["loss"] == pytest.approx(summary["final_eval"]["loss"], rel=1e-6)
 
@@ -242,7 +236,7 @@ def test_heldout_split_errors_and_predictions_use_file_row_numbers(tmp_path: Pat
     reset_accelerate()
     assert f"{path}, row 3, field 'chosen': is empty" in str(info.value)
     summary, run_dir = run_training(tmp_path, [*overrides, "data.bad_rows=skip"], name="lenient")
-    result = evaluate_run(compose_train_eval([f"run_dir={run_dir}"]))
+    result = evaluate_run(compose_eval([f"run_dir={run_dir}"]))
     assert result["metrics"]["accuracy"] == pytest.approx(summary["final_eval"]["accuracy"])
     predicted = [r["row"] for r in read_jsonl(run_dir / "eval" / "train-holdout" / "predictions.jsonl")]
     report = json.loads((run_dir / "data_report.json").read_text())

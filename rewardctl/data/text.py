@@ -120,16 +120,26 @@ def fit_prompt_completion(
     max_length: int,
     max_prompt_length: int | None,
     max_completion_length: int | None,
+    overlength: Overlength,
     keep_prompt_end: bool = True,
     bos_id: int | None = None,
-) -> tuple[list[int], list[int]]:
-    """Truncate a (prompt, completion) pair for methods that score the completion (BCO, PRM).
+) -> tuple[list[int], list[int], Fit]:
+    """Fit a (prompt, completion) pair for methods that score the completion (BCO, PRM).
 
-    In order: the completion to ``max_completion_length`` (its start kept); the prompt to an explicit
-    ``max_prompt_length``; if still over ``max_length``, the prompt down to what the completion leaves
-    but never below half the budget (its end kept with ``keep_prompt_end``; a leading BOS always
-    survives); then the completion to the room left. The completion keeps at least one token.
+    A pair within every limit is returned as is; with ``overlength=drop`` an over-long pair is marked
+    ``too_long``. Otherwise, in order: the completion to ``max_completion_length`` (its start kept);
+    the prompt to an explicit ``max_prompt_length``; if still over ``max_length``, the prompt down to
+    what the completion leaves but never below half the budget (its end kept with ``keep_prompt_end``;
+    a leading BOS always survives); then the completion to the room left. The completion keeps at
+    least one token.
     """
+    over = len(prompt) + len(completion) > max_length or bool(
+        (max_completion_length and len(completion) > max_completion_length)
+        or (max_prompt_length and len(prompt) > max_prompt_length))
+    if not over:
+        return prompt, completion, Fit.fits
+    if overlength == Overlength.drop:
+        return prompt, completion, Fit.too_long
 
     def cut_prompt(ids: list[int], size: int) -> list[int]:
         if len(ids) <= size:
@@ -149,4 +159,4 @@ def fit_prompt_completion(
     if room < 1:
         raise RowError("prompt", f"fills the whole budget ({len(prompt)} tokens of max_length {max_length}); "
                                  "set method.max_prompt_length below the max_length")
-    return prompt, completion[:room]
+    return prompt, completion[:room], Fit.truncated

@@ -195,12 +195,23 @@ class Method(ABC):
         """Hook of ``rewardctl eval`` after the trained model is placed (e.g. load a reference)."""
 
 
+def token_budget(method_cfg: Any, run: RunConfig) -> int:
+    """Tokens per sequence for methods with their own ``method.max_length`` (null: ``model.max_length``)."""
+    return method_cfg.max_length or run.model.max_length
+
+
+def budget_label(method_cfg: Any, run: RunConfig) -> str:
+    """The key that sets the budget and its value, as data reports name it."""
+    key = "method.max_length" if method_cfg.max_length else "model.max_length"
+    return f"{key}={token_budget(method_cfg, run)}"
+
+
 def check_token_budget(method_cfg: Any, run: RunConfig) -> None:
     """The ``method.max_length`` / ``max_prompt_length`` / ``max_completion_length`` triple shared by
     methods that score a completion after a prompt (bco, prm): a prompt cap must leave room."""
     from rewardctl.errors import ConfigError
 
-    budget = method_cfg.max_length or run.model.max_length
+    budget = token_budget(method_cfg, run)
     if method_cfg.max_length is not None and method_cfg.max_length < 8:
         raise ConfigError("method.max_length", f"must be >= 8 or null (got {method_cfg.max_length})")
     if method_cfg.max_prompt_length is not None and not 1 <= method_cfg.max_prompt_length < budget:

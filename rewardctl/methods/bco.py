@@ -28,7 +28,16 @@ from rewardctl.data.collate import pad_sequences
 from rewardctl.data.prepare import ROW_COLUMN, SOURCE_ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, check_messages, check_text, fit_prompt_completion, is_conversational
 from rewardctl.errors import ConfigError, DataError, RowError
-from rewardctl.methods.base import Method, Metric, PreparedSplit, Runtime, StepOutput, check_token_budget
+from rewardctl.methods.base import (
+    Method,
+    Metric,
+    PreparedSplit,
+    Runtime,
+    StepOutput,
+    budget_label,
+    check_token_budget,
+    token_budget,
+)
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 from rewardctl.modeling.adapters import (
     is_adapter_model,
@@ -140,19 +149,11 @@ class PromptCompletionEncoder:
 
     def fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int], Fit]:
         cfg = self.cfg
-        too_long = len(prompt) + len(completion) > self.max_length or bool(
-            (cfg.max_completion_length and len(completion) > cfg.max_completion_length)
-            or (cfg.max_prompt_length and len(prompt) > cfg.max_prompt_length))
-        if not too_long:
-            return prompt, completion, Fit.fits
-        if self.overlength == Overlength.drop:
-            return prompt, completion, Fit.too_long
-        prompt, completion = fit_prompt_completion(
+        return fit_prompt_completion(
             prompt, completion, max_length=self.max_length, max_prompt_length=cfg.max_prompt_length,
-            max_completion_length=cfg.max_completion_length,
+            max_completion_length=cfg.max_completion_length, overlength=self.overlength,
             keep_prompt_end=cfg.truncation_mode == TruncationMode.keep_end, bos_id=self.bos,
         )
-        return prompt, completion, Fit.truncated
 
 
 def unpair(dataset: Dataset) -> Dataset:
@@ -215,7 +216,7 @@ class BcoMethod(Method):
 
     @property
     def max_length(self) -> int:
-        return self.cfg.max_length or self.run.model.max_length
+        return token_budget(self.cfg, self.run)
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
@@ -283,7 +284,7 @@ class BcoMethod(Method):
         report["desirable"] = sum(labels)
         report["undesirable"] = len(labels) - sum(labels)
         report["unpaired_from_pairs"] = paired
-        report["budget"] = f"method.max_length={self.max_length}" if self.cfg.max_length else f"model.max_length={self.max_length}"
+        report["budget"] = budget_label(self.cfg, self.run)
         report["truncation_note"] = f"prompt {self.cfg.truncation_mode.value}, completion start kept"
         report["details"] = f"{report['desirable']} desirable, {report['undesirable']} undesirable" + (
             ", unpaired from chosen/rejected" if paired else "")

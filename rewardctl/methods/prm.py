@@ -31,8 +31,17 @@ from rewardctl.data.text import (
     is_conversational,
 )
 from rewardctl.errors import ConfigError, RowError
-from rewardctl.methods.base import Method, Metric, PreparedSplit, StepOutput, check_token_budget
+from rewardctl.methods.base import (
+    Method,
+    Metric,
+    PreparedSplit,
+    StepOutput,
+    budget_label,
+    check_token_budget,
+    token_budget,
+)
 from rewardctl.modeling.adapters import quantization_config, wants_merged_copy, wrap_with_adapter
+from rewardctl.modeling.sequence import head_name
 from rewardctl.modeling.token import build_token_classifier, load_token_classifier, save_token_classifier
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
@@ -86,19 +95,10 @@ class StepEncoder:
             if not last_only or k == len(steps) - 1:
                 label_at[len(completion) - 1] = targets[k]
         prompt = self.prompt_ids(prompt)
-        fit = Fit.fits
-        over = len(prompt) + len(completion) > self.max_length or bool(
-            (self.cfg.max_completion_length and len(completion) > self.cfg.max_completion_length)
-            or (self.cfg.max_prompt_length and len(prompt) > self.cfg.max_prompt_length))
-        if over:
-            if self.overlength == Overlength.drop:
-                fit = Fit.too_long
-            else:
-                prompt, completion = fit_prompt_completion(
-                    prompt, completion, max_length=self.max_length, max_prompt_length=self.cfg.max_prompt_length,
-                    max_completion_length=self.cfg.max_completion_length, keep_prompt_end=True, bos_id=self.bos,
-                )
-                fit = Fit.truncated
+        prompt, completion, fit = fit_prompt_completion(
+            prompt, completion, max_length=self.max_length, max_prompt_length=self.cfg.max_prompt_length,
+            max_completion_length=self.cfg.max_completion_length, overlength=self.overlength, bos_id=self.bos,
+        )
         kept = {i: t for i, t in label_at.items() if i < len(completion)}
         if not kept:
             first_step = min(label_at) + 1
@@ -124,7 +124,7 @@ class PrmMethod(Method):
 
     @property
     def max_length(self) -> int:
-        return self.cfg.max_length or self.run.model.max_length
+        return token_budget(self.cfg, self.run)
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
@@ -141,8 +141,7 @@ class PrmMethod(Method):
 
     def build_model(self) -> nn.Module:
         model = build_token_classifier(self.run.model, self.tokenizer, self.run.train, quantization_config(self.run.peft))
-        head = "score" if isinstance(getattr(model, "score", None), nn.Module) else "classifier"
-        return wrap_with_adapter(model, self.run.peft, head=[head], task_type="TOKEN_CLS")
+        return wrap_with_adapter(model, self.run.peft, head=[head_name(model)], task_type="TOKEN_CLS")
 
     def load_trained(self, path: Path) -> nn.Module:
         return load_token_classifier(path, self.run.model)
@@ -178,7 +177,7 @@ class PrmMethod(Method):
         report["row_name"] = "rows"
         report["labelled_steps"] = int(labelled.size)
         report["correct_steps"] = int((labelled == 1).sum())
-        report["budget"] = f"method.max_length={self.max_length}" if self.cfg.max_length else f"model.max_length={self.max_length}"
+        report["budget"] = budget_label(self.cfg, self.run)
         report["truncation_note"] = "prompt end and first steps kept; cut steps lose their labels"
         report["details"] = f"{report['labelled_steps']} labelled steps, {report['correct_steps']} correct"
         return PreparedSplit(featurized, report)
