@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-bench demo test test-fast lint bench samples clean
+.PHONY: setup setup-bench demo test test-fast lint bench bench-gpu samples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ lint: setup
 bench: setup-bench
 	$(BIN)/python benchmarks/pairwise_hh_vs_trl.py
 	$(BIN)/python benchmarks/ranklist_vs_per_text_loop.py
+
+## On a GPU machine: items/s and peak GPU memory of every method on a Qwen2.5-0.5B-shaped model (bf16).
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu_methods.py
+	$(BIN)/python benchmarks/gpu_methods.py --peft lora --gradient-checkpointing
 
 ## Regenerate the bundled sample data and the tiny model asset.
 samples: setup

@@ -30,6 +30,8 @@ commands:
   train   train a reward model: rewardctl train method=pairwise model=tiny data=pairwise_sample
           (sweeps: rewardctl train -m train.lr=1e-5,3e-5; config: rewardctl train --cfg job)
   eval    evaluate a finished run on a dataset: rewardctl eval run_dir=<run directory> [data=<path>]
+  export  write a run's model with its adapter merged, as a stock transformers directory:
+          rewardctl export run_dir=<run directory> [checkpoint=step-N] [dtype=bfloat16] [output_dir=<dir>]
 
 Each command takes Hydra overrides and Hydra's own flags; see `rewardctl <command> --help`.
 """
@@ -60,7 +62,14 @@ def eval_app(cfg: DictConfig) -> Any:
     return _guarded(lambda: evaluate_run(cfg))
 
 
-COMMANDS: dict[str, Callable[[], Any]] = {"train": train_app, "eval": eval_app}
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def export_app(cfg: DictConfig) -> Any:
+    from rewardctl.export import export_run
+
+    return _guarded(lambda: export_run(cfg))
+
+
+COMMANDS: dict[str, Callable[[], Any]] = {"train": train_app, "eval": eval_app, "export": export_app}
 
 
 def worker_overrides(args: list[str]) -> list[str]:

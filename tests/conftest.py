@@ -42,6 +42,11 @@ def compose_eval(overrides: list[str]) -> DictConfig:
         return compose(config_name="eval", overrides=overrides)
 
 
+def compose_export(overrides: list[str]) -> DictConfig:
+    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
+        return compose(config_name="export", overrides=overrides)
+
+
 def run_training(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict[str, Any], Path]:
     """Train in-process through the same code path as the CLI; returns (summary, run_dir)."""
     from rewardctl.training.session import train

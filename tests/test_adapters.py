@@ -13,9 +13,10 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 
 from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.evaluate import evaluate_run
+from rewardctl.export import export_run
 from rewardctl.methods.prm import score_steps
 
-from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, run_training
+from .conftest import SAMPLES, compose_eval, compose_export, compose_train, read_jsonl, run_training
 
 HEADS = {"pairwise": "score", "ranklist": "score", "prm": "score"}
 
@@ -59,6 +60,8 @@ def test_lora_trains_adapter_and_head_only_and_reloads_with_stock_peft_and_merge
     assert lora_b and head and frozen
     assert all(torch.equal(initial[k], final[k]) for k in frozen), "base weights must not move"
     assert all(not torch.equal(initial[k], final[k]) for k in lora_b + head), "adapter and head must train"
+    trainable = sum(v.numel() for k, v in initial.items() if "lora_" in k or f"{HEADS[method]}.modules_to_save" in k)
+    assert summary["parameters"]["trainable"] == trainable < summary["parameters"]["total"]
 
     cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}", "max_rows=4"])
     evaluate_run(cfg)
@@ -68,9 +71,14 @@ def test_lora_trains_adapter_and_head_only_and_reloads_with_stock_peft_and_merge
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     merged_class = AutoModelForTokenClassification if method == "prm" else AutoModelForSequenceClassification
     merged = merged_class.from_pretrained(merged_dir).eval()
+    # `rewardctl export` merges after the run (e.g. a sharded one, which writes no model-merged/).
+    exported_dir = tmp_path / "exported"
+    result = export_run(compose_export([f"run_dir={run_dir}", f"output_dir={exported_dir}"]))
+    assert result["merged_adapter"] and not (exported_dir / "adapter_config.json").exists()
+    exported = merged_class.from_pretrained(exported_dir).eval()
     ours = rewardctl_scores(method, predictions)
-    for got in (stock_scores(method, adapted, tokenizer, rows), stock_scores(method, merged, tokenizer, rows)):
-        for a, b in zip(got, ours, strict=True):
+    for model in (adapted, merged, exported):
+        for a, b in zip(stock_scores(method, model, tokenizer, rows), ours, strict=True):
             assert a == pytest.approx(b, abs=1e-4)
 
 

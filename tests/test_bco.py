@@ -19,7 +19,7 @@ from rewardctl.errors import ConfigError, DataError
 from rewardctl.methods.bco import BcoMethod, LocalRuntime, RunningMean
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 
-from .conftest import compose_eval, compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import compose_eval, compose_export, compose_train, read_jsonl, run_training, write_jsonl
 
 
 def make_method(*overrides: str) -> BcoMethod:
@@ -401,10 +401,16 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_adapter_disabled(
         policy = completion_logps(trained.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
     assert first["ref_logp"] == pytest.approx(reference.item(), abs=1e-4)  # the reference is the base, adapter off
     assert first["logp"] == pytest.approx(policy.item(), abs=1e-4) and first["logp"] != pytest.approx(first["ref_logp"])
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "model-merged").eval()  # stock transformers alone
-    with torch.no_grad():
-        merged_logp = completion_logps(merged, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
-    assert merged_logp.item() == pytest.approx(policy.item(), abs=1e-4)
+    from rewardctl.export import export_run
+
+    export_run(compose_export([f"run_dir={run_dir}", f"output_dir={tmp_path / 'exported'}"]))
+    for merged_dir in (run_dir / "model-merged", tmp_path / "exported"):  # written by the run, and by export
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # stock transformers alone
+        with torch.no_grad():
+            merged_logp = completion_logps(merged, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+        assert merged_logp.item() == pytest.approx(policy.item(), abs=1e-4)
+        saved = json.loads((merged_dir / "config.json").read_text())["rewardctl"]
+        assert saved["delta"] == pytest.approx(summary["final_eval"]["delta"])  # the threshold travels with it
 
 
 def test_an_explicit_reference_model_is_loaded_frozen(tmp_path: Path):

@@ -26,6 +26,7 @@ def test_help_lists_commands_and_groups(tmp_path: Path):
     assert train_help.returncode == 0
     assert "== Config groups" in train_help.stdout and "model: llama-3.2-1b, minilm, qwen2.5-0.5b, tiny" in train_help.stdout
     assert "eval" in cli("eval", "--help", cwd=tmp_path).stdout
+    assert "export" in top.stdout and "checkpoint=step-N" in cli("export", "--help", cwd=tmp_path).stdout
     assert cli("frobnicate", cwd=tmp_path).returncode == 2
     assert cli("--version", cwd=tmp_path).stdout.startswith("rewardctl ")
 
@@ -139,7 +140,7 @@ def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
         [{k: v for k, v in r.items() if k not in timing} for r in ddp]
 
 
-def test_eval_writes_nothing_in_the_working_directory(tmp_path: Path):
+def test_eval_and_export_write_nothing_in_the_working_directory(tmp_path: Path):
     out = tmp_path / "run"
     assert cli("train", *SMOKE, "train.max_steps=2", f"output_dir={out}", cwd=tmp_path).returncode == 0
     elsewhere = tmp_path / "elsewhere"
@@ -148,6 +149,11 @@ def test_eval_writes_nothing_in_the_working_directory(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(elsewhere.iterdir()) == []
     assert "accuracy" in result.stdout and (out / "eval" / "eval" / "metrics.json").is_file()
+    exported = cli("export", f"run_dir={out}", cwd=elsewhere)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert list(elsewhere.iterdir()) == [] and (out / "model-merged" / "model.safetensors").is_file()
+    again = cli("export", f"run_dir={out}", cwd=elsewhere)  # never replaces an export silently
+    assert again.returncode == 2 and "overwrite=true" in again.stderr
 
 
 @pytest.mark.slow

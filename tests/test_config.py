@@ -170,7 +170,6 @@ def test_max_length_beyond_learned_positions_is_refused_before_data(tmp_path: Pa
     (["hardware.fsdp_sharding_strategy=SOME"], "hardware.fsdp_sharding_strategy", "must be one of"),
     (["hardware.device=gpu"], "hardware.device", "gpu requested but torch sees no CUDA device"),
     (["peft=qlora"], "peft", "needs a CUDA GPU; on CPU use peft=lora"),
-    (["hardware.strategy=deepspeed", "train.grad_accum=2"], "train.grad_accum", "needs grad_accum=1"),
 ])
 def test_hardware_mistakes_are_refused_before_anything_loads(overrides, key, text):
     import importlib.util

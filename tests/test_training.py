@@ -47,6 +47,10 @@ def test_run_directory_layout(trained):
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(10, 101, 10))
     assert summary["status"] == "completed" and summary["step"] == 100 and summary["totals"]["pairs"] == 1600
     assert json.loads((run_dir / "model" / "config.json").read_text())["rewardctl"]["method"] == "pairwise"
+    weights = load_file(str(run_dir / "model" / "model.safetensors"))
+    total = sum(v.numel() for v in weights.values())
+    assert summary["parameters"] == {"total": total, "trainable": total}  # full fine-tune: everything trains
+    assert summary["peak_gpu_memory_gib"] is None  # CPU run
 
 
 def test_loss_falls_and_heldout_accuracy_rises(trained):

@@ -383,13 +383,19 @@ class RunConfig:
 
 
 @dataclass
-class EvalConfig:
-    """`rewardctl eval`: score a finished (or checkpointed) run on a dataset."""
+class SavedModelRef:
+    """Which trained model a command reads: a run's final model/ or one of its checkpoints."""
 
     # A training run directory; its config.yaml decides method, tokenisation and format.
     run_dir: str = MISSING
     # null: the run's final model/; or a checkpoint name (step-N) or a checkpoint path.
     checkpoint: Optional[str] = None
+
+
+@dataclass
+class EvalConfig(SavedModelRef):
+    """`rewardctl eval`: score a finished (or checkpointed) run on a dataset."""
+
     # null: the run's data.eval; else a file, folder or hub id.
     data: Optional[str] = None
     split: Optional[str] = None
@@ -403,3 +409,15 @@ class EvalConfig:
     # null: the run's own hardware.device / hardware.mixed_precision, so its eval is reproduced.
     device: Optional[Device] = None
     mixed_precision: Optional[MixedPrecision] = None
+
+
+@dataclass
+class ExportConfig(SavedModelRef):
+    """`rewardctl export`: a run's model (adapter merged) as one stock transformers directory."""
+
+    # null: <run_dir>/model-merged (or <run_dir>/model-merged-step-N for a checkpoint).
+    output_dir: Optional[str] = None
+    # null: the dtype the weights were trained in; bfloat16 / float16 halve the size for serving.
+    dtype: Optional[DType] = None
+    # An existing output_dir is only replaced when this is true.
+    overwrite: bool = False

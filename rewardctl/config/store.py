@@ -39,6 +39,7 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=schema.RunConfig)
     store.store(name="eval_schema", node=schema.EvalConfig)
+    store.store(name="export_schema", node=schema.ExportConfig)
     if not OmegaConf.has_resolver("rewardctl.asset"):
         OmegaConf.register_new_resolver("rewardctl.asset", asset_path)
     if not OmegaConf.has_resolver("rewardctl.sample"):

@@ -16,7 +16,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from rewardctl.config.schema import Device, EvalConfig, MixedPrecision, RunConfig
+from rewardctl.config.schema import Device, DType, EvalConfig, ExportConfig, MixedPrecision, RunConfig
 from rewardctl.errors import ConfigError
 
 KNOWN_TRACKERS = {
@@ -190,9 +190,6 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
-    _require(not (run.hardware.strategy.value == "deepspeed" and t.grad_accum > 1), "train.grad_accum",
-             "hardware=deepspeed needs grad_accum=1 for now (the DeepSpeed engine's own accumulation is not wired); "
-             "raise per_device_batch_size or the process count instead")
     check_hardware(run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none"))
     if for_training:
         check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
@@ -206,10 +203,14 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     return run
 
 
+def _check_run_dir(run_dir: str) -> None:
+    _require(Path(run_dir).is_dir(), "run_dir", f"{run_dir!r} is not a directory")
+    _require((Path(run_dir) / "config.yaml").is_file(), "run_dir", f"{run_dir!r} has no config.yaml (not a rewardctl run)")
+
+
 def to_eval_config(cfg: DictConfig) -> EvalConfig:
     ev: EvalConfig = _to_object(cfg)
-    _require(Path(ev.run_dir).is_dir(), "run_dir", f"{ev.run_dir!r} is not a directory")
-    _require((Path(ev.run_dir) / "config.yaml").is_file(), "run_dir", f"{ev.run_dir!r} has no config.yaml (not a rewardctl run)")
+    _check_run_dir(ev.run_dir)
     if ev.batch_size is not None:
         _require(ev.batch_size >= 1, "batch_size", "must be >= 1")
     if ev.max_rows is not None:
@@ -217,6 +218,13 @@ def to_eval_config(cfg: DictConfig) -> EvalConfig:
     if ev.device is not None and ev.mixed_precision is not None:
         check_precision(ev.device, ev.mixed_precision, "mixed_precision")
     return ev
+
+
+def to_export_config(cfg: DictConfig) -> ExportConfig:
+    ex: ExportConfig = _to_object(cfg)
+    _check_run_dir(ex.run_dir)
+    _require(ex.dtype != DType.auto, "dtype", "must be float32, bfloat16 or float16 (or null: as trained)")
+    return ex
 
 
 def load_run_config(path: Path) -> RunConfig:

@@ -125,11 +125,27 @@ def save_model_dir(
             model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
     if save_merged and is_adapter_model(model) and state_dict is not None:
-        log.warning("the model is sharded (FSDP / ZeRO-3): no model-merged/ copy is written; merge the adapter "
-                    "in %s with peft's merge_and_unload on one machine", path)
+        log.warning("the model is sharded (FSDP / ZeRO-3): no model-merged/ copy is written during training; "
+                    "write it with: rewardctl export run_dir=%s", path.parent)
     elif save_merged and is_adapter_model(model):
         merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
         save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """``model`` with every PEFT adapter folded into its base weights (in place): the model itself,
+    or a direct child of a wrapper such as the reward model's ``classifier``. The trained head (a
+    ``modules_to_save`` copy) replaces the original, so the result scores exactly as the adapter did."""
+    if is_adapter_model(model):
+        return model.merge_and_unload()
+    for name, child in list(model.named_children()):
+        if is_adapter_model(child):
+            setattr(model, name, child.merge_and_unload())
+    return model
+
+
+def contains_adapter(model: nn.Module) -> bool:
+    return is_adapter_model(model) or any(is_adapter_model(child) for child in model.children())
 
 
 def load_model_dir(path: Path, model_cfg: ModelConfig, load_plain: Callable[[str], nn.Module]) -> nn.Module:

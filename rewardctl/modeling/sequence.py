@@ -48,6 +48,13 @@ class SequenceRewardModel(nn.Module):
         backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
         self.pooling = "last_token" if isinstance(getattr(hf, "score", None), nn.Module) and backbone is not None else "native"
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's layer classes. accelerate's FSDP transformer auto-wrap reads this attribute
+        of the module it prepares: without it the wrapper would be sharded as one unit (every
+        parameter gathered at once) instead of one decoder layer at a time."""
+        return list(getattr(_unwrap_hf(self.classifier), "_no_split_modules", None) or [])
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         if self.pooling == "native":
             logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits

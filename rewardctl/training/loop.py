@@ -207,9 +207,16 @@ class TrainingLoop:
         # DDP averages gradients over processes: undo that, then normalise by the window's items. Every
         # prepared row holds at least one loss item, so the clamp only avoids a division by zero.
         scale = acc.num_processes / total.clamp(min=1.0)
+        # accelerate.backward divides by gradient_accumulation_steps (1 here, except under DeepSpeed,
+        # whose engine divides by its own accumulation count): undone, so the window's normalisation
+        # above is the only one.
+        scale = scale * acc.gradient_accumulation_steps
         for i, batch in enumerate(window):
-            context = nullcontext() if i == len(window) - 1 else acc.no_sync(self.model)
-            with context:
+            last = i == len(window) - 1
+            # DeepSpeed's engine reduces gradients and steps only on a micro-batch accelerate marks
+            # as a boundary; DDP / FSDP skip the gradient all-reduce inside no_sync.
+            acc.sync_gradients = last
+            with nullcontext() if last else acc.no_sync(self.model):
                 out = self.method.train_step(self.model, batch)
                 acc.backward(out.loss_sum * scale)
             self.tracker.add(out.metrics)

@@ -115,7 +115,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed is not None:  # the loop feeds its own batches: DeepSpeed cannot infer these from a loader
         deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = run.train.per_device_batch_size
-        deepspeed.deepspeed_config["gradient_clipping"] = run.train.max_grad_norm
+        deepspeed.deepspeed_config["gradient_accumulation_steps"] = run.train.grad_accum
+        deepspeed.deepspeed_config["gradient_clipping"] = max(run.train.max_grad_norm, 0.0)
+        accelerator.gradient_accumulation_steps = run.train.grad_accum  # the engine's count, known to the loop
     quiet_other_processes(accelerator)
     run_dir = shared_run_dir(accelerator, run.output_dir)
     main = accelerator.is_main_process
@@ -160,6 +162,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     set_seed(run.train.seed)  # before the head is created, so runs reproduce
     model = method.build_model()
+    parameters = {"total": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
     optimizer = build_optimizer(model, run.train)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -207,7 +212,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if main:
             method.save_model(accelerator.unwrap_model(model), run_dir / "model", state_dict=state_dict)
     accelerator.wait_for_everyone()
-    summary = summarize(result, run, method, run_dir, max_steps, accelerator.num_processes)
+    summary = summarize(result, run, method, run_dir, max_steps, accelerator.num_processes,
+                        peak_memory=peak_gpu_memory_gib(accelerator), parameters=parameters)
     if main:
         write_json_atomic(run_dir / "summary.json", summary)
         if metrics_log.records():
@@ -236,7 +242,8 @@ def launch(run: RunConfig) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
-def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path, max_steps: int, processes: int) -> dict[str, Any]:
+def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path, max_steps: int, processes: int,
+              peak_memory: float | None = None, parameters: dict[str, int] | None = None) -> dict[str, Any]:
     items = result.totals.get(method.item_name)
     return {
         "status": result.status,
@@ -246,6 +253,8 @@ def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path,
         "processes": processes,
         "train_seconds": round(result.train_seconds, 3),
         f"{method.item_name}_per_sec": (items / result.train_seconds) if items and result.train_seconds else None,
+        "peak_gpu_memory_gib": peak_memory,
+        "parameters": parameters,
         "totals": result.totals,
         "last_train": result.train,
         "first_eval": result.evals[0] if result.evals else None,
@@ -254,6 +263,16 @@ def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path,
         "run_dir": str(run_dir),
         "model_dir": str(run_dir / "model") if result.status == "completed" else None,
     }
+
+
+def peak_gpu_memory_gib(accelerator: Any) -> float | None:
+    """The largest per-process peak of allocated GPU memory (None on CPU): what a user sizes GPUs by."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(accelerator.device)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(peak[None]).max()
+    return round(peak.item() / 2**30, 3)
 
 
 def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
@@ -266,6 +285,8 @@ def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
             if key in final:
                 before = f"{first[key]:.4f} (step {first['step']}) -> " if first and first is not final else ""
                 lines.append(f"  eval {key}: {before}{final[key]:.4f} (step {final['step']})")
+    if summary.get("peak_gpu_memory_gib") is not None:
+        lines.append(f"  peak GPU memory: {summary['peak_gpu_memory_gib']:.2f} GiB per process")
     train = summary.get("last_train") or {}
     if "loss" in train:
         lines.append(f"  last train loss: {train['loss']:.4f}")

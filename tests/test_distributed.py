@@ -1,0 +1,108 @@
+"""The distribution contracts that a CPU can check: how FSDP2 wraps each method's model, what the
+loop tells DeepSpeed's engine about accumulation boundaries, and the arguments of the launcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from safetensors.torch import load_file
+
+from rewardctl.config.schema import HardwareConfig, Strategy
+from rewardctl.config.validate import method_class, to_run_config
+from rewardctl.training import launch
+
+from .conftest import compose_train, read_jsonl, run_training
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+@pytest.mark.parametrize("method", ["pairwise", "ranklist", "bco", "prm"])
+def test_fsdp_auto_wrap_shards_each_decoder_layer_of_every_method(method: str, peft: str):
+    """accelerate's own FSDP2 policy over the module the loop prepares (a reward wrapper, a PEFT
+    model or a plain transformers model) picks every decoder layer, not just the root."""
+    run = to_run_config(compose_train([f"method={method}", f"peft={peft}", "experiment=smoke", "output_dir=unused"]))
+    model = method_class(run.method._target_)(run.method, run).build_model()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)  # what accelerate's fsdp2_prepare_model does first
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [m for m in model.modules() if policy(m)]
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert len(layers) == 2 and wrapped == layers
+
+
+def test_only_the_last_micro_batch_of_a_window_is_a_sync_boundary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """DeepSpeed's engine reduces and steps exactly when accelerate's sync_gradients is set."""
+    flags: list[bool] = []
+    original = Accelerator.backward
+
+    def recording(self: Accelerator, loss: torch.Tensor, **kwargs) -> None:
+        flags.append(self.sync_gradients)
+        original(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", recording)
+    summary, _ = run_training(tmp_path, ["experiment=smoke", "train.max_steps=4", "train.grad_accum=3",
+                                         "train.per_device_batch_size=2", "train.save_every=0"])
+    assert summary["status"] == "completed"
+    assert flags == [False, False, True] * 4
+
+
+def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch):
+    """Under DeepSpeed accelerate's gradient_accumulation_steps is the engine's count and the engine
+    divides each loss by it. Emulated here by setting that count, which makes accelerate divide:
+    the loop must undo it, so the run equals one with the count at 1."""
+    common = ["experiment=smoke", "train.max_steps=4", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
+              "train.grad_accum=3", "train.per_device_batch_size=2"]
+    plain, plain_dir = run_training(tmp_path, common, name="plain")
+    from rewardctl.training import session
+
+    build = session.build_accelerator
+
+    def with_engine_count(*args, **kwargs) -> Accelerator:
+        accelerator = build(*args, **kwargs)
+        accelerator.gradient_accumulation_steps = 3
+        return accelerator
+
+    monkeypatch.setattr(session, "build_accelerator", with_engine_count)
+    emulated, emulated_dir = run_training(tmp_path, common, name="emulated")
+    a = [r for r in read_jsonl(plain_dir / "metrics.jsonl") if r["split"] == "train"]
+    b = [r for r in read_jsonl(emulated_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    wa, wb = load_file(str(plain_dir / "model/model.safetensors")), load_file(str(emulated_dir / "model/model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def hardware(**values) -> HardwareConfig:
+    return HardwareConfig(**{"name": "test", "num_processes": 2, **values})
+
+
+def test_fsdp_launch_arguments(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(launch, "free_port", lambda: 12345)
+    args, env = launch.launcher_arguments(hardware(strategy=Strategy.fsdp, fsdp_sharding_strategy="SHARD_GRAD_OP"))
+    joined = " ".join(args)
+    assert "--use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP" in joined
+    assert "--fsdp_reshard_after_forward false" in joined and "--main_process_port 12345" in joined
+    assert "--num_processes 2" in joined and "--multi_gpu" not in args and env == {}
+
+
+def test_deepspeed_zero3_launch_arguments_gather_a_16bit_model(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(launch, "free_port", lambda: 12345)
+    args, _ = launch.launcher_arguments(hardware(strategy=Strategy.deepspeed, zero_stage=3, offload_optimizer=True))
+    joined = " ".join(args)
+    assert "--use_deepspeed --zero_stage 3 --offload_optimizer_device cpu" in joined
+    assert "--zero3_save_16bit_model true" in joined
+
+
+def test_multi_machine_launch_uses_the_configured_rendezvous():
+    args, _ = launch.launcher_arguments(hardware(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
+                                                 main_process_port=29555))
+    joined = " ".join(args)
+    assert "--num_processes 4 --num_machines 2 --machine_rank 1 --main_process_port 29555" in joined
+    assert "--main_process_ip 10.0.0.1" in joined
