@@ -11,7 +11,7 @@ steps) and the peak GPU memory of the busiest process.
     python benchmarks/gpu_methods.py --peft lora --gradient-checkpointing
     python benchmarks/gpu_methods.py --shape tiny --hardware cpu --steps 4   # plumbing check on a CPU
 
-Writes bench-results/gpu_methods.json.
+Writes bench-results/gpu_methods-<shape>-<hardware>-peft_<peft>[-gc].json.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict:
     summary = json.loads((out / method / "summary.json").read_text())
     item = next(k for k in summary if k.endswith("_per_sec"))
     return {"method": method, "data": data_name, "steps": summary["step"], "train_seconds": summary["train_seconds"],
-            "items_per_sec": round(summary[item], 2), "item": item.removesuffix("_per_sec"),
+            "items_per_sec": round(summary[item] or 0.0, 2), "item": item.removesuffix("_per_sec"),
             "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"), "parameters": summary.get("parameters"),
             "last_train_loss": (summary.get("last_train") or {}).get("loss")}
 
@@ -89,7 +89,9 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items()}
     out = REPO / "bench-results"
     out.mkdir(exist_ok=True)
-    (out / "gpu_methods.json").write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+    name = f"gpu_methods-{args.shape}-{args.hardware}-peft_{args.peft}{'-gc' if args.gradient_checkpointing else ''}.json"
+    (out / name).write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+    print(f"written to {out / name}")
 
 
 if __name__ == "__main__":

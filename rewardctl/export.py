@@ -31,6 +31,16 @@ def default_output(run_dir: Path, checkpoint: str | None) -> Path:
     return run_dir / f"model-merged{suffix}"
 
 
+def check_output(output: Path, source: Path, run_dir: Path, overwrite: bool) -> None:
+    """Replacing ``output`` must never delete what the export reads or the run itself."""
+    if output == source or source.is_relative_to(output) or output.is_relative_to(source):
+        raise ConfigError("output_dir", f"{output} overlaps the model being exported ({source}); choose another directory")
+    if run_dir.is_relative_to(output) or output.is_relative_to(run_dir / "checkpoints"):
+        raise ConfigError("output_dir", f"{output} would replace the run or its checkpoints; choose another directory")
+    if output.exists() and not overwrite:
+        raise ConfigError("output_dir", f"{output} already exists; pass overwrite=true to replace it")
+
+
 def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
     """Write the merged (and optionally cast) model; returns what was written."""
     ex = cfg if isinstance(cfg, ExportConfig) else to_export_config(cfg)
@@ -38,10 +48,10 @@ def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
     run = load_run_config(run_dir / "config.yaml")
     source = resolve_checkpoint(run_dir, ex.checkpoint)
     output = Path(ex.output_dir).resolve() if ex.output_dir else default_output(run_dir, ex.checkpoint)
-    if output == source.resolve():
-        raise ConfigError("output_dir", f"{output} is the model being exported; choose another directory")
-    if output.exists() and not ex.overwrite:
-        raise ConfigError("output_dir", f"{output} already exists; pass overwrite=true to replace it")
+    check_output(output, source.resolve(), run_dir, ex.overwrite)
+    if run.peft.name.value == "qlora" and ex.checkpoint is not None:
+        raise ConfigError("checkpoint", "a QLoRA checkpoint holds 4-bit base weights; export the run's final model/ "
+                          "(its adapter is merged into the full-precision base)")
 
     method = method_class(run.method._target_)(run.method, run)
     use_saved_tokenizer(method, run, source)

@@ -3,6 +3,7 @@ transformers directory that scores exactly as `rewardctl eval` does; refusals be
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,13 @@ def test_refusals_leave_what_exists_untouched(full_run: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="overwrite=true"):
         export_run(compose_export([f"run_dir={full_run}", f"output_dir={out}"]))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    with pytest.raises(ConfigError, match="the model being exported"):
-        export_run(compose_export([f"run_dir={full_run}", f"output_dir={full_run / 'model'}", "overwrite=true"]))
+    for clash in (full_run / "model", full_run / "model" / "sub"):  # what the export reads
+        with pytest.raises(ConfigError, match="overlaps the model being exported"):
+            export_run(compose_export([f"run_dir={full_run}", f"output_dir={clash}", "overwrite=true"]))
+    for clash in (full_run, full_run.parent, full_run / "checkpoints" / "mine"):  # the run itself
+        with pytest.raises(ConfigError, match="overlaps|would replace the run"):
+            export_run(compose_export([f"run_dir={full_run}", f"output_dir={clash}", "overwrite=true"]))
+    assert (full_run / "model" / "model.safetensors").is_file() and (full_run / "checkpoints" / "step-3").is_dir()
     with pytest.raises(ConfigError, match="dtype"):
         export_run(compose_export([f"run_dir={full_run}", "dtype=auto"]))
     with pytest.raises(ConfigError, match="not a rewardctl run"):
@@ -81,3 +87,35 @@ def test_refusals_leave_what_exists_untouched(full_run: Path, tmp_path: Path):
 
     export_run(compose_export([f"run_dir={full_run}", f"output_dir={out}", "overwrite=true"]))
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_a_lora_checkpoint_of_bco_exports_merged_with_that_checkpoints_delta(tmp_path: Path):
+    """A checkpoint is rebuilt (adapter included), merged, and saved with the delta of its own
+    method state, not the final one; stock transformers then gives eval's log-probabilities."""
+    from transformers import AutoModelForCausalLM
+
+    from rewardctl.modeling.causal import completion_logps
+
+    _, run_dir = run_training(tmp_path, ["method=bco", "peft=lora", "peft.r=4", "experiment=smoke",
+                                         "peft.save_merged=false"])
+    state = load_file(str(run_dir / "checkpoints" / "step-3" / "method_state.safetensors"))
+    delta_at_3 = (state["delta_total"] / state["delta_count"]).item()
+    export_run(compose_export([f"run_dir={run_dir}", "checkpoint=step-3"]))
+    exported = run_dir / "model-merged-step-3"
+    assert not (exported / "adapter_config.json").exists()
+    saved = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert saved.config.rewardctl["delta"] == pytest.approx(delta_at_3)
+    final_delta = json.loads((run_dir / "model" / "rewardctl.json").read_text())["delta"]
+    assert delta_at_3 != pytest.approx(final_delta)  # really the checkpoint's, not the end's
+
+    evaluate_run(compose_eval([f"run_dir={run_dir}", "checkpoint=step-3", f"output_dir={tmp_path / 'eval'}", "max_rows=3"]))
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    rows = read_jsonl(SAMPLES / "bco" / "eval.jsonl")
+    for prediction in read_jsonl(tmp_path / "eval" / "predictions.jsonl"):
+        row = rows[prediction["row"] - 1]
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        mask = torch.tensor([[0] * len(prompt) + [1] * (len(ids) - len(prompt))])
+        with torch.no_grad():
+            logp = completion_logps(saved, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), mask)[0]
+        assert logp.item() == pytest.approx(prediction["logp"], abs=1e-4)

@@ -140,3 +140,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_tokenizer
         results.append((loss.detach(), model.classifier.score.weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_parameter_counts_see_through_zero3_partitioning_and_4bit_packing():
+    from rewardctl.modeling.common import count_parameters, parameter_count
+
+    partitioned = nn.Parameter(torch.empty(0))
+    partitioned.ds_numel = 1000  # what deepspeed.zero.Init leaves on a parameter
+    assert parameter_count(partitioned) == 1000
+
+    class Params4bit(nn.Parameter):  # bitsandbytes' class name: two 4-bit values per storage byte
+        pass
+
+    packed = Params4bit(torch.zeros(50, dtype=torch.uint8), requires_grad=False)
+    packed.quant_storage = torch.uint8
+    assert parameter_count(packed) == 100
+
+    model = nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    assert count_parameters(model) == {"total": 8, "trainable": 6}

@@ -125,8 +125,8 @@ def save_model_dir(
             model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
     if save_merged and is_adapter_model(model) and state_dict is not None:
-        log.warning("the model is sharded (FSDP / ZeRO-3): no model-merged/ copy is written during training; "
-                    "write it with: rewardctl export run_dir=%s", path.parent)
+        log.warning("the weights were gathered from FSDP / DeepSpeed: no model-merged/ copy is written during "
+                    "training; write it with: rewardctl export run_dir=%s", path.parent)
     elif save_merged and is_adapter_model(model):
         merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
         save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)

@@ -97,3 +97,19 @@ def instantiate(auto_class: Any, config: PretrainedConfig, model_cfg: ModelConfi
     finish_model(model, model_cfg, train_cfg, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """Real element count: ZeRO-3 (``zero.Init``) leaves ``numel() == 0`` and keeps the size in
+    ``ds_numel``; bitsandbytes packs two 4-bit values per byte of its storage dtype."""
+    count = getattr(param, "ds_numel", 0) or param.numel()
+    if type(param).__name__ == "Params4bit":
+        storage = getattr(param, "quant_storage", torch.uint8)
+        count *= 2 * (storage.itemsize if isinstance(storage, torch.dtype) else 1)
+    return count
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    return {"total": sum(parameter_count(p) for p in params),
+            "trainable": sum(parameter_count(p) for p in params if p.requires_grad)}

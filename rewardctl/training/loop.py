@@ -211,15 +211,18 @@ class TrainingLoop:
         # whose engine divides by its own accumulation count): undone, so the window's normalisation
         # above is the only one.
         scale = scale * acc.gradient_accumulation_steps
-        for i, batch in enumerate(window):
-            last = i == len(window) - 1
-            # DeepSpeed's engine reduces gradients and steps only on a micro-batch accelerate marks
-            # as a boundary; DDP / FSDP skip the gradient all-reduce inside no_sync.
-            acc.sync_gradients = last
-            with nullcontext() if last else acc.no_sync(self.model):
-                out = self.method.train_step(self.model, batch)
-                acc.backward(out.loss_sum * scale)
-            self.tracker.add(out.metrics)
+        try:
+            for i, batch in enumerate(window):
+                last = i == len(window) - 1
+                # DeepSpeed's engine reduces gradients and steps only on a micro-batch accelerate marks
+                # as a boundary; DDP / FSDP skip the gradient all-reduce inside no_sync.
+                acc.sync_gradients = last
+                with nullcontext() if last else acc.no_sync(self.model):
+                    out = self.method.train_step(self.model, batch)
+                    acc.backward(out.loss_sum * scale)
+                self.tracker.add(out.metrics)
+        finally:
+            acc.sync_gradients = True  # process-wide state: never left mid-window
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
@@ -228,7 +231,10 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.micro_batches += len(window)
-        return grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(float("nan"))
+        if torch.is_tensor(grad_norm):
+            return grad_norm.detach()
+        # DeepSpeed reports the engine's norm as a float (None before its first step)
+        return torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
 
     def run(self) -> LoopResult:
         cfg = self.cfg

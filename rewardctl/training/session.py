@@ -26,7 +26,7 @@ from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
-from rewardctl.modeling.common import check_max_length
+from rewardctl.modeling.common import check_max_length, count_parameters
 from rewardctl.training.checkpoint import latest_checkpoint, read_trainer_state
 from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
@@ -119,6 +119,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         deepspeed.deepspeed_config["gradient_clipping"] = max(run.train.max_grad_norm, 0.0)
         accelerator.gradient_accumulation_steps = run.train.grad_accum  # the engine's count, known to the loop
     quiet_other_processes(accelerator)
+    if accelerator.device.type == "cuda":  # sweep jobs share a process: each reports its own peak
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     run_dir = shared_run_dir(accelerator, run.output_dir)
     main = accelerator.is_main_process
     log.info("run directory: %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
@@ -162,8 +164,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     set_seed(run.train.seed)  # before the head is created, so runs reproduce
     model = method.build_model()
-    parameters = {"total": sum(p.numel() for p in model.parameters()),
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    parameters = count_parameters(model)
     log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
     optimizer = build_optimizer(model, run.train)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
@@ -205,6 +206,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              accelerator.num_processes, "es" if accelerator.num_processes > 1 else "")
 
     result = loop.run()
+    peak_memory = peak_gpu_memory_gib(accelerator)  # training's peak, before gathering weights to save
     if result.status == "completed":
         state_dict = None
         if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
@@ -213,7 +215,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             method.save_model(accelerator.unwrap_model(model), run_dir / "model", state_dict=state_dict)
     accelerator.wait_for_everyone()
     summary = summarize(result, run, method, run_dir, max_steps, accelerator.num_processes,
-                        peak_memory=peak_gpu_memory_gib(accelerator), parameters=parameters)
+                        peak_memory=peak_memory, parameters=parameters)
     if main:
         write_json_atomic(run_dir / "summary.json", summary)
         if metrics_log.records():
