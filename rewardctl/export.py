@@ -21,7 +21,7 @@ from rewardctl.config.validate import load_run_config, method_class, to_export_c
 from rewardctl.errors import ConfigError
 from rewardctl.evaluate import load_model, resolve_checkpoint, use_saved_tokenizer
 from rewardctl.modeling.adapters import contains_adapter, merge_adapters
-from rewardctl.modeling.common import DTYPES
+from rewardctl.modeling.common import DTYPES, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
         model.to(DTYPES[ex.dtype])
     # The method's own writer: same layout and metadata as a run's model/, now without an adapter.
     method.save_model(model, output)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = count_parameters(model)["total"]
     log.info("exported %s%s to %s (%.1fM parameters%s)", source, " (adapter merged)" if had_adapter else "",
              output, parameters / 1e6, f", {ex.dtype.value}" if ex.dtype is not None else "")
     return {"source": str(source), "output_dir": str(output), "merged_adapter": had_adapter,

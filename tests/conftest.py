@@ -112,3 +112,40 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "rewardctl", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def completion_logp(model, tokenizer, row: dict) -> float:
+    """Summed log-prob of a BCO row's completion under ``model``, the sequence built as training
+    builds a standard-text row (prompt + completion + EOS; the completion mask after the prompt)."""
+    from rewardctl.modeling.causal import completion_logps
+
+    prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    mask = torch.tensor([[0] * len(prompt) + [1] * (len(ids) - len(prompt))])
+    with torch.no_grad():
+        return completion_logps(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), mask)[0].item()
+
+
+def stock_scores(method: str, model, tokenizer, rows: list[dict]) -> list[list[float]]:
+    """What a user gets from stock libraries: rewards of the first response, or per-step probabilities."""
+    if method == "prm":
+        from rewardctl.methods.prm import score_steps
+
+        return [score_steps(model, tokenizer, r["prompt"], r["completions"]) for r in rows]
+    field = "chosen" if method == "pairwise" else "responses"
+    texts = [r["prompt"] + (r[field] if method == "pairwise" else r[field][0]) + tokenizer.eos_token for r in rows]
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
+    return [[float(v)] for v in logits]
+
+
+def assert_eval_reproduces(run_dir: Path, out: Path | None, final: dict[str, Any], keys: tuple[str, ...],
+                           rel: float) -> dict:
+    """``rewardctl eval`` of a finished run (into ``out``, or its default place) gives its
+    end-of-training eval; returns eval's result."""
+    from rewardctl.evaluate import evaluate_run
+
+    result = evaluate_run(compose_eval([f"run_dir={run_dir}", *([f"output_dir={out}"] if out else [])]))
+    for key in keys:
+        assert result["metrics"][key] == pytest.approx(final[key], rel=rel, abs=1e-6), key
+    return result

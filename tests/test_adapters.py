@@ -14,22 +14,10 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.evaluate import evaluate_run
 from rewardctl.export import export_run
-from rewardctl.methods.prm import score_steps
 
-from .conftest import SAMPLES, compose_eval, compose_export, compose_train, read_jsonl, run_training
+from .conftest import SAMPLES, compose_eval, compose_export, compose_train, read_jsonl, run_training, stock_scores
 
 HEADS = {"pairwise": "score", "ranklist": "score", "prm": "score"}
-
-
-def stock_scores(method: str, model, tokenizer, rows: list[dict]) -> list[list[float]]:
-    """What a user gets from stock libraries: rewards of the first response, or per-step probabilities."""
-    if method == "prm":
-        return [score_steps(model, tokenizer, r["prompt"], r["completions"]) for r in rows]
-    field = "chosen" if method == "pairwise" else "responses"
-    texts = [r["prompt"] + (r[field] if method == "pairwise" else r[field][0]) + tokenizer.eos_token for r in rows]
-    with torch.no_grad():
-        logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
-    return [[float(v)] for v in logits]
 
 
 def rewardctl_scores(method: str, predictions: list[dict]) -> list[list[float]]:

@@ -19,7 +19,16 @@ from rewardctl.errors import ConfigError, DataError
 from rewardctl.methods.bco import BcoMethod, LocalRuntime, RunningMean
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 
-from .conftest import compose_eval, compose_export, compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import (
+    assert_eval_reproduces,
+    completion_logp,
+    compose_eval,
+    compose_export,
+    compose_train,
+    read_jsonl,
+    run_training,
+    write_jsonl,
+)
 
 
 def make_method(*overrides: str) -> BcoMethod:
@@ -302,14 +311,9 @@ def test_training_moves_classifier_accuracy_up_and_saves_a_stock_causal_lm(train
 
 
 def test_eval_command_reproduces_the_end_of_training_eval(trained, tmp_path: Path):
-
-    from rewardctl.evaluate import evaluate_run
-
     summary, run_dir = trained
-    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}"])
-    result = evaluate_run(cfg)
-    for key in ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "auc"):
-        assert result["metrics"][key] == pytest.approx(summary["final_eval"][key], rel=1e-5, abs=1e-6), key
+    assert_eval_reproduces(run_dir, tmp_path, summary["final_eval"],
+                           ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "auc"), rel=1e-5)
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     assert len(predictions) == 200 and {"reward", "logp", "ref_logp", "label", "correct"} <= set(predictions[0])
 
@@ -389,26 +393,16 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_adapter_disabled(
     first = read_jsonl(tmp_path / "eval" / "predictions.jsonl")[0]
     row = read_jsonl(Path(method.run.data.eval))[first["row"] - 1]
     tok = method.tokenizer
-    prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-    ids = tok(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-             "completion_mask": torch.tensor([[0] * len(prompt) + [1] * (len(ids) - len(prompt))])}
-    base_model = AutoModelForCausalLM.from_pretrained(model_dir / "base").eval()
-    from rewardctl.modeling.causal import completion_logps
-
-    with torch.no_grad():
-        reference = completion_logps(base_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
-        policy = completion_logps(trained.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
-    assert first["ref_logp"] == pytest.approx(reference.item(), abs=1e-4)  # the reference is the base, adapter off
-    assert first["logp"] == pytest.approx(policy.item(), abs=1e-4) and first["logp"] != pytest.approx(first["ref_logp"])
+    reference = completion_logp(AutoModelForCausalLM.from_pretrained(model_dir / "base").eval(), tok, row)
+    policy = completion_logp(trained.eval(), tok, row)
+    assert first["ref_logp"] == pytest.approx(reference, abs=1e-4)  # the reference is the base, adapter off
+    assert first["logp"] == pytest.approx(policy, abs=1e-4) and first["logp"] != pytest.approx(first["ref_logp"])
     from rewardctl.export import export_run
 
     export_run(compose_export([f"run_dir={run_dir}", f"output_dir={tmp_path / 'exported'}"]))
     for merged_dir in (run_dir / "model-merged", tmp_path / "exported"):  # written by the run, and by export
         merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # stock transformers alone
-        with torch.no_grad():
-            merged_logp = completion_logps(merged, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
-        assert merged_logp.item() == pytest.approx(policy.item(), abs=1e-4)
+        assert completion_logp(merged, tok, row) == pytest.approx(policy, abs=1e-4)
         saved = json.loads((merged_dir / "config.json").read_text())["rewardctl"]
         assert saved["delta"] == pytest.approx(summary["final_eval"]["delta"])  # the threshold travels with it
 

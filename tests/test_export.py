@@ -15,16 +15,13 @@ from rewardctl.errors import ConfigError
 from rewardctl.evaluate import evaluate_run
 from rewardctl.export import export_run
 
-from .conftest import SAMPLES, compose_eval, compose_export, read_jsonl, run_training
+from .conftest import SAMPLES, completion_logp, compose_eval, compose_export, read_jsonl, run_training, stock_scores
 
 
 def chosen_rewards(model_dir: Path, rows: list[dict]) -> list[float]:
     """Rewards of the chosen responses through stock transformers alone."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    texts = [r["prompt"] + r["chosen"] + tokenizer.eos_token for r in rows]
-    with torch.no_grad():
-        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0].float().tolist()
+    return [s[0] for s in stock_scores("pairwise", model, AutoTokenizer.from_pretrained(model_dir), rows)]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +91,6 @@ def test_a_lora_checkpoint_of_bco_exports_merged_with_that_checkpoints_delta(tmp
     method state, not the final one; stock transformers then gives eval's log-probabilities."""
     from transformers import AutoModelForCausalLM
 
-    from rewardctl.modeling.causal import completion_logps
-
     _, run_dir = run_training(tmp_path, ["method=bco", "peft=lora", "peft.r=4", "experiment=smoke",
                                          "peft.save_merged=false"])
     state = load_file(str(run_dir / "checkpoints" / "step-3" / "method_state.safetensors"))
@@ -113,9 +108,4 @@ def test_a_lora_checkpoint_of_bco_exports_merged_with_that_checkpoints_delta(tmp
     rows = read_jsonl(SAMPLES / "bco" / "eval.jsonl")
     for prediction in read_jsonl(tmp_path / "eval" / "predictions.jsonl"):
         row = rows[prediction["row"] - 1]
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        mask = torch.tensor([[0] * len(prompt) + [1] * (len(ids) - len(prompt))])
-        with torch.no_grad():
-            logp = completion_logps(saved, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), mask)[0]
-        assert logp.item() == pytest.approx(prediction["logp"], abs=1e-4)
+        assert completion_logp(saved, tokenizer, row) == pytest.approx(prediction["logp"], abs=1e-4)

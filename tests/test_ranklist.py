@@ -15,12 +15,18 @@ from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.data.prepare import ROW_COLUMN
 from rewardctl.errors import ConfigError, DataError
-from rewardctl.evaluate import evaluate_run
 from rewardctl.methods.pairwise import bradley_terry_loss
 from rewardctl.methods.ranking import list_metrics, listmle_loss, pair_count, ranked_pair_loss
 from rewardctl.methods.ranklist import RanklistMethod
 
-from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import (
+    SAMPLES,
+    assert_eval_reproduces,
+    compose_train,
+    read_jsonl,
+    run_training,
+    write_jsonl,
+)
 
 
 def make_method(*overrides: str) -> RanklistMethod:
@@ -296,10 +302,8 @@ def test_training_on_the_sample_raises_every_ranking_metric(trained):
 
 def test_save_reload_gives_the_same_scores_and_eval_reproduces_training(trained, tmp_path: Path):
     summary, run_dir = trained
-    cfg = compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path}"])
-    result = evaluate_run(cfg)
-    for key in ("loss", "accuracy", "top1_accuracy", "exact_order_accuracy", "kendall_tau", "lists"):
-        assert result["metrics"][key] == pytest.approx(summary["final_eval"][key], rel=1e-6, abs=1e-6), key
+    assert_eval_reproduces(run_dir, tmp_path, summary["final_eval"],
+                           ("loss", "accuracy", "top1_accuracy", "exact_order_accuracy", "kendall_tau", "lists"), rel=1e-6)
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     rows = read_jsonl(SAMPLES / "ranklist" / "eval.jsonl")[:3]
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")

@@ -16,7 +16,16 @@ from rewardctl.errors import ConfigError
 from rewardctl.evaluate import evaluate_run
 from rewardctl.methods.pairwise import PairwiseMethod
 
-from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, reset_accelerate, run_training, write_jsonl
+from .conftest import (
+    SAMPLES,
+    assert_eval_reproduces,
+    compose_eval,
+    compose_train,
+    read_jsonl,
+    reset_accelerate,
+    run_training,
+    write_jsonl,
+)
 
 TIMING_KEYS = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
 SHORT = ["train.max_steps=100", "train.eval_every=50", "train.log_every=10", "train.weight_decay=0.0",
@@ -95,10 +104,8 @@ def test_stock_transformers_reload_and_pipeline_give_the_training_scores(trained
 
 def test_eval_command_reproduces_the_end_of_training_eval(trained):
     summary, run_dir = trained
-    result = evaluate_run(compose_eval([f"run_dir={run_dir}"]))
-    final = summary["final_eval"]
-    for key in ("loss", "accuracy", "margin", "reward_mean", "reward_std", "reward_min", "reward_max", "pairs"):
-        assert result["metrics"][key] == pytest.approx(final[key], rel=1e-6, abs=1e-6), key
+    result = assert_eval_reproduces(run_dir, None, summary["final_eval"], (
+        "loss", "accuracy", "margin", "reward_mean", "reward_std", "reward_min", "reward_max", "pairs"), rel=1e-6)
     saved = json.loads((run_dir / "eval" / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == result["metrics"]
     assert len(read_jsonl(run_dir / "eval" / "eval" / "predictions.jsonl")) == 200
