@@ -7,20 +7,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# The versions the suite last passed with, so CI is the same from run to run (empty: resolve freely).
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-bench demo test test-fast lint bench bench-gpu samples clean
+.PHONY: setup setup-bench demo test test-fast lint bench bench-gpu samples constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev,acceptance]"
+	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance]"
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev
-	$(BIN)/pip install -e ".[dev,acceptance,bench]"
+	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance,bench]"
 	touch $@
 
 setup: $(VENV)/.installed-dev
@@ -57,6 +60,11 @@ bench-gpu: setup
 samples: setup
 	$(BIN)/python -m rewardctl.samples.generate
 	$(BIN)/python -m rewardctl.assets.build_tiny_llama
+
+## Record the installed versions as the new constraints (after a green `make test`).
+constraints: setup-bench
+	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|rewardctl)==|@ file' | sort -f; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) outputs multirun bench-results .pytest_cache .ruff_cache

@@ -172,6 +172,15 @@ def test_accelerate_launch_runs_two_cpu_processes_into_one_run(tmp_path: Path):
     assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
 
 
+def _bco_signs_determined(record: dict) -> bool:
+    """BCO's accuracy is sign(r - delta) per row. Early in a run (and before it) every reward sits within
+    float noise of delta, so the sign, and the accuracy, flip with the order of floating-point reductions:
+    two process layouts then differ in noise only. Accuracy is compared where both sides' mean reward
+    stands well clear of delta (rewards and delta themselves are compared everywhere)."""
+    delta = record["delta"]
+    return min(abs(record["rewards/chosen"] - delta), abs(record["rewards/rejected"] - delta)) > 1e-3
+
+
 DDP_EXTRA = {"ranklist": [], "prm": [],
              "bco": ["method.precompute_ref_log_probs=true", "method.udm.enabled=true", "method.prompt_sample_size=16"]}
 DDP_KEYS = {"ranklist": ("loss", "accuracy", "kendall_tau", "lists", "tokens"),
@@ -196,8 +205,8 @@ def test_each_method_under_two_processes_equals_one_process_with_the_same_global
     compared = 0
     for a, b in zip(ddp, one, strict=True):
         for key in DDP_KEYS[method]:
-            if method == "bco" and key == "accuracy" and a["step"] == 0:
-                continue  # before training r = beta * (logp - precomputed logp) is float noise around 0 = delta
+            if method == "bco" and key == "accuracy" and not _bco_signs_determined(a):
+                continue
             if key in a or key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], a["split"], key)
                 compared += 1
