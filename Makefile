@@ -45,11 +45,13 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check rewardctl tests benchmarks conf
 
-## Throughput against the peers on ../shared/data (ratios against a baseline measured in the same run):
-## pairwise vs TRL's RewardTrainer; ranklist vs the RLHF_GLM article's per-text loop.
+## Speed against TRL's RewardTrainer at its best CPU settings on ../shared/data, one run, ratios against
+## TRL measured in the same run (about 11-12 min on 2 CPU cores): MiniLM pairwise, decoder pairwise with
+## a shared prompt, decoder ranklist, and the embedded default's wall time. Sizes: --steps, --batch,
+## --eval-rows, --cases (BENCH_ARGS="--cases minilm --steps 10"). The ranklist vs per-text-loop
+## comparison no longer fits this budget; run it alone: python benchmarks/ranklist_vs_per_text_loop.py
 bench: setup-bench
-	$(BIN)/python benchmarks/pairwise_hh_vs_trl.py
-	$(BIN)/python benchmarks/ranklist_vs_per_text_loop.py
+	$(BIN)/python benchmarks/speed_vs_trl.py $(BENCH_ARGS)
 
 ## On a GPU machine: items/s and peak GPU memory of every method on a Qwen2.5-0.5B-shaped model (bf16).
 bench-gpu: setup

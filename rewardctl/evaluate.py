@@ -114,8 +114,10 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     model_path = resolve_checkpoint(run_dir, ev.checkpoint)
 
     device = ev.device or run.hardware.device
-    precision = ev.mixed_precision or run.hardware.mixed_precision
-    check_precision(device, precision, "mixed_precision")
+    # A run's config.yaml holds the precision it resolved; ``auto`` (given here, or in an older or
+    # hand-written config) is resolved for this machine. train.compile is ignored: one no-grad pass
+    # rarely repays the compile time, and eager scores match the compiled ones to rounding.
+    precision = check_precision(device, ev.mixed_precision or run.hardware.mixed_precision, "mixed_precision")
     accelerator = Accelerator(cpu=device == Device.cpu or not torch.cuda.is_available(), mixed_precision=precision.value)
     quiet_other_processes(accelerator)
     method = method_class(run.method._target_)(run.method, run)

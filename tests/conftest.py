@@ -123,7 +123,9 @@ def completion_logp(model, tokenizer, row: dict) -> float:
     ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     mask = torch.tensor([[0] * len(prompt) + [1] * (len(ids) - len(prompt))])
     with torch.no_grad():
-        return completion_logps(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), mask)[0].item()
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                 "completion_mask": mask}
+        return completion_logps(model, batch)[0].item()
 
 
 def stock_scores(method: str, model, tokenizer, rows: list[dict]) -> list[list[float]]:

@@ -423,8 +423,8 @@ def test_an_explicit_reference_model_is_loaded_frozen(tmp_path: Path):
     from rewardctl.modeling.causal import completion_logps
 
     with torch.no_grad():
-        expected = completion_logps(other.eval(), batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
-        policy_logps = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])[0]
+        expected = completion_logps(other.eval(), batch)[0]
+        policy_logps = completion_logps(policy, batch)[0]
     got = with_ref._reference_logps(policy, batch, "train")
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, policy_logps)

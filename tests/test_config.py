@@ -179,3 +179,28 @@ def test_hardware_mistakes_are_refused_before_anything_loads(overrides, key, tex
     with pytest.raises(ConfigError) as info:
         to_run_config(compose_train(overrides))
     assert info.value.key == key and text in str(info.value)
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16(tmp_path: Path):
+    from rewardctl.config.schema import MixedPrecision
+    from rewardctl.config.validate import cpu_has_native_bf16
+    from rewardctl.training.session import resolved_config_yaml
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
+    cfg = compose_train(["hardware.mixed_precision=auto"])
+    run = to_run_config(cfg)
+    assert run.hardware.mixed_precision == MixedPrecision.bf16
+    # What the run directory records (and the launcher's workers are given) is the resolved value.
+    assert OmegaConf.create(resolved_config_yaml(cfg, tmp_path)).hardware.mixed_precision == "bf16"
+
+
+def test_auto_precision_is_no_without_native_bf16(monkeypatch):
+    from rewardctl.config import validate
+    from rewardctl.config.schema import Device, MixedPrecision
+
+    monkeypatch.setattr(validate, "cpu_has_native_bf16", lambda: False)
+    cfg = compose_train(["hardware.mixed_precision=auto"])
+    assert to_run_config(cfg).hardware.mixed_precision == MixedPrecision.no
+    assert cfg.hardware.mixed_precision == MixedPrecision.no
+    assert validate.check_precision(Device.cpu, MixedPrecision.auto, "mixed_precision") == MixedPrecision.no

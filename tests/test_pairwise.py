@@ -130,7 +130,7 @@ def test_prepare_rejects_a_non_numeric_margin_by_row(tmp_path):
 
 # ---- collation ------------------------------------------------------------------------------------
 def test_collator_stacks_chosen_then_rejected_with_exact_padding():
-    method = make_method()
+    method = make_method("data.share_prefix=false")
     pad = method.tokenizer.pad_token_id
     features = [{"chosen_ids": [1, 2, 3], "rejected_ids": [6, 7], "margin": 0.1, "_row": 4},
                 {"chosen_ids": [4, 5], "rejected_ids": [8], "margin": 0.2, "_row": 9}]
@@ -145,6 +145,22 @@ def test_collator_stacks_chosen_then_rejected_with_exact_padding():
     assert batch["input_ids"].tolist() == [[pad, 1, 2, 3], [pad, pad, 4, 5], [pad, pad, 6, 7], [pad, pad, pad, 8]]
     assert batch["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]]
     assert method.batch_weight(batch).item() == 2
+
+
+def test_collator_packs_each_pair_behind_its_shared_prefix():
+    """The tiny decoder shares prefixes by default: one sequence per pair, rewards read chosen-first."""
+    method = make_method()
+    assert method.shares_prefix
+    pad = method.tokenizer.pad_token_id
+    features = [{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 7, 9], "_row": 4},
+                {"chosen_ids": [4, 5], "rejected_ids": [8], "_row": 9}]
+    batch = method.collate(features)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 9], [4, 5, 8, pad, pad]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 1, 0, 0, 0]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 1, 2, 2], [1, 1, 2, -1, -1]]
+    assert batch["reward_index"].tolist() == [2, 6, 4, 7]  # chosen of rows 0, 1, then rejected
+    assert "attention_mask" not in batch and batch["row"].tolist() == [4, 9]
+    assert method.batch_weight(batch).item() == 2 and method.token_count(batch).item() == 8
 
 
 # ---- loss -----------------------------------------------------------------------------------------
@@ -174,13 +190,13 @@ def test_shapes_that_would_broadcast_are_refused():
 
 
 class FixedRewards(nn.Module):
-    """Stands in for the model: returns preset rewards for the stacked 2B rows."""
+    """Stands in for the model: returns preset rewards for the 2B responses (stacked or packed)."""
 
     def __init__(self, rewards: list[float]) -> None:
         super().__init__()
         self.rewards = torch.tensor(rewards)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, **inputs):
         return self.rewards
 
 

@@ -144,7 +144,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, **kwargs):
         return SimpleNamespace(logits=self.logits[: input_ids.shape[0], : input_ids.shape[1]])
 
 

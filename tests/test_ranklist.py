@@ -239,7 +239,7 @@ def test_score_margin_needs_a_scores_column_and_pairwise_loss(tmp_path: Path):
 
 
 def test_collator_flattens_a_ragged_batch_with_exact_tensors():
-    method = make_method()
+    method = make_method("data.share_prefix=false")
     pad = method.tokenizer.pad_token_id
     features = [
         {"responses_ids": [[5, 6], [7]], "ranks": [0, 1], "order": [0, 1], ROW_COLUMN: 4},
@@ -257,8 +257,23 @@ def test_collator_flattens_a_ragged_batch_with_exact_tensors():
     assert make_method("method.loss=listmle").batch_weight(batch).item() == 2
 
 
-def test_one_forward_over_all_responses_puts_rewards_back_in_their_lists():
+def test_collator_packs_each_list_behind_its_shared_prefix():
     method = make_method()
+    pad = method.tokenizer.pad_token_id
+    batch = method.collate([
+        {"responses_ids": [[5, 6, 1], [5, 6, 2, 3]], "ranks": [0, 1], "order": [0, 1], ROW_COLUMN: 4},
+        {"responses_ids": [[8, 9], [8, 4], [7]], "ranks": [0, 1, 1], "order": [2, 0, 1], ROW_COLUMN: 0},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 1, 2, 3], [8, 9, 8, 4, 7]]  # row 1 shares nothing
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 1, 0, 1, 0]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 1, 2, 2], [1, 1, 2, 2, 3]]
+    assert batch["reward_index"].tolist() == [2, 4, 6, 8, 9]  # list by list, best first
+    assert method.batch_weight(batch).item() == 3 and method.token_count(batch).item() == 10
+    assert pad not in batch["input_ids"].tolist()[0]
+
+
+def test_one_forward_over_all_responses_puts_rewards_back_in_their_lists():
+    method = make_method("data.share_prefix=false")
     calls = []
 
     def model(input_ids, attention_mask):

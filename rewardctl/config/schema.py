@@ -23,6 +23,18 @@ class Overlength(str, Enum):
     drop = "drop"  # remove the row, counted in the data report
 
 
+class Truncation(str, Enum):
+    """Which tokens of an over-long pair or list (pairwise, ranklist) survive the budget."""
+
+    # The shared prompt keeps its end (down to half the budget at most), each response its start and
+    # its final token (EOS, or the chat template's last token): every response stays distinct and
+    # still shares the prompt (what bco, prm, OpenRLHF and LLaMA-Factory do).
+    prompt_end = "prompt_end"
+    # Each sequence keeps its own end (a leading BOS / [CLS] survives): the earlier rule. Two long
+    # responses that differ only near their start can become identical.
+    sequence_end = "sequence_end"
+
+
 class BadRows(str, Enum):
     """What to do with a malformed row (missing field, empty list, wrong type...)."""
 
@@ -69,6 +81,10 @@ class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
     bf16 = "bf16"
+    # bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 / AMX),
+    # else no. Resolved once before the run starts (validate.resolve_precision): config.yaml, the
+    # summary and the launcher record the value actually used, never "auto".
+    auto = "auto"
 
 
 class PeftKind(str, Enum):
@@ -128,6 +144,17 @@ class DataConfig:
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
     overlength: Overlength = Overlength.truncate
+    # pairwise/ranklist: how an over-long row is cut (prompt_end or sequence_end, see Truncation).
+    truncation: Truncation = Truncation.prompt_end
+    # pairwise/ranklist on causal decoders: one packed sequence per row, the shared prompt computed once
+    # and seen by every response through a 4-D attention mask (exact). auto: on where it is exact
+    # (decoder with eager/sdpa attention), off elsewhere; true: required (a config error where it
+    # cannot be exact); false: one padded sequence per response.
+    share_prefix: str = "auto"
+    # GPUs: rows concatenated without padding (position ids restart per sequence) for
+    # flash_attention_2 / flex_attention. auto: on where the device and attention support it; CPU
+    # always keeps length-grouped padded batches (dense masks would grow with the packed length).
+    padding_free: str = "auto"
     bad_rows: BadRows = BadRows.error
     # Processes for tokenisation (datasets.map num_proc); null tokenises in-process.
     num_proc: Optional[int] = None
@@ -182,6 +209,8 @@ class TrainConfig:
     report_to: List[str] = field(default_factory=list)
     num_workers: int = 0
     progress_bar: bool = True
+    # torch.compile the model (inductor). Shapes vary per batch, so it compiles with dynamic shapes.
+    compile: bool = False
 
 
 class Strategy(str, Enum):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rewardctl.config.schema import Device, DType, EvalConfig, ExportConfig, MixedPrecision, RunConfig
 from rewardctl.errors import ConfigError
 
+SWITCH_VALUES = ("auto", "true", "false")
 KNOWN_TRACKERS = {
     "tensorboard": "tensorboard",
     "wandb": "wandb",
@@ -90,17 +93,36 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def check_precision(device: Device, precision: MixedPrecision, key: str) -> None:
+def resolve_precision(device: Device, precision: MixedPrecision) -> MixedPrecision:
+    """The one place ``auto`` gets its meaning: bf16 autocast where this machine computes bf16
+    natively (emulated bf16 on a CPU is slower than fp32), else no. Other values pass through."""
+    if precision != MixedPrecision.auto:
+        return precision
+    if device == Device.cpu or not torch.cuda.is_available():
+        native = cpu_has_native_bf16()
+    else:
+        native = torch.cuda.is_bf16_supported()
+    return MixedPrecision.bf16 if native else MixedPrecision.no
+
+
+def check_precision(device: Device, precision: MixedPrecision, key: str) -> MixedPrecision:
+    """Refuses what this machine cannot run; returns the precision to use (``auto`` resolved)."""
     has_cuda = torch.cuda.is_available()
     _require(not (device == Device.gpu and not has_cuda), key.replace("mixed_precision", "device"),
              "gpu requested but torch sees no CUDA device (use hardware=cpu)")
     on_cpu = device == Device.cpu or not has_cuda
+    if precision == MixedPrecision.auto:
+        precision = resolve_precision(device, precision)
+        logging.getLogger(__name__).info("%s=auto: using %s (%s %s native bf16)", key, precision.value,
+                                         "this CPU" if on_cpu else "this GPU",
+                                         "has" if precision == MixedPrecision.bf16 else "lacks")
     _require(not (precision == MixedPrecision.fp16 and on_cpu), key, "fp16 mixed precision needs a GPU; use bf16 or no on CPU")
     if precision == MixedPrecision.bf16 and on_cpu and not cpu_has_native_bf16():
         logging.getLogger(__name__).warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); autocast "
                                             "will emulate it and run slower than fp32 (use %s=no)", key, key)
     if precision == MixedPrecision.bf16 and not on_cpu:
         _require(torch.cuda.is_bf16_supported(), key, "this GPU has no bf16 support; use fp16 (loss-scaled) or no")
+    return precision
 
 
 def cpu_has_native_bf16() -> bool:
@@ -147,11 +169,43 @@ def check_hardware(hw: Any, *, for_training: bool, peft_name: str = "none") -> N
         _require(hw.num_processes <= gpus, "hardware.num_processes", f"{hw.num_processes} processes but only {gpus} GPUs are visible")
 
 
+def use_precision(run: RunConfig, cfg: DictConfig, precision: MixedPrecision) -> None:
+    """Every later reader (the accelerator, the launcher's workers' flags, config.yaml written from
+    ``cfg``, trackers, the summary) sees the resolved precision, never ``auto``."""
+    run.hardware.mixed_precision = precision
+    cfg.hardware.mixed_precision = precision
+
+
+def has_cxx_compiler() -> bool:
+    """Inductor builds CPU kernels with the C++ compiler named by $CXX (default g++)."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
+def check_compile(run: RunConfig) -> None:
+    """train.compile combinations refused before anything loads (they would fail at the first step)."""
+    from rewardctl.config.schema import Strategy
+
+    if not run.train.compile:
+        return
+    _require(run.hardware.strategy != Strategy.deepspeed, "train.compile",
+             "not supported with hardware.strategy=deepspeed (its engine compiles only through its own "
+             "engine.compile(), which rewardctl does not drive); use hardware=ddp or hardware=fsdp")
+    try:
+        supported = torch._dynamo.is_dynamo_supported()
+    except AttributeError:  # a torch without this probe: let torch.compile speak for itself
+        supported = True
+    _require(supported, "train.compile", f"torch.compile does not support this Python/torch ({torch.__version__})")
+    on_cpu = run.hardware.device == Device.cpu or not torch.cuda.is_available()
+    _require(not on_cpu or has_cxx_compiler(), "train.compile",
+             f"inductor needs a C++ compiler on CPU and {os.environ.get('CXX', 'g++')} is not on PATH (set $CXX)")
+
+
 def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     """Typed, fully resolved and checked run config, or a ConfigError naming the key.
 
     ``for_training=False`` (re-reading a finished run for eval) skips what only matters to start
-    training on this machine: the resume path, installed trackers, the device and precision.
+    training on this machine: the resume path, installed trackers, the device and precision, compile.
+    With ``for_training`` a ``hardware.mixed_precision=auto`` is resolved here, in ``cfg`` too.
     """
     _typed_method(cfg)
     _typed_peft(cfg)
@@ -190,9 +244,15 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
+    for key in ("share_prefix", "padding_free"):  # str fields: OmegaConf turns true/false into 'True'/'False'
+        value = str(getattr(d, key)).lower()
+        _require(value in SWITCH_VALUES, f"data.{key}", f"must be auto, true or false (got {getattr(d, key)!r})")
+        setattr(d, key, value)
     check_hardware(run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none"))
     if for_training:
-        check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision")
+        use_precision(run, cfg, check_precision(run.hardware.device, run.hardware.mixed_precision,
+                                                "hardware.mixed_precision"))
+        check_compile(run)
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")
     cls = method_class(run.method._target_)
@@ -241,3 +301,8 @@ def load_run_config(path: Path) -> RunConfig:
     merged.method = raw.method
     merged.peft = raw.peft
     return to_run_config(merged, for_training=False)
+
+
+def wants_gpu(hardware: Any) -> bool:
+    """Whether this run computes on a CUDA device (``hardware.device`` gpu, or auto with one present)."""
+    return hardware.device != Device.cpu and torch.cuda.is_available()

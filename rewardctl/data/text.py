@@ -16,7 +16,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from rewardctl.config.schema import Overlength
+from rewardctl.config.schema import Overlength, Truncation
+from rewardctl.data.packing import shared_prefix_length
 from rewardctl.errors import RowError
 
 
@@ -111,6 +112,30 @@ class SequenceEncoder:
             return ids, Fit.too_long
         keep = 1 if ids[0] in self.keep_first else 0
         return ids[:keep] + ids[len(ids) - (self.max_length - keep):], Fit.truncated
+
+    def fit_group(self, sequences: list[list[int]], rule: Truncation) -> tuple[list[list[int]], Fit]:
+        """Fit the responses of one row (a pair, a list) into the budget together.
+
+        ``sequence_end``: each sequence by ``fit``. ``prompt_end``: the row's shared prefix (the prompt)
+        keeps its end, cut to what the longest response leaves but never below half the budget (a
+        leading BOS / [CLS] survives); each response keeps its start and its final token (EOS, or the
+        chat template's last token, where the reward is read). Responses that differ anywhere in the
+        budget stay distinct, and all still share one prefix.
+        """
+        if all(len(ids) <= self.max_length for ids in sequences):
+            return sequences, Fit.fits
+        if self.overlength == Overlength.drop:
+            return sequences, Fit.too_long
+        if rule == Truncation.sequence_end:
+            return [self.fit(ids)[0] for ids in sequences], Fit.truncated
+        shared = shared_prefix_length(sequences)
+        prefix, tails = sequences[0][:shared], [ids[shared:] for ids in sequences]
+        room = min(shared, max(self.max_length - max(len(t) for t in tails), self.max_length // 2))
+        if room < shared:
+            lead = 1 if prefix[0] in self.keep_first else 0
+            prefix = prefix[:lead] + prefix[len(prefix) - max(room - lead, 0):] if room > lead else prefix[:lead]
+        room = self.max_length - len(prefix)
+        return [prefix + (t if len(t) <= room else t[:room - 1] + t[-1:]) for t in tails], Fit.truncated
 
 
 def fit_prompt_completion(

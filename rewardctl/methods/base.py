@@ -9,9 +9,11 @@ class, so a user's own method plugs in without editing rewardctl.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -104,6 +106,9 @@ class Method(ABC):
     item_name: ClassVar[str] = "items"
     #: Whether ``build_model``/``save_model``/``load_trained`` handle PEFT adapters (peft=lora).
     supports_adapters: ClassVar[bool] = False
+    #: Name of the transformers Auto class of the trainable model, when the method's collator offers a
+    #: padding-free layout for it (``data.padding_free``); None: always padded.
+    padding_free_model: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig, run: RunConfig) -> None:
         self.cfg = cfg
@@ -112,7 +117,39 @@ class Method(ABC):
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
-        """Method-specific config checks that run before anything loads; raise ConfigError."""
+        """Method-specific config checks that run before anything loads; raise ConfigError.
+        Subclasses call ``super().check_config(run)``."""
+        if run.data.padding_free == "true":
+            blocker = cls._padding_free_blocker(run, forced=True)
+            if blocker is not None:
+                from rewardctl.errors import ConfigError
+
+                raise ConfigError("data.padding_free", f"true cannot work for {run.model.name_or_path!r} ({blocker}); "
+                                  "use data.padding_free=auto or false")
+
+    @classmethod
+    def _padding_free_blocker(cls, run: RunConfig, *, forced: bool) -> str | None:
+        if cls.padding_free_model is None:
+            return f"method {run.method.name} has no padding-free layout"
+        import transformers
+
+        from rewardctl.config.validate import wants_gpu
+        from rewardctl.modeling.common import padding_free_blocker
+
+        return padding_free_blocker(run.model, getattr(transformers, cls.padding_free_model),
+                                    on_gpu=wants_gpu(run.hardware), forced=forced)
+
+    @cached_property
+    def padding_free(self) -> bool:
+        """Whether batches hold only real tokens, concatenated in one row (``data.padding_free``): auto
+        turns it on for causal decoders on a GPU with flash_attention_2 / flex_attention."""
+        mode = self.run.data.padding_free
+        if mode == "false" or (mode == "auto" and getattr(self.run.data, "share_prefix", "auto") == "true"):
+            return False
+        blocker = self._padding_free_blocker(self.run, forced=mode == "true")
+        if blocker is not None:
+            logging.getLogger(__name__).info("padding-free batches off: %s", blocker)
+        return blocker is None
 
     # ---- tokenizer and models -------------------------------------------------------------------
     @property
@@ -193,6 +230,19 @@ class Method(ABC):
 
     def on_eval_start(self, model: nn.Module, runtime: Runtime) -> None:
         """Hook of ``rewardctl eval`` after the trained model is placed (e.g. load a reference)."""
+
+
+def feature_key(cfg: Any, *fields: str) -> tuple[Any, ...]:
+    """The part of a tokenisation cache key that comes from a method config: its schema's name and
+    the named fields, nothing else.
+
+    Keying on the whole config would re-tokenise every sweep job that changes only a loss setting
+    (``beta``, a margin scale); listing the fields explicitly keeps that from happening. Name every
+    field the featurizer reads, directly or through an encoder built from the config; values that do
+    not live on the config (the effective token budget, ``data.overlength``, the tokenizer's
+    identity) are added to the key by the caller.
+    """
+    return (type(cfg).__name__, *(getattr(cfg, name) for name in fields))
 
 
 def token_budget(method_cfg: Any, run: RunConfig) -> int:

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import BcoConfig, Overlength, RunConfig, TruncationMode
 from rewardctl.data.collate import pad_sequences
+from rewardctl.data.packing import unpad_index
 from rewardctl.data.prepare import ROW_COLUMN, SOURCE_ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, check_messages, check_text, fit_prompt_completion, is_conversational
 from rewardctl.errors import ConfigError, DataError, RowError
@@ -36,6 +37,7 @@ from rewardctl.methods.base import (
     StepOutput,
     budget_label,
     check_token_budget,
+    feature_key,
     token_budget,
 )
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
@@ -71,22 +73,31 @@ class LocalRuntime:
 
 
 class RunningMean:
-    """delta: the count-weighted mean of every training reward seen so far, on every process alike."""
+    """delta: the count-weighted mean of every training reward seen so far, on every process alike.
+
+    ``total`` and ``count`` are float64 tensors that move to the rewards' device on the first update
+    and stay there: a training step never waits for the host. ``tensor`` is what the loss reads;
+    ``value`` (a host float, one synchronisation) is for eval summaries, logs and saved models.
+    """
 
     def __init__(self) -> None:
         self.total = torch.zeros((), dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
 
     @property
+    def tensor(self) -> Tensor:
+        """delta as a 0-dim float64 tensor on the device of ``total`` (0 before any reward)."""
+        return torch.where(self.count > 0, self.total / self.count, torch.zeros_like(self.total))
+
+    @property
     def value(self) -> float:
-        return float(self.total / self.count) if self.count > 0 else 0.0
+        return self.tensor.item()
 
     def update(self, rewards: Tensor, runtime: Runtime) -> None:
-        local = torch.stack([rewards.detach().double().sum(), torch.tensor(float(rewards.numel()), dtype=torch.float64,
-                                                                         device=rewards.device)])
-        summed = runtime.all_reduce_sum(local).cpu()
-        self.total += summed[0]
-        self.count += summed[1]
+        size = torch.full((), float(rewards.numel()), dtype=torch.float64, device=rewards.device)  # no host copy
+        summed = runtime.all_reduce_sum(torch.stack([rewards.detach().double().sum(), size]))
+        self.total = self.total.to(summed.device) + summed[0]
+        self.count = self.count.to(summed.device) + summed[1]
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -202,6 +213,7 @@ class BcoMethod(Method):
     primary_metric = "accuracy"
     item_name = "rows"
     supports_adapters = True
+    padding_free_model = "AutoModelForCausalLM"
     cfg: BcoConfig
 
     def __init__(self, cfg: BcoConfig, run: RunConfig) -> None:
@@ -220,6 +232,7 @@ class BcoMethod(Method):
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
+        super().check_config(run)
         m: BcoConfig = run.method
         check_token_budget(m, run)
         if m.beta <= 0:
@@ -277,7 +290,7 @@ class BcoMethod(Method):
 
         featurized, report = featurize_split(
             dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=(self.cfg, self.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+            cache_key=self.feature_cache_key(),
         )
         featurized = featurized.add_column(INDEX_COLUMN, list(range(len(featurized))))
         labels = featurized["label"]
@@ -294,6 +307,13 @@ class BcoMethod(Method):
         self.splits["train" if training else "eval"] = featurized
         return PreparedSplit(featurized, report)
 
+    def feature_cache_key(self) -> tuple[Any, ...]:
+        """What shapes the features (``PromptCompletionEncoder``): the truncation settings, the
+        effective budget, ``data.overlength`` and the tokenizer. Loss settings (``beta``, delta, UDM,
+        the reference) are left out, so a sweep over them tokenises once."""
+        return (feature_key(self.cfg, "max_prompt_length", "max_completion_length", "truncation_mode"),
+                self.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer))
+
     def lengths(self, dataset: Any) -> list[int]:
         return list_lengths(dataset, "input_ids")
 
@@ -307,6 +327,8 @@ class BcoMethod(Method):
         completion_mask = (positions[None, :] >= prompt_lengths[:, None]).long() * attention_mask
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
                  "prompt_length": prompt_lengths, "label": torch.tensor([f["label"] for f in features], dtype=torch.bool)}
+        if self.padding_free:
+            batch.update(unpad_index(attention_mask))
         for column, key in ((ROW_COLUMN, "row"), (INDEX_COLUMN, "index")):
             if column in features[0]:
                 batch[key] = torch.tensor([f[column] for f in features], dtype=torch.long)
@@ -352,12 +374,13 @@ class BcoMethod(Method):
         return load_causal_lm(self.cfg.ref_model, self.run.model, disable_dropout=self.cfg.disable_dropout)
 
     def _logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        return completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return completion_logps(model, batch)
 
     def _reference_logps(self, model: nn.Module, batch: dict[str, Tensor], split: str) -> Tensor:
         table = self.ref_tables.get(split)
         if table is not None and "index" in batch:
-            return table.to(batch["index"].device)[batch["index"]]
+            self.ref_tables[split] = table = table.to(batch["index"].device)  # moved once, not copied every step
+            return table[batch["index"]]
         with torch.no_grad():
             if self.reference is not None:
                 return self._logps(self.reference, batch)[0]
@@ -436,14 +459,16 @@ class BcoMethod(Method):
 
     # ---- steps ----------------------------------------------------------------------------------
     def batch_weight(self, batch: dict[str, Tensor]) -> Tensor:
-        return torch.tensor(float(batch["label"].shape[0]))
+        """Rows, made on the batch's device (a fill, not a host-to-device copy)."""
+        labels = batch["label"]
+        return torch.full((), float(labels.shape[0]), device=labels.device)
 
     def _rewards(self, model: nn.Module, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         logps, aux = self._logps(model, batch)
         ref = self._reference_logps(model, batch, split).to(logps.dtype)
         return self.cfg.beta * (logps - ref), logps, ref, aux
 
-    def _losses(self, rewards: Tensor, labels: Tensor, delta: float, weights: Tensor | None) -> Tensor:
+    def _losses(self, rewards: Tensor, labels: Tensor, delta: Tensor | float, weights: Tensor | None) -> Tensor:
         shifted = rewards - delta
         desirable = -nn.functional.logsigmoid(shifted)
         undesirable = -nn.functional.logsigmoid(-shifted)
@@ -454,10 +479,11 @@ class BcoMethod(Method):
     def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
         rewards, logps, _, aux = self._rewards(model, batch, "train")
         self.delta.update(rewards, self.runtime)  # before it is read, as the paper's running shift
-        delta = self.delta.value
+        delta = self.delta.tensor  # stays on the device: reading it as a float would wait for the step
         weights = None
         if self.udm_weights is not None and "index" in batch:
-            weights = self.udm_weights.to(rewards.device)[batch["index"]]
+            self.udm_weights = self.udm_weights.to(rewards.device)  # moved once, not copied every step
+            weights = self.udm_weights[batch["index"]]
         labels = batch["label"]
         losses = self._losses(rewards, labels, delta, weights)
         loss_sum = losses.sum()
@@ -466,19 +492,20 @@ class BcoMethod(Method):
             loss_sum = loss_sum + coefficient * aux * labels.shape[0]  # the loop divides by rows: coef * aux per row
         detached = rewards.detach().float()
         correct = torch.where(labels, detached > delta, detached < delta).float()
+        desirable, undesirable = labels.sum(), (~labels).sum()  # counts as device tensors
         metrics = {
             "loss": Metric.mean_of(losses),
             "accuracy": Metric.mean_of(correct),
-            "rewards/chosen": Metric(detached[labels].sum(), float(labels.sum())),
-            "rewards/rejected": Metric(detached[~labels].sum(), float((~labels).sum())),
-            "logps/chosen": Metric(logps.detach()[labels].sum(), float(labels.sum())),
-            "logps/rejected": Metric(logps.detach()[~labels].sum(), float((~labels).sum())),
-            "delta": Metric(torch.tensor(delta), 1.0),
+            "rewards/chosen": Metric(masked_sum(detached, labels), desirable),
+            "rewards/rejected": Metric(masked_sum(detached, ~labels), undesirable),
+            "logps/chosen": Metric(masked_sum(logps.detach(), labels), desirable),
+            "logps/rejected": Metric(masked_sum(logps.detach(), ~labels), undesirable),
+            "delta": Metric(delta, 1.0),
             "tokens": Metric.total(batch["attention_mask"].sum()),
             "rows": Metric.total(labels.shape[0]),
         }
         if weights is not None:  # emitted for every micro-batch (count 0 allowed): every process logs the same keys
-            metrics["udm_weight"] = Metric(weights[~labels].sum(), float((~labels).sum()))
+            metrics["udm_weight"] = Metric(masked_sum(weights, ~labels), undesirable)
         if aux is not None:
             metrics["aux_loss"] = Metric(aux.detach().float(), 1.0)
         return StepOutput(loss_sum=loss_sum, metrics=metrics)
@@ -486,7 +513,7 @@ class BcoMethod(Method):
     def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         rewards, logps, ref, _ = self._rewards(model, batch, "eval")
         out = {"reward": rewards.float(), "logps": logps.float(), "ref_logps": ref.float(), "label": batch["label"].long(),
-               "loss": self._losses(rewards, batch["label"], self.delta.value, None).float()}
+               "loss": self._losses(rewards, batch["label"], self.delta.tensor, None).float()}
         if "row" in batch:
             out["row"] = batch["row"]
         return out
@@ -556,6 +583,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """Sum of ``values`` where ``mask`` holds. Boolean indexing (``values[mask]``) would size its
+    result on the host, a synchronisation per call; ``where`` keeps the shape fixed."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum()
 
 
 def _adapter_model(model: nn.Module) -> Any:

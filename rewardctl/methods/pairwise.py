@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from rewardctl.config.schema import PairwiseConfig, RunConfig
-from rewardctl.data.collate import pad_sequences
+from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, RowError
-from rewardctl.methods.base import Metric, PreparedSplit, StepOutput
-from rewardctl.methods.scalar import ScalarRewardMethod
+from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key
+from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
 
 PRETOKENIZED = (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids"))
@@ -53,6 +53,7 @@ class PairwiseMethod(ScalarRewardMethod):
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
+        super().check_config(run)
         coefficient = run.method.center_rewards_coefficient
         if coefficient is not None and coefficient < 0:
             raise ConfigError("method.center_rewards_coefficient", f"must be >= 0 or null (got {coefficient}); a "
@@ -64,6 +65,7 @@ class PairwiseMethod(ScalarRewardMethod):
         use_margin = self.cfg.use_margin and "margin" in dataset.column_names
         encoder = SequenceEncoder(self.tokenizer, self.run.model.max_length, self.run.data.overlength)
         has_prompt = "prompt" in dataset.column_names
+        truncation = self.run.data.truncation
 
         def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
             if columns[0] == "chosen":
@@ -78,30 +80,29 @@ class PairwiseMethod(ScalarRewardMethod):
             else:
                 chosen = check_token_ids(row[columns[0]], columns[0], encoder.vocab_size)
                 rejected = check_token_ids(row[columns[1]], columns[1], encoder.vocab_size)
-            chosen, chosen_fit = encoder.fit(chosen)
-            rejected, rejected_fit = encoder.fit(rejected)
-            features: dict[str, Any] = {"chosen_ids": chosen, "rejected_ids": rejected}
+            (chosen, rejected), fit = encoder.fit_group([chosen, rejected], truncation)
+            features: dict[str, Any] = {"chosen_ids": chosen, "rejected_ids": rejected,
+                                        PREFIX_COLUMN: shared_prefix_length([chosen, rejected])}
             if use_margin:
                 features["margin"] = _margin(row["margin"])
-            return features, max(chosen_fit, rejected_fit)
+            return features, fit
 
         featurized, report = featurize_split(
             dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=(self.cfg, self.run.model.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+            cache_key=feature_key(self.cfg, "use_margin") + (self.run.model.max_length, self.run.data.overlength,
+                                                             truncation, tokenizer_identity(self.tokenizer)),
         )
         report["margin"] = use_margin
+        self.report_sharing(featurized, report, ("chosen_ids", "rejected_ids"))
         return PreparedSplit(featurized, report)
 
     def lengths(self, dataset: Any) -> list[int]:
+        if self.shares_prefix:
+            return self.packed_lengths(dataset, ("chosen_ids", "rejected_ids"))
         return list_lengths(dataset, "chosen_ids", "rejected_ids")
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
-        sequences = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        input_ids, attention_mask = pad_sequences(
-            sequences, self.tokenizer.pad_token_id, side=self.tokenizer.padding_side,
-            multiple_of=self.run.data.pad_to_multiple_of,
-        )
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = self.response_batch([[f["chosen_ids"], f["rejected_ids"]] for f in features], response_major=True)
         if "margin" in features[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
         if ROW_COLUMN in features[0]:
@@ -110,11 +111,10 @@ class PairwiseMethod(ScalarRewardMethod):
 
     # ---- steps ----------------------------------------------------------------------------------
     def batch_weight(self, batch: dict[str, Tensor]) -> Tensor:
-        return torch.tensor(batch["input_ids"].shape[0] // 2, dtype=torch.float32)
+        return torch.tensor(self.response_count(batch) // 2, dtype=torch.float32)
 
     def _rewards(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        rewards = model(batch["input_ids"], batch["attention_mask"])
-        chosen, rejected = rewards.chunk(2)
+        chosen, rejected = self.rewards(model, batch).chunk(2)
         losses = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.cfg.center_rewards_coefficient)
         return chosen, rejected, losses
 
@@ -128,7 +128,7 @@ class PairwiseMethod(ScalarRewardMethod):
             "reward_mean": Metric.mean_of(rewards),
             "reward_min": Metric.min_of(rewards),
             "reward_max": Metric.max_of(rewards),
-            "tokens": Metric.total(batch["attention_mask"].sum()),
+            "tokens": Metric.total(self.token_count(batch)),
             "pairs": Metric.total(chosen.shape[0]),
         }
         return StepOutput(loss_sum=losses.sum(), metrics=metrics)

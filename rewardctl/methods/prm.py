@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import Overlength, PrmConfig, RunConfig
 from rewardctl.data.collate import pad_sequences
+from rewardctl.data.packing import unpad_index
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import (
     Fit,
@@ -38,9 +39,11 @@ from rewardctl.methods.base import (
     StepOutput,
     budget_label,
     check_token_budget,
+    feature_key,
     token_budget,
 )
 from rewardctl.modeling.adapters import quantization_config, wants_merged_copy, wrap_with_adapter
+from rewardctl.modeling.common import token_logits
 from rewardctl.modeling.sequence import head_name
 from rewardctl.modeling.token import build_token_classifier, load_token_classifier, save_token_classifier
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
@@ -120,6 +123,7 @@ class PrmMethod(Method):
     primary_metric = "step_accuracy"
     item_name = "steps"
     supports_adapters = True
+    padding_free_model = "AutoModelForTokenClassification"
     cfg: PrmConfig
 
     @property
@@ -128,6 +132,7 @@ class PrmMethod(Method):
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
+        super().check_config(run)
         m: PrmConfig = run.method
         check_token_budget(m, run)
         if not m.step_separator:
@@ -170,7 +175,7 @@ class PrmMethod(Method):
 
         featurized, report = featurize_split(
             dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=(self.cfg, self.max_length, training, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+            cache_key=self.feature_cache_key(training=training),
         )
         labels = featurized.with_format("arrow")[:]["labels"].combine_chunks().flatten().to_numpy()
         labelled = labels[labels != IGNORE]
@@ -181,6 +186,15 @@ class PrmMethod(Method):
         report["truncation_note"] = "prompt end and first steps kept; cut steps lose their labels"
         report["details"] = f"{report['labelled_steps']} labelled steps, {report['correct_steps']} correct"
         return PreparedSplit(featurized, report)
+
+    def feature_cache_key(self, *, training: bool) -> tuple[Any, ...]:
+        """What shapes the features (``StepEncoder``, ``_pretokenised``): the separator, the
+        truncation settings, the effective budget, ``data.overlength`` and the tokenizer.
+        ``train_on_last_step_only`` moves labels in training splits only, so it enters the key as
+        whether the last-step rule applies here; eval splits are shared across its values."""
+        return (feature_key(self.cfg, "step_separator", "max_prompt_length", "max_completion_length"),
+                self.cfg.train_on_last_step_only and training, self.max_length, self.run.data.overlength,
+                tokenizer_identity(self.tokenizer))
 
     def _pretokenised(self, row: dict[str, Any], encoder: StepEncoder) -> tuple[list[int], list[int], list[float], Fit]:
         ids = check_token_ids(row["input_ids"], "input_ids", len(self.tokenizer))
@@ -212,6 +226,8 @@ class PrmMethod(Method):
             labels[b, :len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
             targets[b, :len(f["targets"])] = torch.tensor(f["targets"], dtype=torch.float32)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets}
+        if self.padding_free:
+            batch.update(unpad_index(attention_mask))
         if ROW_COLUMN in features[0]:
             batch["row"] = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
         return batch
@@ -223,7 +239,7 @@ class PrmMethod(Method):
 
     def _forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(log p(correct), log p(incorrect), per-token soft cross-entropy), each (B, L), float32."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = token_logits(model, batch)[0].float()
         log_probs = logits.log_softmax(-1)
         t = batch["targets"]
         losses = -(t * log_probs[..., 1] + (1 - t) * log_probs[..., 0])

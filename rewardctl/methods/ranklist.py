@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rewardctl.config.schema import RanklistConfig, RankLoss, RunConfig
-from rewardctl.data.collate import pad_sequences
+from rewardctl.config.schema import RanklistConfig, RankLoss, RunConfig, Truncation
+from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, DataError, RowError
-from rewardctl.methods.base import Metric, PreparedSplit, StepOutput
+from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key
 from rewardctl.methods.ranking import PAD_RANK, list_metrics, listmle_loss, pair_count, ranked_pair_loss
-from rewardctl.methods.scalar import ScalarRewardMethod
+from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
 
 
@@ -52,6 +52,7 @@ class RanklistMethod(ScalarRewardMethod):
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
+        super().check_config(run)
         method: RanklistConfig = run.method
         if method.score_margin and method.loss != RankLoss.pairwise:
             raise ConfigError("method.score_margin", "margins apply to loss=pairwise only (ListMLE has no pairs)")
@@ -67,6 +68,7 @@ class RanklistMethod(ScalarRewardMethod):
             raise DataError(source, "method.score_margin=true needs a 'scores' column (one number per response)")
         encoder = SequenceEncoder(self.tokenizer, self.run.model.max_length, self.run.data.overlength)
         keep_scores = self.cfg.score_margin
+        truncation = self.run.data.truncation
 
         def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
             field = columns[0]
@@ -88,31 +90,37 @@ class RanklistMethod(ScalarRewardMethod):
                 order, ranks = rank_by_scores(row["scores"], len(encoded))
             else:
                 order, ranks = list(range(len(encoded))), list(range(len(encoded)))
-            fitted = [encoder.fit(encoded[k]) for k in order]
+            fitted, fit = encoder.fit_group([encoded[k] for k in order], truncation)
             # After truncation: two responses that differ only where it cut are one text to the model.
-            _refuse_contradictions({k: fitted[slot][0] for slot, k in enumerate(order)}, order, ranks, field)
+            _refuse_contradictions({k: fitted[slot] for slot, k in enumerate(order)}, order, ranks, field, truncation)
             features: dict[str, Any] = {
-                "responses_ids": [ids for ids, _ in fitted],
+                "responses_ids": fitted,
                 "ranks": ranks,
                 "order": order,
+                PREFIX_COLUMN: shared_prefix_length(fitted),
             }
             if keep_scores:
                 features["scores"] = [float(row["scores"][k]) for k in order]
-            return features, max(fit for _, fit in fitted)
+            return features, fit
 
         featurized, report = featurize_split(
             dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=(self.cfg, self.run.model.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+            cache_key=feature_key(self.cfg, "score_margin") + (self.run.model.max_length, self.run.data.overlength,
+                                                               truncation, tokenizer_identity(self.tokenizer)),
         )
         sizes = featurized.with_format("arrow")[:]["ranks"].combine_chunks().value_lengths().to_pylist()
         histogram = {k: sizes.count(k) for k in sorted(set(sizes))}
         report["responses"] = sum(sizes)
         report["list_sizes"] = histogram
         report["details"] = f"{sum(sizes)} responses; lists by size: " + ", ".join(f"K={k}: {n}" for k, n in histogram.items())
+        self.report_sharing(featurized, report, ("responses_ids",))
         return PreparedSplit(featurized, report)
 
     def lengths(self, dataset: Any) -> list[int]:
-        """The longest response of each list: what a batch of lists is padded to."""
+        """What a list costs in a batch: its packed length with a shared prefix, else its longest
+        response (every response is padded to the batch's longest)."""
+        if self.shares_prefix:
+            return self.packed_lengths(dataset, ("responses_ids",))
         import numpy as np
         import pyarrow.compute as pc
 
@@ -124,18 +132,14 @@ class RanklistMethod(ScalarRewardMethod):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         """``input_ids``/``attention_mask``: every response of every list, list by list, best first;
         ``ranks``: (lists, K) with -1 padding, from which rewards are put back into lists."""
-        sequences = [ids for f in features for ids in f["responses_ids"]]
-        input_ids, attention_mask = pad_sequences(
-            sequences, self.tokenizer.pad_token_id, side=self.tokenizer.padding_side,
-            multiple_of=self.run.data.pad_to_multiple_of,
-        )
         width = max(len(f["ranks"]) for f in features)
         ranks = torch.full((len(features), width), PAD_RANK, dtype=torch.long)
         order = torch.full((len(features), width), -1, dtype=torch.long)
         for b, f in enumerate(features):
             ranks[b, : len(f["ranks"])] = torch.tensor(f["ranks"], dtype=torch.long)
             order[b, : len(f["order"])] = torch.tensor(f["order"], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "ranks": ranks, "order": order}
+        batch = {**self.response_batch([f["responses_ids"] for f in features], response_major=False),
+                 "ranks": ranks, "order": order}
         if "scores" in features[0]:
             scores = torch.zeros((len(features), width), dtype=torch.float32)
             for b, f in enumerate(features):
@@ -154,11 +158,9 @@ class RanklistMethod(ScalarRewardMethod):
 
     def _forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(rewards as (lists, K), per-list loss sums, per-list loss weights)."""
-        flat = model(batch["input_ids"], batch["attention_mask"])
+        flat = self.rewards(model, batch)
         ranks = batch["ranks"]
         valid = ranks != PAD_RANK
-        if flat.shape != (int(valid.sum()),):
-            raise ValueError(f"model returned rewards of shape {tuple(flat.shape)} for {int(valid.sum())} responses")
         rewards = torch.zeros(ranks.shape, dtype=flat.dtype, device=flat.device).masked_scatter(valid, flat)
         if self.cfg.loss == RankLoss.pairwise:
             scores = batch.get("scores") if self.cfg.score_margin else None
@@ -181,7 +183,7 @@ class RanklistMethod(ScalarRewardMethod):
             "reward_mean": Metric.mean_of(flat),
             "reward_min": Metric.min_of(flat),
             "reward_max": Metric.max_of(flat),
-            "tokens": Metric.total(batch["attention_mask"].sum()),
+            "tokens": Metric.total(self.token_count(batch)),
             "lists": Metric.total(ranks.shape[0]),
             "responses": Metric.total(flat.numel()),
         }
@@ -246,11 +248,15 @@ class RanklistMethod(ScalarRewardMethod):
         return sorted(records, key=lambda record: record["row"])
 
 
-def _refuse_contradictions(encoded: dict[int, list[int]], order: list[int], ranks: list[int], field: str) -> None:
+def _refuse_contradictions(encoded: dict[int, list[int]], order: list[int], ranks: list[int], field: str,
+                           truncation: Truncation) -> None:
     """The same text at two different ranks asks the model for r > r: refuse it by name."""
     seen: dict[tuple[int, ...], tuple[int, int]] = {}
     for slot, index in enumerate(order):
         key = tuple(encoded[index])
         if key in seen and seen[key][1] != ranks[slot]:
-            raise RowError(field, f"responses {seen[key][0]} and {index} are identical but ranked differently")
+            hint = (" (or became so when data.truncation=sequence_end cut their starts; data.truncation=prompt_end "
+                    "keeps them)" if truncation == Truncation.sequence_end else "")
+            raise RowError(field, f"responses {seen[key][0]} and {index} are identical but ranked differently{hint}; "
+                                  "data.bad_rows=skip leaves such lists out")
         seen.setdefault(key, (index, ranks[slot]))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.modeling.adapters import load_model_dir
-from rewardctl.modeling.common import instantiate, load_config, load_kwargs
+from rewardctl.modeling.common import instantiate, load_config, load_kwargs, token_logits
 
 
 def build_causal_lm(
@@ -46,19 +46,20 @@ def wants_router_logits(model: nn.Module) -> bool:
     return bool(getattr(config, "output_router_logits", False))
 
 
-def completion_logps(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-) -> tuple[Tensor, Tensor | None]:
+def completion_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
     """Sum of log pi(token) over completion tokens, shape (B,), in float32; plus the MoE auxiliary
-    loss when the model emits router logits (else None). Token t is predicted by logits at t - 1."""
+    loss when the model emits router logits (else None). Token t is predicted by logits at t - 1.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` (rows, L), and the
+    padding-free index when the collator made one (``token_logits``)."""
     kwargs: dict[str, Any] = {"use_cache": False}
     if wants_router_logits(_config_holder(model)):
         kwargs["output_router_logits"] = True
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    logits = out.logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+    logits, out = token_logits(model, batch, **kwargs)
+    logits = logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    mask = completion_mask[:, 1:].to(picked.dtype)
+    mask = batch["completion_mask"][:, 1:].to(picked.dtype)
     logps = (picked * mask).sum(-1)
     return logps, getattr(out, "aux_loss", None) if "output_router_logits" in kwargs else None
 

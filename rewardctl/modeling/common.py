@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from rewardctl.config.schema import DType, ModelConfig, TrainConfig
@@ -113,3 +113,57 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())
     return {"total": sum(parameter_count(p) for p in params),
             "trainable": sum(parameter_count(p) for p in params if p.requires_grad)}
+
+
+# The attention implementations whose cost follows the real tokens of a padding-free row (sdpa and
+# eager would build a dense (T, T) mask over the whole concatenation).
+PADDING_FREE_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def resolved_architecture(model_cfg: ModelConfig, auto_class: Any) -> tuple[nn.Module, bool, str]:
+    """(model, causal, attention implementation) as transformers resolves them for ``auto_class``,
+    built on the meta device (no memory, no weights read). Causal: every attention module that
+    declares ``is_causal`` is causal (decoders), none for BERT-style encoders."""
+    config = load_config(model_cfg, num_labels=1) if "Sequence" in auto_class.__name__ else load_config(model_cfg)
+    kwargs = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
+    with torch.device("meta"):
+        model = auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    flags = {bool(module.is_causal) for module in model.modules() if hasattr(module, "is_causal")}
+    causal = flags == {True} and not getattr(config, "is_encoder_decoder", False)
+    return model, causal, model.config._attn_implementation
+
+
+def padding_free_blocker(model_cfg: ModelConfig, auto_class: Any, *, on_gpu: bool, forced: bool) -> str | None:
+    """Why rows should not be concatenated padding-free, or None. Exact for any causal decoder (the
+    position ids mark the sequences); worth it only on a GPU with an attention whose cost follows the
+    real tokens (``forced``, i.e. ``data.padding_free=true``, skips that speed condition)."""
+    if not forced and not on_gpu:
+        return "on CPU the length-grouped padded batches are faster (a dense mask grows with the packed length)"
+    requested = model_cfg.attn_implementation
+    if not forced and requested and requested not in PADDING_FREE_ATTENTION:
+        return f"attn_implementation={requested} would build a dense mask (use flash_attention_2 or flex_attention)"
+    model, causal, attention = resolved_architecture(model_cfg, auto_class)
+    if not causal:
+        return f"{type(model).__name__} is not a causal decoder (its tokens attend both ways across a packed row)"
+    if not forced and attention not in PADDING_FREE_ATTENTION:
+        return f"attn_implementation={attention} would build a dense mask (use flash_attention_2 or flex_attention)"
+    return None
+
+
+def token_logits(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> tuple[Tensor, Any]:
+    """Per-token logits in the batch's padded (rows, L, ...) layout, and the model output.
+
+    With ``flat_index`` in the batch (``rewardctl.data.packing.unpad_index``) the model runs on the
+    real tokens only, concatenated in one row with restarting position ids, and its logits are put
+    back in the padded layout (zeros at padding, which every loss masks), so the method's loss code
+    is the same either way.
+    """
+    kwargs["use_cache"] = False  # with a cache, transformers would not read sequence boundaries from positions
+    if "flat_index" not in batch:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        return out.logits, out
+    index = batch["flat_index"]
+    out = model(input_ids=batch["input_ids"].flatten()[index][None], position_ids=batch["flat_position_ids"], **kwargs)
+    flat = out.logits[0]
+    full = flat.new_zeros((batch["input_ids"].numel(), *flat.shape[1:])).index_copy(0, index, flat)
+    return full.view(*batch["input_ids"].shape, *flat.shape[1:]), out

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
+from rewardctl.data.packing import segment_attention_mask
 from rewardctl.errors import ConfigError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
-from rewardctl.modeling.common import instantiate, load_config, load_kwargs
+from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,13 @@ class SequenceRewardModel(nn.Module):
         parameter gathered at once) instead of one decoder layer at a time."""
         return list(getattr(_unwrap_hf(self.classifier), "_no_split_modules", None) or [])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, segment_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, reward_index: Tensor | None = None) -> Tensor:
+        """Rewards of shape (N,). Stacked: one sequence per response, ``attention_mask`` 2-D. Packed
+        (``rewardctl.data.packing``): ``segment_ids``, ``position_ids`` and ``reward_index``, shape (N,):
+        the flat position (row * L + column) of each response's last token, in output order."""
+        if reward_index is not None:
+            return self._packed(input_ids, segment_ids, position_ids, reward_index)
         if self.pooling == "native":
             logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
             return logits.squeeze(-1).float()
@@ -68,6 +75,43 @@ class SequenceRewardModel(nn.Module):
         last = last_attended_index(attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return hf.score(pooled).squeeze(-1).float()
+
+    def _packed(self, input_ids: Tensor, segment_ids: Tensor | None, position_ids: Tensor, reward_index: Tensor) -> Tensor:
+        """Shared-prefix rows (``segment_ids`` given: a 4-D mask) or padding-free rows (no mask: the
+        position ids' restarts mark the sequences); the reward is read at each ``reward_index``."""
+        if self.pooling != "last_token":
+            raise ValueError("packed batches need a causal decoder; this model pools its first token")
+        hf = _unwrap_hf(self.classifier)
+        backbone = getattr(hf, hf.base_model_prefix)
+        mask = None
+        if segment_ids is not None:
+            mask = segment_attention_mask(segment_ids)
+            if hf.config._attn_implementation == "eager":  # eager adds the mask to the scores
+                mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(torch.float32).min)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        pooled = hidden.flatten(0, 1)[reward_index]
+        return hf.score(pooled).squeeze(-1).float()
+
+
+PREFIX_SHARING_ATTENTION = ("eager", "sdpa")  # the implementations that take a 4-D mask as is
+
+
+def prefix_sharing_blocker(model_cfg: ModelConfig) -> str | None:
+    """Why a shared-prefix forward would not be exact for this model, or None when it is: it needs a
+    causal decoder read at its last token (an encoder's prompt would see the answers) and an
+    attention implementation that takes a 4-D mask."""
+    requested = model_cfg.attn_implementation
+    if requested and requested not in PREFIX_SHARING_ATTENTION:
+        return f"attn_implementation={requested} takes no 4-D attention mask (use sdpa or eager)"
+    classifier, causal, attention = resolved_architecture(model_cfg, AutoModelForSequenceClassification)
+    if not causal or SequenceRewardModel(classifier).pooling != "last_token":
+        return f"{type(classifier).__name__} is not a causal decoder (the prompt would see the answers)"
+    if attention not in PREFIX_SHARING_ATTENTION:
+        return f"attn_implementation={attention} takes no 4-D attention mask (use sdpa or eager)"
+    return None
 
 
 def check_single_output(num_labels: int, architectures: list[str] | None, name: str) -> None:

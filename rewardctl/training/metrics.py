@@ -14,13 +14,20 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import Tensor
 
 from rewardctl.methods.base import Metric, Reduce
 from rewardctl.utils.fs import write_text_atomic
 
 
 class MetricTracker:
-    """Window accumulator plus run-long totals for ``Reduce.sum`` metrics (restored on resume)."""
+    """Window accumulator plus run-long totals for ``Reduce.sum`` metrics (restored on resume).
+
+    A window slot is ``[reduce, value, count]`` with value and count float64 tensors on the device
+    the metric came from: ``add`` only queues device arithmetic (the host never waits for a step),
+    ``reduce`` at the log step is the one synchronisation. Sums run micro-batch by micro-batch in
+    float64, so a window carried through a checkpoint (``window_state``) resumes bit for bit.
+    """
 
     def __init__(self) -> None:
         self.window: dict[str, list[Any]] = {}
@@ -28,30 +35,32 @@ class MetricTracker:
 
     def add(self, metrics: dict[str, Metric]) -> None:
         for name, metric in metrics.items():
-            # Values stay on their device: no host synchronisation until the log step.
-            value = metric.value.detach().double() if torch.is_tensor(metric.value) else torch.tensor(float(metric.value), dtype=torch.float64)
-            count = float(metric.count)
+            value = _as_float64(metric.value)
             slot = self.window.get(name)
             if slot is None:
-                self.window[name] = [metric.reduce, value, count]
+                self.window[name] = [metric.reduce, value, _count_like(metric.count, value)]
             elif metric.reduce == Reduce.min:
                 slot[1] = torch.minimum(slot[1], value)
             elif metric.reduce == Reduce.max:
                 slot[1] = torch.maximum(slot[1], value)
             else:
                 slot[1] = slot[1] + value
-                slot[2] += count
+                # A Python count is a kernel argument; a tensor count is added on the device.
+                slot[2] = slot[2] + (metric.count.detach().double() if torch.is_tensor(metric.count) else float(metric.count))
 
     def window_state(self) -> dict[str, list[Any]]:
         """This process's not-yet-logged window, JSON-able, for checkpoints (restored per process)."""
-        return {name: [kind.value, value.item(), count] for name, (kind, value, count) in self.window.items()}
+        return {name: [kind.value, value.item(), count.item()] for name, (kind, value, count) in self.window.items()}
 
     def load_window_state(self, state: dict[str, list[Any]]) -> None:
-        self.window = {name: [Reduce(kind), torch.tensor(value, dtype=torch.float64), count]
+        self.window = {name: [Reduce(kind), torch.tensor(value, dtype=torch.float64), torch.tensor(count, dtype=torch.float64)]
                        for name, (kind, value, count) in state.items()}
 
     def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], dict[str, float]]:
-        """Collective: call on every process. Returns (values to log, window sums of sum-metrics)."""
+        """Collective: call on every process. Returns (values to log, window sums of sum-metrics).
+
+        The window is packed into two tensors, reduced across processes, and read back with one
+        copy each: the synchronisation of the log step, and the only one the metrics cause."""
         names = sorted(self.window)
         device = accelerator.device
         summed = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
@@ -60,7 +69,7 @@ class MetricTracker:
             kind, value, count = self.window[name]
             if kind in (Reduce.mean, Reduce.sum):
                 summed[2 * i] = value.to(device)
-                summed[2 * i + 1] = count
+                summed[2 * i + 1] = count.to(device)
             else:
                 extremes[i] = value.to(device)
         if accelerator.num_processes > 1:
@@ -68,23 +77,41 @@ class MetricTracker:
             gathered = accelerator.gather(extremes.unsqueeze(0))
         else:
             gathered = extremes.unsqueeze(0)
+        sums = summed.tolist()
+        lowest, highest = gathered.min(0).values.tolist(), gathered.max(0).values.tolist()
         values: dict[str, float] = {}
         window_sums: dict[str, float] = {}
         for i, name in enumerate(names):
             kind = self.window[name][0]
+            total, count = sums[2 * i], sums[2 * i + 1]
             if kind == Reduce.mean:
-                if summed[2 * i + 1] > 0:
-                    values[name] = (summed[2 * i] / summed[2 * i + 1]).item()
+                if count > 0:
+                    values[name] = total / count
             elif kind == Reduce.sum:
-                window_sums[name] = summed[2 * i].item()
-                self.totals[name] = self.totals.get(name, 0.0) + window_sums[name]
+                window_sums[name] = total
+                self.totals[name] = self.totals.get(name, 0.0) + total
                 values[name] = self.totals[name]
             elif kind == Reduce.min:
-                values[name] = gathered[:, i].min().item()
+                values[name] = lowest[i]
             else:
-                values[name] = gathered[:, i].max().item()
+                values[name] = highest[i]
         self.window.clear()
         return values, window_sums
+
+
+def _as_float64(value: Tensor | float) -> Tensor:
+    """A metric's value, detached, as a float64 tensor where it already lives (no host round trip)."""
+    if torch.is_tensor(value):
+        return value.detach().double()
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def _count_like(count: Tensor | float, value: Tensor) -> Tensor:
+    """The first count of a slot as a float64 tensor on ``value``'s device; a Python count is a fill
+    there, not a host-to-device copy."""
+    if torch.is_tensor(count):
+        return count.detach().double()
+    return torch.full((), float(count), dtype=torch.float64, device=value.device)
 
 
 def _clean(value: Any) -> Any:

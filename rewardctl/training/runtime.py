@@ -44,7 +44,16 @@ class AccelerateRuntime:
         return module
 
 
+def compile_for_training(model: nn.Module) -> nn.Module:
+    """``train.compile``: the prepared module under torch.compile (inductor). Padded batches change
+    length every step (and the last batch its size), so shapes are dynamic from the first compile
+    rather than recompiled per length. The caller keeps the uncompiled module for checkpoints and
+    saving: the wrapper's state dict would prefix every key with ``_orig_mod.``."""
+    return torch.compile(model, backend="inductor", dynamic=True)
+
+
 def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Accelerator:
+    """``hardware.mixed_precision`` is already resolved (never ``auto``) by ``to_run_config``."""
     use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
     if hardware.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

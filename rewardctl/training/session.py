@@ -36,6 +36,7 @@ from rewardctl.training.plot import plot_curves
 from rewardctl.training.runtime import (
     AccelerateRuntime,
     build_accelerator,
+    compile_for_training,
     hydra_output_dir,
     quiet_other_processes,
     shared_run_dir,
@@ -179,6 +180,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         eval_loader = accelerator.prepare(DataLoader(eval_rows, batch_size=eval_batch, shuffle=False,
                                                      collate_fn=method.collate, num_workers=run.train.num_workers))
     method.on_train_start(model, AccelerateRuntime(accelerator), resuming=resume_from is not None)
+    # Only the loop runs the compiled wrapper. ``model`` stays the prepared module that accelerate's
+    # checkpoints hold and that is saved below, so no state-dict key gains ``_orig_mod.``; the method's
+    # start hook saw it too (BCO deep-copies it into its reference).
+    trained = model
+    if run.train.compile:
+        log.info("train.compile: torch.compile (inductor, dynamic shapes); the first train and eval "
+                 "batches include compilation time")
+        trained = compile_for_training(model)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     plot_metrics = ("loss", method.primary_metric)
@@ -187,7 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     def replot() -> None:
         plot_curves(metrics_log.records(), plot_metrics, run_dir / "curves.png", title)
 
-    loop = TrainingLoop(accelerator=accelerator, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
+    loop = TrainingLoop(accelerator=accelerator, method=method, model=trained, optimizer=optimizer, scheduler=scheduler,
                         train_loader=train_loader, batch_sampler=sampler, eval_loader=eval_loader, cfg=run.train,
                         max_steps=max_steps, run_dir=run_dir, metrics_log=metrics_log, on_eval=replot,
                         resume_guard=guard)
@@ -253,6 +262,9 @@ def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path,
         "step": result.step,
         "max_steps": max_steps,
         "processes": processes,
+        # What actually ran (hardware.mixed_precision=auto is resolved by now): benchmarks read these.
+        "mixed_precision": run.hardware.mixed_precision.value,
+        "compile": run.train.compile,
         "train_seconds": round(result.train_seconds, 3),
         f"{method.item_name}_per_sec": (items / result.train_seconds) if items and result.train_seconds else None,
         "peak_gpu_memory_gib": peak_memory,

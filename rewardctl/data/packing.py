@@ -1,0 +1,130 @@
+"""Shared-prefix packing: the responses of one row (a pair, a ranked list) as ONE sequence.
+
+Every response of a preference row repeats the same prompt. Stacking them (one padded sequence per
+response) computes the prompt K times; packing computes it once. For a row with token sequences
+s_1..s_K whose longest common prefix has p tokens, the packed sequence is
+
+    s_1[:p] + s_1[p:] + s_2[p:] + ... + s_K[p:]
+
+with *segment ids* 0 for the prefix, k for the tokens of response k (1-based) and -1 for padding.
+Position ids restart at p in every response block, and a causal decoder given the mask built by
+``segment_attention_mask`` (a response token sees the prefix and the earlier tokens of its own
+response only) computes for every token exactly what the stacked forward computes: the same keys at
+the same positions. Response k's reward is read at the last token of its block.
+
+Everything here is pure tensor/list code so it is unit-tested by hand; the collators call
+``pack_rows``, the model calls ``segment_attention_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+PAD_SEGMENT = -1
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, capped so every sequence keeps at least one token
+    of its own (its reward is read at that token; two identical sequences share all but the last)."""
+    if not sequences:
+        raise ValueError("no sequences")
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences[1:]):
+        length += 1
+    return max(length, 0)
+
+
+def packed_length(lengths: Sequence[int], prefix: int) -> int:
+    """Tokens of the packed row: the prefix once plus every response's remainder."""
+    return prefix + sum(n - prefix for n in lengths)
+
+
+def pack_rows(
+    rows: Sequence[Sequence[Sequence[int]]],
+    pad_value: int,
+    *,
+    multiple_of: int | None = None,
+) -> dict[str, Tensor]:
+    """Pack each row's sequences into one padded sequence (right padding).
+
+    Returns ``input_ids``, ``position_ids`` and ``segment_ids`` of shape (rows, L) and
+    ``reward_index`` of shape (rows, K_max): the flat index (row * L + column) of each response's
+    last token, -1 where a row has fewer than K_max responses. The prefix of each row is
+    ``shared_prefix_length`` of its sequences.
+    """
+    if not rows:
+        raise ValueError("cannot pack an empty batch")
+    prefixes = [shared_prefix_length(seqs) for seqs in rows]
+    length = max(packed_length([len(s) for s in seqs], p) for seqs, p in zip(rows, prefixes, strict=True))
+    if multiple_of:
+        length = -(-length // multiple_of) * multiple_of
+    width = max(len(seqs) for seqs in rows)
+    input_ids = torch.full((len(rows), length), pad_value, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    segment_ids = torch.full((len(rows), length), PAD_SEGMENT, dtype=torch.long)
+    reward_index = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, (seqs, p) in enumerate(zip(rows, prefixes, strict=True)):
+        ids = list(seqs[0][:p])
+        positions = list(range(p))
+        segments = [0] * p
+        for k, seq in enumerate(seqs):
+            tail = seq[p:]
+            ids += tail
+            positions += range(p, p + len(tail))
+            segments += [k + 1] * len(tail)
+            reward_index[b, k] = b * length + len(ids) - 1
+        n = len(ids)
+        input_ids[b, :n] = torch.as_tensor(ids, dtype=torch.long)
+        position_ids[b, :n] = torch.as_tensor(positions, dtype=torch.long)
+        segment_ids[b, :n] = torch.as_tensor(segments, dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+            "reward_index": reward_index}
+
+
+def segment_attention_mask(segment_ids: Tensor) -> Tensor:
+    """(rows, 1, L, L) boolean mask, True where query i may attend key j.
+
+    Causal (j <= i) and, for a response token, only the prefix (segment 0) or its own response.
+    Padding attends only to itself (never an empty row, whose softmax would be NaN) and is never
+    attended to.
+    """
+    length = segment_ids.shape[-1]
+    query = segment_ids[:, :, None]
+    key = segment_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    visible = causal & (key != PAD_SEGMENT) & (query != PAD_SEGMENT) & ((key == 0) | (key == query))
+    visible = visible | torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return visible[:, None, :, :]
+
+
+def concat_sequences(sequences: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """Padding-free layout: every sequence back to back in ONE row, position ids restarting at 0 for
+    each. Given no attention mask, transformers reads the sequence boundaries from the position ids
+    (flash_attention_2: variable-length kernels; flex_attention, sdpa, eager: a block-diagonal causal
+    mask), so no token attends across sequences and none is padding.
+
+    Returns ``input_ids`` and ``position_ids`` of shape (1, T) and ``reward_index`` of shape (N,):
+    the position of each sequence's last token.
+    """
+    if not sequences:
+        raise ValueError("cannot concatenate an empty batch")
+    ids = [token for sequence in sequences for token in sequence]
+    positions = [p for sequence in sequences for p in range(len(sequence))]
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "reward_index": lengths.cumsum(0) - 1}
+
+
+def unpad_index(attention_mask: Tensor) -> dict[str, Tensor]:
+    """Padding-free companion of a padded (rows, L) batch, computed at collate time (no device sync):
+    ``flat_index``, the flat positions (row * L + column) of the real tokens in order, and
+    ``flat_position_ids`` (1, T), each row's positions restarting at 0."""
+    flat_index = attention_mask.flatten().nonzero().squeeze(1)
+    positions = (attention_mask.long().cumsum(-1) - 1).flatten()[flat_index]
+    return {"flat_index": flat_index, "flat_position_ids": positions[None]}
