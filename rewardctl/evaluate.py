@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from rewardctl.config.schema import Device, EvalConfig, RunConfig
-from rewardctl.config.validate import check_precision, load_run_config, method_class, to_eval_config
+from rewardctl.config.schema import Device, EvalConfig, MixedPrecision, RunConfig
+from rewardctl.config.validate import check_precision, load_run_config, method_class, model_hidden_size, to_eval_config
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
@@ -117,7 +117,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     # A run's config.yaml holds the precision it resolved; ``auto`` (given here, or in an older or
     # hand-written config) is resolved for this machine. train.compile is ignored: one no-grad pass
     # rarely repays the compile time, and eager scores match the compiled ones to rounding.
-    precision = check_precision(device, ev.mixed_precision or run.hardware.mixed_precision, "mixed_precision")
+    wanted = ev.mixed_precision or run.hardware.mixed_precision
+    width = model_hidden_size(run.model) if wanted == MixedPrecision.auto else None
+    precision = check_precision(device, wanted, "mixed_precision", width)
     accelerator = Accelerator(cpu=device == Device.cpu or not torch.cuda.is_available(), mixed_precision=precision.value)
     quiet_other_processes(accelerator)
     method = method_class(run.method._target_)(run.method, run)

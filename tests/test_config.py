@@ -181,14 +181,19 @@ def test_hardware_mistakes_are_refused_before_anything_loads(overrides, key, tex
     assert info.value.key == key and text in str(info.value)
 
 
-def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16(tmp_path: Path):
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_for_a_wide_enough_model(tmp_path: Path):
+    from transformers import LlamaConfig
+
     from rewardctl.config.schema import MixedPrecision
     from rewardctl.config.validate import cpu_has_native_bf16
     from rewardctl.training.session import resolved_config_yaml
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
-    cfg = compose_train(["hardware.mixed_precision=auto"])
+    # the bundled 64-wide model: casts cost more than bf16 matmuls save, so auto keeps fp32
+    assert to_run_config(compose_train(["hardware.mixed_precision=auto"])).hardware.mixed_precision == MixedPrecision.no
+    LlamaConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6).save_pretrained(tmp_path / "m")
+    cfg = compose_train(["hardware.mixed_precision=auto", f"model.name_or_path={tmp_path / 'm'}", "model.from_scratch=true"])
     run = to_run_config(cfg)
     assert run.hardware.mixed_precision == MixedPrecision.bf16
     # What the run directory records (and the launcher's workers are given) is the resolved value.

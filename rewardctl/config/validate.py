@@ -93,29 +93,52 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def resolve_precision(device: Device, precision: MixedPrecision) -> MixedPrecision:
+# Below this hidden size bf16 autocast costs more in casts than it saves in matmuls on a CPU: the
+# bundled 64-wide model trains 1.4-1.8x slower under it, the 384-wide MiniLM-L6 1.4-1.5x faster with
+# the same held-out accuracy (docs/benchmarks.md, "CPU precision and compilation").
+CPU_BF16_MIN_HIDDEN = 256
+
+
+def model_hidden_size(model: Any) -> int | None:
+    """The backbone's width from its config (a cheap read), or None when it cannot be read here."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = text.to_dict().get("hidden_size") or text.to_dict().get("d_model")
+    return width if isinstance(width, int) else None
+
+
+def resolve_precision(device: Device, precision: MixedPrecision, hidden_size: int | None = None) -> MixedPrecision:
     """The one place ``auto`` gets its meaning: bf16 autocast where this machine computes bf16
-    natively (emulated bf16 on a CPU is slower than fp32), else no. Other values pass through."""
+    natively (emulated bf16 on a CPU is slower than fp32) and, on a CPU, where the model is wide
+    enough for bf16 matmuls to repay the casts (``CPU_BF16_MIN_HIDDEN``); else no. Other values
+    pass through."""
     if precision != MixedPrecision.auto:
         return precision
     if device == Device.cpu or not torch.cuda.is_available():
-        native = cpu_has_native_bf16()
+        native = cpu_has_native_bf16() and (hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN)
     else:
         native = torch.cuda.is_bf16_supported()
     return MixedPrecision.bf16 if native else MixedPrecision.no
 
 
-def check_precision(device: Device, precision: MixedPrecision, key: str) -> MixedPrecision:
+def check_precision(device: Device, precision: MixedPrecision, key: str, hidden_size: int | None = None) -> MixedPrecision:
     """Refuses what this machine cannot run; returns the precision to use (``auto`` resolved)."""
     has_cuda = torch.cuda.is_available()
     _require(not (device == Device.gpu and not has_cuda), key.replace("mixed_precision", "device"),
              "gpu requested but torch sees no CUDA device (use hardware=cpu)")
     on_cpu = device == Device.cpu or not has_cuda
     if precision == MixedPrecision.auto:
-        precision = resolve_precision(device, precision)
-        logging.getLogger(__name__).info("%s=auto: using %s (%s %s native bf16)", key, precision.value,
-                                         "this CPU" if on_cpu else "this GPU",
-                                         "has" if precision == MixedPrecision.bf16 else "lacks")
+        precision = resolve_precision(device, precision, hidden_size)
+        reason = f"{'this CPU' if on_cpu else 'this GPU'} {'has' if cpu_has_native_bf16() or not on_cpu else 'lacks'} native bf16"
+        if on_cpu and hidden_size is not None:
+            reason += f"; hidden size {hidden_size} {'>=' if hidden_size >= CPU_BF16_MIN_HIDDEN else '<'} {CPU_BF16_MIN_HIDDEN}"
+        logging.getLogger(__name__).info("%s=auto: using %s (%s)", key, precision.value, reason)
     _require(not (precision == MixedPrecision.fp16 and on_cpu), key, "fp16 mixed precision needs a GPU; use bf16 or no on CPU")
     if precision == MixedPrecision.bf16 and on_cpu and not cpu_has_native_bf16():
         logging.getLogger(__name__).warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); autocast "
@@ -250,8 +273,9 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         setattr(d, key, value)
     check_hardware(run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none"))
     if for_training:
+        width = model_hidden_size(run.model) if run.hardware.mixed_precision == MixedPrecision.auto else None
         use_precision(run, cfg, check_precision(run.hardware.device, run.hardware.mixed_precision,
-                                                "hardware.mixed_precision"))
+                                                "hardware.mixed_precision", width))
         check_compile(run)
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")
