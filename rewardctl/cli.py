@@ -2,14 +2,21 @@
 
 Hydra owns argument parsing after the command word, so everything Hydra offers works through the
 subcommand: ``-m`` sweeps, ``--cfg job``, ``--help``, ``--info``, ``+key=value``.
+
+Exit status: 0 completed (or stopped by ``train.stop_after_steps``); 2 a config, data or environment
+error; 3 a diverged run (``EXIT_DIVERGED``); 128 + the signal for an interrupted run (130 SIGINT,
+143 SIGTERM), whether it stopped after a checkpoint or, on a second signal, at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -21,6 +28,11 @@ from rewardctl.errors import RewardctlError
 
 log = logging.getLogger("rewardctl")
 CONFIG_PATH = "pkg://rewardctl.conf"
+EXIT_DIVERGED = 3
+
+# The command's arguments as the user gave them (before worker_overrides), for the resume command,
+# and the worst exit status of the jobs run so far (a sweep continues past a diverged job).
+_invocation: dict[str, Any] = {"args": [], "status": 0}
 
 USAGE = f"""rewardctl {__version__}: train reward models for RLHF from composed YAML configs.
 
@@ -50,9 +62,55 @@ def _guarded(action: Callable[[], Any]) -> Any:
 def train_app(cfg: DictConfig) -> Any:
     from rewardctl.training.session import train
 
-    summary = _guarded(lambda: train(cfg))
-    final = (summary or {}).get("final_eval") or {}
-    return final.get((summary or {}).get("primary_metric", ""), None)  # the objective for sweepers
+    summary = _guarded(lambda: train(cfg)) or {}
+    report_early_stop(summary)
+    if summary.get("status") == "diverged":  # not its last (possibly baseline) eval: sweepers fail the trial
+        return float("nan")
+    final = summary.get("final_eval") or {}
+    return final.get(summary.get("primary_metric", ""), None)  # the objective for sweepers
+
+
+def report_early_stop(summary: dict[str, Any]) -> None:
+    """A diverged run: one error line, exit status 3 at the end (a sweep goes on to its next job).
+    An interrupted run: the resume command, and exit 128 + signal now (a sweep stops too)."""
+    status = summary.get("status")
+    speaks = os.environ.get("RANK", "0") == "0"  # one line per run, not one per process
+    if status == "diverged":
+        _invocation["status"] = max(_invocation["status"], EXIT_DIVERGED)
+        if speaks:
+            print(f"rewardctl: error: {summary.get('message')}", file=sys.stderr)
+    elif status == "interrupted":
+        name = summary.get("signal") or "SIGTERM"
+        if speaks:
+            command = resume_command(_invocation["args"], summary["run_dir"], sweep=_in_sweep())
+            launcher = "the same launcher with " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            log.info("resume with: %s%s", launcher, command)
+            print(f"rewardctl: {name}: stopped at step {summary.get('step')} (checkpoint {summary.get('checkpoint')}); "
+                  f"resume with: {launcher}{command}", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[name].value)
+
+
+def resume_command(args: list[str], run_dir: str, *, sweep: bool) -> str:
+    """The same command line with the run directory fixed (``output_dir`` added when it was not
+    given, or given as an interpolation like ``${now:...}``) and ``train.resume`` back to auto."""
+    target = str(Path(run_dir).parent if sweep else Path(run_dir))
+    kept = [a for a in args if not (a.startswith("output_dir=") and "${" in a)]
+    resumed = [a for a in kept if not a.startswith("train.resume=")]
+    if len(resumed) != len(kept):
+        resumed.append("train.resume=auto")
+    if not any(a.startswith("output_dir=") for a in resumed):
+        resumed.append(f"output_dir={target}")
+    return shlex.join(["rewardctl", "train", *resumed])
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
@@ -107,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewardctl: error: {exc}", file=sys.stderr)
         return 2
     register()
+    _invocation.update(args=list(args[1:]), status=0)
     sys.argv = [f"rewardctl {command}", *rest]
-    COMMANDS[command]()
-    return 0
+    try:
+        COMMANDS[command]()
+    except KeyboardInterrupt as exc:  # one line, not a traceback through Hydra and torch
+        signum = getattr(exc, "signum", signal.SIGINT)
+        how = "stopped at once, without a checkpoint" if hasattr(exc, "signum") else "stopped"
+        print(f"rewardctl: {signal.Signals(signum).name}: {how}", file=sys.stderr)
+        return 128 + signum
+    return _invocation["status"]
 
 
 if __name__ == "__main__":

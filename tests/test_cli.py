@@ -129,7 +129,7 @@ def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-6").glob("*_state*_[01].*")) == [
-        "process_state_0.json", "process_state_1.json", "random_states_0.pkl", "random_states_1.pkl"]
+        "process_state_0.json", "process_state_1.json", "rng_state_0.safetensors", "rng_state_1.safetensors"]
     chunked = [*common, "train.stop_after_steps=4", f"output_dir={tmp_path / 'ddp-resumed'}"]
     for _ in range(2):  # stops at step 4, then the same command resumes both processes and finishes
         result = torchrun("train", *chunked, cwd=tmp_path)

@@ -108,7 +108,7 @@ def test_bad_row_stops_with_row_and_field_by_default():
     dataset = Dataset.from_list([{"chosen": "ok"}, {"chosen": "ok"}, {"chosen": ""}])
     with pytest.raises(DataError) as info:
         featurize_split(dataset, _featurizer, source="f.jsonl", bad_rows=BadRows.error)
-    assert str(info.value) == "f.jsonl, row 3, field 'chosen': is empty"
+    assert str(info.value) == "f.jsonl, row 3, field 'chosen': is empty; data.bad_rows=skip leaves such rows out"
 
 
 def test_skip_policy_counts_and_reports_bad_rows():

@@ -111,7 +111,8 @@ def test_prepare_rejects_null_prompts_and_pairs_mixing_formats(tmp_path):
     path = write_jsonl(tmp_path / "null.jsonl", rows)
     with pytest.raises(DataError) as info:
         method.prepare(load_rows(str(path), split="train"), str(path), training=True)
-    assert str(info.value) == f"{path}, row 2, field 'prompt': is missing (null) in a dataset with a prompt column"
+    assert str(info.value) == (f"{path}, row 2, field 'prompt': is missing (null) in a dataset with a prompt column; "
+                               "data.bad_rows=skip leaves such rows out")
     rows = [{"chosen": CHAT_PROMPT + CHAT_GOOD, "rejected": "User: Is the sky blue?\nAssistant: No."}]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(DataError) as info:

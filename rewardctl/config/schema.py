@@ -203,6 +203,13 @@ class TrainConfig:
     # the schedule still follows max_steps/epochs. Rerunning the same command continues: chunked
     # cluster jobs and resume tests.
     stop_after_steps: Optional[int] = None
+    # Divergence guard. An update whose loss or gradient norm is non-finite is skipped (no optimizer
+    # or scheduler step); this many skipped updates in a row stop the run as `diverged` (exit 3).
+    # 0: skip bad updates but never stop on them.
+    max_bad_steps: int = 3
+    # Stop as `diverged` when a logged train loss exceeds this many times the median of the recent
+    # logged losses (the last 20, once 10 were logged; only while that median is > 0). 0 disables.
+    divergence_factor: float = 100.0
     gradient_checkpointing: bool = False
     gradient_checkpointing_reentrant: bool = False
     # accelerate trackers, e.g. [tensorboard] or [wandb]; metrics.jsonl is always written.

@@ -223,6 +223,14 @@ def check_compile(run: RunConfig) -> None:
              f"inductor needs a C++ compiler on CPU and {os.environ.get('CXX', 'g++')} is not on PATH (set $CXX)")
 
 
+def check_weights_dtype(run: RunConfig) -> None:
+    """float16 master weights on a CPU: no loss scaler guards them there, so a run overflows to NaN
+    (and CPU float16 kernels are slow); refused like ``mixed_precision=fp16`` on CPU."""
+    on_cpu = run.hardware.device == Device.cpu or not torch.cuda.is_available()
+    _require(not (run.model.dtype == DType.float16 and on_cpu), "model.dtype",
+             "float16 weights need a GPU; use float32 (with hardware.mixed_precision=bf16 if you want) on CPU")
+
+
 def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     """Typed, fully resolved and checked run config, or a ConfigError naming the key.
 
@@ -254,6 +262,9 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     if t.stop_after_steps is not None:
         _require(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1")
+    _require(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0 (0: never stop on skipped updates); got {t.max_bad_steps}")
+    _require(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
+             f"must be 0 (off) or > 1 (got {t.divergence_factor})")
     if for_training and t.resume not in ("auto", "off"):
         _require(Path(t.resume).is_dir(), "train.resume", f"must be auto, off or a checkpoint directory; {t.resume!r} does not exist")
         _require((Path(t.resume) / "trainer_state.json").is_file(), "train.resume",
@@ -276,6 +287,7 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         width = model_hidden_size(run.model) if run.hardware.mixed_precision == MixedPrecision.auto else None
         use_precision(run, cfg, check_precision(run.hardware.device, run.hardware.mixed_precision,
                                                 "hardware.mixed_precision", width))
+        check_weights_dtype(run)
         check_compile(run)
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")

@@ -27,7 +27,8 @@ def source_name(source: str, split: str) -> str:
 def load_split(data: DataConfig, source: str, split: str, *, mapping_required: bool = True) -> tuple[Dataset, str]:
     """Rows of one split with ``data.columns`` applied, and the split's name. Eval of other data than
     the run's (``mapping_required=False``) applies the mapping only where its columns exist."""
-    rows = load_rows(source, split=split, subset=data.subset, revision=data.revision, layout=data.layout)
+    rows = load_rows(source, split=split, subset=data.subset, revision=data.revision, layout=data.layout,
+                     bad_rows=data.bad_rows)
     if data.columns and (mapping_required or all(c in rows.column_names for c in data.columns.values())):
         rows = rename_columns(rows, data.columns, source)
     return rows, source_name(source, split)

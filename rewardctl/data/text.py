@@ -11,6 +11,8 @@ transformers scoring).
 
 from __future__ import annotations
 
+import math
+import re
 from enum import IntEnum
 from typing import Any
 
@@ -29,8 +31,36 @@ class Fit(IntEnum):
     too_long = 2  # overlength=drop: the row is removed and counted
 
 
+#: Roles chat templates accept: OpenAI's and Hugging Face's (``tool``; Llama 3's ``ipython``; the
+#: o1-era ``developer``). Anything else is a typo that some templates render silently and others refuse.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def describe_value(value: Any, limit: int = 40) -> str:
+    """A value as an error message shows it: its repr, cut to ``limit`` characters (one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def json_kind(value: Any) -> str:
+    """A value's JSON type, as messages name it. Not its Python type: Arrow widens a column of ints
+    holding one float to floats, and a row's error must read the same in any file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "a JSON object"
+
+
 def is_conversational(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+    """A list of objects is a chat message list; ``check_messages`` says what is wrong with one.
+    (Not "has a 'role' key": Arrow gives every message of a column the keys any message has.)"""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict)
 
 
 def check_messages(value: Any, field: str) -> list[dict[str, Any]]:
@@ -39,30 +69,108 @@ def check_messages(value: Any, field: str) -> list[dict[str, Any]]:
     for index, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RowError(field, f"message {index} must be an object with a string 'role'")
+        if message["role"] not in CHAT_ROLES:
+            raise RowError(field, f"message {index} has role {describe_value(message['role'])}; roles are "
+                                  f"{', '.join(CHAT_ROLES)}")
         if not isinstance(message.get("content"), str):
             raise RowError(field, f"message {index} must have a string 'content'")
     return value
+
+
+def check_response_messages(value: Any, field: str) -> list[dict[str, Any]]:
+    """A response (chosen, rejected, completion, a ranked response) must end in a non-empty answer of
+    the assistant: the reward is read there, and a trailing user turn would score the question."""
+    messages = check_messages(value, field)
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise RowError(field, f"ends with a {last['role']!r} message; a response must end with the assistant's answer")
+    if not last["content"].strip():
+        raise RowError(field, f"message {len(messages) - 1} (the assistant's answer) is empty")
+    return messages
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], field: str,
+                        **kwargs: Any) -> list[int]:
+    """Token ids of ``messages``; a template that refuses the conversation (e.g. roles out of order)
+    becomes a RowError naming the field, not a Jinja traceback."""
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+    except Exception as exc:  # jinja2 raises TemplateError and plain exceptions from raise_exception()
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RowError(field, f"the chat template refused it ({detail})") from None
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
 
 
 def check_text(value: Any, field: str, *, allow_empty: bool = False) -> str:
     if value is None:
         raise RowError(field, "is missing (null)")
     if not isinstance(value, str):
-        raise RowError(field, f"must be a string or a list of chat messages, got {type(value).__name__}")
+        raise RowError(field, f"must be a string or a list of chat messages, got {json_kind(value)}")
     if not allow_empty and not value.strip():
         raise RowError(field, "is empty")
     return value
 
 
+def check_number(value: Any, field: str, *, text_cells: bool = False) -> float:
+    """A finite number. Text is a number only where every cell is text (CSV/TSV); elsewhere ``"1"``
+    is a string written where a number belongs, and coercing it would hide a broken export."""
+    if isinstance(value, str) and text_cells and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = "; write numbers without quotes" if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else ""
+        raise RowError(field, f"must be a finite number, got {describe_number(value)}{hint}")
+    if not math.isfinite(value):
+        raise RowError(field, f"must be a finite number, got {_float_name(value)}")
+    return float(value)
+
+
+def check_bool(value: Any, field: str, meaning: str, *, text_cells: bool = False) -> bool:
+    """true or false; in CSV/TSV cells also the words true/false in any case, nothing else."""
+    if isinstance(value, str) and text_cells and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise RowError(field, f"must be {meaning}, got {describe_number(value)}")
+    return value
+
+
+def describe_number(value: Any) -> str:
+    """A wrong value where a number belongs, as messages name it: NaN as NaN (not a null), a string
+    as the string it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _float_name(value)
+    if isinstance(value, str):
+        return f"the string {describe_value(value)}"
+    if value is None:
+        return "null (missing)"
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'JSON object'} ({describe_value(value)})"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))  # 1 and 1.0 alike: Arrow may widen a column's ints to floats
+    return describe_value(value)
+
+
+def _float_name(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
 def check_token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
+    """Integer ids. Integral floats pass as the integers they are: Arrow widens a whole list column to
+    floats when one row holds a non-integer, and that row, not every other, is the one to blame."""
     if not isinstance(value, list) or not value:
         raise RowError(field, "must be a non-empty list of token ids")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise RowError(field, "must hold integers only")
-    low, high = min(value), max(value)
+    ids = []
+    for position, token in enumerate(value):
+        if isinstance(token, float) and token.is_integer():
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise RowError(field, f"must hold integers only; position {position} holds {describe_number(token)}")
+        ids.append(token)
+    low, high = min(ids), max(ids)
     if low < 0 or high >= vocab_size:
         raise RowError(field, f"holds id {high if high >= vocab_size else low}, outside the vocabulary [0, {vocab_size})")
-    return list(value)
+    return ids
 
 
 class SequenceEncoder:
@@ -79,7 +187,7 @@ class SequenceEncoder:
 
     def encode(self, prompt: Any, response: Any, *, prompt_field: str = "prompt", response_field: str) -> list[int]:
         if is_conversational(response) or (isinstance(response, list) and not response):
-            messages = check_messages(response, response_field)
+            messages = check_response_messages(response, response_field)
             if prompt is not None and prompt != "":
                 if not is_conversational(prompt):
                     raise RowError(prompt_field, f"is a string but '{response_field}' is a message list; use one format per row")
@@ -99,10 +207,7 @@ class SequenceEncoder:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RowError(field, "is a chat message list but the tokenizer has no chat template "
                                   "(set model.chat_template to a .jinja file)")
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+        return apply_chat_template(self.tokenizer, messages, field)
 
     def fit(self, ids: list[int]) -> tuple[list[int], Fit]:
         """Truncation keeps the sequence's end (response and EOS) and a leading BOS / [CLS]."""

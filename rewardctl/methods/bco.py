@@ -13,21 +13,42 @@ model's config.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, Json, Value
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import BcoConfig, Overlength, RunConfig, TruncationMode
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.packing import unpad_index
-from rewardctl.data.prepare import ROW_COLUMN, SOURCE_ROW_COLUMN, featurize_split, list_lengths, require_columns
-from rewardctl.data.text import Fit, check_messages, check_text, fit_prompt_completion, is_conversational
+from rewardctl.data.prepare import (
+    ROW_COLUMN,
+    ROW_ERROR_COLUMN,
+    SOURCE_ROW_COLUMN,
+    cells_are_text,
+    decode_json,
+    featurize_split,
+    list_lengths,
+    raw_json,
+    require_columns,
+    row_error_marker,
+)
+from rewardctl.data.text import (
+    Fit,
+    apply_chat_template,
+    check_bool,
+    check_messages,
+    check_response_messages,
+    check_text,
+    fit_prompt_completion,
+    is_conversational,
+)
 from rewardctl.errors import ConfigError, DataError, RowError
 from rewardctl.methods.base import (
     Method,
@@ -54,6 +75,7 @@ from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 INDEX_COLUMN = "_index"  # position in the prepared split: the key of per-row tables (reference log-probs, UDM weights)
+SIDE_COLUMN = "_side"  # which field of a paired row an unpaired row came from, so errors name it
 
 
 class LocalRuntime:
@@ -129,19 +151,17 @@ class PromptCompletionEncoder:
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
 
-    def _template(self, messages: list[dict[str, Any]], *, generation_prompt: bool) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                                 return_dict=False)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    def _template(self, messages: list[dict[str, Any]], field: str, *, generation_prompt: bool) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages, field, add_generation_prompt=generation_prompt)
 
     def split_ids(self, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
         if is_conversational(completion) or (isinstance(completion, list) and not completion):
-            completion = check_messages(completion, "completion")
+            completion = check_response_messages(completion, "completion")
             prompt = check_messages(prompt, "prompt") if prompt not in (None, "", []) else []
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RowError("completion", "is a chat message list but the tokenizer has no chat template")
-            prompt_ids = self._template(prompt, generation_prompt=True) if prompt else []
-            full = self._template(prompt + completion, generation_prompt=False)
+            prompt_ids = self._template(prompt, "prompt", generation_prompt=True) if prompt else []
+            full = self._template(prompt + completion, "completion", generation_prompt=False)
         else:
             text = check_text(completion, "completion")
             if is_conversational(prompt):
@@ -168,26 +188,50 @@ class PromptCompletionEncoder:
 
 
 def unpair(dataset: Dataset) -> Dataset:
-    """Paired rows (prompt?, chosen, rejected) become two unpaired rows, keeping their file row."""
+    """Paired rows (prompt?, chosen, rejected) become two unpaired rows, keeping their file row.
+
+    A row that cannot be unpaired (unreadable, or chosen identical to rejected: one completion both
+    desirable and undesirable) becomes one placeholder row carrying its error. Prompts and
+    completions travel as JSON text, so rows mixing strings and chat lists unpair too.
+    """
+    dataset, paths = raw_json(dataset)
     has_prompt = "prompt" in dataset.column_names
     has_source = SOURCE_ROW_COLUMN in dataset.column_names
+    has_error = ROW_ERROR_COLUMN in dataset.column_names
+    columns = ("prompt", "completion", "label", SOURCE_ROW_COLUMN, SIDE_COLUMN, ROW_ERROR_COLUMN)
 
     def split(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": [], SOURCE_ROW_COLUMN: []}
+        out: dict[str, list[Any]] = {name: [] for name in columns}
         for i, index in enumerate(indices):
-            prompt = batch["prompt"][i] if has_prompt else None
-            chosen, rejected = batch["chosen"][i], batch["rejected"][i]
+            row = decode_json({key: values[i] for key, values in batch.items()}, paths)
+            source_row = row[SOURCE_ROW_COLUMN] if has_source else index
+            error = row[ROW_ERROR_COLUMN] if has_error else None
+            if error is None and row["chosen"] is not None and row["chosen"] == row["rejected"]:
+                error = row_error_marker("is identical to 'chosen', so one completion would be both desirable and "
+                                         "undesirable; data.bad_rows=skip leaves such rows out", "rejected")
+            if error is not None:
+                for name, value in zip(columns, (None, None, None, source_row, None, error), strict=True):
+                    out[name].append(value)
+                continue
+            prompt = row["prompt"] if has_prompt else None
+            chosen, rejected = row["chosen"], row["rejected"]
             if prompt is None:
                 prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
-            row = batch[SOURCE_ROW_COLUMN][i] if has_source else index
-            for completion, label in ((chosen, True), (rejected, False)):
-                out["prompt"].append(prompt)
-                out["completion"].append(completion)
-                out["label"].append(label)
-                out[SOURCE_ROW_COLUMN].append(row)
+            for completion, label, side in ((chosen, True, "chosen"), (rejected, False, "rejected")):
+                values = (_json_text(prompt), _json_text(completion), label, source_row, side, None)
+                for name, value in zip(columns, values, strict=True):
+                    out[name].append(value)
         return out
 
-    return dataset.map(split, batched=True, with_indices=True, remove_columns=dataset.column_names, desc="unpairing")
+    features = Features({"prompt": Json(decode=False), "completion": Json(decode=False), "label": Value("bool"),
+                         SOURCE_ROW_COLUMN: Value("int64"), SIDE_COLUMN: Value("string"),
+                         ROW_ERROR_COLUMN: Value("string")})
+    return dataset.map(split, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       features=features, desc="unpairing")
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
 def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -277,14 +321,19 @@ class BcoMethod(Method):
         if paired:
             dataset = unpair(dataset)
         encoder = PromptCompletionEncoder(self.tokenizer, self.cfg, self.max_length, self.run.data.overlength)
+        text_cells = cells_are_text(dataset)
+        meaning = "true (desirable) or false (undesirable)"
 
         def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
-            label = row["label"]
-            if not isinstance(label, bool):
-                raise RowError("label", f"must be true (desirable) or false (undesirable), got {label!r}")
+            label = check_bool(row["label"], "label", meaning, text_cells=text_cells)
             if row["prompt"] is None:
                 raise RowError("prompt", "is missing (null)")
-            prompt, completion = encoder.split_ids(row["prompt"], row["completion"])
+            try:
+                prompt, completion = encoder.split_ids(row["prompt"], row["completion"])
+            except RowError as exc:  # a paired row's completion is its chosen or rejected field
+                if exc.field == "completion" and row.get(SIDE_COLUMN):
+                    raise RowError(row[SIDE_COLUMN], exc.reason) from None
+                raise
             prompt, completion, fit = encoder.fit(prompt, completion)
             return {"input_ids": prompt + completion, "prompt_length": len(prompt), "label": label}, fit
 

@@ -6,16 +6,15 @@ pre-tokenised ``chosen_ids``/``rejected_ids``. One forward over chosen and rejec
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rewardctl.config.schema import PairwiseConfig, RunConfig
+from rewardctl.config.schema import PairwiseConfig, RunConfig, Truncation
 from rewardctl.data.packing import shared_prefix_length
-from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
-from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids, is_conversational
+from rewardctl.data.prepare import ROW_COLUMN, cells_are_text, featurize_split, list_lengths, require_columns
+from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, RowError
 from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key
 from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
@@ -66,6 +65,7 @@ class PairwiseMethod(ScalarRewardMethod):
         encoder = SequenceEncoder(self.tokenizer, self.run.model.max_length, self.run.data.overlength)
         has_prompt = "prompt" in dataset.column_names
         truncation = self.run.data.truncation
+        text_cells = cells_are_text(dataset)
 
         def featurize(row: dict[str, Any]) -> tuple[dict[str, Any], Fit]:
             if columns[0] == "chosen":
@@ -81,10 +81,12 @@ class PairwiseMethod(ScalarRewardMethod):
                 chosen = check_token_ids(row[columns[0]], columns[0], encoder.vocab_size)
                 rejected = check_token_ids(row[columns[1]], columns[1], encoder.vocab_size)
             (chosen, rejected), fit = encoder.fit_group([chosen, rejected], truncation)
+            if chosen == rejected:
+                _refuse_identical(columns[1], truncation)
             features: dict[str, Any] = {"chosen_ids": chosen, "rejected_ids": rejected,
                                         PREFIX_COLUMN: shared_prefix_length([chosen, rejected])}
             if use_margin:
-                features["margin"] = _margin(row["margin"])
+                features["margin"] = check_number(row["margin"], "margin", text_cells=text_cells)
             return features, fit
 
         featurized, report = featurize_split(
@@ -167,7 +169,10 @@ class PairwiseMethod(ScalarRewardMethod):
         return sorted(records, key=lambda record: record["row"])
 
 
-def _margin(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RowError("margin", f"must be a finite number, got {value!r}")
-    return float(value)
+def _refuse_identical(field: str, truncation: Truncation) -> None:
+    """A pair whose two sides are one token sequence asks for r > r: refuse it, as ranklist refuses
+    identical responses at different ranks."""
+    hint = (" (or became so when data.truncation=sequence_end cut their starts; data.truncation=prompt_end keeps "
+            "them apart)" if truncation == Truncation.sequence_end else "")
+    raise RowError(field, f"is identical to the chosen response after tokenisation{hint}, so the pair teaches "
+                          "nothing; data.bad_rows=skip leaves such pairs out")

@@ -25,11 +25,14 @@ from rewardctl.data.packing import unpad_index
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import (
     Fit,
+    apply_chat_template,
     check_messages,
     check_text,
     check_token_ids,
+    describe_number,
     fit_prompt_completion,
     is_conversational,
+    json_kind,
 )
 from rewardctl.errors import ConfigError, RowError
 from rewardctl.methods.base import (
@@ -56,7 +59,7 @@ def check_step_label(value: Any, index: int) -> float:
         return float(value)
     if isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0:
         return float(value)
-    raise RowError(f"labels[{index}]", f"must be true/false or a probability in [0, 1], got {value!r}")
+    raise RowError(f"labels[{index}]", f"must be true/false or a probability in [0, 1], got {describe_number(value)}")
 
 
 class StepEncoder:
@@ -77,8 +80,7 @@ class StepEncoder:
     def prompt_ids(self, prompt: Any) -> list[int]:
         if is_conversational(prompt):
             messages = check_messages(prompt, "prompt")
-            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-            return list(out["input_ids"] if hasattr(out, "keys") else out)
+            return apply_chat_template(self.tokenizer, messages, "prompt", add_generation_prompt=True)
         ids = list(self.tokenizer(check_text(prompt, "prompt", allow_empty=True), add_special_tokens=False)["input_ids"])
         return [self.bos, *ids] if self.bos is not None else ids
 
@@ -86,7 +88,7 @@ class StepEncoder:
         if not isinstance(steps, list) or not steps:
             raise RowError("completions", "must be a non-empty list of steps")
         if not isinstance(labels, list) or len(labels) != len(steps):
-            size = len(labels) if isinstance(labels, list) else type(labels).__name__
+            size = len(labels) if isinstance(labels, list) else json_kind(labels)
             raise RowError("labels", f"must hold one label per step: {len(steps)} steps, got {size}")
         targets = [check_step_label(v, k) for k, v in enumerate(labels)]
         last_only = self.cfg.train_on_last_step_only and training
@@ -201,8 +203,10 @@ class PrmMethod(Method):
         labels = row["labels"]
         if not isinstance(labels, list) or len(labels) != len(ids):
             raise RowError("labels", f"pre-tokenised rows need one label per token ({len(ids)}), with -100 where unlabelled")
-        if any(v not in (IGNORE, 0, 1) or isinstance(v, bool) for v in labels):
-            raise RowError("labels", "pre-tokenised labels must be -100, 0 or 1")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (IGNORE, 0, 1) for v in labels):
+            bad = next(v for v in labels if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (IGNORE, 0, 1))
+            raise RowError("labels", f"pre-tokenised labels must be -100, 0 or 1, got {describe_number(bad)}")
+        labels = [int(v) for v in labels]  # a float column (one odd row widens it) holds -100.0 for -100
         fit = Fit.fits
         if len(ids) > self.max_length:
             if encoder.overlength == Overlength.drop:

@@ -9,7 +9,6 @@ into sum(K) rows); losses and metrics run on padded (B, K) tensors with a rank o
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from rewardctl.config.schema import RanklistConfig, RankLoss, RunConfig, Truncation
 from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, require_columns
-from rewardctl.data.text import Fit, SequenceEncoder, check_token_ids, is_conversational
+from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational, json_kind
 from rewardctl.errors import ConfigError, DataError, RowError
 from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key
 from rewardctl.methods.ranking import PAD_RANK, list_metrics, listmle_loss, pair_count, ranked_pair_loss
@@ -30,12 +29,10 @@ def rank_by_scores(scores: Any, size: int) -> tuple[list[int], list[int]]:
     """(order, ranks): response indices sorted by score, high first (stable), and dense ranks in that
     order, so equal scores share a rank and form no pair."""
     if not isinstance(scores, list):
-        raise RowError("scores", f"must be a list of numbers, got {type(scores).__name__}")
+        raise RowError("scores", f"must be a list of numbers, got {json_kind(scores)}")
     if len(scores) != size:
         raise RowError("scores", f"holds {len(scores)} scores for {size} responses; give one score per response")
-    for index, value in enumerate(scores):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RowError(f"scores[{index}]", f"must be a finite number, got {value!r}")
+    scores = [check_number(value, f"scores[{index}]") for index, value in enumerate(scores)]
     order = sorted(range(size), key=lambda k: -scores[k])
     distinct = sorted({float(s) for s in scores}, reverse=True)
     if len(distinct) < 2:
@@ -74,7 +71,7 @@ class RanklistMethod(ScalarRewardMethod):
             field = columns[0]
             responses = row[field]
             if not isinstance(responses, list):
-                raise RowError(field, f"must be a list of responses ranked best first, got {type(responses).__name__}")
+                raise RowError(field, f"must be a list of responses ranked best first, got {json_kind(responses)}")
             if len(responses) < 2:
                 raise RowError(field, f"holds {len(responses)} response(s); a ranked list needs at least 2")
             if field == "responses":

@@ -3,12 +3,25 @@
 It knows optimisation (accumulation, clipping, precision, schedule), cadence (log, eval, save,
 stop) and bookkeeping (position in the data, metric totals, checkpoints). It knows nothing about what
 a batch contains or what the loss means: those come from the ``Method``.
+
+Stopping early (``guards``): an update whose loss or gradient norm is non-finite is skipped, and
+``train.max_bad_steps`` of them in a row, or an exploding logged loss, end the run as ``diverged``;
+SIGINT/SIGTERM end it as ``interrupted`` after the current step and a checkpoint. One host read per
+optimizer step (the finiteness flags and the stop request, agreed by every process in one collective)
+decides both; nothing is read back per micro-batch.
+
+Checkpoints never hold non-finite weights, so rotation (``train.keep_checkpoints``, done by the
+checkpoint writer) can never delete the newest finite checkpoint in favour of a broken one: a save is
+withheld when the step's update was skipped, and refused, ending the run as ``diverged``, when the
+weights themselves are no longer finite (a finite but huge update can overflow them; the check is one
+pass over the weights, only at a save). The final model is saved by the session only for ``completed``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -18,7 +31,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device
+from accelerate.utils import DistributedType, send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -29,6 +42,7 @@ from rewardctl.data.batching import EpochBatchSampler
 from rewardctl.methods.base import Method
 from rewardctl.training.checkpoint import load_checkpoint, save_checkpoint
 from rewardctl.training.evaluation import run_evaluation
+from rewardctl.training.guards import DivergenceGuard, SignalStop
 from rewardctl.training.metrics import MetricsLog, MetricTracker
 
 log = logging.getLogger(__name__)
@@ -36,12 +50,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopResult:
-    status: str  # "completed" or "stopped" (train.stop_after_steps)
+    # "completed", "stopped" (train.stop_after_steps), "interrupted" (SIGINT/SIGTERM) or "diverged"
+    status: str
     step: int
     train: dict[str, Any] = field(default_factory=dict)
     evals: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     totals: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    message: str | None = None  # why a diverged run stopped: one line with what to try
+    signal: str | None = None  # the signal that interrupted the run, e.g. "SIGTERM"
+
+
+@dataclass
+class StepHealth:
+    """What the one per-step host read tells every process (already agreed across processes)."""
+
+    grad_bad: bool  # the gradient norm is non-finite
+    loss: float  # the step's loss over every process (the objective: summed losses / items)
+    signum: int  # a stop signal some process received (0: none)
+
+    @property
+    def loss_bad(self) -> bool:
+        return not math.isfinite(self.loss)
 
 
 class TrainingLoop:
@@ -87,6 +118,12 @@ class TrainingLoop:
         self._mark = time.perf_counter()
         self._window_seconds = 0.0
         self._grad_norms: list[torch.Tensor] = []
+        self.guard = DivergenceGuard(cfg.max_bad_steps, cfg.divergence_factor)
+        self._diverged: str | None = None  # the reason, once a rule fired
+        self._signals = SignalStop()  # installed only while ``run`` runs
+        self._stop_signum = 0  # the stop signal every process agreed on
+        self._start_step = self._last_save = 0
+        self._last_eval = -1
 
     def _clock(self) -> None:
         """Count the time since the last mark as training time (call after a synchronising op)."""
@@ -126,6 +163,7 @@ class TrainingLoop:
             "max_steps": self.max_steps,
             "totals": self.tracker.totals,
             "train_seconds": self.train_seconds,
+            "divergence": self.guard.state_dict(),  # skipped updates, recent losses: a resume decides alike
             "rewardctl_version": __version__,
             **self.resume_guard,
         }
@@ -150,6 +188,7 @@ class TrainingLoop:
         self.micro_batches = state["micro_batches"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.tracker.totals = dict(state.get("totals", {}))
+        self.guard.load_state_dict(state.get("divergence", {}))
         self.tracker.load_window_state(process_state.get("window", {}))
         self._grad_norms = [torch.tensor(g) for g in process_state.get("grad_norms", [])]
         self._window_seconds = process_state.get("window_seconds", 0.0)
@@ -180,8 +219,10 @@ class TrainingLoop:
         for name, total in window_sums.items():
             record[f"{name}_per_sec"] = total / seconds if seconds > 0 else None
         record["train_seconds"] = round(self.train_seconds, 3)
+        record["skipped_steps"] = self.guard.skipped_steps
         self.last_train = record
         self._emit(record)
+        self._diverged = self._diverged or self.guard.after_log(record.get("loss"))
 
     def evaluate(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -197,8 +238,11 @@ class TrainingLoop:
         return record
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _optimizer_step(self, stream: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One update from ``grad_accum`` micro-batches; returns the gradient norm before clipping."""
+    def _optimizer_step(self, stream: Iterator[dict[str, torch.Tensor]]) -> bool:
+        """One update from ``grad_accum`` micro-batches; True when it was bad (non-finite) and skipped.
+
+        The window's metrics and gradient norm are kept only for an applied update, so a skipped
+        one never writes null into metrics.jsonl; the data position advances either way (resume-exact)."""
         acc = self.accelerator
         window = [next(stream) for _ in range(self.cfg.grad_accum)]
         total = torch.stack([self.method.batch_weight(b).float() for b in window]).sum().to(acc.device)
@@ -211,6 +255,7 @@ class TrainingLoop:
         # whose engine divides by its own accumulation count): undone, so the window's normalisation
         # above is the only one.
         scale = scale * acc.gradient_accumulation_steps
+        metrics, losses = [], []
         try:
             for i, batch in enumerate(window):
                 last = i == len(window) - 1
@@ -220,62 +265,210 @@ class TrainingLoop:
                 with nullcontext() if last else acc.no_sync(self.model):
                     out = self.method.train_step(self.model, batch)
                     acc.backward(out.loss_sum * scale)
-                self.tracker.add(out.metrics)
+                metrics.append(out.metrics)
+                losses.append(out.loss_sum.detach().float().sum())
         finally:
             acc.sync_gradients = True  # process-wide state: never left mid-window
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self._norm_tensor(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        health = self._health(grad_norm, torch.stack(losses).sum() / total.clamp(min=1.0))
+        bad, skipped = self._update(health)
+        if not skipped:
+            for step_metrics in metrics:
+                self.tracker.add(step_metrics)
+            if grad_norm is not None:
+                self._grad_norms.append(grad_norm)
         self.step += 1
         self.micro_batches += len(window)
+        self._stop_signum = self._stop_signum or health.signum
+        if skipped:
+            self._note_skipped(health, bad)
+        return bad
+
+    def _norm_tensor(self, grad_norm: Any) -> torch.Tensor | None:
+        """The gradient norm as a plain tensor on this process's device; None when unknown (DeepSpeed
+        reports the engine's norm as a float, and None before its first step)."""
+        if grad_norm is None:
+            return None
         if torch.is_tensor(grad_norm):
-            return grad_norm.detach()
-        # DeepSpeed reports the engine's norm as a float (None before its first step)
-        return torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2)
+                grad_norm = grad_norm.full_tensor()
+            return grad_norm.detach().float().to(self.accelerator.device)
+        return torch.full((), float(grad_norm), device=self.accelerator.device)
+
+    def _health(self, grad_norm: torch.Tensor | None, loss: torch.Tensor) -> StepHealth:
+        """The step's one host read, from every process in one gather (so all of them skip, stop or
+        continue at the same step, and never wait on each other): whether the gradient norm is
+        finite, this process's share of the step's loss, and the stop signal it received, if any."""
+        signum = torch.full((), float(self._signals.signum or 0), device=loss.device)
+        grad_bad = torch.zeros((), device=loss.device) if grad_norm is None else (~torch.isfinite(grad_norm)).float()
+        row = torch.stack([grad_bad.to(loss.device), loss.float(), signum])
+        rows = self.accelerator.gather(row[None]) if self.accelerator.num_processes > 1 else row[None]
+        grad_bad, shares, signums = zip(*rows.tolist(), strict=True)
+        return StepHealth(max(grad_bad) > 0, sum(shares), int(max(signums)))  # inf + -inf: nan, still bad
+
+    def _update(self, health: StepHealth) -> tuple[bool, bool]:
+        """Apply the update unless it is bad; returns (bad, skipped).
+
+        Under fp16 the loss scaler must see every step (it skips an overflowing update itself and
+        lowers its scale): there a non-finite gradient with a finite loss is the scaler's routine
+        overflow, skipped but not counted towards ``train.max_bad_steps``. DeepSpeed's engine has
+        already stepped inside ``backward`` (its ``optimizer.step`` is a no-op): a bad step there is
+        counted, not undone."""
+        acc = self.accelerator
+        if self._loss_scaled:
+            bad = health.loss_bad
+            self.optimizer.step()
+            skipped = acc.optimizer_step_was_skipped or bad
+        else:
+            bad = skipped = health.grad_bad or health.loss_bad
+            if not bad:
+                self.optimizer.step()
+        if not skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        reason = self.guard.after_update(self.step + 1, health.loss, skipped, bad)
+        self._diverged = self._diverged or reason
+        return bad, skipped
+
+    @property
+    def _loss_scaled(self) -> bool:
+        """fp16 with a dynamic loss scale: accelerate's GradScaler, or DeepSpeed's own."""
+        acc = self.accelerator
+        deepspeed_fp16 = acc.distributed_type == DistributedType.DEEPSPEED and acc.mixed_precision == "fp16"
+        return acc.scaler is not None or deepspeed_fp16
+
+    def _note_skipped(self, health: StepHealth, bad: bool) -> None:
+        if not bad:
+            log.debug("step %d: the fp16 loss scaler skipped an overflowing update", self.step)
+            return
+        what = "loss" if health.loss_bad else "gradient norm"
+        log.warning("step %d: non-finite %s, update skipped (%d in a row, %d skipped in all)", self.step, what,
+                    self.guard.bad_streak, self.guard.skipped_steps)
+
+    def _weights_finite(self) -> bool:
+        """Collective: whether every process's weights (its shard, under FSDP / ZeRO-3) are finite."""
+        device = self.accelerator.device
+        flags = [torch.isfinite(_local(p)).all() for p in self.model.parameters()]
+        bad = (~torch.stack(flags).all()).float().reshape(1).to(device) if flags else torch.zeros(1, device=device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="max")
+        return bad.item() == 0
+
+    def _checkpoint(self, last_bad: bool) -> bool:
+        """Save unless the checkpoint could hold non-finite weights; False when withheld."""
+        if last_bad:
+            log.warning("step %d: checkpoint not written: this step's update was skipped as non-finite", self.step)
+            return False
+        if not self._weights_finite():
+            self._diverged = self._diverged or "the weights are no longer finite"
+            return False
+        self._clock()
+        self.save()
+        self._restart_clock()
+        self._last_save = self.step
+        return True
 
     def run(self) -> LoopResult:
-        cfg = self.cfg
-        if self.step == 0 and cfg.eval_at_start and self.eval_loader is not None:
+        """Train to ``max_steps``, or until stopped; SIGINT/SIGTERM handlers live only this long."""
+        with SignalStop() as self._signals:
+            return self._run()
+
+    def _stop_requested(self) -> bool:
+        """The agreed request; one process also sees its own signal that arrived after the step's read."""
+        if not self._stop_signum and self.accelerator.num_processes == 1 and self._signals.requested:
+            self._stop_signum = self._signals.signum or 0
+        return bool(self._stop_signum)
+
+    def _run(self) -> LoopResult:
+        if self.step == 0 and self.cfg.eval_at_start and self.eval_loader is not None:
             self.evaluate()
         stream = self._micro_batches()
         self.model.train()
         bar = tqdm(total=self.max_steps, initial=self.step, desc=f"{self.method.cfg.name}",
-                   disable=not (self.accelerator.is_main_process and cfg.progress_bar), dynamic_ncols=True)
-        start_step = self.step
+                   disable=not (self.accelerator.is_main_process and self.cfg.progress_bar), dynamic_ncols=True)
+        self._start_step = self.step
         self._restart_clock()
-        last_eval = self.step if (self.step == 0 and cfg.eval_at_start) else -1
-        last_save = self.step
-        status = "completed"
-        while self.step < self.max_steps:
-            self._grad_norms.append(self._optimizer_step(stream))
+        self._last_eval = self.step if (self.step == 0 and self.cfg.eval_at_start) else -1
+        self._last_save = self.step
+        status = None
+        while status is None and self.step < self.max_steps:
+            bad = self._optimizer_step(stream)
             bar.update(1)
-            final = self.step == self.max_steps
-            if self.step % cfg.log_every == 0 or final:
-                self._log_train()
-                if "loss" in self.last_train:
-                    bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.last_train['lr']:.2e}")
-            if self.eval_loader is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
-                self._clock()
-                self.evaluate()
-                self._restart_clock()
-                last_eval = self.step
-            if cfg.save_every and (self.step % cfg.save_every == 0 or final):
-                self._clock()
-                self.save()
-                self._restart_clock()
-                last_save = self.step
-            if cfg.stop_after_steps is not None and self.step - start_step >= cfg.stop_after_steps and not final:
-                self._clock()
-                if last_save != self.step:
-                    self.save()
-                log.info("stopping at step %d after %d steps as asked (train.stop_after_steps); rerun the same "
-                         "command (same output_dir, train.resume=auto) to continue", self.step, self.step - start_step)
-                status = "stopped"
-                break
+            status = self._after_step(bad, bar)
         bar.close()
-        if status == "completed" and self.eval_loader is not None and last_eval != self.step:
+        return self._finish(status or "completed")
+
+    def _after_step(self, bad: bool, bar: Any) -> str | None:
+        """Cadence (log, eval, save) and the early stops; the status to end with, or None to go on.
+        A diverged run writes nothing more: no eval, no checkpoint."""
+        cfg = self.cfg
+        final = self.step == self.max_steps
+        if self.step % cfg.log_every == 0 or final:
+            self._log_train()
+            if "loss" in self.last_train:
+                bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.last_train['lr']:.2e}")
+        if self._diverged:
+            return "diverged"
+        if self.eval_loader is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+            self._clock()
             self.evaluate()
-        return LoopResult(status, self.step, self.last_train, self.evals, self.train_seconds, dict(self.tracker.totals))
+            self._restart_clock()
+            self._last_eval = self.step
+        if cfg.save_every and (self.step % cfg.save_every == 0 or final):
+            self._checkpoint(bad)
+        if self._diverged:
+            return "diverged"
+        if final:
+            return None
+        if self._stop_requested():
+            return self._stop("interrupted", bad)
+        if cfg.stop_after_steps is not None and self.step - self._start_step >= cfg.stop_after_steps:
+            return self._stop("stopped", bad)
+        return None
+
+    def _stop(self, status: str, bad: bool) -> str:
+        """End before max_steps, with a checkpoint of this step unless it could be unsafe."""
+        if self._last_save != self.step:
+            self._checkpoint(bad)
+        if self._diverged:
+            return "diverged"
+        if status == "interrupted":
+            withheld = "" if self._last_save == self.step else " (no checkpoint written at this step)"
+            log.warning("%s received: stopped at step %d after finishing the step%s", self._signal_name(), self.step,
+                        withheld)
+        else:
+            log.info("stopping at step %d after %d steps as asked (train.stop_after_steps); rerun the same command "
+                     "(same output_dir, train.resume=auto) to continue", self.step, self.step - self._start_step)
+        return status
+
+    def _finish(self, status: str) -> LoopResult:
+        """A run that reached max_steps is completed only with finite weights (then evaluated last)."""
+        if status == "completed" and not self._weights_finite():
+            self._diverged = "the weights are no longer finite"
+        if self._diverged:
+            return self._result("diverged", self.guard.message(self.step, self._diverged))
+        if status == "completed" and self._stop_requested():
+            log.warning("%s received at the last step: finishing the run", self._signal_name())
+        if status == "completed" and self.eval_loader is not None and self._last_eval != self.step:
+            self.evaluate()
+        return self._result(status)
+
+    def _signal_name(self) -> str:
+        return signal.Signals(self._stop_signum).name if self._stop_signum else "stop request"
+
+    def _result(self, status: str, message: str | None = None) -> LoopResult:
+        if message:
+            log.error(message)
+        return LoopResult(status, self.step, self.last_train, self.evals, self.train_seconds, dict(self.tracker.totals),
+                          skipped_steps=self.guard.skipped_steps, message=message,
+                          signal=self._signal_name() if status == "interrupted" else None)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: a DTensor's local shard (FSDP2), a ZeRO-3 partition."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return param.detach()

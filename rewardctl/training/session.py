@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.modeling.common import check_max_length, count_parameters
-from rewardctl.training.checkpoint import latest_checkpoint, read_trainer_state
+from rewardctl.training.checkpoint import (
+    STEP_DIR,
+    latest_checkpoint,
+    newest_intact_checkpoint,
+    read_trainer_state,
+    register_scheduler,
+    validate_checkpoint,
+)
 from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
@@ -42,6 +50,7 @@ from rewardctl.training.runtime import (
     shared_run_dir,
 )
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
+from rewardctl.utils.runlock import acquire_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +86,34 @@ def decide_resume(run: RunConfig, run_dir: Path) -> Path | None:
                               "continue it with train.resume=auto or choose another output_dir")
         return None
     if run.train.resume == "auto":
-        return latest_checkpoint(run_dir / "checkpoints")
-    return Path(run.train.resume)
+        return newest_intact_resume(run_dir / "checkpoints")
+    return checked_resume(Path(run.train.resume))
+
+
+def newest_intact_resume(root: Path) -> Path | None:
+    """train.resume=auto: the newest checkpoint that validates, warning about each damaged one passed over."""
+    damaged: list[str] = []
+
+    def passed_over(path: Path, reason: str) -> None:
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", path, reason)
+        damaged.append(f"{path.name}: {reason}")
+
+    found = newest_intact_checkpoint(root, on_damaged=passed_over)
+    if found is None and damaged:  # starting over would silently discard the run: a person should look
+        raise ConfigError("train.resume", f"no checkpoint in {root} is intact ({'; '.join(damaged)}); "
+                          "move checkpoints/ aside to start the run over")
+    return found
+
+
+def checked_resume(path: Path) -> Path:
+    """train.resume=<dir>: refused, naming the fallback, when the checkpoint is damaged."""
+    reason = validate_checkpoint(path)
+    if reason is None:
+        return path
+    match = STEP_DIR.match(path.name)
+    previous = newest_intact_checkpoint(path.parent, below=int(match.group(1))) if match else None
+    fallback = f"the previous intact checkpoint is {previous}" if previous else "no earlier checkpoint is intact"
+    raise ConfigError("train.resume", f"{path} is damaged: {reason}; {fallback}")
 
 
 def plan_steps(run: RunConfig, micro_batches_per_epoch: int) -> int:
@@ -123,6 +158,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if accelerator.device.type == "cuda":  # sweep jobs share a process: each reports its own peak
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     run_dir = shared_run_dir(accelerator, run.output_dir)
+    # One run per run directory: a second run into it is refused here, before anything loads.
+    with acquire_run_lock(run_dir) if accelerator.is_main_process else nullcontext():
+        return _train_in(cfg, run, accelerator, run_dir)
+
+
+def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) -> dict[str, Any]:
+    """The run itself, once its directory is this job's (locked by the main process)."""
     main = accelerator.is_main_process
     log.info("run directory: %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
              "es" if accelerator.num_processes > 1 else "", accelerator.device)
@@ -167,10 +209,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = method.build_model()
     parameters = count_parameters(model)
     log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
-    optimizer = build_optimizer(model, run.train)
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    optimizer = build_optimizer(model, run.train, fused=not sharded)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    register_scheduler(accelerator, scheduler)  # saved as JSON by our checkpoints, never pickled
     train_loader = DataLoader(train_split.dataset, batch_sampler=sampler, collate_fn=method.collate,
                               num_workers=run.train.num_workers, generator=torch.Generator().manual_seed(run.train.seed))
     eval_loader = None
@@ -216,9 +259,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     result = loop.run()
     peak_memory = peak_gpu_memory_gib(accelerator)  # training's peak, before gathering weights to save
-    if result.status == "completed":
+    if result.status == "completed":  # never for diverged (possibly non-finite) or interrupted runs
         state_dict = None
-        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        if sharded:
             state_dict = accelerator.get_state_dict(model)
         if main:
             method.save_model(accelerator.unwrap_model(model), run_dir / "model", state_dict=state_dict)
@@ -245,12 +288,26 @@ def launch(run: RunConfig) -> dict[str, Any]:
         raise ConfigError("hardware.num_processes", "starting several processes needs the command line "
                           "(rewardctl train ...); from Python, run under accelerate launch or torchrun") from None
     run_dir = hydra_output_dir(run.output_dir).resolve()
+    started = time.time()
     status = launch_workers(run.hardware, overrides, run_dir)
     if status != 0:
+        stopped = early_stop_summary(run_dir, since=started)
+        if stopped is not None:  # the workers stopped as designed (diverged / interrupted): not a failure
+            return stopped
         raise ConfigError("hardware", f"the worker processes failed (exit status {status}); see their output above")
     if run.hardware.machine_rank != 0:  # the run directory and its summary belong to machine 0
         return {"status": "completed", "machine_rank": run.hardware.machine_rank}
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def early_stop_summary(run_dir: Path, since: float) -> dict[str, Any] | None:
+    """The workers' summary when they wrote one during this launch with a ``diverged`` or
+    ``interrupted`` status: the launcher's own exit status then says so, not "failed"."""
+    path = run_dir / "summary.json"
+    if not path.exists() or path.stat().st_mtime < since:
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary if summary.get("status") in ("diverged", "interrupted") else None
 
 
 def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path, max_steps: int, processes: int,
@@ -276,6 +333,12 @@ def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path,
         "primary_metric": method.primary_metric,
         "run_dir": str(run_dir),
         "model_dir": str(run_dir / "model") if result.status == "completed" else None,
+        # Updates skipped as non-finite (and fp16 loss-scaler overflows); why a diverged run stopped;
+        # which signal interrupted it; the checkpoint a rerun of the same command continues from.
+        "skipped_steps": result.skipped_steps,
+        "message": result.message,
+        "signal": result.signal,
+        "checkpoint": str(latest) if (latest := latest_checkpoint(run_dir / "checkpoints")) else None,
     }
 
 
@@ -304,7 +367,12 @@ def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
     train = summary.get("last_train") or {}
     if "loss" in train:
         lines.append(f"  last train loss: {train['loss']:.4f}")
+    if summary.get("skipped_steps"):
+        lines.append(f"  skipped updates (non-finite): {summary['skipped_steps']}")
     if summary.get("model_dir"):
         lines.append(f"  model: {summary['model_dir']}")
+    elif summary["status"] in ("diverged", "interrupted", "stopped"):
+        kept = summary.get("checkpoint")
+        lines.append(f"  no model saved; newest checkpoint: {kept}" if kept else "  no model and no checkpoint saved")
     lines.append(f"  metrics: {summary['run_dir']}/metrics.jsonl, curves: {summary['run_dir']}/curves.png")
     return lines
