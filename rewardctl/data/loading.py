@@ -70,7 +70,7 @@ def _json_kind(value: Any) -> str:
 # (the word NaN inside a string) costs only speed: such files are read by Python's exact parser.
 _NOT_AN_OBJECT = re.compile(rb"\n[ \t\r\f\v]*[^{\s]")  # `null` reads as a row of nulls, or crashes
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a lone surrogate escape is read as other text
-_LONG_DIGITS = re.compile(rb"[0-9]{19,}")  # an integer past int64 becomes a float, silently rounded
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")  # 19 digits in a row: an integer past int64?
 _NON_FINITE = (b"NaN", b"Infinity")  # NaN: a float in a numeric column, null in a column of strings
 
 
@@ -78,10 +78,28 @@ def _pyarrow_traps(text: bytes) -> bool:
     """Whether these JSON lines hold something pyarrow would misread (or crash on)."""
     if text.lstrip()[:1] not in (b"{", b"") or _NOT_AN_OBJECT.search(text) or _SURROGATE.search(text):
         return True
-    for run in _LONG_DIGITS.finditer(text):
-        if text[run.start() - 1:run.start()] != b"." and text[run.end():run.end() + 1] not in (b".", b"e", b"E"):
-            return True  # an integer, not the digits of a float
-    return any(_bare_word(text, word) for word in _NON_FINITE)
+    return _long_integer(text) or any(_bare_word(text, word) for word in _NON_FINITE)
+
+
+def _long_integer(text: bytes) -> bool:
+    """A JSON integer of 19+ digits (pyarrow rounds one past int64 to a float)."""
+    zeros = text.translate(_DIGITS_AS_ZERO)  # a C pass, then a C search: no regex crawling every digit
+    start = zeros.find(b"0" * 19)
+    while start != -1:
+        end = start + 19
+        while end < len(zeros) and zeros[end] == 0x30:
+            end += 1
+        if _after_json_separator(text, start) and text[end:end + 1] not in (b".", b"e", b"E"):
+            return True
+        start = zeros.find(b"0" * 19, end)
+    return False
+
+
+def _after_json_separator(text: bytes, start: int) -> bool:
+    """Whether the digits at ``start`` open a JSON value (after ``:``, ``[`` or ``,``, maybe ``-``),
+    not digits inside a string (a URL, an id) or after a float's point."""
+    head = text[max(0, start - 64):start].rstrip(b" \t").removesuffix(b"-").rstrip(b" \t")
+    return head[-1:] in (b":", b"[", b",")
 
 
 def _bare_word(text: bytes, word: bytes) -> bool:
@@ -95,7 +113,7 @@ def _bare_word(text: bytes, word: bytes) -> bool:
     return False
 
 
-_BLANK_LINE = re.compile(rb"^[ \t\r\f\v]*$", re.MULTILINE)
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*(?=\n)")  # a literal first byte: the engine skips ahead
 
 
 @dataclass
@@ -136,12 +154,9 @@ def scan_text(path: Path, *, json_lines: bool) -> TextScan:
 
 
 def _rows_in(body: bytes) -> int:
-    """Non-blank lines in ``body`` (a last one without its newline included)."""
-    if not body:
-        return 0
-    lines = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
-    blank = sum(1 for _ in _BLANK_LINE.finditer(body)) - (1 if body.endswith(b"\n") else 0)  # "$" after the last newline
-    return lines - blank
+    """Non-blank lines in ``body``, a piece cut after a newline (or a file's last, unterminated line)."""
+    text = b"\n" + body + (b"" if body.endswith(b"\n") else b"\n")  # every line between two newlines
+    return text.count(b"\n") - 1 - sum(1 for _ in _BLANK_LINE.finditer(text))
 
 
 def _check_piece(path: Path, body: bytes, offset: int, lines: int, rows_are_lines: bool) -> None:
@@ -225,11 +240,13 @@ def _parse_record(text: str, line: int | None) -> tuple[Any, tuple[str | None, s
 
 
 def _check_record(record: Any, line: int | None) -> tuple[Any, tuple[str | None, str] | None]:
+    """(record, None), or (its fields as nulls, or None, (field, problem)): a bad row still names
+    its columns, so the file has the columns its rows name, bad ones too."""
     if not isinstance(record, dict):
         where = f"line {line} is" if line is not None else "it is"
         return None, (None, f"{where} a JSON {_json_kind(record)}, expected an object")
     found = _value_problem(record, "")
-    return (None, found) if found else (record, None)
+    return (dict.fromkeys(map(str, record)), found) if found else (record, None)
 
 
 def _json_records(path: Path) -> Iterator[tuple[Any, tuple[str | None, str] | None]]:
@@ -287,13 +304,14 @@ def load_json_in_python(files: list[Path], source: str, bad_rows: BadRows) -> Da
                 rows.append(record)
                 continue
             field, reason = problem
-            reason = reason if len(files) == 1 else f"{path.name}: {reason}"
+            reason = reason if source == str(path) else f"{path.name}: {reason}"  # a folder: which file
             if bad_rows == BadRows.error:
                 raise DataError(source, with_hint(reason), row=len(rows) + 1, field=field)
-            rows.append({ROW_ERROR_COLUMN: row_error_marker(reason, field)})
+            rows.append({**(record or {}), ROW_ERROR_COLUMN: row_error_marker(reason, field)})
     if rows and all(ROW_ERROR_COLUMN in row for row in rows):
         first = json.loads(rows[0][ROW_ERROR_COLUMN])
-        raise DataError(source, f"no usable rows: all {len(rows)} rows are malformed (first: row 1: {first['reason']})")
+        named = DataError(source, first["reason"], row=1, field=first["field"])
+        raise DataError(source, f"no usable rows: all {len(rows)} rows are malformed (first: {named})")
     return _dataset_from_records(rows)
 
 
@@ -306,8 +324,15 @@ def _dataset_from_records(rows: list[dict[str, Any]]) -> Dataset:
     arrays = {}
     for name in names:
         values = [row.get(name) for row in rows]
-        arrays[name] = _json_array(values) if _shape_varies(values) else pa.array(values)
+        arrays[name] = _json_array(values) if _shape_varies(values) else _typed_array(values)
     return Dataset(InMemoryTable(pa.table(arrays)))
+
+
+def _typed_array(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):  # what Arrow cannot type stays exact text
+        return _json_array(values)
 
 
 def _json_array(values: list[Any]) -> pa.Array:
@@ -430,6 +455,14 @@ def _load_file(path: Path, bad_rows: BadRows) -> Dataset:
     return dataset
 
 
+def _folder_csv_options(files: list[Path]) -> dict[str, Any]:
+    """A folder of CSV/TSV files is read as single files are: every cell text, only empty ones null."""
+    if not files or any(f.suffix.lower() not in (".csv", ".tsv") for f in files):
+        return {}
+    features = _csv_features(files[0], "\t" if files[0].suffix.lower() == ".tsv" else ",")
+    return {**CSV_OPTIONS, **({"features": features} if features is not None else {})}
+
+
 def _split_files(path: Path, split: str) -> list[Path]:
     """The files `datasets` would read for ``split`` of a folder (none when it cannot tell)."""
     try:
@@ -449,7 +482,7 @@ def _load_folder(path: Path, split: str, bad_rows: BadRows) -> Dataset:
         return load_json_in_python(files, f"{path} [{split}]", bad_rows)
     try:
         with _quiet_builders():
-            dataset = datasets.load_dataset(str(path), split=split)
+            dataset = datasets.load_dataset(str(path), split=split, **_folder_csv_options(files))
     except ValueError as exc:
         if "Unknown split" in str(exc) or "split" in str(exc).lower():
             raise DataError(str(path), f"has no split {split!r}: {str(exc).splitlines()[0]}") from exc
