@@ -35,6 +35,7 @@ from datasets.table import InMemoryTable
 
 from rewardctl.config.schema import BadRows, Layout
 from rewardctl.data.prepare import ROW_ERROR_COLUMN, json_paths, row_error_marker, with_hint
+from rewardctl.data.text import json_kind
 from rewardctl.errors import DataError
 
 CSV_OPTIONS = {"keep_default_na": False, "na_values": [""]}  # only an empty cell is missing
@@ -48,20 +49,6 @@ FILE_BUILDERS = {
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 _CHUNK = 16 << 20
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return "null"
 
 
 # ---- UTF-8 -------------------------------------------------------------------------------------
@@ -244,7 +231,7 @@ def _check_record(record: Any, line: int | None) -> tuple[Any, tuple[str | None,
     its columns, so the file has the columns its rows name, bad ones too."""
     if not isinstance(record, dict):
         where = f"line {line} is" if line is not None else "it is"
-        return None, (None, f"{where} a JSON {_json_kind(record)}, expected an object")
+        return None, (None, f"{where} {json_kind(record)}, expected a JSON object")
     found = _value_problem(record, "")
     return (dict.fromkeys(map(str, record)), found) if found else (record, None)
 
@@ -280,12 +267,12 @@ def diagnose_jsonl(path: Path) -> DataError | None:
         if problem is not None:
             return DataError(str(path), problem[1], row=row, field=problem[0])
         for key, value in record.items():
-            kind = _json_kind(value)
+            kind = json_kind(value)
             if kind == "null":
                 continue
             seen = kinds.setdefault(key, (kind, row))
-            if seen[0] != kind and {seen[0], kind} != {"number"}:
-                return DataError(str(path), f"is a {kind} but row {seen[1]} has a {seen[0]}; one file must use one "
+            if seen[0] != kind:
+                return DataError(str(path), f"is {kind} but row {seen[1]} has {seen[0]}; one file must use one "
                                             "format per field", row=row, field=key)
     return None
 

@@ -124,7 +124,7 @@ def resolved_architecture(model_cfg: ModelConfig, auto_class: Any) -> tuple[nn.M
     """(model, causal, attention implementation) as transformers resolves them for ``auto_class``,
     built on the meta device (no memory, no weights read). Causal: every attention module that
     declares ``is_causal`` is causal (decoders), none for BERT-style encoders."""
-    config = load_config(model_cfg, num_labels=1) if "Sequence" in auto_class.__name__ else load_config(model_cfg)
+    config = load_config(model_cfg)
     kwargs = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
     with torch.device("meta"):
         model = auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
