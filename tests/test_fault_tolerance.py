@@ -351,10 +351,13 @@ def test_an_interrupted_run_resumed_by_its_command_matches_an_uninterrupted_one(
 
 
 def test_a_second_signal_stops_the_command_at_once(tmp_path: Path):
-    """Slow steps (512 pairs each), so the second signal lands while the first is still being honoured."""
+    """Slow steps (3,072 pairs each, several seconds on a quiet machine: with 512 a quiet machine finished
+    the step, saved and exited within the 0.7 s between the signals), so the second signal lands while
+    the first is still being honoured. The first signal comes right after step 1's record, i.e. at the
+    start of step 2."""
     out = tmp_path / "run"
     proc, err = start(["train.max_steps=50", "train.save_every=0", "train.progress_bar=false", "train.log_every=1",
-                       "train.eval_at_start=false", "train.per_device_batch_size=64", "train.grad_accum=8",
+                       "train.eval_at_start=false", "train.per_device_batch_size=64", "train.grad_accum=48",
                        f"output_dir={out}"], tmp_path)
     wait_for_training(proc, out)
     proc.send_signal(signal.SIGTERM)
