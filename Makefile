@@ -6,6 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+BENCH_VENV ?= .venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # The versions the suite last passed with, so CI is the same from run to run (empty: resolve freely).
 CONSTRAINTS ?= constraints.txt
@@ -17,18 +19,27 @@ export HF_HUB_OFFLINE ?= 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The test venv holds every optional extra a test needs, so no test is a permanent skip in CI: the
+# acceptance encoder, TRL 0.29.1 (the last with BCO and PRM, for the parity tests) and tensorboard.
 $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance]"
+	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance,parity,tensorboard]"
 	touch $@
 
-$(VENV)/.installed-bench: $(VENV)/.installed-dev
-	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance,bench]"
+# The benchmarks measure TRL 1.16's RewardTrainer, which cannot share a venv with the parity tests'
+# TRL 0.29.1: a venv of their own, same constraints but for trl.
+$(BENCH_BIN)/python:
+	$(PYTHON) -m venv $(BENCH_VENV)
+
+$(BENCH_VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BENCH_BIN)/python
+	$(BENCH_BIN)/python -c "import torch" 2>/dev/null || $(BENCH_BIN)/pip install "$(TORCH_SPEC)"
+	$(if $(CONSTRAINTS),grep -v '^trl==' $(CONSTRAINTS) > $(BENCH_VENV)/constraints.txt)
+	$(BENCH_BIN)/pip install $(if $(CONSTRAINTS),-c $(BENCH_VENV)/constraints.txt) -e ".[dev,bench]"
 	touch $@
 
 setup: $(VENV)/.installed-dev
 
-setup-bench: $(VENV)/.installed-bench
+setup-bench: $(BENCH_VENV)/.installed-bench
 
 ## Train the embedded default (tiny model, bundled sample, CPU) into outputs/<date>/<time>/.
 demo: setup
@@ -36,7 +47,7 @@ demo: setup
 
 ## Lint, then the whole test suite (acceptance tests skip when ../shared/data is absent).
 test: setup lint
-	$(BIN)/python -m pytest
+	REWARDCTL_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest
 
 ## The suite without the slow end-to-end runs.
 test-fast: setup
@@ -51,7 +62,7 @@ lint: setup
 ## --eval-rows, --cases (BENCH_ARGS="--cases minilm --steps 10"). The ranklist vs per-text-loop
 ## comparison no longer fits this budget; run it alone: python benchmarks/ranklist_vs_per_text_loop.py
 bench: setup-bench
-	$(BIN)/python benchmarks/speed_vs_trl.py $(BENCH_ARGS)
+	$(BENCH_BIN)/python benchmarks/speed_vs_trl.py $(BENCH_ARGS)
 
 ## On a GPU machine: items/s and peak GPU memory of every method on a Qwen2.5-0.5B-shaped model (bf16).
 bench-gpu: setup
@@ -64,9 +75,9 @@ samples: setup
 	$(BIN)/python -m rewardctl.assets.build_tiny_llama
 
 ## Record the installed versions as the new constraints (after a green `make test`).
-constraints: setup-bench
+constraints: setup
 	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|rewardctl)==|@ file' | sort -f; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
-	rm -rf $(VENV) outputs multirun bench-results .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) outputs multirun bench-results .pytest_cache .ruff_cache

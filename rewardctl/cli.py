@@ -3,6 +3,8 @@
 Hydra owns argument parsing after the command word, so everything Hydra offers works through the
 subcommand: ``-m`` sweeps, ``--cfg job``, ``--help``, ``--info``, ``+key=value``.
 
+``--debug`` anywhere on the line (or ``HYDRA_FULL_ERROR=1``) shows the full stack of any error.
+
 Exit status: 0 completed (or stopped by ``train.stop_after_steps``); 2 a config, data or environment
 error; 3 a diverged run (``EXIT_DIVERGED``); 128 + the signal for an interrupted run (130 SIGINT,
 143 SIGTERM), whether it stopped after a checkpoint or, on a second signal, at once.
@@ -10,6 +12,7 @@ error; 3 a diverged run (``EXIT_DIVERGED``); 128 + the signal for an interrupted
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
@@ -25,6 +28,7 @@ from omegaconf import DictConfig
 from rewardctl import __version__
 from rewardctl.config.store import register
 from rewardctl.errors import RewardctlError
+from rewardctl.utils.environment import self_launched_worker
 
 log = logging.getLogger("rewardctl")
 CONFIG_PATH = "pkg://rewardctl.conf"
@@ -46,15 +50,37 @@ commands:
           rewardctl export run_dir=<run directory> [checkpoint=step-N] [dtype=bfloat16] [output_dir=<dir>]
 
 Each command takes Hydra overrides and Hydra's own flags; see `rewardctl <command> --help`.
+--debug (anywhere) shows the full stack of an error instead of its one-line summary.
 """
 
 
+# Write failures that are the machine's state, not a bug: said in one line like a config error.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def full_stack_wanted() -> bool:
+    """``HYDRA_FULL_ERROR=1``, Hydra's own switch, which ``--debug`` sets: show every error's stack."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 def _guarded(action: Callable[[], Any]) -> Any:
-    """User errors (config, data, environment) end as one clear line and exit status 2."""
+    """User errors (config, data, environment) and full or read-only disks end as one clear line and
+    exit status 2; with ``full_stack_wanted()`` they propagate with their stack instead."""
     try:
         return action()
     except RewardctlError as exc:
+        if full_stack_wanted():
+            raise
         print(f"rewardctl: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS or full_stack_wanted():
+            raise
+        line = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            line += ("; every file written before (checkpoints included) is intact: free space and rerun the same "
+                     "command to resume")
+        print(f"rewardctl: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -74,7 +100,8 @@ def report_early_stop(summary: dict[str, Any]) -> None:
     """A diverged run: one error line, exit status 3 at the end (a sweep goes on to its next job).
     An interrupted run: the resume command, and exit 128 + signal now (a sweep stops too)."""
     status = summary.get("status")
-    speaks = os.environ.get("RANK", "0") == "0"  # one line per run, not one per process
+    # One line per run, not one per process; a self-launched worker leaves it to the process that started it.
+    speaks = os.environ.get("RANK", "0") == "0" and not self_launched_worker()
     if status == "diverged":
         _invocation["status"] = max(_invocation["status"], EXIT_DIVERGED)
         if speaks:
@@ -146,6 +173,9 @@ def worker_overrides(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:  # every error with its full stack, ours and Hydra's (workers inherit it)
+        args = [a for a in args if a != "--debug"]
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     if not args:
         print(USAGE, file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from .conftest import (
     compose_eval,
     compose_export,
     compose_train,
+    optional_module,
     read_jsonl,
     run_training,
     write_jsonl,
@@ -346,7 +347,7 @@ def test_delta_and_the_udm_classifier_survive_resume_exactly(tmp_path: Path, mon
 
 def test_loss_and_delta_match_trl_0_29_bco_over_three_micro_batches():
     """Parity with TRL 0.29.1's BCOTrainer.bco_loss (RunningMoments delta), when trl is installed."""
-    trl_bco = pytest.importorskip("trl.experimental.bco.bco_trainer")
+    trl_bco = optional_module("trl.experimental.bco.bco_trainer", "parity")
     from accelerate import Accelerator
 
     trainer = SimpleNamespace(beta=0.1, running=trl_bco.RunningMoments(Accelerator(cpu=True)),

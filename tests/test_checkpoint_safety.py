@@ -224,3 +224,63 @@ def test_tied_weights_keep_every_key_and_load_back(tmp_path: Path):
     fresh[1].weight = fresh[0].weight
     fresh.load_state_dict(loaded)
     assert torch.equal(fresh[1].weight, model[0].weight) and fresh[1].weight is fresh[0].weight
+
+
+def test_another_methods_checkpoint_is_refused_in_one_line_before_the_data_loads(
+        stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    run_dir = copy_run(stopped, tmp_path)
+    step8 = run_dir / "checkpoints" / "step-8"
+    fail_if_data_loads(monkeypatch)
+    for resume in (f"train.resume={step8}", "train.resume=auto"):
+        with pytest.raises(ConfigError) as info:
+            run_training(tmp_path, [*CHUNKED, "method=bco", resume], name="run")
+        reset_accelerate()
+        assert str(info.value) == (f"train.resume: {step8} was written by method=pairwise, this run is method=bco; "
+                                   "resume it with method=pairwise or choose another output_dir")
+
+
+def test_another_models_checkpoint_is_refused_in_one_line(stopped: Path, tmp_path: Path):
+    """Same method, same data order, but a smaller model: its weights do not fit (no library traceback)."""
+    run_dir = copy_run(stopped, tmp_path)
+    step8 = run_dir / "checkpoints" / "step-8"
+    result = cli("train", *CHUNKED, "+model.config_overrides.num_hidden_layers=1", f"output_dir={run_dir}",
+                 f"train.resume={step8}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("rewardctl: error:")]
+    assert line.startswith(f"rewardctl: error: train.resume: {step8} holds weights of another model (")
+    assert line.endswith("resume with the model.* settings it was written with, or choose another output_dir")
+
+
+def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_older_checkpoint(
+        stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """ENOSPC while step-12's weights are written: exit 2 with one line, step-8 untouched, no partial
+    directory left behind; with --debug the same failure shows its full stack."""
+    import errno
+
+    from rewardctl import cli as command_line
+    from rewardctl.training import checkpoint
+
+    run_dir = copy_run(stopped, tmp_path)
+    real_save = checkpoint.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if ".step-12.tmp" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "step-8").iterdir()}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        command_line.main(["train", *RUN, f"output_dir={run_dir}", "hydra.output_subdir=null"])
+    reset_accelerate()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    [line] = [line for line in err.splitlines() if line.startswith("rewardctl: error:")]
+    assert line == (f"rewardctl: error: {run_dir / 'checkpoints' / '.step-12.tmp' / 'model.safetensors'}: No space "
+                    "left on device; every file written before (checkpoints included) is intact: free space and rerun "
+                    "the same command to resume")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "step-8").iterdir()} == before
+    assert not (run_dir / "model").exists()

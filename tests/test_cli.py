@@ -86,6 +86,17 @@ def test_bad_key_fails_fast_naming_it(tmp_path: Path):
     assert bad_value.returncode == 2
     assert "rewardctl: error: train.per_device_batch_size: must be >= 1 (got 0)" in bad_value.stderr
 
+    assert "Traceback" not in bad_value.stderr
+
+
+def test_debug_shows_the_full_stack_of_an_error_that_is_otherwise_one_line(tmp_path: Path):
+    """``--debug`` sets Hydra's HYDRA_FULL_ERROR=1, so that variable alone does the same."""
+    result = cli("train", "train.per_device_batch_size=0", "--debug", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr and "rewardctl/config/validate.py" in result.stderr
+    assert result.stderr.rstrip().endswith(
+        "rewardctl.errors.ConfigError: train.per_device_batch_size: must be >= 1 (got 0)")
+
 
 def test_malformed_data_fails_before_the_model_loads(tmp_path: Path):
     path = tmp_path / "broken.jsonl"

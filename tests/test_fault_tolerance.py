@@ -412,3 +412,77 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: 
     assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["step"] == 40 and resumed["processes"] == 2
+
+
+RECORDER = """
+import os, signal, subprocess, sys, time
+log = sys.argv[1]
+def record(signum, frame):
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} {signal.Signals(signum).name}\\n")
+signal.signal(signal.SIGINT, record)
+signal.signal(signal.SIGTERM, record)
+if len(sys.argv) > 2:  # the launcher: one worker below it, in a session of its own like torch elastic's
+    subprocess.Popen([sys.executable, "-c", sys.argv[2], log], start_new_session=True)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_the_first_signal_goes_to_the_launcher_only_and_a_second_to_every_worker(tmp_path: Path):
+    """What a self-launched run does with Ctrl-C: the launcher alone passes the first signal on (so every
+    worker gets it exactly once and checkpoints); a second reaches the workers directly (the launcher
+    would abandon them) so they stop at once."""
+    from rewardctl.training.launch import ForwardedSignals
+
+    log = tmp_path / "signals.txt"
+    launcher = subprocess.Popen([sys.executable, "-c", RECORDER, str(log), RECORDER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 30
+        while not (worker := [p for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # the worker's handlers are installed
+        forwarded = ForwardedSignals(launcher)
+        forwarded._forward(signal.SIGINT, None)
+        time.sleep(0.5)
+        assert log.read_text().splitlines() == [f"{launcher.pid} SIGINT"]
+        forwarded._forward(signal.SIGINT, None)
+        time.sleep(0.5)
+        assert sorted(log.read_text().splitlines()) == sorted(
+            [f"{launcher.pid} SIGINT", f"{launcher.pid} SIGINT", f"{worker[0]} SIGINT"])
+        assert forwarded.count == 2 and forwarded.signum == signal.SIGINT
+    finally:
+        for pid in [*Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split(), launcher.pid]:
+            os.kill(int(pid), signal.SIGKILL)
+        launcher.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_self_launched_two_process_run_checkpoints_and_prints_one_resume_command(tmp_path: Path):
+    """`rewardctl train hardware.num_processes=2` and Ctrl-C (SIGINT to the terminal's whole process
+    group): both workers finish the same step and write one checkpoint, the command exits 130 after
+    them with one resume line: the user's own command, not the workers'."""
+    out = tmp_path / "ddp"
+    args = ["hardware.num_processes=2", "train.max_steps=400", "train.save_every=0", "train.progress_bar=false",
+            "data.max_eval_rows=64", "train.per_device_batch_size=8", f"output_dir={out}"]
+    err = tmp_path / "stderr.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "rewardctl", "train", *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    try:
+        wait_for_training(proc, out, timeout=300)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=300) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = err.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT" and summary["processes"] == 2
+    checkpoint = Path(summary["checkpoint"])
+    assert checkpoint.name == f"step-{summary['step']}" and summary["step"] < 400
+    assert {p.name for p in checkpoint.glob("process_state_*.json")} == {"process_state_0.json", "process_state_1.json"}
+    assert len([line for line in stderr.splitlines() if "resume with: " in line]) == 1, stderr[-3000:]
+    assert resume_args(stderr) == args
+    assert "Traceback" not in stderr

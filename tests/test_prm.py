@@ -17,7 +17,7 @@ from rewardctl.data.loading import load_rows
 from rewardctl.errors import ConfigError, DataError, RowError
 from rewardctl.methods.prm import IGNORE, PrmMethod, StepEncoder, score_steps, step_metrics
 
-from .conftest import SAMPLES, compose_eval, compose_train, read_jsonl, run_training, write_jsonl
+from .conftest import SAMPLES, compose_eval, compose_train, optional_module, read_jsonl, run_training, write_jsonl
 
 
 def make_method(*overrides: str) -> PrmMethod:
@@ -222,7 +222,7 @@ def test_step_metrics_by_hand():
 
 
 def test_tokenisation_matches_trl_0_29_prm_on_the_same_rows():
-    trl_prm = pytest.importorskip("trl.experimental.prm.prm_trainer")
+    trl_prm = optional_module("trl.experimental.prm.prm_trainer", "parity")
     rows = [{"prompt": "Which is larger, 9.8 or 9.11?", "completions": ["11 > 8.", "So 9.11 > 9.8."], "labels": [True, False]},
             {"prompt": "2+2?", "completions": ["2+2=4.", "answer=4."], "labels": [True, True]}]
     for separator in ("\n", " ## "):

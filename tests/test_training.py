@@ -21,6 +21,7 @@ from .conftest import (
     assert_eval_reproduces,
     compose_eval,
     compose_train,
+    optional_module,
     read_jsonl,
     reset_accelerate,
     run_training,
@@ -224,7 +225,7 @@ def test_conversational_data_and_margins_with_centering_train(tmp_path: Path):
 
 
 def test_tensorboard_tracker_receives_the_metrics(tmp_path: Path):
-    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (pip install -e '.[tensorboard]')")
+    optional_module("tensorboard", "tensorboard")
     summary, run_dir = run_training(tmp_path, ["experiment=smoke", "train.report_to=[tensorboard]"])
     assert summary["status"] == "completed"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

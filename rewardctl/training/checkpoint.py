@@ -210,16 +210,21 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    _save_model_and_optimizer(accelerator, tmp)
-    _save_rng(accelerator, tmp / RNG_STATE.format(accelerator.process_index))
-    if process_state is not None:
-        write_json_atomic(tmp / PROCESS_STATE.format(accelerator.process_index), process_state)
-    if main:
-        _write_json(tmp / SCHEDULER, [scheduler.state_dict() for scheduler in _SCHEDULERS.get(accelerator, [])])
-        if accelerator.scaler is not None:
-            _write_json(tmp / SCALER, accelerator.scaler.state_dict())
-        write_json_atomic(tmp / TRAINER_STATE, trainer_state)
-        save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(tmp / METHOD_STATE))
+    try:
+        _save_model_and_optimizer(accelerator, tmp)
+        _save_rng(accelerator, tmp / RNG_STATE.format(accelerator.process_index))
+        if process_state is not None:
+            write_json_atomic(tmp / PROCESS_STATE.format(accelerator.process_index), process_state)
+        if main:
+            _write_json(tmp / SCHEDULER, [scheduler.state_dict() for scheduler in _SCHEDULERS.get(accelerator, [])])
+            if accelerator.scaler is not None:
+                _write_json(tmp / SCALER, accelerator.scaler.state_dict())
+            write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+            save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(tmp / METHOD_STATE))
+    except OSError:  # a full disk: give back what the partial checkpoint took; the older ones are untouched
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if main:
         _write_manifest(tmp, _layout(accelerator), accelerator.num_processes)
@@ -397,7 +402,12 @@ def _load_model_and_optimizer(accelerator: Accelerator, path: Path) -> None:
                 raise ConfigError("train.resume", f"DeepSpeed could not load the engine state in {path}")
         return
     for i, model in enumerate(accelerator._models):
-        accelerator.unwrap_model(model).load_state_dict(load_file(str(path / _indexed(MODEL, i))))
+        try:
+            accelerator.unwrap_model(model).load_state_dict(load_file(str(path / _indexed(MODEL, i))))
+        except RuntimeError as exc:  # missing/unexpected keys or other shapes: another model's checkpoint
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError("train.resume", f"{path} holds weights of another model ({first}); resume with the "
+                              "model.* settings it was written with, or choose another output_dir") from None
     for i, optimizer in enumerate(accelerator._optimizers):
         optimizer.load_state_dict(_read_optimizer(path, i, optimizer.state_dict()["param_groups"]))
 

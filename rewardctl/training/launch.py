@@ -1,7 +1,8 @@
 """`rewardctl train hardware.num_processes=N ...`: start the workers through accelerate's launcher.
 
 The launching process composes the config, decides the run directory once and starts
-``accelerate launch -m rewardctl train <the same overrides> output_dir=<that directory>``: every worker
+``accelerate launch -m rewardctl train <the same overrides> output_dir=<that directory>`` (through
+``rewardctl.training.agent``, which ends a signalled launch quietly): every worker
 composes the same config with the run directory fixed, so a multi-process run has one directory and
 ``${now:}`` cannot split it (facebookresearch/hydra#2070). Inside a worker (``WORLD_SIZE`` set by the
 launcher, torchrun or a user's own ``accelerate launch``) nothing is launched again.
@@ -11,15 +12,25 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+import psutil
 import torch
 
 from rewardctl.config.schema import Device, HardwareConfig, Strategy
+from rewardctl.utils.environment import SELF_LAUNCHED_ENV
 
 log = logging.getLogger(__name__)
+
+# How long the launcher gives interrupted workers to finish their step and write a checkpoint
+# before it kills them (torch elastic's default of 30 s is too short for a large model's optimizer state).
+SHUTDOWN_TIMEOUT_S = "600"
 
 # FSDP1 sharding names -> FSDP2's reshard-after-forward (FULL_SHARD frees parameters after forward).
 RESHARD_AFTER_FORWARD = {"FULL_SHARD": "true", "HYBRID_SHARD": "true", "SHARD_GRAD_OP": "false", "NO_SHARD": "false"}
@@ -49,7 +60,9 @@ def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, s
             "--mixed_precision", hardware.mixed_precision.value, "--dynamo_backend", "no"]
     if hardware.main_process_ip:
         args += ["--main_process_ip", hardware.main_process_ip]
-    env: dict[str, str] = {}
+    env: dict[str, str] = {SELF_LAUNCHED_ENV: "1",
+                           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                                                                            SHUTDOWN_TIMEOUT_S)}
     if hardware.strategy == Strategy.fsdp:
         args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                  "--fsdp_reshard_after_forward", RESHARD_AFTER_FORWARD[hardware.fsdp_sharding_strategy],
@@ -71,10 +84,61 @@ def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, s
 def launch_workers(hardware: HardwareConfig, overrides: list[str], run_dir: Path) -> int:
     """Run the workers to completion; returns their exit status."""
     args, env = launcher_arguments(hardware)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *args, "-m", "rewardctl", "train",
+    command = [sys.executable, "-m", "rewardctl.training.agent", *args, "-m", "rewardctl", "train",
                *[o for o in overrides if not o.startswith("output_dir=")], f"output_dir={run_dir}"]
     log.info("starting %s processes through accelerate launch into %s", args[1], run_dir)
-    return subprocess.run(command, env={**os.environ, **env}, check=False).returncode
+    # A session of its own: the terminal's Ctrl-C reaches this process only, which passes each signal
+    # on exactly once (a copy from the terminal and one from us would read as a second signal).
+    process = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
+    with ForwardedSignals(process) as forwarded:
+        status = process.wait()
+    if forwarded.count > 1:  # the workers stopped at once, without a checkpoint
+        from rewardctl.training.guards import ImmediateStop
+
+        raise ImmediateStop(forwarded.signum)
+    return status
+
+
+class ForwardedSignals:
+    """While the workers run: SIGINT/SIGTERM are passed on instead of ending this process.
+
+    The first goes to the launcher (accelerate launch / torch elastic), which hands it to every worker:
+    they finish the step, checkpoint and exit with 128 + signal. Any later one goes straight to the
+    launcher and every worker (the launcher alone would abandon them): they stop at once.
+    Without this, Python's KeyboardInterrupt in ``subprocess.run`` killed the launcher after 0.25 s and
+    left the workers checkpointing on their own after the command had returned.
+    """
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.count = 0
+        self.signum = signal.SIGINT.value
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> ForwardedSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        self.signum = signum
+        targets = [self.process.pid]
+        if self.count > 1:
+            try:
+                targets += [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def free_port() -> int:

@@ -36,6 +36,7 @@ from rewardctl.training.checkpoint import (
     register_scheduler,
     validate_checkpoint,
 )
+from rewardctl.training.disk import check_disk_room, run_footprint
 from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
@@ -116,6 +117,14 @@ def checked_resume(path: Path) -> Path:
     raise ConfigError("train.resume", f"{path} is damaged: {reason}; {fallback}")
 
 
+def check_same_method(path: Path, method: str) -> None:
+    """Another method's checkpoint is refused by name before any data loads (its heads and state differ)."""
+    written_by = read_trainer_state(path).get("method")
+    if written_by is not None and written_by != method:
+        raise ConfigError("train.resume", f"{path} was written by method={written_by}, this run is method={method}; "
+                          f"resume it with method={written_by} or choose another output_dir")
+
+
 def plan_steps(run: RunConfig, micro_batches_per_epoch: int) -> int:
     if run.train.max_steps > 0:
         return run.train.max_steps
@@ -170,6 +179,8 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) 
              "es" if accelerator.num_processes > 1 else "", accelerator.device)
     method = method_class(run.method._target_)(run.method, run)
     resume_from = decide_resume(run, run_dir)
+    if resume_from is not None:
+        check_same_method(resume_from, run.method.name)
     check_max_length(run.model)  # a config read: cheap, and before any data work
 
     with accelerator.main_process_first():
@@ -195,7 +206,7 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) 
     if finished is not None and resume_from is None:
         raise ConfigError("train.resume", f"{run_dir} holds a finished {finished['step']}-step run and no checkpoint to "
                           "continue from (it ran with train.save_every=0); use a new output_dir")
-    guard = {"world_size": accelerator.num_processes, "per_device_batch_size": run.train.per_device_batch_size,
+    guard = {"method": run.method.name, "world_size": accelerator.num_processes, "per_device_batch_size": run.train.per_device_batch_size,
              "grad_accum": run.train.grad_accum, "seed": run.train.seed, "train_rows": len(train_split.dataset),
              "group_by_length": run.data.group_by_length, "length_group_batches": run.data.length_group_batches}
     if resume_from is not None:
@@ -209,6 +220,7 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) 
     model = method.build_model()
     parameters = count_parameters(model)
     log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
+    check_disk_room(run_dir, run_footprint(model, run.train.save_every, run.train.keep_checkpoints))
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     optimizer = build_optimizer(model, run.train, fused=not sharded)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
