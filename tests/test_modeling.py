@@ -77,7 +77,8 @@ def test_a_multi_output_head_is_refused_before_loading_weights(tiny_tokenizer, t
     with pytest.raises(ConfigError) as info:
         build_sequence_classifier(ModelConfig(name_or_path=str(tmp_path)), tiny_tokenizer, TrainConfig())
     assert "2-output classification head" in str(info.value) and info.value.key == "model.name_or_path"
-    with pytest.raises(ConfigError, match="exactly one output"):
+    assert "needs exactly one output" in str(info.value)
+    with pytest.raises(ConfigError, match=r"has exactly one output \(reward\); leave num_labels out"):
         build_sequence_classifier(ModelConfig(name_or_path=str(TINY), from_scratch=True, config_overrides={"num_labels": 3}),
                                   tiny_tokenizer, TrainConfig())
 

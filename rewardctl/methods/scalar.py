@@ -21,8 +21,9 @@ from rewardctl.data.collate import pad_sequences
 from rewardctl.data.packing import PAD_SEGMENT, concat_sequences, pack_rows
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
-from rewardctl.modeling.adapters import quantization_config, wants_merged_copy, wrap_with_adapter
+from rewardctl.modeling.adapters import quantization_config, saved_meta, wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.sequence import (
+    REWARD_LABELS,
     SequenceRewardModel,
     build_sequence_classifier,
     head_name,
@@ -138,19 +139,35 @@ class ScalarRewardMethod(Method):
             self.tokenizer.padding_side = "right"
         return model
 
+    @property
+    def output_labels(self) -> tuple[str, ...]:
+        """The names of the model's outputs, saved as ``id2label``: one reward here; a method scoring
+        several attributes names each."""
+        return REWARD_LABELS
+
     def build_model(self) -> nn.Module:
         classifier = build_sequence_classifier(self.run.model, self.tokenizer, self.run.train,
-                                               quantization_config(self.run.peft))
+                                               quantization_config(self.run.peft), labels=self.output_labels)
         # With LoRA the head trains in full and is saved with the adapter (modules_to_save).
         classifier = wrap_with_adapter(classifier, self.run.peft, head=[head_name(classifier)], task_type="SEQ_CLS")
         return self._wrap(classifier)
 
     def load_trained(self, path: Path) -> nn.Module:
-        return self._wrap(load_saved_classifier(path, self.run.model))
+        classifier = load_saved_classifier(path, self.run.model, labels=self.output_labels)
+        self.restore_facts(saved_meta(path, classifier))
+        return self._wrap(classifier)
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         save_sequence_classifier(model, self.tokenizer, path, self.run.model, method=self.cfg.name, state_dict=state_dict,
-                                 save_merged=wants_merged_copy(self.run.peft))
+                                 save_merged=wants_merged_copy(self.run.peft), facts=self.saved_facts())
+
+    def saved_facts(self) -> dict[str, Any]:
+        """JSON facts a scorer needs besides the weights (e.g. how outputs map back to the data's
+        scale), saved under ``rewardctl`` in the model's config.json."""
+        return {}
+
+    def restore_facts(self, facts: dict[str, Any]) -> None:
+        """Take back what ``saved_facts`` wrote, when a saved model is loaded (``rewardctl eval``)."""
 
 
 def _row_token_counts(dataset: Any, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

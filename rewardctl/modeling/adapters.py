@@ -158,6 +158,15 @@ def load_model_dir(path: Path, model_cfg: ModelConfig, load_plain: Callable[[str
     return PeftModel.from_pretrained(load_plain(base_location(Path(path), model_cfg)), str(path))
 
 
+def read_saved_meta(path: Path) -> dict[str, Any]:
+    """rewardctl's facts about a saved model directory, read before (or without) loading it."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    config = path / "config.json"
+    return dict(json.loads(config.read_text(encoding="utf-8")).get("rewardctl") or {}) if config.is_file() else {}
+
+
 def saved_meta(path: Path, model: nn.Module) -> dict[str, Any]:
     if (Path(path) / META_FILE).is_file():
         return json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))

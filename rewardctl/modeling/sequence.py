@@ -40,7 +40,8 @@ def _unwrap_hf(model: nn.Module) -> PreTrainedModel:
 
 
 class SequenceRewardModel(nn.Module):
-    """``forward(input_ids, attention_mask) -> rewards`` of shape (N,), float32."""
+    """``forward(input_ids, attention_mask) -> rewards`` of shape (N,), float32; (N, L) for a head
+    with L > 1 outputs (a regression model's attributes)."""
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
@@ -114,24 +115,38 @@ def prefix_sharing_blocker(model_cfg: ModelConfig) -> str | None:
     return None
 
 
-def check_single_output(num_labels: int, architectures: list[str] | None, name: str) -> None:
+REWARD_LABELS = ("reward",)  # one output: the reward of pairwise and ranklist models
+
+
+def _outputs(count: int) -> str:
+    return "exactly one output" if count == 1 else f"{count} outputs"
+
+
+def check_output_count(num_labels: int, architectures: list[str] | None, name: str, expected: int = 1) -> None:
+    """A starting checkpoint that already has a classification head must have the outputs we train."""
     heads = [a for a in (architectures or []) if a.endswith("ForSequenceClassification")]
-    if heads and num_labels != 1:
+    if heads and num_labels != expected:
         raise ConfigError("model.name_or_path", f"{name!r} has a {num_labels}-output classification head ({heads[0]}); "
-                          "a reward model needs exactly one output. Start from a base or causal-LM checkpoint instead")
+                          f"this reward model needs {_outputs(expected)}. Start from a base or causal-LM checkpoint "
+                          "instead")
 
 
 def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None,
-                              quantization: Any = None) -> PreTrainedModel:
-    """A one-output classifier from a checkpoint (head newly initialised) or from a config alone."""
-    if model_cfg.config_overrides.get("num_labels", 1) != 1:
-        raise ConfigError("model.config_overrides.num_labels", "a reward model has exactly one output")
+                              quantization: Any = None, labels: tuple[str, ...] = REWARD_LABELS) -> PreTrainedModel:
+    """A classifier with one output per name in ``labels`` (a reward, or a regression model's
+    attributes), from a checkpoint (head newly initialised) or from a config alone. The names are
+    saved as ``id2label``, so a stock reload knows what each output means."""
+    count = len(labels)
+    if model_cfg.config_overrides.get("num_labels", count) != count:
+        raise ConfigError("model.config_overrides.num_labels", f"this reward model has {_outputs(count)} "
+                          f"({', '.join(labels)}); leave num_labels out")
     config = load_config(model_cfg)
-    check_single_output(getattr(config, "num_labels", 1), getattr(config, "architectures", None), model_cfg.name_or_path)
-    config.num_labels = 1
+    check_output_count(getattr(config, "num_labels", 1), getattr(config, "architectures", None), model_cfg.name_or_path,
+                       count)
+    config.num_labels = count
     config.problem_type = "regression"  # pipeline() then returns the raw reward, not sigmoid(reward)
-    config.id2label = {0: "reward"}
-    config.label2id = {"reward": 0}
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
     return instantiate(AutoModelForSequenceClassification, config, model_cfg, tokenizer, train_cfg, quantization)
 
 
@@ -140,15 +155,20 @@ def head_name(model: nn.Module) -> str:
     return "score" if isinstance(getattr(_unwrap_hf(model), "score", None), nn.Module) else "classifier"
 
 
-def load_saved_classifier(path: Path, model_cfg: ModelConfig) -> nn.Module:
-    """A saved reward model: a stock directory, or a LoRA adapter (with its trained head) over its base."""
+def load_saved_classifier(path: Path, model_cfg: ModelConfig, labels: tuple[str, ...] = REWARD_LABELS) -> nn.Module:
+    """A saved reward model: a stock directory, or a LoRA adapter (with its trained head) over its base.
+    Its outputs must be ``labels``, by count and (for several) by name and order."""
 
     def plain(location: str) -> PreTrainedModel:
-        return AutoModelForSequenceClassification.from_pretrained(location, num_labels=1, **load_kwargs(model_cfg))
+        return AutoModelForSequenceClassification.from_pretrained(location, num_labels=len(labels),
+                                                                  **load_kwargs(model_cfg))
 
     model = load_model_dir(path, model_cfg, plain)
-    if _unwrap_hf(model).config.num_labels != 1:
-        raise ConfigError("run_dir", f"{path} holds a {_unwrap_hf(model).config.num_labels}-output classifier, not a reward model")
+    config = _unwrap_hf(model).config
+    saved = tuple(config.id2label[i] for i in range(config.num_labels))
+    if config.num_labels != len(labels) or (len(labels) > 1 and saved != tuple(labels)):
+        raise ConfigError("run_dir", f"{path} holds a classifier with outputs {list(saved)}, not the expected "
+                          f"{list(labels)}")
     return model
 
 
@@ -161,9 +181,12 @@ def save_sequence_classifier(
     method: str,
     state_dict: dict[str, Tensor] | None = None,
     save_merged: bool = False,
+    facts: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``path`` atomically: config, safetensors weights (or the adapter), tokenizer."""
+    """Write ``path`` atomically: config, safetensors weights (or the adapter), tokenizer; ``facts``
+    join the method and pooling under ``rewardctl`` in config.json."""
     if state_dict is not None:
         state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
-    save_model_dir(model.classifier, tokenizer, path, model_cfg, meta={"method": method, "pooling": model.pooling},
+    save_model_dir(model.classifier, tokenizer, path, model_cfg,
+                   meta={"method": method, "pooling": model.pooling, **(facts or {})},
                    state_dict=state_dict, save_merged=save_merged)

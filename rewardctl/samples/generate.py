@@ -15,6 +15,9 @@ pair of rungs appears and the order is learnable as one scale.
 Each prm row solves a chain of single-digit additions and subtractions step by step; half the rows
 get one step wrong (wrong start, operand, result or final answer) and stop there, as in PRM800K.
 
+Each regression row is one answer of a ranked list with two scores: helpfulness (its rung, 4 to 0)
+and verbosity (its length in words // 8, at most 4).
+
 Each bco row is one half of a pairwise example, alternately the good answer (label true) and the bad
 one (label false): unpaired thumbs-up / thumbs-down data over the same five failure modes.
 """
@@ -220,8 +223,24 @@ def prm_rows(split: str) -> list[dict[str, Any]]:
     return rows
 
 
+REGRESSION_LISTS = {"train": 1200, "eval": 200}
+
+
+def regression_rows(split: str) -> list[dict[str, Any]]:
+    """Every answer of the first ranked lists as its own row, scored on two attributes, HelpSteer2-style:
+    helpfulness = the answer's rung (thorough 4 ... rude 0, whatever else the list held) and
+    verbosity = its word count // 8, at most 4 (a second, independent scale)."""
+    rows = []
+    for example in list(ranked_examples(split))[:REGRESSION_LISTS[split]]:
+        for answer, rung in zip(example["responses"], example["rungs"], strict=True):
+            rows.append({"prompt": f"User: {example['question']}\nAssistant:", "response": " " + answer,
+                         "scores": {"helpfulness": len(LADDER) - 1 - LADDER.index(rung),
+                                    "verbosity": min(4, len(answer.split()) // 8)}})
+    return rows
+
+
 BUILDERS = {"pairwise": pairwise_rows, "prm": prm_rows, "pairwise_chat": pairwise_chat_rows, "bco": bco_rows,
-            "ranklist": ranklist_rows, "ranklist_chat": ranklist_chat_rows}
+            "ranklist": ranklist_rows, "ranklist_chat": ranklist_chat_rows, "regression": regression_rows}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
