@@ -55,6 +55,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check rewardctl tests benchmarks conf
+	$(BIN)/lint-imports
 
 ## Speed against TRL's RewardTrainer at its best CPU settings on ../shared/data, one run, ratios against
 ## TRL measured in the same run (about 11-12 min on 2 CPU cores): MiniLM pairwise, decoder pairwise with

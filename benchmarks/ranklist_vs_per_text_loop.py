@@ -56,8 +56,8 @@ def build(overrides: list[str]):
     from hydra import compose, initialize_config_module
 
     from rewardctl.config.store import register
-    from rewardctl.config.validate import to_run_config
     from rewardctl.methods.ranklist import RanklistMethod
+    from rewardctl.methods.registry import to_run_config
 
     register()
     with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):

@@ -15,72 +15,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from datasets import Dataset
 from omegaconf import DictConfig
-from safetensors.torch import load_file
-from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer
 
 from rewardctl.config.schema import Device, EvalConfig, MixedPrecision, RunConfig
-from rewardctl.config.validate import check_precision, load_run_config, method_class, model_hidden_size, to_eval_config
+from rewardctl.config.validate import check_precision, model_hidden_size, to_eval_config
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
-from rewardctl.methods.base import Method
-from rewardctl.modeling.adapters import has_adapter
-from rewardctl.training.checkpoint import METHOD_STATE, STEP_DIR
+from rewardctl.methods.registry import build_method, load_run_config
 from rewardctl.training.evaluation import run_evaluation
 from rewardctl.training.runtime import AccelerateRuntime, quiet_other_processes
+from rewardctl.training.trained_run import load_model, resolve_checkpoint, use_saved_tokenizer
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-def resolve_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    if checkpoint is None:
-        path = run_dir / "model"
-        if not path.is_dir():
-            raise ConfigError("checkpoint", f"{run_dir} has no model/ (the run did not finish); pass checkpoint=step-N")
-        return path
-    path = run_dir / "checkpoints" / checkpoint if STEP_DIR.match(checkpoint) else Path(checkpoint)
-    if not path.is_dir():
-        raise ConfigError("checkpoint", f"{path} is not a directory")
-    return path
-
-
-def is_saved_model(path: Path) -> bool:
-    """A model/ directory (stock transformers or peft layout) rather than a training checkpoint."""
-    if (path / "config.json").is_file() or has_adapter(path):
-        return True
-    if not (path / "model.safetensors").is_file():
-        sharded = any(path.glob("pytorch_model_fsdp_*")) or any(path.glob("pytorch_model/*"))
-        hint = (": it is a sharded FSDP / DeepSpeed checkpoint; use the run's final model/, or merge the shards "
-                "first (accelerate merge-weights, DeepSpeed's zero_to_fp32.py)") if sharded else ""
-        raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights{hint}")
-    return False
-
-
-def use_saved_tokenizer(method: Method, run: RunConfig, path: Path) -> None:
-    """A saved model scores with the tokenizer saved beside it (template and pad token included)."""
-    if is_saved_model(path):
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        tokenizer.padding_side = run.model.padding_side.value
-        method.use_tokenizer(tokenizer)
-
-
-def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
-    if is_saved_model(path):
-        return method.load_trained(path)
-    weights = path / "model.safetensors"
-    set_seed(run.train.seed)
-    model = method.build_model()
-    state = {re.sub(r"^(module\.)+", "", k): v for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state)
-    if (path / METHOD_STATE).is_file():  # e.g. BCO's delta, as the checkpointed run had it
-        method.load_state_dict(load_file(str(path / METHOD_STATE)))
-    return model
 
 
 def eval_rows(ev: EvalConfig, run: RunConfig) -> tuple[Dataset, str, str, str]:
@@ -122,7 +72,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     precision = check_precision(device, wanted, "mixed_precision", width)
     accelerator = Accelerator(cpu=device == Device.cpu or not torch.cuda.is_available(), mixed_precision=precision.value)
     quiet_other_processes(accelerator)
-    method = method_class(run.method._target_)(run.method, run)
+    method = build_method(run)
     use_saved_tokenizer(method, run, model_path)
 
     rows, name, source, split = eval_rows(ev, run)  # data problems surface before the weights load

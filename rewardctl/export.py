@@ -17,11 +17,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rewardctl.config.schema import ExportConfig
-from rewardctl.config.validate import load_run_config, method_class, to_export_config
+from rewardctl.config.validate import to_export_config
 from rewardctl.errors import ConfigError
-from rewardctl.evaluate import load_model, resolve_checkpoint, use_saved_tokenizer
+from rewardctl.methods.registry import build_method, load_run_config
 from rewardctl.modeling.adapters import contains_adapter, merge_adapters
 from rewardctl.modeling.common import DTYPES, count_parameters
+from rewardctl.training.trained_run import load_model, resolve_checkpoint, use_saved_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
         raise ConfigError("checkpoint", "a QLoRA checkpoint holds 4-bit base weights; export the run's final model/ "
                           "(its adapter is merged into the full-precision base)")
 
-    method = method_class(run.method._target_)(run.method, run)
+    method = build_method(run)
     use_saved_tokenizer(method, run, source)
     model = load_model(method, run, source)
     had_adapter = contains_adapter(model)

@@ -11,9 +11,9 @@ from accelerate.utils import set_seed
 from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.evaluate import evaluate_run
 from rewardctl.export import export_run
+from rewardctl.methods.registry import method_class, to_run_config
 
 from .conftest import SAMPLES, compose_eval, compose_export, compose_train, read_jsonl, run_training, stock_scores
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.errors import ConfigError, DataError
 from rewardctl.methods.bco import BcoMethod, LocalRuntime, RunningMean
+from rewardctl.methods.registry import to_run_config
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
 
 from .conftest import (

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 import rewardctl.data.prepare as prepare_module
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.methods.base import feature_key
 from rewardctl.methods.bco import BcoMethod
 from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.methods.prm import PrmMethod
 from rewardctl.methods.ranklist import RanklistMethod
+from rewardctl.methods.registry import to_run_config
 
 from .conftest import compose_train, read_jsonl, write_jsonl
 

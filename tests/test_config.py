@@ -10,8 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from rewardctl.config.schema import DType, PairwiseConfig, RunConfig
-from rewardctl.config.validate import load_run_config, to_run_config
 from rewardctl.errors import ConfigError
+from rewardctl.methods.registry import load_run_config, to_run_config
 
 from .conftest import REPO, compose_train
 

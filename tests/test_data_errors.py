@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.data.prepare import ROW_COLUMN
 from rewardctl.data.splits import prepare_data
 from rewardctl.errors import DataError, RowError
 from rewardctl.methods.base import PreparedSplit
+from rewardctl.methods.registry import method_class, to_run_config
 
 from .conftest import compose_train, write_jsonl
 

@@ -13,7 +13,7 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from safetensors.torch import load_file
 
 from rewardctl.config.schema import HardwareConfig, Strategy
-from rewardctl.config.validate import method_class, to_run_config
+from rewardctl.methods.registry import method_class, to_run_config
 from rewardctl.training import launch
 
 from .conftest import compose_train, read_jsonl, run_training

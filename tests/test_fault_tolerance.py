@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from rewardctl import cli
-from rewardctl.config.validate import to_run_config
 from rewardctl.errors import ConfigError
 from rewardctl.methods.pairwise import PairwiseMethod
+from rewardctl.methods.registry import to_run_config
 from rewardctl.training import guards
 from rewardctl.training.guards import MEDIAN_WARMUP, DivergenceGuard, ImmediateStop, SignalStop
 from rewardctl.training.loop import TrainingLoop

@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rewardctl.config.schema import BadRows, Layout
-from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.data.prepare import ROW_COLUMN
 from rewardctl.data.splits import load_split
 from rewardctl.errors import DataError
+from rewardctl.methods.registry import method_class, to_run_config
 
 from .conftest import compose_train
 

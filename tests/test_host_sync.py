@@ -25,13 +25,13 @@ import torch
 from accelerate.utils import set_seed
 
 import rewardctl
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.methods.base import Metric, Reduce
 from rewardctl.methods.bco import BcoMethod, LocalRuntime, RunningMean
 from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.methods.prm import PrmMethod
 from rewardctl.methods.ranklist import RanklistMethod
+from rewardctl.methods.registry import to_run_config
 from rewardctl.training.metrics import MetricTracker
 
 from .conftest import compose_train

@@ -13,7 +13,6 @@ from datasets import Dataset
 from transformers import AutoTokenizer, BertConfig, LlamaConfig, Qwen2Config
 
 from rewardctl.config.schema import Overlength, Truncation
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.data.packing import (
     concat_sequences,
@@ -28,6 +27,7 @@ from rewardctl.methods.bco import BcoMethod, LocalRuntime
 from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.methods.prm import PrmMethod
 from rewardctl.methods.ranklist import RanklistMethod
+from rewardctl.methods.registry import to_run_config
 from tests.conftest import TINY, compose_train
 
 

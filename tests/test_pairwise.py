@@ -10,11 +10,11 @@ from datasets import Dataset
 from torch import nn
 
 from rewardctl.config.schema import Overlength
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.data.text import Fit, SequenceEncoder
 from rewardctl.errors import DataError, RowError
 from rewardctl.methods.pairwise import PairwiseMethod, bradley_terry_loss
+from rewardctl.methods.registry import to_run_config
 
 from .conftest import compose_train, write_jsonl
 

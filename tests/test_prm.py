@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from rewardctl.config.schema import Overlength
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.errors import ConfigError, DataError, RowError
 from rewardctl.methods.prm import IGNORE, PrmMethod, StepEncoder, score_steps, step_metrics
+from rewardctl.methods.registry import to_run_config
 
 from .conftest import SAMPLES, compose_eval, compose_train, optional_module, read_jsonl, run_training, write_jsonl
 

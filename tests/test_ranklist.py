@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rewardctl.config.validate import to_run_config
 from rewardctl.data.loading import load_rows
 from rewardctl.data.prepare import ROW_COLUMN
 from rewardctl.errors import ConfigError, DataError
 from rewardctl.methods.pairwise import bradley_terry_loss
 from rewardctl.methods.ranking import list_metrics, listmle_loss, pair_count, ranked_pair_loss
 from rewardctl.methods.ranklist import RanklistMethod
+from rewardctl.methods.registry import to_run_config
 
 from .conftest import (
     SAMPLES,

@@ -11,10 +11,10 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from rewardctl.config.validate import to_run_config
 from rewardctl.errors import ConfigError
 from rewardctl.evaluate import evaluate_run
 from rewardctl.methods.pairwise import PairwiseMethod
+from rewardctl.methods.registry import to_run_config
 
 from .conftest import (
     SAMPLES,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -41,35 +40,6 @@ def _to_object(cfg: DictConfig) -> Any:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(key, str(exc).splitlines()[0]) from None
-
-
-def method_class(target: str) -> type:
-    """The Method subclass named by ``method._target_``."""
-    from rewardctl.methods.base import Method
-
-    try:
-        cls = get_class(target)
-    except Exception as exc:  # hydra wraps import errors in several types
-        raise ConfigError("method._target_", f"cannot import {target!r}: {exc}") from None
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError("method._target_", f"{target!r} is not a subclass of rewardctl.methods.base.Method")
-    return cls
-
-
-def _typed_method(cfg: DictConfig) -> Any:
-    """Validates ``method`` against the method class's own schema (also for a user's own method)."""
-    node = cfg.method
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if not target:
-        raise ConfigError("method._target_", "every method config must name its class in _target_")
-    cls = method_class(target)
-    if OmegaConf.get_type(node) is not cls.config_class:
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(cls.config_class), node)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"method.{getattr(exc, 'key', '')}".rstrip("."), str(exc).splitlines()[0]) from None
-        cfg.method = merged
-    return cls
 
 
 def _typed_peft(cfg: DictConfig) -> None:
@@ -231,14 +201,15 @@ def check_weights_dtype(run: RunConfig) -> None:
              "float16 weights need a GPU; use float32 (with hardware.mixed_precision=bf16 if you want) on CPU")
 
 
-def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
-    """Typed, fully resolved and checked run config, or a ConfigError naming the key.
+def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
+    """Typed, fully resolved and checked run config, or a ConfigError naming the key: everything but
+    the method's own checks (``rewardctl.methods.registry.to_run_config`` adds those, and types
+    ``cfg.method`` against the method's schema before calling this).
 
     ``for_training=False`` (re-reading a finished run for eval) skips what only matters to start
     training on this machine: the resume path, installed trackers, the device and precision, compile.
     With ``for_training`` a ``hardware.mixed_precision=auto`` is resolved here, in ``cfg`` too.
     """
-    _typed_method(cfg)
     _typed_peft(cfg)
     run: RunConfig = _to_object(cfg)
     t, m, d = run.train, run.model, run.data
@@ -291,11 +262,6 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
         check_compile(run)
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")
-    cls = method_class(run.method._target_)
-    if getattr(run.peft, "name", None) is not None and run.peft.name.value != "none" and not cls.supports_adapters:
-        raise ConfigError("peft", f"method {run.method.name} does not support adapters yet (peft={run.peft.name.value}); "
-                                  "use peft=none")
-    cls.check_config(run)
     return run
 
 
@@ -323,8 +289,9 @@ def to_export_config(cfg: DictConfig) -> ExportConfig:
     return ex
 
 
-def load_run_config(path: Path) -> RunConfig:
-    """Reads a run's saved config.yaml back through the schema (used by eval and resume)."""
+def read_run_config(path: Path) -> DictConfig:
+    """A run's saved config.yaml merged onto the schema (``method`` and ``peft`` as written: their
+    schemas are chosen by their content); ``rewardctl.methods.registry.load_run_config`` checks it."""
     from rewardctl.config.store import register
 
     register()
@@ -336,7 +303,7 @@ def load_run_config(path: Path) -> RunConfig:
         raise ConfigError(str(getattr(exc, "full_key", path)), str(exc).splitlines()[0]) from None
     merged.method = raw.method
     merged.peft = raw.peft
-    return to_run_config(merged, for_training=False)
+    return merged
 
 
 def wants_gpu(hardware: Any) -> bool:

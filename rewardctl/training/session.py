@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from rewardctl.config.schema import RunConfig
-from rewardctl.config.validate import method_class, to_run_config
 from rewardctl.data.batching import EpochBatchSampler
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
+from rewardctl.methods.registry import build_method, to_run_config
 from rewardctl.modeling.common import check_max_length, count_parameters
 from rewardctl.training.checkpoint import (
     STEP_DIR,
@@ -177,7 +177,7 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) 
     main = accelerator.is_main_process
     log.info("run directory: %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
              "es" if accelerator.num_processes > 1 else "", accelerator.device)
-    method = method_class(run.method._target_)(run.method, run)
+    method = build_method(run)
     resume_from = decide_resume(run, run_dir)
     if resume_from is not None:
         check_same_method(resume_from, run.method.name)
