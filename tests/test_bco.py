@@ -250,6 +250,23 @@ def test_balanced_logistic_regression_solves_its_objective():
     torch.testing.assert_close(again.logits(x), clf.logits(x))
 
 
+@pytest.mark.parametrize("standardize", [True, False])
+def test_the_udm_fit_equals_scikit_learns_on_raw_or_standardised_embeddings(standardize: bool):
+    """standardize=false is TRL's fit (sklearn on the raw embeddings); true, our default, is sklearn on
+    StandardScaler'd embeddings. Features on a scale of ~30, where the two fits differ."""
+    linear_model = optional_module("sklearn.linear_model", "parity")
+    generator = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(40, 4, generator=generator) * 30 + 5, torch.randn(80, 4, generator=generator) * 30 - 5])
+    y = torch.cat([torch.ones(40), torch.zeros(80)])
+    ours = fit_balanced_logistic_regression(x, y, l2=2.0, standardize=standardize)
+    features = ((x - x.mean(0)) / x.std(0, unbiased=False)) if standardize else x
+    theirs = linear_model.LogisticRegression(C=1 / 2.0, class_weight="balanced", tol=1e-12, max_iter=10_000)
+    theirs.fit(features.double().numpy(), y.numpy())
+    probabilities = torch.from_numpy(theirs.predict_proba(features.double().numpy())[:, 1])
+    torch.testing.assert_close(ours.prob_desirable(x), probabilities, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.weight, torch.from_numpy(theirs.coef_[0]), atol=1e-4, rtol=1e-4)
+
+
 def test_moe_router_aux_loss_is_added_with_its_coefficient():
     from transformers import MixtralConfig, MixtralForCausalLM
 

@@ -160,3 +160,17 @@ def test_parameter_counts_see_through_zero3_partitioning_and_4bit_packing():
     model = nn.Linear(3, 2)
     model.bias.requires_grad_(False)
     assert count_parameters(model) == {"total": 8, "trainable": 6}
+
+
+def test_a_saved_classifier_keeps_its_head_dropout_off_after_a_stock_reload(tmp_path: Path):
+    """Llama's token-classification head falls back to dropout 0.1 when its config has no
+    classifier_dropout: the config we save states 0.0, so `.train()` after a stock reload trains as we did."""
+    from transformers import AutoModelForTokenClassification
+
+    from rewardctl.modeling.common import load_config
+
+    config = load_config(ModelConfig(name_or_path=str(TINY), from_scratch=True))
+    assert config.classifier_dropout == 0.0
+    AutoModelForTokenClassification.from_config(config).save_pretrained(tmp_path)
+    reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path).train()
+    assert [m.p for m in reloaded.modules() if isinstance(m, nn.Dropout)] == [0.0]

@@ -351,6 +351,11 @@ class UdmConfig:
     embedding_model: Optional[str] = None
     # L2 penalty of the logistic regression (sklearn's C = 1 / l2).
     l2: float = 1.0
+    # Standardise each embedding dimension (train-sample mean and std) before the fit. TRL fits the raw
+    # embeddings; there a fixed l2 means something different for every model's hidden-state scale
+    # (mean-pooled states range from ~0.1 to ~100 across models), so the same l2 over- or
+    # under-regularises; standardised, it is scale-free. false: TRL's fit exactly.
+    standardize: bool = True
 
 
 @dataclass

@@ -468,7 +468,8 @@ class BcoMethod(Method):
         embed = self._prompt_embedder(model)
         probe = embed({k: v.to(self.runtime.device) for k, v in self.collate([dataset[sample[0]]]).items()})
         features = self._table(dataset, embed, rows=sample, width=probe.shape[-1])
-        self.udm = fit_balanced_logistic_regression(features, labels[sample].double(), l2=self.cfg.udm.l2)
+        self.udm = fit_balanced_logistic_regression(features, labels[sample].double(), l2=self.cfg.udm.l2,
+                                                    standardize=self.cfg.udm.standardize)
         predicted = self.udm.prob_desirable(features) > 0.5
         truth = labels[sample]
         log.info("UDM prompt classifier on %d + %d prompts: accuracy %.3f on desirable, %.3f on undesirable",

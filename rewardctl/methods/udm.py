@@ -3,8 +3,10 @@
 BCO's underlying distribution matching asks how much more likely a prompt is to come with a
 desirable answer than with an undesirable one. A linear classifier on prompt embeddings estimates
 p = P(desirable | prompt); undesirable losses are weighted by clamp(p / (1 - p), min, max). TRL fits
-sklearn's LogisticRegression(class_weight="balanced") and pickles it; this is the same objective
-(balanced log-loss + l2/2 |w|^2 on standardised features), fitted with L-BFGS, and its state is four
+sklearn's LogisticRegression(class_weight="balanced") on the raw embeddings and pickles it; this is
+the same objective (balanced log-loss + l2/2 |w|^2), by default on standardised features (a
+deliberate deviation: the penalty then means the same for every model's hidden-state scale;
+``method.udm.standardize=false`` is TRL's fit), fitted with L-BFGS, and its state is four
 tensors that go into a safetensors checkpoint: no pickle, no scikit-learn dependency.
 """
 
@@ -44,14 +46,20 @@ class PromptClassifier:
         return cls(**{k: state[f"{prefix}{k}"].double() for k in ("weight", "bias", "mean", "scale")})
 
 
-def fit_balanced_logistic_regression(features: Tensor, labels: Tensor, *, l2: float = 1.0, max_iter: int = 200) -> PromptClassifier:
-    """Minimise sum_i c_i * logloss_i + l2/2 |w|^2 with c_i = n / (2 n_class(i)) (sklearn's 'balanced')."""
+def fit_balanced_logistic_regression(features: Tensor, labels: Tensor, *, l2: float = 1.0, max_iter: int = 200,
+                                     standardize: bool = True) -> PromptClassifier:
+    """Minimise sum_i c_i * logloss_i + l2/2 |w|^2 with c_i = n / (2 n_class(i)) (sklearn's 'balanced'),
+    on standardised features (``standardize``, our default: the penalty is then scale-free) or on the
+    raw ones (TRL's fit: sklearn's ``LogisticRegression(class_weight="balanced")`` on the embeddings)."""
     x = features.double()
     y = labels.double()
     if not ((y == 0).any() and (y == 1).any()):
         raise ValueError("UDM needs prompts of both desirable and undesirable rows")
-    mean = x.mean(0)
-    scale = x.std(0, unbiased=False).clamp_min(1e-12)
+    if standardize:
+        mean = x.mean(0)
+        scale = x.std(0, unbiased=False).clamp_min(1e-12)
+    else:
+        mean, scale = torch.zeros(x.shape[1], dtype=x.dtype), torch.ones(x.shape[1], dtype=x.dtype)
     x = (x - mean) / scale
     n = y.numel()
     positives = y.sum()

@@ -31,6 +31,10 @@ def load_config(model_cfg: ModelConfig, **updates: Any) -> PretrainedConfig:
         for key, value in config.to_dict().items():
             if "dropout" in key and isinstance(value, float):
                 setattr(config, key, 0.0)
+        if getattr(config, "classifier_dropout", None) is None:
+            # Classification heads whose config lacks this (Llama's token classifier) fall back to 0.1:
+            # written out, a stock reload followed by .train() keeps the head as it trained.
+            config.classifier_dropout = 0.0
     for key, value in updates.items():
         setattr(config, key, value)
     return config
