@@ -454,7 +454,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def main() -> int:
+def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per system (pairwise and ranklist)")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (pairwise cases)")

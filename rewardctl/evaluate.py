@@ -13,20 +13,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import Accelerator
 from datasets import Dataset
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rewardctl.config.schema import Device, EvalConfig, MixedPrecision, RunConfig
+from rewardctl.config.schema import EvalConfig, MixedPrecision, RunConfig
 from rewardctl.config.validate import check_precision, model_hidden_size, to_eval_config
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
 from rewardctl.methods.registry import build_method, load_run_config
 from rewardctl.training.evaluation import run_evaluation
-from rewardctl.training.runtime import AccelerateRuntime, quiet_other_processes
+from rewardctl.training.runtime import AccelerateRuntime, build_accelerator, quiet_other_processes
 from rewardctl.training.trained_run import load_model, resolve_checkpoint, use_saved_tokenizer
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
@@ -70,7 +68,8 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     wanted = ev.mixed_precision or run.hardware.mixed_precision
     width = model_hidden_size(run.model) if wanted == MixedPrecision.auto else None
     precision = check_precision(device, wanted, "mixed_precision", width)
-    accelerator = Accelerator(cpu=device == Device.cpu or not torch.cuda.is_available(), mixed_precision=precision.value)
+    # The same construction as training (TF32 and precision from the run's hardware settings).
+    accelerator = build_accelerator(replace(run.hardware, device=device, mixed_precision=precision), report_to=[])
     quiet_other_processes(accelerator)
     method = build_method(run)
     use_saved_tokenizer(method, run, model_path)

@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from rewardctl.errors import ConfigError
+from rewardctl.errors import ConfigError, DataError
 from rewardctl.evaluate import evaluate_run
 from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.methods.registry import to_run_config
@@ -197,7 +197,7 @@ def test_bad_rows_and_overlength_rows_are_counted_before_training(tmp_path: Path
     rows[7] = {"prompt": rows[7]["prompt"], "chosen": rows[7]["chosen"]}
     rows[9]["rejected"] = rows[9]["rejected"] + " and so on" * 100
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(DataError) as info:
         run_training(tmp_path, ["experiment=smoke", f"data.train={path}"], name="strict")
     reset_accelerate()
     assert f"{path}, row 4, field 'chosen': is empty" in str(info.value)
@@ -243,7 +243,7 @@ def test_heldout_split_errors_and_predictions_use_file_row_numbers(tmp_path: Pat
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     overrides = ["experiment=smoke", f"data.train={path}", "data.eval=null", "data.holdout_fraction=0.25",
                  "train.max_steps=2", "data.max_eval_rows=null"]
-    with pytest.raises(Exception) as info:
+    with pytest.raises(DataError) as info:
         run_training(tmp_path, overrides, name="strict")
     reset_accelerate()
     assert f"{path}, row 3, field 'chosen': is empty" in str(info.value)

@@ -95,7 +95,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[
     becomes a RowError naming the field, not a Jinja traceback."""
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
-    except Exception as exc:  # jinja2 raises TemplateError and plain exceptions from raise_exception()
+    except Exception as exc:  # noqa: BLE001 - jinja2 raises TemplateError and plain exceptions from raise_exception()
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RowError(field, f"the chat template refused it ({detail})") from None
     if isinstance(out, dict) or hasattr(out, "keys"):

@@ -186,7 +186,7 @@ class Method(ABC):
     def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
         """Validate and tokenise raw rows; raise DataError naming source, row and field."""
 
-    def lengths(self, dataset: Any) -> list[int] | None:
+    def lengths(self, dataset: Any) -> list[int] | None:  # noqa: ARG002 - the hook's signature
         """Per-row padded cost (tokens), used to group rows of similar length; None disables grouping."""
         return None
 
@@ -211,7 +211,7 @@ class Method(ABC):
     def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
         """Aggregate metrics from all gathered per-item outputs of the eval set."""
 
-    def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
+    def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:  # noqa: ARG002 - the hook's signature
         """One JSON-able record per eval row for ``rewardctl eval``'s predictions.jsonl."""
         return []
 

@@ -59,7 +59,7 @@ class PairwiseMethod(ScalarRewardMethod):
                               "negative centering term rewards pushing every reward apart without bound")
 
     # ---- data -----------------------------------------------------------------------------------
-    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
+    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:  # noqa: ARG002 - same for both splits
         columns = require_columns(dataset, source, ("chosen", "rejected"), *PRETOKENIZED)
         use_margin = self.cfg.use_margin and "margin" in dataset.column_names
         encoder = SequenceEncoder(self.tokenizer, self.run.model.max_length, self.run.data.overlength)

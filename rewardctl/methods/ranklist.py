@@ -57,7 +57,7 @@ class RanklistMethod(ScalarRewardMethod):
             raise ConfigError("method.margin_scale", f"must be >= 0 (got {method.margin_scale})")
 
     # ---- data -----------------------------------------------------------------------------------
-    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
+    def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:  # noqa: ARG002 - same for both splits
         columns = require_columns(dataset, source, ("responses",), ("responses_ids",))
         names = set(dataset.column_names)
         has_prompt, has_scores = "prompt" in names, "scores" in names

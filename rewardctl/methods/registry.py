@@ -24,7 +24,7 @@ def method_class(target: str) -> type:
     """The Method subclass named by ``method._target_``."""
     try:
         cls = get_class(target)
-    except Exception as exc:  # hydra wraps import errors in several types
+    except Exception as exc:  # noqa: BLE001 - hydra wraps import errors in several types
         raise ConfigError("method._target_", f"cannot import {target!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ConfigError("method._target_", f"{target!r} is not a subclass of rewardctl.methods.base.Method")

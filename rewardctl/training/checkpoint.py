@@ -170,7 +170,7 @@ def _check_file(root: Path, name: str, size: Any) -> None:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 handle.keys()
-        except Exception as err:  # safetensors raises its own error types for each kind of damage
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for each kind of damage
             raise _Damaged(f"{name} is not a readable safetensors file ({err})") from None
 
 

@@ -137,7 +137,7 @@ class SignalStop:
     def name(self) -> str | None:
         return None if self.signum is None else signal.Signals(self.signum).name
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._at = signum, now

@@ -125,7 +125,7 @@ class ForwardedSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _forward(self, signum: int, frame: FrameType | None) -> None:
+    def _forward(self, signum: int, _frame: FrameType | None) -> None:
         self.count += 1
         self.signum = signum
         targets = [self.process.pid]

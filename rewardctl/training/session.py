@@ -172,7 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train_in(cfg, run, accelerator, run_dir)
 
 
-def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) -> dict[str, Any]:
+def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) -> dict[str, Any]:  # noqa: C901 - to split (issue 13)
     """The run itself, once its directory is this job's (locked by the main process)."""
     main = accelerator.is_main_process
     log.info("run directory: %s (%d process%s, device %s)", run_dir, accelerator.num_processes,
