@@ -124,6 +124,7 @@ class TrainingLoop:
         self._stop_signum = 0  # the stop signal every process agreed on
         self._start_step = self._last_save = 0
         self._last_eval = -1
+        self._restored_last_eval = -1  # the step of the last eval before the checkpoint resumed from
 
     def _clock(self) -> None:
         """Count the time since the last mark as training time (call after a synchronising op)."""
@@ -164,6 +165,7 @@ class TrainingLoop:
             "totals": self.tracker.totals,
             "train_seconds": self.train_seconds,
             "divergence": self.guard.state_dict(),  # skipped updates, recent losses: a resume decides alike
+            "last_eval": self._last_eval,  # a checkpoint written right after an eval: not evaluated again
             "rewardctl_version": __version__,
             **self.resume_guard,
         }
@@ -185,6 +187,7 @@ class TrainingLoop:
         """Continue from ``path``; the session has already checked it matches this run (``resume_guard``)."""
         state, method_state, process_state = load_checkpoint(self.accelerator, path)
         self.step = state["step"]
+        self._restored_last_eval = state.get("last_eval", -1)
         self.micro_batches = state["micro_batches"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.tracker.totals = dict(state.get("totals", {}))
@@ -389,7 +392,7 @@ class TrainingLoop:
                    disable=not (self.accelerator.is_main_process and self.cfg.progress_bar), dynamic_ncols=True)
         self._start_step = self.step
         self._restart_clock()
-        self._last_eval = self.step if (self.step == 0 and self.cfg.eval_at_start) else -1
+        self._last_eval = self.step if (self.step == 0 and self.cfg.eval_at_start) else self._restored_last_eval
         self._last_save = self.step
         status = None
         while status is None and self.step < self.max_steps:

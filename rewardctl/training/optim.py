@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay (not on biases and norms) and a warmup + decay schedule."""
+"""AdamW with decoupled weight decay on matrices only (no decay on any 1-D parameter: biases, norm
+weights, scales) and a warmup + decay schedule."""
 
 from __future__ import annotations
 

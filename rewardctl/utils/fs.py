@@ -31,6 +31,8 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 def replace_directory(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after."""
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if old.exists():  # left by a crash of an earlier process with this pid (common in containers)
+        shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
