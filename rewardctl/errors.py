@@ -52,3 +52,8 @@ class RowError(ValueError):
 
 def _rebuild_data_error(source: str, message: str, row: int | None, field: str | None) -> DataError:
     return DataError(source, message, row=row, field=field)
+
+
+class ModelMismatchError(RewardctlError):
+    """A saved model is not what the method expects (other outputs or labels). The command that
+    opened it names its own key (``run_dir``, ``checkpoint``); modeling knows no command keys."""

@@ -174,3 +174,17 @@ def test_a_saved_classifier_keeps_its_head_dropout_off_after_a_stock_reload(tmp_
     AutoModelForTokenClassification.from_config(config).save_pretrained(tmp_path)
     reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path).train()
     assert [m.p for m in reloaded.modules() if isinstance(m, nn.Dropout)] == [0.0]
+
+
+def test_a_saved_classifier_with_other_outputs_is_refused_by_name(tiny_tokenizer, tmp_path: Path):
+    from rewardctl.errors import ModelMismatchError
+    from rewardctl.modeling.sequence import load_saved_classifier
+
+    cfg = ModelConfig(name_or_path=str(TINY), from_scratch=True)
+    build_sequence_classifier(cfg, tiny_tokenizer, TrainConfig(), labels=("helpfulness", "verbosity")).save_pretrained(
+        tmp_path)
+    assert load_saved_classifier(tmp_path, cfg, labels=("helpfulness", "verbosity")).config.num_labels == 2
+    with pytest.raises(ModelMismatchError, match=r"outputs \['helpfulness', 'verbosity'\], not the expected \['reward'\]"):
+        load_saved_classifier(tmp_path, cfg)
+    with pytest.raises(ModelMismatchError, match=r"not the expected \['verbosity', 'helpfulness'\]"):
+        load_saved_classifier(tmp_path, cfg, labels=("verbosity", "helpfulness"))

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.data.packing import segment_attention_mask
-from rewardctl.errors import ConfigError
+from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
 
@@ -160,14 +160,16 @@ def load_saved_classifier(path: Path, model_cfg: ModelConfig, labels: tuple[str,
     Its outputs must be ``labels``, by count and (for several) by name and order."""
 
     def plain(location: str) -> PreTrainedModel:
-        return AutoModelForSequenceClassification.from_pretrained(location, num_labels=len(labels),
-                                                                  **load_kwargs(model_cfg))
+        # A stock directory loads with the outputs it was saved with (then checked below, by name); an
+        # adapter's base gets the head the adapter's trained copy fills.
+        outputs = {} if Path(location) == Path(path) else {"num_labels": len(labels)}
+        return AutoModelForSequenceClassification.from_pretrained(location, **outputs, **load_kwargs(model_cfg))
 
     model = load_model_dir(path, model_cfg, plain)
     config = _unwrap_hf(model).config
     saved = tuple(config.id2label[i] for i in range(config.num_labels))
     if config.num_labels != len(labels) or (len(labels) > 1 and saved != tuple(labels)):
-        raise ConfigError("run_dir", f"{path} holds a classifier with outputs {list(saved)}, not the expected "
+        raise ModelMismatchError(f"{path} holds a classifier with outputs {list(saved)}, not the expected "
                           f"{list(labels)}")
     return model
 

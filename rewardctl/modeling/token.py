@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
-from rewardctl.errors import ConfigError
+from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs
 
@@ -39,7 +39,7 @@ def load_token_classifier(path: Path, model_cfg: ModelConfig) -> nn.Module:
     model = load_model_dir(path, model_cfg, plain)
     labels = getattr(getattr(model, "config", None), "num_labels", 2)
     if labels != 2:
-        raise ConfigError("run_dir", f"{path} holds a {labels}-label token classifier, not a PRM")
+        raise ModelMismatchError(f"{path} holds a {labels}-label token classifier, not a PRM")
     return model
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from rewardctl.config.schema import RunConfig
-from rewardctl.errors import ConfigError
+from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.methods.base import Method
 from rewardctl.modeling.adapters import has_adapter
 from rewardctl.training.checkpoint import METHOD_STATE, STEP_DIR
@@ -57,7 +57,10 @@ def use_saved_tokenizer(method: Method, run: RunConfig, path: Path) -> None:
 
 def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
     if is_saved_model(path):
-        return method.load_trained(path)
+        try:
+            return method.load_trained(path)
+        except ModelMismatchError as exc:
+            raise ConfigError("run_dir", str(exc)) from None
     weights = path / "model.safetensors"
     set_seed(run.train.seed)
     model = method.build_model()
