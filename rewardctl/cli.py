@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[command]()
     except KeyboardInterrupt as exc:  # one line, not a traceback through Hydra and torch
         signum = getattr(exc, "signum", signal.SIGINT)
-        how = "stopped at once, without a checkpoint" if hasattr(exc, "signum") else "stopped"
+        how = getattr(exc, "how", "stopped")
         print(f"rewardctl: {signal.Signals(signum).name}: {how}", file=sys.stderr)
         return 128 + signum
     return _invocation["status"]

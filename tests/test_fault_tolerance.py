@@ -459,6 +459,37 @@ def test_the_first_signal_goes_to_the_launcher_only_and_a_second_to_every_worker
         launcher.wait()
 
 
+def test_a_signal_before_the_launcher_exists_is_passed_on_once_and_a_third_kills_everything(tmp_path: Path):
+    from rewardctl.training.launch import ForwardedSignals
+
+    log = tmp_path / "signals.txt"
+    forwarded = ForwardedSignals()
+    forwarded._forward(signal.SIGHUP, None)  # the terminal closed while Popen was starting the launcher
+    launcher = subprocess.Popen([sys.executable, "-c", RECORDER, str(log), RECORDER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [worker] = [int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        time.sleep(0.5)
+        forwarded.attach(launcher)
+        time.sleep(0.5)
+        assert log.read_text().splitlines() == [f"{launcher.pid} SIGTERM"]  # a hang-up is passed on as SIGTERM
+        forwarded._forward(signal.SIGINT, None)
+        forwarded._forward(signal.SIGINT, None)  # the third: SIGKILL to the launcher and every worker
+        assert launcher.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}").exists() and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, "the worker outlived a third signal"
+            time.sleep(0.05)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_a_self_launched_two_process_run_checkpoints_and_prints_one_resume_command(tmp_path: Path):
     """`rewardctl train hardware.num_processes=2` and Ctrl-C (SIGINT to the terminal's whole process

@@ -97,6 +97,13 @@ def test_a_run_saves_a_stock_multi_output_model_that_scores_as_eval_did(tmp_path
         export_run(compose_export([f"run_dir={run_dir}", f"output_dir={tmp_path / 'exported'}"]))
         exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
         assert exported.config.id2label == {0: "helpfulness", 1: "verbosity"}
+        # A checkpoint rebuilds its outputs from its method state, without reading any data.
+        export_run(compose_export([f"run_dir={run_dir}", "checkpoint=step-60", f"output_dir={tmp_path / 'step60'}"]))
+        from_checkpoint = AutoModelForSequenceClassification.from_pretrained(tmp_path / "step60")
+        assert from_checkpoint.config.id2label == {0: "helpfulness", 1: "verbosity"}
+        ids = torch.tensor([tokenizer("User: hi\nAssistant: hello")["input_ids"]])
+        with torch.no_grad():
+            torch.testing.assert_close(from_checkpoint(input_ids=ids).logits, exported(input_ids=ids).logits)
 
 
 def test_a_single_score_column_and_rows_with_a_bad_score(tmp_path: Path):

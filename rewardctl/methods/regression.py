@@ -13,6 +13,7 @@ This module imports only ``rewardctl.methods.api``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -325,12 +326,14 @@ class RegressionMethod(ScalarRewardMethod):
                 per_attribute[key].append(value)
                 if len(self.output_labels) > 1:
                     metrics[f"{key}_{name}"] = value
+            if len(self.output_labels) > 1:  # ties differ per attribute, and so do the pairs they leave
+                metrics[f"pairs_{name}"] = float(pairs)
         for key, values in per_attribute.items():  # several attributes: the mean over them
             metrics[key] = sum(values) / len(values)
         metrics["prediction_mean"] = predictions.mean().item()
         metrics["prediction_std"] = predictions.std(unbiased=False).item()
         metrics["responses"] = float(predictions.shape[0])
-        metrics["pairs"] = float(pairs)
+        metrics["pairs"] = float(pairs)  # of the last attribute (each one's count: pairs_<name>)
         return metrics
 
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
@@ -361,10 +364,15 @@ class RegressionMethod(ScalarRewardMethod):
             self.target_std = torch.tensor(facts["score_std"], dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Tensor]:
-        if self.target_mean is None:
-            return {}
-        return {"target_mean": self.target_mean, "target_std": self.target_std}
+        # The attribute names as UTF-8 bytes of a JSON list: a checkpoint rebuilds the model's outputs
+        # (rewardctl export checkpoint=step-N) without reading any data.
+        state = {"attributes_json": torch.tensor(list(json.dumps(list(self.output_labels)).encode()), dtype=torch.uint8)}
+        if self.target_mean is not None:
+            state.update(target_mean=self.target_mean, target_std=self.target_std)
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "attributes_json" in state and self.attributes is None:
+            self.attributes = tuple(json.loads(bytes(state["attributes_json"].tolist()).decode()))
         if "target_mean" in state:
             self.target_mean, self.target_std = state["target_mean"].double(), state["target_std"].double()

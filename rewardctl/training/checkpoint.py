@@ -227,8 +227,12 @@ def save_checkpoint(
         raise
     accelerator.wait_for_everyone()
     if main:
-        _write_manifest(tmp, _layout(accelerator), accelerator.num_processes)
-        replace_directory(tmp, final)
+        try:
+            _write_manifest(tmp, _layout(accelerator), accelerator.num_processes)
+            replace_directory(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _prune(root, step, keep)
     accelerator.wait_for_everyone()
     return final
@@ -405,6 +409,8 @@ def _load_model_and_optimizer(accelerator: Accelerator, path: Path) -> None:
         try:
             accelerator.unwrap_model(model).load_state_dict(load_file(str(path / _indexed(MODEL, i))))
         except RuntimeError as exc:  # missing/unexpected keys or other shapes: another model's checkpoint
+            if "Error(s) in loading state_dict" not in str(exc):  # e.g. out of memory: not a mismatch
+                raise
             first = str(exc).strip().splitlines()[0]
             raise ConfigError("train.resume", f"{path} holds weights of another model ({first}); resume with the "
                               "model.* settings it was written with, or choose another output_dir") from None

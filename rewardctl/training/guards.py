@@ -93,9 +93,18 @@ class ImmediateStop(KeyboardInterrupt):
     """A second SIGINT/SIGTERM: stop now, without a checkpoint. A KeyboardInterrupt, so no
     ``except Exception`` swallows it; ``signum`` gives the CLI its exit status (128 + signum)."""
 
+    how = "stopped at once, without a checkpoint"
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class StoppedBeforeTraining(ImmediateStop):
+    """A signal that stopped a multi-process run while its workers were still loading (before the
+    first step): there is nothing to checkpoint and no summary; the command ends with 128 + signal."""
+
+    how = "stopped before training started (nothing to checkpoint yet)"
 
 
 # torchrun's and accelerate's launchers forward the signal they receive to every worker, which the

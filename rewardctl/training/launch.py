@@ -81,43 +81,55 @@ def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, s
     return args, env
 
 
-def launch_workers(hardware: HardwareConfig, overrides: list[str], run_dir: Path) -> int:
-    """Run the workers to completion; returns their exit status."""
+def launch_workers(hardware: HardwareConfig, overrides: list[str], run_dir: Path) -> tuple[int, int | None]:
+    """Run the workers to completion; returns their exit status and the signal this process passed
+    on to them (None when none came)."""
     args, env = launcher_arguments(hardware)
     command = [sys.executable, "-m", "rewardctl.training.agent", *args, "-m", "rewardctl", "train",
                *[o for o in overrides if not o.startswith("output_dir=")], f"output_dir={run_dir}"]
     log.info("starting %s processes through accelerate launch into %s", args[1], run_dir)
     # A session of its own: the terminal's Ctrl-C reaches this process only, which passes each signal
-    # on exactly once (a copy from the terminal and one from us would read as a second signal).
-    process = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
-    with ForwardedSignals(process) as forwarded:
-        status = process.wait()
+    # on exactly once (a copy from the terminal and one from us would read as a second signal). The
+    # handlers are in place before the process exists, so no signal can orphan it.
+    with ForwardedSignals() as forwarded:
+        process = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
+        try:
+            forwarded.attach(process)
+            status = process.wait()
+        except BaseException:
+            forwarded.kill_all()
+            raise
     if forwarded.count > 1:  # the workers stopped at once, without a checkpoint
         from rewardctl.training.guards import ImmediateStop
 
         raise ImmediateStop(forwarded.signum)
-    return status
+    return status, (forwarded.signum if forwarded.count else None)
 
 
 class ForwardedSignals:
-    """While the workers run: SIGINT/SIGTERM are passed on instead of ending this process.
+    """While the workers run: SIGINT/SIGTERM/SIGHUP are passed on instead of ending this process.
 
     The first goes to the launcher (accelerate launch / torch elastic), which hands it to every worker:
-    they finish the step, checkpoint and exit with 128 + signal. Any later one goes straight to the
-    launcher and every worker (the launcher alone would abandon them): they stop at once.
-    Without this, Python's KeyboardInterrupt in ``subprocess.run`` killed the launcher after 0.25 s and
-    left the workers checkpointing on their own after the command had returned.
+    they finish the step, checkpoint and exit with 128 + signal (a hang-up, the terminal closing, is
+    passed on as SIGTERM). The second goes to the launcher and every worker directly (the launcher
+    alone would abandon them): they stop at once. A third kills them all (a worker stuck in a
+    collective never runs its handler). Without this, Python's KeyboardInterrupt in ``subprocess.run``
+    killed the launcher after 0.25 s and left the workers checkpointing on their own after the
+    command had returned.
     """
 
-    def __init__(self, process: subprocess.Popen) -> None:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, process: subprocess.Popen | None = None) -> None:
         self.process = process
         self.count = 0
         self.signum = signal.SIGINT.value
+        self._pending = 0  # signals that came before the process existed
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> ForwardedSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._forward)
         return self
 
@@ -125,19 +137,44 @@ class ForwardedSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def attach(self, process: subprocess.Popen) -> None:
+        """The process now exists: pass on what came before it did."""
+        self.process = process
+        pending, self._pending, self.count = self._pending, 0, 0
+        for _ in range(pending):
+            self._forward(self.signum, None)
+
     def _forward(self, signum: int, _frame: FrameType | None) -> None:
+        passed = signal.SIGTERM.value if signum == signal.SIGHUP else int(signum)
+        if self.process is None:
+            self._pending += 1
+            self.signum = passed
+            return
         self.count += 1
-        self.signum = signum
-        targets = [self.process.pid]
-        if self.count > 1:
+        self.signum = passed
+        if self.count == 1:
+            if self.process.poll() is None:  # send_signal would not touch a reaped (maybe reused) pid
+                self.process.send_signal(passed)
+        elif self.count == 2:
+            self._signal_all(passed)
+        else:
+            self._signal_all(signal.SIGKILL.value)
+
+    def kill_all(self) -> None:
+        if self.process is not None:
+            self._signal_all(signal.SIGKILL.value)
+
+    def _signal_all(self, signum: int) -> None:
+        """The launcher and every process under it (they live in the launcher's session)."""
+        try:
+            processes = [psutil.Process(self.process.pid)]
+            processes += processes[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
             try:
-                targets += [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
+                process.send_signal(signum)  # psutil checks the pid still names that process
             except psutil.NoSuchProcess:
-                pass
-        for pid in targets:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
                 pass
 
 

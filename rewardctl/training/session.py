@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -37,6 +37,7 @@ from rewardctl.training.checkpoint import (
     validate_checkpoint,
 )
 from rewardctl.training.disk import check_disk_room, run_footprint
+from rewardctl.training.guards import StoppedBeforeTraining
 from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
@@ -123,6 +124,21 @@ def check_same_method(path: Path, method: str) -> None:
     if written_by is not None and written_by != method:
         raise ConfigError("train.resume", f"{path} was written by method={written_by}, this run is method={method}; "
                           f"resume it with method={written_by} or choose another output_dir")
+
+
+def check_room_on_every_process(accelerator: Any, run_dir: Path, footprint: Any) -> None:
+    """The main process decides (the run directory is its); every process raises alike, so none waits
+    in a collective for one that stopped."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            check_disk_room(run_dir, footprint)
+        except ConfigError as exc:
+            problem = exc.reason
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem], from_process=0)[0]
+    if problem is not None:
+        raise ConfigError("output_dir", problem)
 
 
 def plan_steps(run: RunConfig, micro_batches_per_epoch: int) -> int:
@@ -220,7 +236,8 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: Path) 
     model = method.build_model()
     parameters = count_parameters(model)
     log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
-    check_disk_room(run_dir, run_footprint(model, run.train.save_every, run.train.keep_checkpoints))
+    check_room_on_every_process(accelerator, run_dir, run_footprint(model, run.train.save_every,
+                                                                    run.train.keep_checkpoints))
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     optimizer = build_optimizer(model, run.train, fused=not sharded)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
@@ -301,11 +318,13 @@ def launch(run: RunConfig) -> dict[str, Any]:
                           "(rewardctl train ...); from Python, run under accelerate launch or torchrun") from None
     run_dir = hydra_output_dir(run.output_dir).resolve()
     started = time.time()
-    status = launch_workers(run.hardware, overrides, run_dir)
+    status, signum = launch_workers(run.hardware, overrides, run_dir)
     if status != 0:
         stopped = early_stop_summary(run_dir, since=started)
         if stopped is not None:  # the workers stopped as designed (diverged / interrupted): not a failure
             return stopped
+        if signum is not None:  # stopped before the loop (loading, tokenising): nothing to checkpoint yet
+            raise StoppedBeforeTraining(signum)
         raise ConfigError("hardware", f"the worker processes failed (exit status {status}); see their output above")
     if run.hardware.machine_rank != 0:  # the run directory and its summary belong to machine 0
         return {"status": "completed", "machine_rank": run.hardware.machine_rank}
