@@ -85,11 +85,16 @@ def hardware(**values) -> HardwareConfig:
 
 def test_fsdp_launch_arguments(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(launch, "free_port", lambda: 12345)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     args, env = launch.launcher_arguments(hardware(strategy=Strategy.fsdp, fsdp_sharding_strategy="SHARD_GRAD_OP"))
     joined = " ".join(args)
     assert "--use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP" in joined
     assert "--fsdp_reshard_after_forward false" in joined and "--main_process_port 12345" in joined
-    assert "--num_processes 2" in joined and "--multi_gpu" not in args and env == {}
+    # No CPU/gloo settings under FSDP: only the workers' marker and the time they get to checkpoint on a signal.
+    assert "--num_processes 2" in joined and "--multi_gpu" not in args
+    assert env == {"REWARDCTL_SELF_LAUNCHED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")  # a user's own setting wins
+    assert launch.launcher_arguments(hardware(strategy=Strategy.fsdp))[1]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "45"
 
 
 def test_deepspeed_zero3_launch_arguments_gather_a_16bit_model(monkeypatch: pytest.MonkeyPatch):
