@@ -65,8 +65,8 @@ from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regres
 from rewardctl.modeling.adapters import (
     is_adapter_model,
     quantization_config,
+    read_saved_meta,
     save_model_dir,
-    saved_meta,
     wants_merged_copy,
     wrap_with_adapter,
 )
@@ -302,7 +302,7 @@ class BcoMethod(Method):
 
     def load_trained(self, path: Path) -> nn.Module:
         model = load_causal_lm(path, self.run.model, disable_dropout=self.cfg.disable_dropout)
-        saved = saved_meta(path, model)
+        saved = read_saved_meta(path)
         if "delta_total" in saved:
             self.delta.total = torch.tensor(saved["delta_total"], dtype=torch.float64)
             self.delta.count = torch.tensor(saved["delta_count"], dtype=torch.float64)

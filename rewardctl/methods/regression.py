@@ -160,6 +160,7 @@ class RegressionMethod(ScalarRewardMethod):
         self.attributes: tuple[str, ...] | None = tuple(cfg.attributes) if cfg.attributes else None
         self.target_mean: Tensor | None = None
         self.target_std: Tensor | None = None
+        self._loss_weights: Tensor | None = None
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
@@ -201,11 +202,15 @@ class RegressionMethod(ScalarRewardMethod):
         return ("score",)
 
     def _weights(self) -> Tensor:
-        unknown = set(self.cfg.weights) - set(self.output_labels)
-        if unknown:
-            raise ConfigError("method.weights", f"names no attribute of the data ({', '.join(self.output_labels)}): "
-                              f"{sorted(unknown)}")
-        return torch.tensor([self.cfg.weights.get(a, 1.0) for a in self.output_labels], dtype=torch.float32)
+        """Per-attribute loss weights in output order, built once the attributes are known (not per step)."""
+        if self._loss_weights is None:
+            unknown = set(self.cfg.weights) - set(self.output_labels)
+            if unknown:
+                raise ConfigError("method.weights", f"names no attribute of the data ({', '.join(self.output_labels)}): "
+                                  f"{sorted(unknown)}")
+            self._loss_weights = torch.tensor([self.cfg.weights.get(a, 1.0) for a in self.output_labels],
+                                              dtype=torch.float32)
+        return self._loss_weights
 
     # ---- data ---------------------------------------------------------------------------------------
     def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
@@ -287,8 +292,10 @@ class RegressionMethod(ScalarRewardMethod):
 
     def _forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         outputs = self.rewards(model, batch).reshape(batch["targets"].shape)
+        if self._weights().device != outputs.device:
+            self._loss_weights = self._loss_weights.to(outputs.device)
         losses = regression_loss(outputs, self._scaled(batch["targets"]), kind=self.cfg.loss,
-                                 huber_delta=self.cfg.huber_delta, weights=self._weights().to(outputs.device))
+                                 huber_delta=self.cfg.huber_delta, weights=self._loss_weights)
         return outputs, losses
 
     def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:

@@ -21,7 +21,7 @@ from rewardctl.data.collate import pad_sequences
 from rewardctl.data.packing import PAD_SEGMENT, concat_sequences, pack_rows
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
-from rewardctl.modeling.adapters import quantization_config, saved_meta, wants_merged_copy, wrap_with_adapter
+from rewardctl.modeling.adapters import quantization_config, read_saved_meta, wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.sequence import (
     REWARD_LABELS,
     SequenceRewardModel,
@@ -154,7 +154,7 @@ class ScalarRewardMethod(Method):
 
     def load_trained(self, path: Path) -> nn.Module:
         classifier = load_saved_classifier(path, self.run.model, labels=self.output_labels)
-        self.restore_facts(saved_meta(path, classifier))
+        self.restore_facts(read_saved_meta(path))
         return self._wrap(classifier)
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:

@@ -167,11 +167,5 @@ def read_saved_meta(path: Path) -> dict[str, Any]:
     return dict(json.loads(config.read_text(encoding="utf-8")).get("rewardctl") or {}) if config.is_file() else {}
 
 
-def saved_meta(path: Path, model: nn.Module) -> dict[str, Any]:
-    if (Path(path) / META_FILE).is_file():
-        return json.loads((Path(path) / META_FILE).read_text(encoding="utf-8"))
-    return dict(getattr(getattr(model, "config", None), "rewardctl", None) or {})
-
-
 def wants_merged_copy(peft_cfg: Any) -> bool:
     return uses_adapter(peft_cfg) and bool(getattr(peft_cfg, "save_merged", False))

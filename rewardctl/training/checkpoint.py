@@ -221,18 +221,15 @@ def save_checkpoint(
                 _write_json(tmp / SCALER, accelerator.scaler.state_dict())
             write_json_atomic(tmp / TRAINER_STATE, trainer_state)
             save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()}, str(tmp / METHOD_STATE))
+        accelerator.wait_for_everyone()
+        if main:
+            _write_manifest(tmp, _layout(accelerator), accelerator.num_processes)
+            replace_directory(tmp, final)
     except OSError:  # a full disk: give back what the partial checkpoint took; the older ones are untouched
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    accelerator.wait_for_everyone()
     if main:
-        try:
-            _write_manifest(tmp, _layout(accelerator), accelerator.num_processes)
-            replace_directory(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         _prune(root, step, keep)
     accelerator.wait_for_everyone()
     return final
