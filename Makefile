@@ -14,7 +14,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-bench demo test test-fast lint bench bench-gpu samples constraints clean
+.PHONY: setup setup-bench demo test test-slow check lint bench bench-gpu samples constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +45,18 @@ setup-bench: $(BENCH_VENV)/.installed-bench
 demo: setup
 	$(BIN)/rewardctl train
 
-## Lint, then the whole test suite (acceptance tests skip when ../shared/data is absent).
+## Lint, then the test suite: unit tests and the end-to-end runs of every command (about 12 min on
+## 2 CPU cores). The long runs (real-data acceptance, several processes) are `make test-slow`.
 test: setup lint
-	REWARDCTL_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest
+	REWARDCTL_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -m "not slow"
 
-## The suite without the slow end-to-end runs.
-test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+## The long runs: acceptance on ../shared/data (or $$REWARDCTL_SHARED_DATA) with the real MiniLM
+## encoder, and the multi-process runs (about 25 min on 2 CPU cores).
+test-slow: setup
+	REWARDCTL_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -m slow
+
+## What CI runs on a fresh clone: both.
+check: test test-slow
 
 lint: setup
 	$(BIN)/ruff check rewardctl tests benchmarks conf

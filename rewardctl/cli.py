@@ -88,12 +88,40 @@ def _guarded(action: Callable[[], Any]) -> Any:
 def train_app(cfg: DictConfig) -> Any:
     from rewardctl.training.session import train
 
-    summary = _guarded(lambda: train(cfg)) or {}
+    try:
+        summary = _guarded(lambda: train(cfg)) or {}
+    except SystemExit:
+        discard_unused_run_dir()
+        raise
     report_early_stop(summary)
     if summary.get("status") == "diverged":  # not its last (possibly baseline) eval: sweepers fail the trial
         return float("nan")
     final = summary.get("final_eval") or {}
     return final.get(summary.get("primary_metric", ""), None)  # the objective for sweepers
+
+
+# What Hydra puts in a run directory before rewardctl writes anything (a .lock present means a run
+# may be starting there: the directory is left alone).
+BOOKKEEPING_ONLY = frozenset({".hydra", "train.log"})
+
+
+def discard_unused_run_dir() -> None:
+    """A run refused before it wrote anything (a config or data error) leaves no directory behind:
+    the one Hydra made for it is removed while it holds only Hydra's bookkeeping. A directory with
+    anything else (an earlier run's checkpoints, config.yaml) is left exactly as it is."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except (ValueError, AttributeError):
+        return
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= BOOKKEEPING_ONLY:
+        logging.shutdown()  # Hydra's file handler holds train.log open
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def report_early_stop(summary: dict[str, Any]) -> None:

@@ -24,7 +24,9 @@ from omegaconf import DictConfig  # noqa: E402
 from rewardctl.config.store import register  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+# The real datasets of the acceptance tests: ../shared/data beside the checkout, or wherever
+# REWARDCTL_SHARED_DATA points (a checkout elsewhere still runs them instead of skipping).
+SHARED_DATA = Path(os.environ.get("REWARDCTL_SHARED_DATA") or REPO.parent / "shared" / "data").resolve()
 TINY = REPO / "rewardctl" / "assets" / "tiny-llama"
 SAMPLES = REPO / "rewardctl" / "samples" / "data"
 
@@ -92,7 +94,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"acceptance data not found at {SHARED_DATA} (../shared/data is absent on this machine)")
+        pytest.skip(f"acceptance data not found at {SHARED_DATA} (../shared/data is absent; set REWARDCTL_SHARED_DATA to its path)")
     return SHARED_DATA
 
 

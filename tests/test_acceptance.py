@@ -18,14 +18,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.acceptance]
 
 
 def test_pairwise_hh_rlhf_with_minilm(tmp_path: Path, shared_data: Path, minilm_path: Path):
-    """HH-RLHF pairs, MiniLM-L6: 1 epoch over the first 1,000 train pairs (the full 2,000 run is in
-    `make bench`), 8 pairs per batch, lr 5e-5, at most 256 tokens, 250 held-out pairs. HH-RLHF is hard
-    for a 22M-parameter encoder at this budget (TRL's RewardTrainer is at chance too)."""
+    """HH-RLHF pairs, MiniLM-L6: 1 epoch over the first 400 train pairs (the 2,000-pair comparison is
+    `make bench`), 8 pairs per batch, lr 5e-5, at most 256 tokens, 200 held-out pairs. HH-RLHF is hard
+    for a 22M-parameter encoder at this budget (TRL's RewardTrainer is at chance too): what this run
+    proves is the pipeline on real rows (every pair kept, gradients flowing, eval reproduced)."""
     data = shared_data / "hh_rlhf_pairwise"
     summary, run_dir = run_training(tmp_path, [
         "model=minilm", f"model.name_or_path={minilm_path}", f"data.train={data / 'train.jsonl'}",
-        f"data.eval={data / 'test.jsonl'}", "data.max_train_rows=1000", "data.max_eval_rows=250", "train.epochs=1",
-        "train.per_device_batch_size=8", "train.lr=5e-5", "model.max_length=256", "train.log_every=25",
+        f"data.eval={data / 'test.jsonl'}", "data.max_train_rows=400", "data.max_eval_rows=200", "train.epochs=1",
+        "train.per_device_batch_size=8", "train.lr=5e-5", "model.max_length=256", "train.log_every=10",
     ])
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
@@ -33,9 +34,9 @@ def test_pairwise_hh_rlhf_with_minilm(tmp_path: Path, shared_data: Path, minilm_
           f"on {final['pairs']:.0f} pairs, loss {first['loss']:.4f} -> {final['loss']:.4f}, "
           f"{summary['pairs_per_sec']:.2f} pairs/s ({summary['train_seconds']:.0f} s), "
           f"{report['train']['truncated']} of {report['train']['rows']} train pairs truncated (none dropped)")
-    assert summary["status"] == "completed" and summary["step"] == 125
-    assert report["train"]["used"] == 1000 and report["eval"]["used"] == 250  # truncation keeps every pair
-    assert final["pairs"] == 250
+    assert summary["status"] == "completed" and summary["step"] == 50
+    assert report["train"]["used"] == 400 and report["eval"]["used"] == 200  # truncation keeps every pair
+    assert final["pairs"] == 200
     # The saved model, reloaded by `rewardctl eval`, scores the held-out pairs exactly as training did.
     assert_eval_reproduces(run_dir, tmp_path / "eval", final, ("accuracy", "loss", "margin"), rel=1e-5)
     assert first["loss"] == pytest.approx(0.693, abs=0.01)  # an untrained head starts at ln 2

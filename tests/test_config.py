@@ -132,7 +132,7 @@ def test_experiment_overlay_applies():
 
 
 def test_saved_config_round_trips(tmp_path: Path):
-    from rewardctl.training.session import resolved_config_yaml
+    from rewardctl.training.run_directory import resolved_config_yaml
 
     cfg = compose_train(["train.lr=2e-4", "method.center_rewards_coefficient=0.01"])
     (tmp_path / "config.yaml").write_text(resolved_config_yaml(cfg, tmp_path))
@@ -190,7 +190,7 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_for_a_wide_enough_mode
 
     from rewardctl.config.schema import MixedPrecision
     from rewardctl.config.validate import cpu_has_native_bf16
-    from rewardctl.training.session import resolved_config_yaml
+    from rewardctl.training.run_directory import resolved_config_yaml
 
     if not cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
@@ -213,3 +213,38 @@ def test_auto_precision_is_no_without_native_bf16(monkeypatch):
     assert to_run_config(cfg).hardware.mixed_precision == MixedPrecision.no
     assert cfg.hardware.mixed_precision == MixedPrecision.no
     assert validate.check_precision(Device.cpu, MixedPrecision.auto, "mixed_precision") == MixedPrecision.no
+
+
+def test_the_commented_loop_block_of_train_yaml_shows_every_loop_setting_with_its_schema_default():
+    """conf/train.yaml documents the loop's settings as a commented block; the schema stays their only
+    source, and this keeps the block from drifting (a renamed key, a changed default, a new setting)."""
+    from rewardctl.config.schema import TrainConfig
+
+    lines = (CONF / "train.yaml").read_text(encoding="utf-8").splitlines()
+    start = lines.index("# train:") + 1
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        if not line.startswith("#   #"):
+            block.append(line[len("#   "):])
+    shown = OmegaConf.create("\n".join(block))
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+    assert list(shown.keys()) == list(schema.keys())  # every setting, in the schema's order
+    for key, default in schema.items():
+        assert shown[key] == default, f"train.{key}: the block shows {shown[key]!r}, the schema says {default!r}"
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "method").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_method_yaml_restates_no_default_differently_from_its_schema(path: Path):
+    """A method's YAML lists its keys (so `method.key=value` overrides work) but its schema, the
+    dataclass beside the method class, decides every default: a value written in both must agree."""
+    from rewardctl.methods.registry import method_class
+
+    raw = OmegaConf.load(path)
+    node = raw.method if "method" in raw else raw  # a `_global_` overlay nests it
+    defaults = OmegaConf.to_container(OmegaConf.structured(method_class(node._target_).config_class), enum_to_str=True)
+    written = OmegaConf.to_container(node, enum_to_str=True)
+    for key, value in written.items():
+        assert key in defaults, f"{path.name}: {key} is not a field of the method's schema"
+        assert value == defaults[key], f"{path.name}: {key} is {value!r} here and {defaults[key]!r} in the schema"

@@ -11,8 +11,10 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from rewardctl.errors import ConfigError
 
@@ -61,3 +63,18 @@ def check_disk_room(run_dir: Path, footprint: RunFootprint, free: int | None = N
         log.warning("%s has %s free; with train.keep_checkpoints the run may write up to %s (%d checkpoints of %s "
                     "and the model): lower train.keep_checkpoints or free space", run_dir, gib(free),
                     gib(footprint.full), footprint.checkpoints, gib(footprint.checkpoint_bytes))
+
+
+def check_room_on_every_process(accelerator: Any, run_dir: Path, footprint: RunFootprint) -> None:
+    """The main process decides (the run directory is its); every process raises alike, so none waits
+    in a collective for one that stopped."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            check_disk_room(run_dir, footprint)
+        except ConfigError as exc:
+            problem = exc.reason
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem], from_process=0)[0]
+    if problem is not None:
+        raise ConfigError("output_dir", problem)

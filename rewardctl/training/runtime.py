@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
 from torch import nn
 
-from rewardctl.config.schema import Device, HardwareConfig
+from rewardctl.config.schema import Device, HardwareConfig, TrainConfig
 
 
 class AccelerateRuntime:
@@ -52,13 +52,19 @@ def compile_for_training(model: nn.Module) -> nn.Module:
     return torch.compile(model, backend="inductor", dynamic=True)
 
 
-def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Accelerator:
-    """``hardware.mixed_precision`` is already resolved (never ``auto``) by ``to_run_config``."""
+def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: TrainConfig | None = None) -> Accelerator:
+    """The one Accelerator of train, eval and export: device, precision (already resolved, never
+    ``auto``), TF32 and, under DeepSpeed, the engine's batch settings from ``train``.
+
+    The loop feeds its own batches, so DeepSpeed cannot infer the micro-batch, accumulation and
+    clipping from a loader: they are written into its config here, and the accelerator's
+    ``gradient_accumulation_steps`` is the engine's count (the loop undoes accelerate's division by it).
+    """
     use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
     if hardware.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=hardware.mixed_precision.value,
         log_with=list(report_to) or None,
@@ -67,6 +73,13 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str]) -> Acceler
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
     )
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None and train is not None:
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = train.per_device_batch_size
+        deepspeed.deepspeed_config["gradient_accumulation_steps"] = train.grad_accum
+        deepspeed.deepspeed_config["gradient_clipping"] = max(train.max_grad_norm, 0.0)
+        accelerator.gradient_accumulation_steps = train.grad_accum
+    return accelerator
 
 
 def hydra_output_dir(fallback: str) -> Path:
