@@ -60,6 +60,7 @@ check: test test-slow
 
 lint: setup
 	$(BIN)/ruff check rewardctl tests benchmarks conf
+	$(BIN)/ruff format --check rewardctl tests benchmarks
 	$(BIN)/lint-imports
 
 ## Speed against TRL's RewardTrainer at its best CPU settings on ../shared/data, one run, ratios against

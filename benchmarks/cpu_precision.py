@@ -33,7 +33,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("pairwise", "ranklist", "bco", "prm")
 # name -> (hardware.mixed_precision, train.compile)
-VARIANTS = {"fp32": ("no", False), "bf16": ("bf16", False), "fp32+compile": ("no", True), "bf16+compile": ("bf16", True)}
+VARIANTS = {
+    "fp32": ("no", False),
+    "bf16": ("bf16", False),
+    "fp32+compile": ("no", True),
+    "bf16+compile": ("bf16", True),
+}
 # MiniLM is a BERT encoder: it scores sequences (pairwise, ranklist) but has no causal-LM or token head here.
 MINILM_METHODS = ("pairwise", "ranklist")
 
@@ -53,13 +58,22 @@ def model_overrides(model: str) -> list[str]:
     raise SystemExit(f"unknown model {model!r} (known: tiny, minilm)")
 
 
-def train_command(method: str, model: str, variant: str, steps: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+def train_command(
+    method: str, model: str, variant: str, steps: int, run_dir: Path, args: argparse.Namespace
+) -> list[str]:
     precision, compiled = VARIANTS[variant]
     overrides = [
-        f"method={method}", *model_overrides(model), f"hardware.mixed_precision={precision}",
-        f"train.compile={str(compiled).lower()}", f"train.max_steps={steps}", f"output_dir={run_dir}",
+        f"method={method}",
+        *model_overrides(model),
+        f"hardware.mixed_precision={precision}",
+        f"train.compile={str(compiled).lower()}",
+        f"train.max_steps={steps}",
+        f"output_dir={run_dir}",
         # Only the end-of-run eval: its metric is the result, and eval time is not training time anyway.
-        "train.eval_at_start=false", "train.eval_every=0", "train.save_every=0", "train.progress_bar=false",
+        "train.eval_at_start=false",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.progress_bar=false",
         f"train.log_every={max(1, steps // 10)}",
     ]
     if args.max_eval_rows:
@@ -68,8 +82,13 @@ def train_command(method: str, model: str, variant: str, steps: int, run_dir: Pa
 
 
 def run_env(cache_dir: Path | None, threads: int | None) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if cache_dir is not None:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     if threads:
@@ -97,11 +116,18 @@ def read_result(run_dir: Path) -> dict[str, Any]:
     final = summary.get("final_eval") or {}
     metric = summary["primary_metric"]
     return {
-        "status": summary["status"], "steps": summary["step"], "item": item,
-        "mixed_precision": summary.get("mixed_precision"), "compile": summary.get("compile"),
-        "items_per_sec": summary[f"{item}_per_sec"], "steady_items_per_sec": steady_rate(records, item),
-        "train_seconds": summary["train_seconds"], "primary_metric": metric, "final_metric": final.get(metric),
-        "final_eval_loss": final.get("loss"), "last_train_loss": (summary.get("last_train") or {}).get("loss"),
+        "status": summary["status"],
+        "steps": summary["step"],
+        "item": item,
+        "mixed_precision": summary.get("mixed_precision"),
+        "compile": summary.get("compile"),
+        "items_per_sec": summary[f"{item}_per_sec"],
+        "steady_items_per_sec": steady_rate(records, item),
+        "train_seconds": summary["train_seconds"],
+        "primary_metric": metric,
+        "final_metric": final.get(metric),
+        "final_eval_loss": final.get("loss"),
+        "last_train_loss": (summary.get("last_train") or {}).get("loss"),
     }
 
 
@@ -114,13 +140,24 @@ def run_one(method: str, model: str, variant: str, args: argparse.Namespace) -> 
     cold = VARIANTS[variant][1] and args.inductor_cache == "cold"
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
         start = time.perf_counter()
-        proc = subprocess.run(train_command(method, model, variant, args.steps, run_dir, args), cwd=REPO,
-                              env=run_env(Path(cache) if cold else None, args.threads), capture_output=True, text=True)
+        proc = subprocess.run(
+            train_command(method, model, variant, args.steps, run_dir, args),
+            cwd=REPO,
+            env=run_env(Path(cache) if cold else None, args.threads),
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - start
     (args.runs / f"{model}-{method}-{variant}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     if proc.returncode != 0 or not (run_dir / "summary.json").is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {**base, "status": "failed", "returncode": proc.returncode, "wall_seconds": round(wall, 2), "error": tail}
+        return {
+            **base,
+            "status": "failed",
+            "returncode": proc.returncode,
+            "wall_seconds": round(wall, 2),
+            "error": tail,
+        }
     return {**base, **read_result(run_dir), "wall_seconds": round(wall, 2)}
 
 
@@ -131,16 +168,22 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| model | method | variant | items/s | steady items/s | train s | wall s | final metric |",
-            "|---|---|---|---:|---:|---:|---:|---|"]
+    rows = [
+        "| model | method | variant | items/s | steady items/s | train s | wall s | final metric |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         if r["status"] == "failed":
-            rows.append(f"| {r['model']} | {r['method']} | {r['variant']} | failed | | | {fmt(r['wall_seconds'])} | "
-                        f"{' / '.join(r['error'])[-120:]} |")
+            rows.append(
+                f"| {r['model']} | {r['method']} | {r['variant']} | failed | | | {fmt(r['wall_seconds'])} | "
+                f"{' / '.join(r['error'])[-120:]} |"
+            )
             continue
         metric = f"{r['primary_metric']} {fmt(r['final_metric'], 4)}"
-        rows.append(f"| {r['model']} | {r['method']} | {r['variant']} | {fmt(r['items_per_sec'])} {r['item']} | "
-                    f"{fmt(r['steady_items_per_sec'])} | {fmt(r['train_seconds'])} | {fmt(r['wall_seconds'])} | {metric} |")
+        rows.append(
+            f"| {r['model']} | {r['method']} | {r['variant']} | {fmt(r['items_per_sec'])} {r['item']} | "
+            f"{fmt(r['steady_items_per_sec'])} | {fmt(r['train_seconds'])} | {fmt(r['wall_seconds'])} | {metric} |"
+        )
     return "\n".join(rows)
 
 
@@ -149,8 +192,14 @@ def machine() -> dict[str, Any]:
 
     from rewardctl.config.validate import cpu_has_native_bf16
 
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16()}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_native_bf16(),
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -161,10 +210,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--max-eval-rows", type=int, default=None, help="cap the held-out rows (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: torch's)")
-    parser.add_argument("--inductor-cache", choices=("cold", "shared"), default="cold",
-                        help="cold: a fresh inductor cache per compiled run (first-run compile cost); shared: yours")
+    parser.add_argument(
+        "--inductor-cache",
+        choices=("cold", "shared"),
+        default="cold",
+        help="cold: a fresh inductor cache per compiled run (first-run compile cost); shared: yours",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "cpu_precision.json")
-    parser.add_argument("extra", nargs="*", help="more Hydra overrides for every run, e.g. train.per_device_batch_size=8")
+    parser.add_argument(
+        "extra", nargs="*", help="more Hydra overrides for every run, e.g. train.per_device_batch_size=8"
+    )
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     args.models = [m for m in args.models.split(",") if m]
@@ -188,8 +243,14 @@ def main() -> None:
             for variant in args.variants:
                 print(f"{model} {method} {variant}: {args.steps} steps ...", flush=True)
                 results.append(run_one(method, model, variant, args))
-    report = {"steps": args.steps, "max_eval_rows": args.max_eval_rows, "inductor_cache": args.inductor_cache,
-              "extra_overrides": args.extra, "machine": machine(), "results": results}
+    report = {
+        "steps": args.steps,
+        "max_eval_rows": args.max_eval_rows,
+        "inductor_cache": args.inductor_cache,
+        "extra_overrides": args.extra,
+        "machine": machine(),
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table(results))

@@ -43,10 +43,19 @@ def model_overrides(tiny: bool) -> list[str]:
 
 def common_overrides(data: Path, lists: int, tiny: bool) -> list[str]:
     return [
-        "method=ranklist", *model_overrides(tiny), f"data.train={data}", "data.eval=null",
-        f"data.max_train_rows={lists}", "train.epochs=1", f"train.per_device_batch_size={BUDGET['batch_lists']}",
-        f"train.lr={BUDGET['lr']}", f"model.max_length={BUDGET['max_length']}", f"train.seed={BUDGET['seed']}",
-        "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_grad_norm=0",
+        "method=ranklist",
+        *model_overrides(tiny),
+        f"data.train={data}",
+        "data.eval=null",
+        f"data.max_train_rows={lists}",
+        "train.epochs=1",
+        f"train.per_device_batch_size={BUDGET['batch_lists']}",
+        f"train.lr={BUDGET['lr']}",
+        f"model.max_length={BUDGET['max_length']}",
+        f"train.seed={BUDGET['seed']}",
+        "train.warmup_steps=0",
+        "train.weight_decay=0.0",
+        "train.max_grad_norm=0",
     ]
 
 
@@ -116,7 +125,7 @@ class PerTextLoop:
         self.model.train()
         started, steps = time.perf_counter(), 0
         for start in range(0, len(self.lists), batch):
-            loss = self.loss(self.lists[start:start + batch])
+            loss = self.loss(self.lists[start : start + batch])
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad()
@@ -132,8 +141,10 @@ def same_objective(overrides: list[str], rows: list[dict]) -> tuple[float, float
     method, model = build(overrides)
     model.eval()
     tokenizer = method.tokenizer
-    fitting = [r for r in rows if all(len(tokenizer(t)["input_ids"]) < BUDGET["max_length"] - 1 for t in r["responses"])]
-    chosen = fitting[:BUDGET["batch_lists"]]
+    fitting = [
+        r for r in rows if all(len(tokenizer(t)["input_ids"]) < BUDGET["max_length"] - 1 for t in r["responses"])
+    ]
+    chosen = fitting[: BUDGET["batch_lists"]]
     features = list(method.prepare(Dataset.from_list(chosen), "bench", training=True).dataset)
     batch = method.collate(features)
     loop = PerTextLoop(method, model, chosen, BUDGET["max_length"])
@@ -146,8 +157,20 @@ def same_objective(overrides: list[str], rows: list[dict]) -> tuple[float, float
 def run_rewardctl(overrides: list[str], extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        done = subprocess.run([sys.executable, "-m", "rewardctl", "train", *overrides, *extra, "train.progress_bar=false",
-                               f"output_dir={out}"], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rewardctl",
+                "train",
+                *overrides,
+                *extra,
+                "train.progress_bar=false",
+                f"output_dir={out}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"rewardctl failed:\n{done.stderr[-4000:]}")
         summary = json.loads((out / "summary.json").read_text())
@@ -176,19 +199,30 @@ def main() -> int:
         raise SystemExit("the two implementations disagree on the loss; the comparison would be meaningless")
 
     method, model = build(overrides)
-    baseline_seconds, baseline_steps = PerTextLoop(method, model, rows, BUDGET["max_length"]).train(BUDGET["batch_lists"])
-    results = [{"system": "article per-text loop (bs 1 per text, padded to 128, Python O(K^2) loss)",
-                "seconds": baseline_seconds, "steps": baseline_steps}]
+    baseline_seconds, baseline_steps = PerTextLoop(method, model, rows, BUDGET["max_length"]).train(
+        BUDGET["batch_lists"]
+    )
+    results = [
+        {
+            "system": "article per-text loop (bs 1 per text, padded to 128, Python O(K^2) loss)",
+            "seconds": baseline_seconds,
+            "steps": baseline_steps,
+        }
+    ]
     print(json.dumps(results[-1]), flush=True)
-    for label, extra in (("rewardctl train method=ranklist", []),
-                         ("rewardctl, no length grouping", ["data.group_by_length=false"])):
+    for label, extra in (
+        ("rewardctl train method=ranklist", []),
+        ("rewardctl, no length grouping", ["data.group_by_length=false"]),
+    ):
         results.append({"system": label, **run_rewardctl(overrides, extra)})
         print(json.dumps(results[-1]), flush=True)
 
     baseline = results[0]["seconds"] / results[0]["steps"]
     model_name = "tiny" if args.tiny else "MiniLM-L6"
-    print(f"\nRanked lists from {data.parent.name}: {len(rows)} lists ({texts} texts), {model_name}, 8 lists per step, "
-          f"<= {BUDGET['max_length']} tokens, CPU ({os.cpu_count()} cores)\n")
+    print(
+        f"\nRanked lists from {data.parent.name}: {len(rows)} lists ({texts} texts), {model_name}, 8 lists per step, "
+        f"<= {BUDGET['max_length']} tokens, CPU ({os.cpu_count()} cores)\n"
+    )
     print("| system | steps | s/step | speed-up vs per-text loop |")
     print("|---|---|---|---|")
     for row in results:
@@ -197,9 +231,20 @@ def main() -> int:
         row["speedup"] = baseline / per_step
         print(f"| {row['system']} | {row['steps']} | {per_step:.3f} | {row['speedup']:.2f}x |")
     args.out.mkdir(exist_ok=True)
-    (args.out / "ranklist_vs_per_text_loop.json").write_text(json.dumps(
-        {"data": str(data), "lists": len(rows), "texts": texts, "model": model_name, "budget": BUDGET,
-         "loss_check": {"rewardctl": ours_loss, "per_text_loop": theirs_loss}, "runs": results}, indent=2))
+    (args.out / "ranklist_vs_per_text_loop.json").write_text(
+        json.dumps(
+            {
+                "data": str(data),
+                "lists": len(rows),
+                "texts": texts,
+                "model": model_name,
+                "budget": BUDGET,
+                "loss_check": {"rewardctl": ours_loss, "per_text_loop": theirs_loss},
+                "runs": results,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -68,8 +68,15 @@ RANKLIST = SHARED / "rlhf_glm_sentiment_ranklist"
 CASES = ("minilm", "decoder", "ranklist", "default")
 MAX_LENGTH = 256
 # MiniLM-L6's compute shape as a Llama-style decoder (SwiGLU MLP: three 384x1536 matrices, not two).
-DECODER_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 6,
-                 "head_dim": 64, "intermediate_size": 1536, "max_position_embeddings": 512}
+DECODER_SHAPE = {
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "head_dim": 64,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
 # x TRL on items/s that rewardctl's main row of each case should reach.
 TARGETS = {"minilm": 1.3, "decoder": 2.0, "ranklist": 3.0}
 PREVIOUS_DEFAULT = ["hardware.mixed_precision=no", "data.share_prefix=false", "data.truncation=sequence_end"]
@@ -147,7 +154,11 @@ def tokenise_pairs(enc: Any, source: Path, rows: int, dest: Path) -> dict[str, A
         truncated += fit == Fit.truncated
         out.append({"chosen_ids": chosen, "rejected_ids": rejected})
     write_jsonl(dest, out)
-    return {"rows": len(out), "truncated": truncated, "tokens": sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in out)}
+    return {
+        "rows": len(out),
+        "truncated": truncated,
+        "tokens": sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in out),
+    }
 
 
 def tokenise_lists(enc: Any, source: Path, rows: int, lists_dest: Path, pairs_dest: Path) -> dict[str, Any]:
@@ -157,19 +168,28 @@ def tokenise_lists(enc: Any, source: Path, rows: int, lists_dest: Path, pairs_de
 
     lists, pairs, truncated = [], [], 0
     for row in read_jsonl(source, rows):
-        encoded = [enc.encode(row.get("prompt", ""), r, response_field=f"responses[{k}]")
-                   for k, r in enumerate(row["responses"])]
+        encoded = [
+            enc.encode(row.get("prompt", ""), r, response_field=f"responses[{k}]")
+            for k, r in enumerate(row["responses"])
+        ]
         fitted, fit = enc.fit_group(encoded, Truncation.prompt_end)
         truncated += fit == Fit.truncated
         lists.append({"responses_ids": fitted})
-        pairs += [{"chosen_ids": fitted[i], "rejected_ids": fitted[j]}
-                  for i in range(len(fitted)) for j in range(i + 1, len(fitted))]
+        pairs += [
+            {"chosen_ids": fitted[i], "rejected_ids": fitted[j]}
+            for i in range(len(fitted))
+            for j in range(i + 1, len(fitted))
+        ]
     write_jsonl(lists_dest, lists)
     write_jsonl(pairs_dest, pairs)
-    return {"rows": len(lists), "pairs": len(pairs), "truncated": truncated,
-            "responses": sum(len(r["responses_ids"]) for r in lists),
-            "tokens": sum(len(s) for r in lists for s in r["responses_ids"]),
-            "pair_tokens": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)}
+    return {
+        "rows": len(lists),
+        "pairs": len(pairs),
+        "truncated": truncated,
+        "responses": sum(len(r["responses_ids"]) for r in lists),
+        "tokens": sum(len(s) for r in lists for s in r["responses_ids"]),
+        "pair_tokens": sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs),
+    }
 
 
 def build_decoder(dest: Path) -> Path:
@@ -179,9 +199,15 @@ def build_decoder(dest: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     tokenizer.eos_token, tokenizer.bos_token = tokenizer.sep_token, tokenizer.cls_token
     tokenizer.save_pretrained(dest)
-    LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
-                eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-                **DECODER_SHAPE).save_pretrained(dest)
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        **DECODER_SHAPE,
+    ).save_pretrained(dest)
     return dest
 
 
@@ -189,8 +215,16 @@ def build_decoder(dest: Path) -> Path:
 def run_rewardctl(label: str, overrides: list[str], work: Path, numerator: int, rows: int) -> dict[str, Any]:
     name = "rc-" + "".join(c if c.isalnum() else "-" for c in label)[:60]
     out = work / name
-    cmd = [sys.executable, "-m", "rewardctl", "train", *overrides, "train.eval_at_start=false",
-           "train.progress_bar=false", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rewardctl",
+        "train",
+        *overrides,
+        "train.eval_at_start=false",
+        "train.progress_bar=false",
+        f"output_dir={out}",
+    ]
     wall, rss = run_child(cmd, work / f"{name}.log", child_env(work / f"{name}-hfcache"))
     summary = json.loads((out / "summary.json").read_text())
     report = json.loads((out / "data_report.json").read_text())
@@ -198,13 +232,26 @@ def run_rewardctl(label: str, overrides: list[str], work: Path, numerator: int, 
     final = summary["final_eval"] or {}
     seconds = summary["train_seconds"]
     result = {
-        "system": label, "overrides": overrides, "steps": summary["step"], "items": summary["totals"][item],
-        "rows_used": report["train"]["used"], "rows_given": rows, "train_seconds": seconds, "items_per_sec": summary[f"{item}_per_sec"],
-        "tokens_numerator": numerator, "tokens_per_sec": numerator / seconds,
-        "tokens_computed": summary["totals"].get("tokens"), "tokens_stacked_report": report["train"].get("tokens_stacked"),
-        "tokens_packed_report": report["train"].get("tokens_packed"), "share_prefix": report["train"].get("share_prefix"),
-        "mixed_precision": summary.get("mixed_precision"), "peak_rss_mib": rss, "wall_seconds": wall,
-        "eval_accuracy": final.get("accuracy"), "eval_pairs": final.get("pairs"), "eval_lists": final.get("lists"),
+        "system": label,
+        "overrides": overrides,
+        "steps": summary["step"],
+        "items": summary["totals"][item],
+        "rows_used": report["train"]["used"],
+        "rows_given": rows,
+        "train_seconds": seconds,
+        "items_per_sec": summary[f"{item}_per_sec"],
+        "tokens_numerator": numerator,
+        "tokens_per_sec": numerator / seconds,
+        "tokens_computed": summary["totals"].get("tokens"),
+        "tokens_stacked_report": report["train"].get("tokens_stacked"),
+        "tokens_packed_report": report["train"].get("tokens_packed"),
+        "share_prefix": report["train"].get("share_prefix"),
+        "mixed_precision": summary.get("mixed_precision"),
+        "peak_rss_mib": rss,
+        "wall_seconds": wall,
+        "eval_accuracy": final.get("accuracy"),
+        "eval_pairs": final.get("pairs"),
+        "eval_lists": final.get("lists"),
         "eval_seconds": final.get("eval_seconds"),
     }
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -221,12 +268,23 @@ def run_trl(label: str, spec: dict[str, Any], work: Path, numerator: int, items:
     worker = json.loads(Path(spec["result"]).read_text())
     seconds = worker["train_seconds"]
     return {
-        "system": label, "settings": worker["settings"], "steps": worker["steps"], "items": items,
-        "rows_used": worker["train_rows_kept"], "rows_given": worker["train_rows_given"],
-        "train_seconds": seconds, "items_per_sec": items / seconds, "tokens_numerator": numerator,
-        "tokens_per_sec": numerator / seconds, "tokens_computed": worker["tokens_computed"], "peak_rss_mib": rss,
-        "wall_seconds": wall, "eval_accuracy": worker["eval_accuracy"], "eval_pairs": worker["eval_pairs"],
-        "eval_rows_given": worker["eval_rows_given"], "eval_seconds": worker["eval_seconds"],
+        "system": label,
+        "settings": worker["settings"],
+        "steps": worker["steps"],
+        "items": items,
+        "rows_used": worker["train_rows_kept"],
+        "rows_given": worker["train_rows_given"],
+        "train_seconds": seconds,
+        "items_per_sec": items / seconds,
+        "tokens_numerator": numerator,
+        "tokens_per_sec": numerator / seconds,
+        "tokens_computed": worker["tokens_computed"],
+        "peak_rss_mib": rss,
+        "wall_seconds": wall,
+        "eval_accuracy": worker["eval_accuracy"],
+        "eval_pairs": worker["eval_pairs"],
+        "eval_rows_given": worker["eval_rows_given"],
+        "eval_seconds": worker["eval_seconds"],
         "trl_logged_train_tokens": worker.get("logged_num_tokens"),
     }
 
@@ -244,11 +302,14 @@ def trl_worker(spec_path: Path) -> int:
 
     def load(path: str) -> datasets.Dataset:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        return datasets.Dataset.from_dict({
-            "chosen_ids": [r["chosen_ids"] for r in rows], "rejected_ids": [r["rejected_ids"] for r in rows],
-            # What a row costs in a padded stacked batch: its longer side.
-            "length": [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows],
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "chosen_ids": [r["chosen_ids"] for r in rows],
+                "rejected_ids": [r["rejected_ids"] for r in rows],
+                # What a row costs in a padded stacked batch: its longer side.
+                "length": [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows],
+            }
+        )
 
     train, test = load(spec["train"]), load(spec["eval"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
@@ -257,27 +318,54 @@ def trl_worker(spec_path: Path) -> int:
         config = AutoConfig.from_pretrained(spec["model_path"], num_labels=1)
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(spec["model_path"], num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec["model_path"], num_labels=1, dtype=torch.float32
+        )
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name is an alias
     # used only when the new one is unset); TRL's RewardConfig still defaults the old name to True.
-    best = {"bf16": True, "activation_checkpointing": False, "gradient_checkpointing": False,
-            "train_sampling_strategy": "group_by_length", "length_column_name": "length", "remove_unused_columns": False}
+    best = {
+        "bf16": True,
+        "activation_checkpointing": False,
+        "gradient_checkpointing": False,
+        "train_sampling_strategy": "group_by_length",
+        "length_column_name": "length",
+        "remove_unused_columns": False,
+    }
     args = RewardConfig(
-        output_dir=spec["output_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-        per_device_eval_batch_size=spec["batch"], learning_rate=spec["lr"], weight_decay=0.0,
-        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, seed=spec["seed"], max_length=spec["max_length"],
-        use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
-        dataloader_num_workers=0, **best,
+        output_dir=spec["output_dir"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["batch"],
+        per_device_eval_batch_size=spec["batch"],
+        learning_rate=spec["lr"],
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        seed=spec["seed"],
+        max_length=spec["max_length"],
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **best,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer)
     kept, eval_kept = len(trainer.train_dataset), len(trainer.eval_dataset)
     sampler = type(trainer._get_train_sampler()).__name__
     result = trainer.train()
     # What actually ran, not what was asked for.
-    effective = {"mixed_precision": trainer.accelerator.mixed_precision, "train_sampler": sampler,
-                 "activation_checkpointing_on": bool(trainer.model.is_activation_checkpointing
-                                                     if hasattr(type(trainer.model), "is_activation_checkpointing")
-                                                     else trainer.model.is_gradient_checkpointing)}
+    effective = {
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "train_sampler": sampler,
+        "activation_checkpointing_on": bool(
+            trainer.model.is_activation_checkpointing
+            if hasattr(type(trainer.model), "is_activation_checkpointing")
+            else trainer.model.is_gradient_checkpointing
+        ),
+    }
     # Held-out accuracy over every pair, through TRL's own eval dataloader (collator, sampler) and model.
     started = time.perf_counter()
     model = trainer.model.eval()
@@ -290,28 +378,58 @@ def trl_worker(spec_path: Path) -> int:
             total += chosen.numel()
     eval_seconds = time.perf_counter() - started
     logged = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
-    Path(spec["result"]).write_text(json.dumps({
-        "settings": {k: getattr(args, k) for k in best} | effective | {"trl": trl.__version__},
-        "steps": trainer.state.global_step, "train_rows_given": len(train), "train_rows_kept": kept,
-        "eval_rows_given": len(test), "eval_pairs": eval_kept, "train_seconds": result.metrics["train_runtime"],
-        "tokens_computed": int(getattr(trainer, "_total_train_tokens", 0)) or None,
-        "logged_num_tokens": logged[-1] if logged else None,
-        "eval_accuracy": correct / total if total else None, "eval_seconds": eval_seconds,
-    }, indent=2))
+    Path(spec["result"]).write_text(
+        json.dumps(
+            {
+                "settings": {k: getattr(args, k) for k in best} | effective | {"trl": trl.__version__},
+                "steps": trainer.state.global_step,
+                "train_rows_given": len(train),
+                "train_rows_kept": kept,
+                "eval_rows_given": len(test),
+                "eval_pairs": eval_kept,
+                "train_seconds": result.metrics["train_runtime"],
+                "tokens_computed": int(getattr(trainer, "_total_train_tokens", 0)) or None,
+                "logged_num_tokens": logged[-1] if logged else None,
+                "eval_accuracy": correct / total if total else None,
+                "eval_seconds": eval_seconds,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 # ---- cases ---------------------------------------------------------------------------------------------
 def common_overrides(args: argparse.Namespace, batch: int) -> list[str]:
-    return [f"train.max_steps={args.steps}", f"train.per_device_batch_size={batch}", f"train.lr={args.lr}",
-            "train.weight_decay=0.0", "train.warmup_steps=0", "train.warmup_ratio=0.0", "train.scheduler=linear",
-            "train.max_grad_norm=1.0", f"train.seed={args.seed}", f"model.max_length={MAX_LENGTH}",
-            "hardware.mixed_precision=bf16"]
+    return [
+        f"train.max_steps={args.steps}",
+        f"train.per_device_batch_size={batch}",
+        f"train.lr={args.lr}",
+        "train.weight_decay=0.0",
+        "train.warmup_steps=0",
+        "train.warmup_ratio=0.0",
+        "train.scheduler=linear",
+        "train.max_grad_norm=1.0",
+        f"train.seed={args.seed}",
+        f"model.max_length={MAX_LENGTH}",
+        "hardware.mixed_precision=bf16",
+    ]
 
 
-def trl_spec(args: argparse.Namespace, model_path: str, from_scratch: bool, train: Path, test: Path, batch: int) -> dict:
-    return {"model_path": model_path, "from_scratch": from_scratch, "train": str(train), "eval": str(test),
-            "batch": batch, "steps": args.steps, "lr": args.lr, "seed": args.seed, "max_length": MAX_LENGTH}
+def trl_spec(
+    args: argparse.Namespace, model_path: str, from_scratch: bool, train: Path, test: Path, batch: int
+) -> dict:
+    return {
+        "model_path": model_path,
+        "from_scratch": from_scratch,
+        "train": str(train),
+        "eval": str(test),
+        "batch": batch,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seed": args.seed,
+        "max_length": MAX_LENGTH,
+    }
 
 
 def pairwise_case(case: str, args: argparse.Namespace, work: Path, data: dict[str, Any], record) -> None:
@@ -322,9 +440,13 @@ def pairwise_case(case: str, args: argparse.Namespace, work: Path, data: dict[st
         systems = [("rewardctl bf16", [])]
     else:
         model_path, scratch = str(data["decoder"]), True
-        systems = [("rewardctl bf16, shared prompt", []),
-                   ("rewardctl bf16, share_prefix=false", ["data.share_prefix=false"])]
-    record(case, run_trl("TRL-best", trl_spec(args, model_path, scratch, train, test, args.batch), work, numerator, pairs))
+        systems = [
+            ("rewardctl bf16, shared prompt", []),
+            ("rewardctl bf16, share_prefix=false", ["data.share_prefix=false"]),
+        ]
+    record(
+        case, run_trl("TRL-best", trl_spec(args, model_path, scratch, train, test, args.batch), work, numerator, pairs)
+    )
     model = ["model=minilm", f"model.name_or_path={model_path}", f"model.from_scratch={str(scratch).lower()}"]
     for label, extra in systems:
         overrides = [*model, f"data.train={train}", f"data.eval={test}", *common_overrides(args, args.batch), *extra]
@@ -340,8 +462,15 @@ def ranklist_case(args: argparse.Namespace, work: Path, data: dict[str, Any], re
     row = run_trl(f"TRL-best on all ordered pairs (batch {trl_batch} pairs)", spec, work, numerator, lists)
     row["pairs_trained"] = args.steps * trl_batch
     record("ranklist", row)
-    overrides = ["method=ranklist", "model=minilm", f"model.name_or_path={data['decoder']}", "model.from_scratch=true",
-                 f"data.train={data['lists']}", f"data.eval={data['lists_eval']}", *common_overrides(args, args.list_batch)]
+    overrides = [
+        "method=ranklist",
+        "model=minilm",
+        f"model.name_or_path={data['decoder']}",
+        "model.from_scratch=true",
+        f"data.train={data['lists']}",
+        f"data.eval={data['lists_eval']}",
+        *common_overrides(args, args.list_batch),
+    ]
     record("ranklist", run_rewardctl("rewardctl ranklist bf16, shared prompt", overrides, work, numerator, lists))
 
 
@@ -355,12 +484,20 @@ def default_case(work: Path, record, extra: list[str]) -> None:
         wall, rss = run_child(cmd, work / f"{name}.log", child_env(work / f"{name}-hfcache"), cwd=cwd)
         [summary_path] = list(cwd.glob("outputs/*/*/summary.json"))
         summary = json.loads(summary_path.read_text())
-        record("default", {
-            "system": label, "overrides": overrides, "wall_seconds": wall, "peak_rss_mib": rss,
-            "train_seconds": summary["train_seconds"], "steps": summary["step"], "items_per_sec": summary.get("pairs_per_sec"),
-            "mixed_precision": summary.get("mixed_precision"),
-            "eval_accuracy": (summary.get("final_eval") or {}).get("accuracy"),
-        })
+        record(
+            "default",
+            {
+                "system": label,
+                "overrides": overrides,
+                "wall_seconds": wall,
+                "peak_rss_mib": rss,
+                "train_seconds": summary["train_seconds"],
+                "steps": summary["step"],
+                "items_per_sec": summary.get("pairs_per_sec"),
+                "mixed_precision": summary.get("mixed_precision"),
+                "eval_accuracy": (summary.get("final_eval") or {}).get("accuracy"),
+            },
+        )
         shutil.rmtree(cwd, ignore_errors=True)
 
 
@@ -377,8 +514,15 @@ def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             now = next((r for r in rows if r["system"].startswith("now")), None)
             if before and now:
                 now["x_before_wall"] = now["wall_seconds"] / before["wall_seconds"]
-                checks.append({"case": case, "check": "default wall time lower than before",
-                               "value": now["x_before_wall"], "target": "< 1.00", "met": now["x_before_wall"] < 1.0})
+                checks.append(
+                    {
+                        "case": case,
+                        "check": "default wall time lower than before",
+                        "value": now["x_before_wall"],
+                        "target": "< 1.00",
+                        "met": now["x_before_wall"] < 1.0,
+                    }
+                )
             continue
         trl = next((r for r in rows if r["system"].startswith("TRL")), None)
         if trl is None:
@@ -388,10 +532,24 @@ def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["x_trl_memory"] = row["peak_rss_mib"] / trl["peak_rss_mib"]
         main = next((r for r in rows if r["system"].startswith("rewardctl")), None)
         if main is not None:
-            checks.append({"case": case, "check": f"{main['system']}: items/s x TRL", "value": main["x_trl_items"],
-                           "target": f">= {TARGETS[case]:.1f}", "met": main["x_trl_items"] >= TARGETS[case]})
-            checks.append({"case": case, "check": f"{main['system']}: peak RSS x TRL", "value": main["x_trl_memory"],
-                           "target": "<= 1.00", "met": main["x_trl_memory"] <= 1.0})
+            checks.append(
+                {
+                    "case": case,
+                    "check": f"{main['system']}: items/s x TRL",
+                    "value": main["x_trl_items"],
+                    "target": f">= {TARGETS[case]:.1f}",
+                    "met": main["x_trl_items"] >= TARGETS[case],
+                }
+            )
+            checks.append(
+                {
+                    "case": case,
+                    "check": f"{main['system']}: peak RSS x TRL",
+                    "value": main["x_trl_memory"],
+                    "target": "<= 1.00",
+                    "met": main["x_trl_memory"] <= 1.0,
+                }
+            )
     results["checks"] = checks
     return checks
 
@@ -399,22 +557,28 @@ def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
 def print_speed_table(results: dict[str, Any]) -> None:
     cases = results["cases"]
     settings = results["settings"]
-    print(f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer (bf16, no gradient checkpointing, "
-          f"group_by_length), CPU ({os.cpu_count()} cores); {settings['steps']} optimizer steps, {settings['batch']} pairs "
-          f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}\n")
-    print("| case | system | items/s | x TRL | target | tokens/s | tokens computed | peak RSS MiB | x TRL mem "
-          "| held-out acc (pairs) | train s |")
+    print(
+        f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer (bf16, no gradient checkpointing, "
+        f"group_by_length), CPU ({os.cpu_count()} cores); {settings['steps']} optimizer steps, {settings['batch']} pairs "
+        f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}\n"
+    )
+    print(
+        "| case | system | items/s | x TRL | target | tokens/s | tokens computed | peak RSS MiB | x TRL mem "
+        "| held-out acc (pairs) | train s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     unit = {"minilm": "pairs", "decoder": "pairs", "ranklist": "lists"}
     for case in ("minilm", "decoder", "ranklist"):
         mains = [r for r in cases.get(case, []) if r["system"].startswith("rewardctl")][:1]
         for row in cases.get(case, []):
             main = row in mains  # the row the targets apply to
-            print(f"| {case} | {row['system']} | {fmt(row['items_per_sec'])} {unit[case]}/s | {fmt(row.get('x_trl_items'))} "
-                  f"| {f'>= {TARGETS[case]:.1f}' if main else ''} | {fmt(row['tokens_per_sec'], '.0f')} "
-                  f"| {fmt(row['tokens_computed'], '.0f')} | {fmt(row['peak_rss_mib'], '.0f')} "
-                  f"| {fmt(row.get('x_trl_memory'))}{' (<= 1.00)' if main else ''} "
-                  f"| {fmt(row['eval_accuracy'], '.3f')} ({fmt(row['eval_pairs'], '.0f')}) | {fmt(row['train_seconds'], '.1f')} |")
+            print(
+                f"| {case} | {row['system']} | {fmt(row['items_per_sec'])} {unit[case]}/s | {fmt(row.get('x_trl_items'))} "
+                f"| {f'>= {TARGETS[case]:.1f}' if main else ''} | {fmt(row['tokens_per_sec'], '.0f')} "
+                f"| {fmt(row['tokens_computed'], '.0f')} | {fmt(row['peak_rss_mib'], '.0f')} "
+                f"| {fmt(row.get('x_trl_memory'))}{' (<= 1.00)' if main else ''} "
+                f"| {fmt(row['eval_accuracy'], '.3f')} ({fmt(row['eval_pairs'], '.0f')}) | {fmt(row['train_seconds'], '.1f')} |"
+            )
 
 
 def print_report(results: dict[str, Any]) -> None:
@@ -426,20 +590,26 @@ def print_report(results: dict[str, Any]) -> None:
         print("| run | mixed precision | wall s | x before | train s | held-out acc | peak RSS MiB |")
         print("|---|---|---|---|---|---|---|")
         for row in cases["default"]:
-            print(f"| {row['system']} | {row.get('mixed_precision')} | {fmt(row['wall_seconds'], '.1f')} "
-                  f"| {fmt(row.get('x_before_wall'))} | {fmt(row['train_seconds'], '.1f')} "
-                  f"| {fmt(row['eval_accuracy'], '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |")
+            print(
+                f"| {row['system']} | {row.get('mixed_precision')} | {fmt(row['wall_seconds'], '.1f')} "
+                f"| {fmt(row.get('x_before_wall'))} | {fmt(row['train_seconds'], '.1f')} "
+                f"| {fmt(row['eval_accuracy'], '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
+            )
     print("\nTargets\n")
     for check in results["checks"]:
-        print(f"- {check['case']}: {check['check']} = {check['value']:.2f} (target {check['target']}): "
-              f"{'met' if check['met'] else 'MISSED'}")
+        print(
+            f"- {check['case']}: {check['check']} = {check['value']:.2f} (target {check['target']}): "
+            f"{'met' if check['met'] else 'MISSED'}"
+        )
     for failure in results["failures"]:
         print(f"- {failure['case']}: FAILED ({failure['error'].splitlines()[0]})")
     for warning in results["warnings"]:
         print(f"- WARNING {warning}")
-    print(f"\ntotal wall time {results['total_seconds']:.0f} s; tokens/s = real tokens of the training rows (each "
-          "response once) / train seconds; tokens computed: TRL every real token of the stacked pairs, rewardctl a "
-          "shared prompt once")
+    print(
+        f"\ntotal wall time {results['total_seconds']:.0f} s; tokens/s = real tokens of the training rows (each "
+        "response once) / train seconds; tokens computed: TRL every real token of the stacked pairs, rewardctl a "
+        "shared prompt once"
+    )
 
 
 def versions() -> dict[str, str]:
@@ -464,8 +634,11 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    parser.add_argument("--default-extra", default="",
-                        help="overrides added to both default runs, for smoke tests only (e.g. 'train.max_steps=5')")
+    parser.add_argument(
+        "--default-extra",
+        default="",
+        help="overrides added to both default runs, for smoke tests only (e.g. 'train.max_steps=5')",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory (logs, run dirs)")
     parser.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
@@ -486,11 +659,27 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "speed_vs_trl.json"
     results: dict[str, Any] = {
-        "settings": {"default_extra": args.default_extra, "steps": args.steps, "batch": args.batch, "list_batch": args.list_batch, "eval_rows": args.eval_rows,
-                     "eval_lists": args.eval_lists, "lr": args.lr, "seed": args.seed, "max_length": MAX_LENGTH,
-                     "cases": cases, "decoder_shape": DECODER_SHAPE},
+        "settings": {
+            "default_extra": args.default_extra,
+            "steps": args.steps,
+            "batch": args.batch,
+            "list_batch": args.list_batch,
+            "eval_rows": args.eval_rows,
+            "eval_lists": args.eval_lists,
+            "lr": args.lr,
+            "seed": args.seed,
+            "max_length": MAX_LENGTH,
+            "cases": cases,
+            "decoder_shape": DECODER_SHAPE,
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
-        "versions": versions(), "data": {}, "cases": {}, "checks": [], "failures": [], "warnings": [], "total_seconds": 0.0,
+        "versions": versions(),
+        "data": {},
+        "cases": {},
+        "checks": [],
+        "failures": [],
+        "warnings": [],
+        "total_seconds": 0.0,
     }
 
     def save() -> None:
@@ -506,10 +695,13 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             results["warnings"].append(f"{case}: {row['system']} kept {row['rows_used']} of {row['rows_given']} rows")
         results["cases"].setdefault(case, []).append(row)
         save()
-        print(f"[{time.perf_counter() - started:6.0f} s] {case}: {row['system']}: "
-              f"{fmt(row.get('items_per_sec'))} items/s, {fmt(row.get('train_seconds'), '.1f')} train s, "
-              f"{fmt(row.get('wall_seconds'), '.1f')} wall s, {fmt(row.get('peak_rss_mib'), '.0f')} MiB, "
-              f"accuracy {fmt(row.get('eval_accuracy'), '.3f')}", flush=True)
+        print(
+            f"[{time.perf_counter() - started:6.0f} s] {case}: {row['system']}: "
+            f"{fmt(row.get('items_per_sec'))} items/s, {fmt(row.get('train_seconds'), '.1f')} train s, "
+            f"{fmt(row.get('wall_seconds'), '.1f')} wall s, {fmt(row.get('peak_rss_mib'), '.0f')} MiB, "
+            f"accuracy {fmt(row.get('eval_accuracy'), '.3f')}",
+            flush=True,
+        )
 
     work = Path(tempfile.mkdtemp(prefix="speed_vs_trl-"))
     try:
@@ -524,12 +716,21 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
                 data["eval_stats"] = tokenise_pairs(enc, HH / "test.jsonl", args.eval_rows, data["eval"])
                 results["data"]["hh_rlhf_pairwise"] = {"train": data["train_stats"], "eval": data["eval_stats"]}
             if "ranklist" in cases:
-                for split, source, rows in (("", "train.jsonl", args.steps * args.list_batch),
-                                            ("_eval", "test.jsonl", args.eval_lists)):
-                    data[f"lists{split}"], data[f"pairs{split}"] = work / f"lists{split}.jsonl", work / f"pairs{split}.jsonl"
-                    data[f"lists{split}_stats"] = tokenise_lists(enc, RANKLIST / source, rows, data[f"lists{split}"],
-                                                                 data[f"pairs{split}"])
-                results["data"]["rlhf_glm_sentiment_ranklist"] = {"train": data["lists_stats"], "eval": data["lists_eval_stats"]}
+                for split, source, rows in (
+                    ("", "train.jsonl", args.steps * args.list_batch),
+                    ("_eval", "test.jsonl", args.eval_lists),
+                ):
+                    data[f"lists{split}"], data[f"pairs{split}"] = (
+                        work / f"lists{split}.jsonl",
+                        work / f"pairs{split}.jsonl",
+                    )
+                    data[f"lists{split}_stats"] = tokenise_lists(
+                        enc, RANKLIST / source, rows, data[f"lists{split}"], data[f"pairs{split}"]
+                    )
+                results["data"]["rlhf_glm_sentiment_ranklist"] = {
+                    "train": data["lists_stats"],
+                    "eval": data["lists_eval_stats"],
+                }
             print(f"[{time.perf_counter() - started:6.0f} s] tokenised: {json.dumps(results['data'])}", flush=True)
         for case in cases:
             try:

@@ -78,8 +78,10 @@ def _guarded(action: Callable[[], Any]) -> Any:
             raise
         line = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            line += ("; every file written before (checkpoints included) is intact: free space and rerun the same "
-                     "command to resume")
+            line += (
+                "; every file written before (checkpoints included) is intact: free space and rerun the same "
+                "command to resume"
+            )
         print(f"rewardctl: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -140,8 +142,11 @@ def report_early_stop(summary: dict[str, Any]) -> None:
             command = resume_command(_invocation["args"], summary["run_dir"], sweep=_in_sweep())
             launcher = "the same launcher with " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             log.info("resume with: %s%s", launcher, command)
-            print(f"rewardctl: {name}: stopped at step {summary.get('step')} (checkpoint {summary.get('checkpoint')}); "
-                  f"resume with: {launcher}{command}", file=sys.stderr)
+            print(
+                f"rewardctl: {name}: stopped at step {summary.get('step')} (checkpoint {summary.get('checkpoint')}); "
+                f"resume with: {launcher}{command}",
+                file=sys.stderr,
+            )
         raise SystemExit(128 + signal.Signals[name].value)
 
 

@@ -80,8 +80,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     model = load_model(method, run, model_path)
     batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
     ordered = by_length(prepared.dataset, method.lengths(prepared.dataset))
-    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False,
-                                            collate_fn=method.collate))
+    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=method.collate))
     model = accelerator.prepare_model(model, evaluation_mode=True)
     method.on_eval_start(model, AccelerateRuntime(accelerator))
     metrics, outputs = run_evaluation(accelerator, method, model, loader)

@@ -35,7 +35,9 @@ def default_output(run_dir: Path, checkpoint: str | None) -> Path:
 def check_output(output: Path, source: Path, run_dir: Path, overwrite: bool) -> None:
     """Replacing ``output`` must never delete what the export reads or the run itself."""
     if output == source or source.is_relative_to(output) or output.is_relative_to(source):
-        raise ConfigError("output_dir", f"{output} overlaps the model being exported ({source}); choose another directory")
+        raise ConfigError(
+            "output_dir", f"{output} overlaps the model being exported ({source}); choose another directory"
+        )
     if run_dir.is_relative_to(output) or output.is_relative_to(run_dir / "checkpoints"):
         raise ConfigError("output_dir", f"{output} would replace the run or its checkpoints; choose another directory")
     if output.exists() and not overwrite:
@@ -51,8 +53,11 @@ def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
     output = Path(ex.output_dir).resolve() if ex.output_dir else default_output(run_dir, ex.checkpoint)
     check_output(output, source.resolve(), run_dir, ex.overwrite)
     if run.peft.name.value == "qlora" and ex.checkpoint is not None:
-        raise ConfigError("checkpoint", "a QLoRA checkpoint holds 4-bit base weights; export the run's final model/ "
-                          "(its adapter is merged into the full-precision base)")
+        raise ConfigError(
+            "checkpoint",
+            "a QLoRA checkpoint holds 4-bit base weights; export the run's final model/ "
+            "(its adapter is merged into the full-precision base)",
+        )
 
     method = build_method(run)
     use_saved_tokenizer(method, run, source)
@@ -64,7 +69,18 @@ def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
     # The method's own writer: same layout and metadata as a run's model/, now without an adapter.
     method.save_model(model, output)
     parameters = count_parameters(model)["total"]
-    log.info("exported %s%s to %s (%.1fM parameters%s)", source, " (adapter merged)" if had_adapter else "",
-             output, parameters / 1e6, f", {ex.dtype.value}" if ex.dtype is not None else "")
-    return {"source": str(source), "output_dir": str(output), "merged_adapter": had_adapter,
-            "dtype": ex.dtype.value if ex.dtype is not None else None, "parameters": parameters}
+    log.info(
+        "exported %s%s to %s (%.1fM parameters%s)",
+        source,
+        " (adapter merged)" if had_adapter else "",
+        output,
+        parameters / 1e6,
+        f", {ex.dtype.value}" if ex.dtype is not None else "",
+    )
+    return {
+        "source": str(source),
+        "output_dir": str(output),
+        "merged_adapter": had_adapter,
+        "dtype": ex.dtype.value if ex.dtype is not None else None,
+        "parameters": parameters,
+    }

@@ -94,7 +94,9 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"acceptance data not found at {SHARED_DATA} (../shared/data is absent; set REWARDCTL_SHARED_DATA to its path)")
+        pytest.skip(
+            f"acceptance data not found at {SHARED_DATA} (../shared/data is absent; set REWARDCTL_SHARED_DATA to its path)"
+        )
     return SHARED_DATA
 
 
@@ -123,8 +125,14 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "rewardctl", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rewardctl", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def completion_logp(model, tokenizer, row: dict) -> float:
@@ -136,8 +144,11 @@ def completion_logp(model, tokenizer, row: dict) -> float:
     ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     mask = torch.tensor([[0] * len(prompt) + [1] * (len(ids) - len(prompt))])
     with torch.no_grad():
-        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-                 "completion_mask": mask}
+        batch = {
+            "input_ids": torch.tensor([ids]),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "completion_mask": mask,
+        }
         return completion_logps(model, batch)[0].item()
 
 
@@ -154,8 +165,9 @@ def stock_scores(method: str, model, tokenizer, rows: list[dict]) -> list[list[f
     return [[float(v)] for v in logits]
 
 
-def assert_eval_reproduces(run_dir: Path, out: Path | None, final: dict[str, Any], keys: tuple[str, ...],
-                           rel: float) -> dict:
+def assert_eval_reproduces(
+    run_dir: Path, out: Path | None, final: dict[str, Any], keys: tuple[str, ...], rel: float
+) -> dict:
     """``rewardctl eval`` of a finished run (into ``out``, or its default place) gives its
     end-of-training eval; returns eval's result."""
     from rewardctl.evaluate import evaluate_run

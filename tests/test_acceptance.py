@@ -23,17 +23,30 @@ def test_pairwise_hh_rlhf_with_minilm(tmp_path: Path, shared_data: Path, minilm_
     for a 22M-parameter encoder at this budget (TRL's RewardTrainer is at chance too): what this run
     proves is the pipeline on real rows (every pair kept, gradients flowing, eval reproduced)."""
     data = shared_data / "hh_rlhf_pairwise"
-    summary, run_dir = run_training(tmp_path, [
-        "model=minilm", f"model.name_or_path={minilm_path}", f"data.train={data / 'train.jsonl'}",
-        f"data.eval={data / 'test.jsonl'}", "data.max_train_rows=400", "data.max_eval_rows=200", "train.epochs=1",
-        "train.per_device_batch_size=8", "train.lr=5e-5", "model.max_length=256", "train.log_every=10",
-    ])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "model=minilm",
+            f"model.name_or_path={minilm_path}",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.eval={data / 'test.jsonl'}",
+            "data.max_train_rows=400",
+            "data.max_eval_rows=200",
+            "train.epochs=1",
+            "train.per_device_batch_size=8",
+            "train.lr=5e-5",
+            "model.max_length=256",
+            "train.log_every=10",
+        ],
+    )
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
-    print(f"\nHH-RLHF pairwise, MiniLM-L6: held-out accuracy {first['accuracy']:.3f} -> {final['accuracy']:.3f} "
-          f"on {final['pairs']:.0f} pairs, loss {first['loss']:.4f} -> {final['loss']:.4f}, "
-          f"{summary['pairs_per_sec']:.2f} pairs/s ({summary['train_seconds']:.0f} s), "
-          f"{report['train']['truncated']} of {report['train']['rows']} train pairs truncated (none dropped)")
+    print(
+        f"\nHH-RLHF pairwise, MiniLM-L6: held-out accuracy {first['accuracy']:.3f} -> {final['accuracy']:.3f} "
+        f"on {final['pairs']:.0f} pairs, loss {first['loss']:.4f} -> {final['loss']:.4f}, "
+        f"{summary['pairs_per_sec']:.2f} pairs/s ({summary['train_seconds']:.0f} s), "
+        f"{report['train']['truncated']} of {report['train']['rows']} train pairs truncated (none dropped)"
+    )
     assert summary["status"] == "completed" and summary["step"] == 50
     assert report["train"]["used"] == 400 and report["eval"]["used"] == 200  # truncation keeps every pair
     assert final["pairs"] == 200
@@ -51,16 +64,30 @@ def test_ranklist_rlhf_glm_sentiment_with_minilm(tmp_path: Path, shared_data: Pa
     Budget: 800 train lists (3,200 responses), 1 epoch, 8 lists per batch, lr 5e-5, 128 tokens (the
     article's max_seq_len); held-out pairwise accuracy on 300 lists (1,800 ordered pairs)."""
     data = shared_data / "rlhf_glm_sentiment_ranklist"
-    summary, run_dir = run_training(tmp_path, [
-        "method=ranklist", "model=minilm", f"model.name_or_path={minilm_path}", f"data.train={data / 'train.jsonl'}",
-        f"data.eval={data / 'test.jsonl'}", "data.max_train_rows=800", "data.max_eval_rows=300", "train.epochs=1",
-        "train.per_device_batch_size=8", "train.lr=5e-5", "model.max_length=128", "train.log_every=25",
-    ])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "method=ranklist",
+            "model=minilm",
+            f"model.name_or_path={minilm_path}",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.eval={data / 'test.jsonl'}",
+            "data.max_train_rows=800",
+            "data.max_eval_rows=300",
+            "train.epochs=1",
+            "train.per_device_batch_size=8",
+            "train.lr=5e-5",
+            "model.max_length=128",
+            "train.log_every=25",
+        ],
+    )
     first, final = summary["first_eval"], summary["final_eval"]
-    print(f"\nRLHF_GLM sentiment ranklist, MiniLM-L6: held-out pairwise accuracy {first['accuracy']:.3f} -> "
-          f"{final['accuracy']:.3f} on {final['pairs']:.0f} pairs, Kendall tau {first['kendall_tau']:.3f} -> "
-          f"{final['kendall_tau']:.3f}, top-1 {final['top1_accuracy']:.3f}, exact order "
-          f"{final['exact_order_accuracy']:.3f}, {summary['lists_per_sec']:.2f} lists/s ({summary['train_seconds']:.0f} s)")
+    print(
+        f"\nRLHF_GLM sentiment ranklist, MiniLM-L6: held-out pairwise accuracy {first['accuracy']:.3f} -> "
+        f"{final['accuracy']:.3f} on {final['pairs']:.0f} pairs, Kendall tau {first['kendall_tau']:.3f} -> "
+        f"{final['kendall_tau']:.3f}, top-1 {final['top1_accuracy']:.3f}, exact order "
+        f"{final['exact_order_accuracy']:.3f}, {summary['lists_per_sec']:.2f} lists/s ({summary['train_seconds']:.0f} s)"
+    )
     assert summary["status"] == "completed" and summary["step"] == 100
     assert final["lists"] == 300 and final["pairs"] == 1800
     assert first["loss"] == pytest.approx(0.693, abs=0.01)
@@ -74,17 +101,31 @@ def test_bco_hh_rlhf_unpaired_end_to_end(tmp_path: Path, shared_data: Path):
     from rewardctl.evaluate import evaluate_run
 
     data = shared_data / "hh_rlhf_unpaired"
-    summary, run_dir = run_training(tmp_path, [
-        "method=bco", f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
-        "data.max_train_rows=800", "data.max_eval_rows=200", "model.max_length=256", "train.epochs=1",
-        "train.per_device_batch_size=8", "method.precompute_ref_log_probs=true", "method.udm.enabled=true",
-        "method.prompt_sample_size=200", "train.log_every=25", "train.save_every=100",
-    ])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "method=bco",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.eval={data / 'test.jsonl'}",
+            "data.max_train_rows=800",
+            "data.max_eval_rows=200",
+            "model.max_length=256",
+            "train.epochs=1",
+            "train.per_device_batch_size=8",
+            "method.precompute_ref_log_probs=true",
+            "method.udm.enabled=true",
+            "method.prompt_sample_size=200",
+            "train.log_every=25",
+            "train.save_every=100",
+        ],
+    )
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
-    print(f"\nHH-RLHF unpaired, BCO, tiny policy: eval accuracy {first['accuracy']:.3f} -> {final['accuracy']:.3f}, "
-          f"AUC {first['auc']:.3f} -> {final['auc']:.3f}, delta {final['delta']:.4f}, margin {final['rewards/margin']:.4f}, "
-          f"{summary['rows_per_sec']:.1f} rows/s; {report['train']['truncated']} of 800 train rows truncated")
+    print(
+        f"\nHH-RLHF unpaired, BCO, tiny policy: eval accuracy {first['accuracy']:.3f} -> {final['accuracy']:.3f}, "
+        f"AUC {first['auc']:.3f} -> {final['auc']:.3f}, delta {final['delta']:.4f}, margin {final['rewards/margin']:.4f}, "
+        f"{summary['rows_per_sec']:.1f} rows/s; {report['train']['truncated']} of 800 train rows truncated"
+    )
     assert summary["status"] == "completed" and summary["step"] == 100
     assert report["train"]["desirable"] + report["train"]["undesirable"] == report["train"]["used"] == 800
     assert final["rows"] == 200 and math.isfinite(final["loss"]) and final["delta"] != 0
@@ -103,27 +144,43 @@ def test_prm_prm800k_with_minilm(tmp_path: Path, shared_data: Path, minilm_path:
     rows whose first step no longer fits are skipped and counted), [SEP] between steps (BERT's
     tokenizer drops a newline). Step accuracy is judged against the majority-class baseline."""
     data = shared_data / "prm800k_stepwise"
-    summary, run_dir = run_training(tmp_path, [
-        "method=prm", "model=minilm", f"model.name_or_path={minilm_path}", f"data.train={data / 'train.jsonl'}",
-        f"data.eval={data / 'test.jsonl'}", "data.max_train_rows=800", "data.max_eval_rows=200", "data.bad_rows=skip",
-        "train.epochs=1", "train.per_device_batch_size=8", "train.lr=5e-5", "model.max_length=256",
-        "method.step_separator='[SEP]'", "train.log_every=25",
-    ])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "method=prm",
+            "model=minilm",
+            f"model.name_or_path={minilm_path}",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.eval={data / 'test.jsonl'}",
+            "data.max_train_rows=800",
+            "data.max_eval_rows=200",
+            "data.bad_rows=skip",
+            "train.epochs=1",
+            "train.per_device_batch_size=8",
+            "train.lr=5e-5",
+            "model.max_length=256",
+            "method.step_separator='[SEP]'",
+            "train.log_every=25",
+        ],
+    )
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
-    print(f"\nPRM800K, MiniLM-L6: step accuracy {first['step_accuracy']:.3f} -> {final['step_accuracy']:.3f} "
-          f"(majority baseline {final['majority_baseline']:.3f}) on {final['steps']:.0f} steps, wrong-step F1 "
-          f"{first['error_f1']:.3f} -> {final['error_f1']:.3f}, first-error accuracy {first['first_error_accuracy']:.3f} -> "
-          f"{final['first_error_accuracy']:.3f}; {report['train']['truncated']} train rows truncated, "
-          f"{report['train']['skipped_bad']} skipped (no label left); {summary['steps_per_sec']:.1f} labelled steps/s")
+    print(
+        f"\nPRM800K, MiniLM-L6: step accuracy {first['step_accuracy']:.3f} -> {final['step_accuracy']:.3f} "
+        f"(majority baseline {final['majority_baseline']:.3f}) on {final['steps']:.0f} steps, wrong-step F1 "
+        f"{first['error_f1']:.3f} -> {final['error_f1']:.3f}, first-error accuracy {first['first_error_accuracy']:.3f} -> "
+        f"{final['first_error_accuracy']:.3f}; {report['train']['truncated']} train rows truncated, "
+        f"{report['train']['skipped_bad']} skipped (no label left); {summary['steps_per_sec']:.1f} labelled steps/s"
+    )
     assert summary["status"] == "completed" and report["train"]["truncated"] > 0
     assert report["train"]["used"] + report["train"]["skipped_bad"] == 800
     assert final["rows"] == 200 and final["step_accuracy"] > final["majority_baseline"]
     assert final["error_f1"] > first["error_f1"] and final["loss"] < first["loss"]
 
 
-def test_regression_on_scores_derived_from_the_ranked_sentiment_lists(tmp_path: Path, shared_data: Path,
-                                                                        minilm_path: Path):
+def test_regression_on_scores_derived_from_the_ranked_sentiment_lists(
+    tmp_path: Path, shared_data: Path, minilm_path: Path
+):
     """No real-valued score set is in ../shared/data, so scores are derived, as the method's docs say:
     each review of the RLHF_GLM sentiment lists (4 per list, most positive first) becomes a row scored
     3, 2, 1, 0 by its place (standardised for training). MiniLM-L6, 800 train lists (3,200 reviews),
@@ -133,25 +190,39 @@ def test_regression_on_scores_derived_from_the_ranked_sentiment_lists(tmp_path: 
     source = shared_data / "rlhf_glm_sentiment_ranklist"
 
     def scored(split: str, lists: int) -> Path:
-        rows = [{"prompt": row["prompt"], "response": response, "score": float(len(row["responses"]) - 1 - place)}
-                for row in read_jsonl(source / f"{split}.jsonl")[:lists]
-                for place, response in enumerate(row["responses"])]
+        rows = [
+            {"prompt": row["prompt"], "response": response, "score": float(len(row["responses"]) - 1 - place)}
+            for row in read_jsonl(source / f"{split}.jsonl")[:lists]
+            for place, response in enumerate(row["responses"])
+        ]
         path = tmp_path / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         return path
 
-    summary, run_dir = run_training(tmp_path, [
-        "method=regression", "model=minilm", f"model.name_or_path={minilm_path}",
-        f"data.train={scored('train', 800)}", f"data.eval={scored('test', 200)}", "train.epochs=1",
-        "train.per_device_batch_size=32", "train.lr=1e-4", "method.standardize=true", "model.max_length=128",
-        "train.log_every=10",
-    ])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "method=regression",
+            "model=minilm",
+            f"model.name_or_path={minilm_path}",
+            f"data.train={scored('train', 800)}",
+            f"data.eval={scored('test', 200)}",
+            "train.epochs=1",
+            "train.per_device_batch_size=32",
+            "train.lr=1e-4",
+            "method.standardize=true",
+            "model.max_length=128",
+            "train.log_every=10",
+        ],
+    )
     first, final = summary["first_eval"], summary["final_eval"]
-    print(f"\nRLHF_GLM sentiment as scores, regression, MiniLM-L6: held-out Spearman {first['spearman']:.3f} -> "
-          f"{final['spearman']:.3f}, Pearson {first['pearson']:.3f} -> {final['pearson']:.3f}, MSE {first['mse']:.3f} "
-          f"-> {final['mse']:.3f}, pairwise accuracy {first['pairwise_accuracy']:.3f} -> "
-          f"{final['pairwise_accuracy']:.3f} on {final['pairs']:.0f} pairs, {summary['responses_per_sec']:.1f} "
-          f"responses/s ({summary['train_seconds']:.0f} s)")
+    print(
+        f"\nRLHF_GLM sentiment as scores, regression, MiniLM-L6: held-out Spearman {first['spearman']:.3f} -> "
+        f"{final['spearman']:.3f}, Pearson {first['pearson']:.3f} -> {final['pearson']:.3f}, MSE {first['mse']:.3f} "
+        f"-> {final['mse']:.3f}, pairwise accuracy {first['pairwise_accuracy']:.3f} -> "
+        f"{final['pairwise_accuracy']:.3f} on {final['pairs']:.0f} pairs, {summary['responses_per_sec']:.1f} "
+        f"responses/s ({summary['train_seconds']:.0f} s)"
+    )
     assert summary["status"] == "completed" and summary["step"] == 100
     # 200 reviews at each of 4 scores: every pair but those inside one score, 800*799/2 - 4*200*199/2
     assert final["responses"] == 800 and final["pairs"] == 240_000

@@ -74,9 +74,18 @@ def test_lora_trains_adapter_and_head_only_and_reloads_with_stock_peft_and_merge
 def test_gradient_checkpointing_with_lora_trains_the_adapter(tmp_path: Path, reentrant: bool):
     from safetensors.torch import load_file
 
-    summary, run_dir = run_training(tmp_path, [
-        "peft=lora", "peft.r=4", "experiment=smoke", "train.max_steps=4", "train.gradient_checkpointing=true",
-        f"train.gradient_checkpointing_reentrant={str(reentrant).lower()}", "peft.save_merged=false"])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "peft=lora",
+            "peft.r=4",
+            "experiment=smoke",
+            "train.max_steps=4",
+            "train.gradient_checkpointing=true",
+            f"train.gradient_checkpointing_reentrant={str(reentrant).lower()}",
+            "peft.save_merged=false",
+        ],
+    )
     assert summary["status"] == "completed" and not (run_dir / "model-merged").exists()
     adapter = load_file(str(run_dir / "model" / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]

@@ -50,24 +50,27 @@ def prepared(method: BcoMethod, path: Path, *, training: bool = False) -> list[d
 def test_standard_row_exact_ids_boundary_and_labels(tmp_path: Path):
     method = make_method()
     tok = method.tokenizer
-    rows = [{"prompt": "User: Is the sky blue?\nAssistant:", "completion": " Yes.", "label": True},
-            {"prompt": "User: Is grass red?\nAssistant:", "completion": " No.", "label": False}]
+    rows = [
+        {"prompt": "User: Is the sky blue?\nAssistant:", "completion": " Yes.", "label": True},
+        {"prompt": "User: Is grass red?\nAssistant:", "completion": " No.", "label": False},
+    ]
     features = prepared(method, write_jsonl(tmp_path / "rows.jsonl", rows))
     prompt = tok("User: Is the sky blue?\nAssistant:", add_special_tokens=False)["input_ids"]
     full = tok("User: Is the sky blue?\nAssistant: Yes.", add_special_tokens=False)["input_ids"]
     assert tok.bos_token_id is None  # the tiny tokenizer has none: nothing is prepended
     assert features[0]["input_ids"] == full + [tok.eos_token_id] and features[0]["prompt_length"] == len(prompt)
-    assert full[:len(prompt)] == prompt
+    assert full[: len(prompt)] == prompt
     assert [f["label"] for f in features] == [True, False]
     batch = method.collate(features)
     n = len(full) + 1
     assert batch["completion_mask"][0].tolist() == [0] * len(prompt) + [1] * (n - len(prompt)) + [0] * (
-        batch["input_ids"].shape[1] - n)
+        batch["input_ids"].shape[1] - n
+    )
     assert batch["label"].tolist() == [True, False] and batch["index"].tolist() == [0, 1]
     # The causal LM's labels are the completion tokens only: -100 on the prompt and padding.
     labels = torch.where(batch["completion_mask"] == 1, batch["input_ids"], -100)
     assert labels[0].tolist()[: len(prompt)] == [-100] * len(prompt)
-    assert labels[0].tolist()[len(prompt): n] == full[len(prompt):] + [tok.eos_token_id]
+    assert labels[0].tolist()[len(prompt) : n] == full[len(prompt) :] + [tok.eos_token_id]
     assert labels[0].tolist()[n:] == [-100] * (batch["input_ids"].shape[1] - n)
 
 
@@ -77,8 +80,12 @@ def test_a_bos_token_is_prepended_once_and_eos_never_doubled(tmp_path: Path):
     tok.bos_token = "<|im_start|>"
     rows = [{"prompt": "Q:", "completion": " done<|endoftext|>", "label": True}]
     (feature,) = prepared(method, write_jsonl(tmp_path / "rows.jsonl", rows))
-    assert feature["input_ids"] == [tok.bos_token_id] + tok("Q: done<|endoftext|>", add_special_tokens=False)["input_ids"]
-    assert feature["input_ids"].count(tok.eos_token_id) == 1 and feature["prompt_length"] == 1 + len(tok("Q:")["input_ids"])
+    assert (
+        feature["input_ids"] == [tok.bos_token_id] + tok("Q: done<|endoftext|>", add_special_tokens=False)["input_ids"]
+    )
+    assert feature["input_ids"].count(tok.eos_token_id) == 1 and feature["prompt_length"] == 1 + len(
+        tok("Q:")["input_ids"]
+    )
 
 
 def test_conversational_rows_use_the_template_with_no_second_eos(tmp_path: Path):
@@ -86,10 +93,15 @@ def test_conversational_rows_use_the_template_with_no_second_eos(tmp_path: Path)
     tok = method.tokenizer
     prompt = [{"role": "user", "content": "Is the sky blue?"}]
     completion = [{"role": "assistant", "content": "Yes."}]
-    (feature,) = prepared(method, write_jsonl(tmp_path / "chat.jsonl", [{"prompt": prompt, "completion": completion, "label": True}]))
+    (feature,) = prepared(
+        method, write_jsonl(tmp_path / "chat.jsonl", [{"prompt": prompt, "completion": completion, "label": True}])
+    )
     text = "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n"
     assert tok.decode(feature["input_ids"]) == text
-    assert tok.decode(feature["input_ids"][:feature["prompt_length"]]) == "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.decode(feature["input_ids"][: feature["prompt_length"]])
+        == "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.eos_token_id not in feature["input_ids"]
 
 
@@ -104,14 +116,18 @@ def test_truncation_keeps_the_prompt_end_and_the_completion_start_never_emptying
     p, c, fit = encoder.fit(prompt, completion)
     assert p == prompt[-4:] and c == completion[:6] and fit == 1
     keep_start = make_method("method.max_length=10", "method.max_prompt_length=4", "method.truncation_mode=keep_start")
-    p, c, _ = PromptCompletionEncoder(keep_start.tokenizer, keep_start.cfg, 10, Overlength.truncate).fit(prompt, completion)
+    p, c, _ = PromptCompletionEncoder(keep_start.tokenizer, keep_start.cfg, 10, Overlength.truncate).fit(
+        prompt, completion
+    )
     assert p == prompt[:4] and c == completion[:6]
     capped = make_method("method.max_length=10", "method.max_completion_length=3")
     p, c, _ = PromptCompletionEncoder(capped.tokenizer, capped.cfg, 10, Overlength.truncate).fit(prompt, completion)
     assert p == prompt[-7:] and c == completion[:3]  # no prompt cap: as much prompt as the budget leaves
     p, c, _ = PromptCompletionEncoder(capped.tokenizer, capped.cfg, 10, Overlength.truncate).fit(prompt, completion[:1])
     assert p == prompt[-8:] and c == completion[:1]  # the whole prompt fits beside a 1-token completion
-    long_both = PromptCompletionEncoder(method.tokenizer, make_method("method.max_length=10").cfg, 10, Overlength.truncate)
+    long_both = PromptCompletionEncoder(
+        method.tokenizer, make_method("method.max_length=10").cfg, 10, Overlength.truncate
+    )
     p, c, _ = long_both.fit(prompt, completion)
     assert p == prompt[-5:] and c == completion[:5]  # both long: the prompt keeps half the budget
     dropping = PromptCompletionEncoder(method.tokenizer, method.cfg, 10, Overlength.drop)
@@ -120,7 +136,10 @@ def test_truncation_keeps_the_prompt_end_and_the_completion_start_never_emptying
 
 def test_paired_rows_are_unpaired_on_the_fly(tmp_path: Path):
     method = make_method()
-    rows = [{"prompt": "Q1:", "chosen": " good", "rejected": " bad"}, {"prompt": "Q2:", "chosen": " yes", "rejected": " no"}]
+    rows = [
+        {"prompt": "Q1:", "chosen": " good", "rejected": " bad"},
+        {"prompt": "Q2:", "chosen": " yes", "rejected": " no"},
+    ]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     split = method.prepare(load_rows(str(path), split="train"), str(path), training=True)
     assert split.report["desirable"] == split.report["undesirable"] == 2 and split.report["unpaired_from_pairs"]
@@ -130,14 +149,23 @@ def test_paired_rows_are_unpaired_on_the_fly(tmp_path: Path):
     assert split.dataset[1]["input_ids"] == tok("Q1: bad", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-@pytest.mark.parametrize(("rows", "message"), [
-    ([{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": "no"}],
-     "row 2, field 'label': must be true (desirable) or false"),
-    ([{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " ", "label": False}],
-     "row 2, field 'completion': is empty"),
-    ([{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": True}],
-     "needs both desirable (label true) and undesirable"),
-])
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": "no"}],
+            "row 2, field 'label': must be true (desirable) or false",
+        ),
+        (
+            [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " ", "label": False}],
+            "row 2, field 'completion': is empty",
+        ),
+        (
+            [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": True}],
+            "needs both desirable (label true) and undesirable",
+        ),
+    ],
+)
 def test_bad_rows_are_refused_by_name(tmp_path: Path, rows, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         prepared(make_method(), write_jsonl(tmp_path / "bad.jsonl", rows), training=True)
@@ -168,8 +196,10 @@ class UniformLM(nn.Module):
 
 def rows_with_rewards(method: BcoMethod, rewards: list[float], labels: list[bool], start: int):
     """Features whose completion has 2 predicted tokens, and reference log-probs giving ``rewards``."""
-    features = [{"input_ids": [5, 6, 7], "prompt_length": 1, "label": label, "_index": start + i}
-                for i, label in enumerate(labels)]
+    features = [
+        {"input_ids": [5, 6, 7], "prompt_length": 1, "label": label, "_index": start + i}
+        for i, label in enumerate(labels)
+    ]
     logp = -2 * math.log(1024)
     table = method.ref_tables.setdefault("train", torch.zeros(16))
     for i, reward in enumerate(rewards):
@@ -194,7 +224,8 @@ def test_loss_and_delta_over_three_micro_batches_by_hand():
         assert out.metrics["delta"].value.item() == pytest.approx(delta, abs=1e-6)  # updated before it is read
         assert out.loss_sum.item() == pytest.approx(loss, abs=1e-5)
         assert out.metrics["accuracy"].value.item() == sum(
-            (r > delta) if lab else (r < delta) for r, lab in zip(rewards, labels, strict=True))
+            (r > delta) if lab else (r < delta) for r, lab in zip(rewards, labels, strict=True)
+        )
     assert method.delta.count.item() == 6 and method.delta.value == pytest.approx(1 / 3)
     batch = rows_with_rewards(method, [0.5], [True], 10)
     method.ref_tables["eval"] = method.ref_tables["train"]
@@ -215,8 +246,12 @@ def test_running_mean_is_count_weighted_and_reduced_across_processes():
 
 
 def test_udm_weights_clamp_the_density_ratio_and_apply_to_undesirable_rows_only():
-    classifier = PromptClassifier(torch.tensor([1.0], dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
-                                  torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    classifier = PromptClassifier(
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor(0.0, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    )
     ratios = classifier.density_ratio(torch.tensor([[-2.0], [0.0], [1.0], [5.0]]), 0.5, 10.0)
     torch.testing.assert_close(ratios, torch.tensor([0.5, 1.0, math.e, 10.0]))
     assert classifier.prob_desirable(torch.tensor([[1.0]])).item() == pytest.approx(1 / (1 + math.exp(-1)))
@@ -243,7 +278,9 @@ def test_balanced_logistic_regression_solves_its_objective():
     objective = (class_weight * nn.functional.binary_cross_entropy_with_logits(z, y.double(), reduction="none")).sum()
     (objective + 0.5 * weight.pow(2).sum()).backward()
     assert weight.grad.abs().max() < 1e-5 and bias.grad.abs() < 1e-5  # the optimum of the balanced, L2 objective
-    balanced_accuracy = ((clf.prob_desirable(x[:30]) > 0.5).double().mean() + (clf.prob_desirable(x[30:]) <= 0.5).double().mean()) / 2
+    balanced_accuracy = (
+        (clf.prob_desirable(x[:30]) > 0.5).double().mean() + (clf.prob_desirable(x[30:]) <= 0.5).double().mean()
+    ) / 2
     assert balanced_accuracy > 0.8
     state = clf.state_dict("udm.")
     again = PromptClassifier.from_state_dict(state, "udm.")
@@ -271,9 +308,18 @@ def test_moe_router_aux_loss_is_added_with_its_coefficient():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
-                           router_aux_loss_coef=0.25)
+    config = MixtralConfig(
+        vocab_size=1024,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.25,
+    )
     model = MixtralForCausalLM(config)
     method = make_method()
     batch = rows_with_rewards(method, [0.0, 0.0], [True, False], 0)
@@ -330,15 +376,28 @@ def test_training_moves_classifier_accuracy_up_and_saves_a_stock_causal_lm(train
 
 def test_eval_command_reproduces_the_end_of_training_eval(trained, tmp_path: Path):
     summary, run_dir = trained
-    assert_eval_reproduces(run_dir, tmp_path, summary["final_eval"],
-                           ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "auc"), rel=1e-5)
+    assert_eval_reproduces(
+        run_dir,
+        tmp_path,
+        summary["final_eval"],
+        ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "auc"),
+        rel=1e-5,
+    )
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     assert len(predictions) == 200 and {"reward", "logp", "ref_logp", "label", "correct"} <= set(predictions[0])
 
 
-RESUMABLE = ["method=bco", "experiment=smoke", "train.max_steps=8", "train.save_every=4", "train.eval_every=4",
-             "train.log_every=2", "method.udm.enabled=true", "method.prompt_sample_size=16",
-             "method.precompute_ref_log_probs=true"]
+RESUMABLE = [
+    "method=bco",
+    "experiment=smoke",
+    "train.max_steps=8",
+    "train.save_every=4",
+    "train.eval_every=4",
+    "train.log_every=2",
+    "method.udm.enabled=true",
+    "method.prompt_sample_size=16",
+    "method.precompute_ref_log_probs=true",
+]
 
 
 def test_delta_and_the_udm_classifier_survive_resume_exactly(tmp_path: Path, monkeypatch):
@@ -346,7 +405,15 @@ def test_delta_and_the_udm_classifier_survive_resume_exactly(tmp_path: Path, mon
     stopped, part_dir = run_training(tmp_path, [*RESUMABLE, "train.stop_after_steps=4"], name="part")
     assert stopped["status"] == "stopped"
     state = load_file(str(part_dir / "checkpoints" / "step-4" / "method_state.safetensors"))
-    assert {"delta_total", "delta_count", "udm.weight", "udm.bias", "udm_weights", "ref_logps.train", "ref_logps.eval"} <= set(state)
+    assert {
+        "delta_total",
+        "delta_count",
+        "udm.weight",
+        "udm.bias",
+        "udm_weights",
+        "ref_logps.train",
+        "ref_logps.eval",
+    } <= set(state)
 
     def refit(*_args, **_kwargs):
         raise AssertionError("the UDM classifier must be reloaded on resume, not refitted")
@@ -359,7 +426,9 @@ def test_delta_and_the_udm_classifier_survive_resume_exactly(tmp_path: Path, mon
     assert keep(read_jsonl(part_dir / "metrics.jsonl")) == keep(read_jsonl(full_dir / "metrics.jsonl"))
     full_meta = json.loads((full_dir / "model" / "config.json").read_text())["rewardctl"]
     part_meta = json.loads((part_dir / "model" / "config.json").read_text())["rewardctl"]
-    assert part_meta["delta"] == full_meta["delta"] and part_meta["delta_count"] == full_meta["delta_count"] == 8 * 4 * 1
+    assert (
+        part_meta["delta"] == full_meta["delta"] and part_meta["delta_count"] == full_meta["delta_count"] == 8 * 4 * 1
+    )
 
 
 def test_loss_and_delta_match_trl_0_29_bco_over_three_micro_batches():
@@ -367,8 +436,9 @@ def test_loss_and_delta_match_trl_0_29_bco_over_three_micro_batches():
     trl_bco = optional_module("trl.experimental.bco.bco_trainer", "parity")
     from accelerate import Accelerator
 
-    trainer = SimpleNamespace(beta=0.1, running=trl_bco.RunningMoments(Accelerator(cpu=True)),
-                              match_underlying_distribution=False)
+    trainer = SimpleNamespace(
+        beta=0.1, running=trl_bco.RunningMoments(Accelerator(cpu=True)), match_underlying_distribution=False
+    )
     method = make_method("method.beta=0.1")
     generator = torch.Generator().manual_seed(3)
     for chosen_n, rejected_n in ((3, 2), (1, 4), (5, 5)):
@@ -393,7 +463,9 @@ def test_lora_trains_only_the_adapter_and_its_reference_is_the_adapter_disabled(
     summary, run_dir = run_training(tmp_path, overrides)
     model_dir = run_dir / "model"
     assert (model_dir / "adapter_config.json").is_file() and (model_dir / "base" / "config.json").is_file()
-    assert json.loads((model_dir / "rewardctl.json").read_text())["delta"] == pytest.approx(summary["final_eval"]["delta"])
+    assert json.loads((model_dir / "rewardctl.json").read_text())["delta"] == pytest.approx(
+        summary["final_eval"]["delta"]
+    )
 
     method = make_method(*overrides[1:])
     set_seed(method.run.train.seed)  # the session seeds exactly here: this rebuilds the starting weights

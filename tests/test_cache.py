@@ -55,16 +55,20 @@ def sample_file(name: str, tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / f"{name}.jsonl", read_jsonl(source)[:ROWS])
 
 
-@pytest.mark.parametrize(("name", "training", "loss_only", "shaping"), [
-    ("bco", True, "method.beta=0.5", "method.max_length=64"),
-    # PRM has no loss-only setting; the last-step rule moves training labels only, so an eval split
-    # does not depend on it.
-    ("prm", False, "method.train_on_last_step_only=true", "method.step_separator=' ; '"),
-    ("pairwise", True, "method.center_rewards_coefficient=0.01", "model.max_length=120"),
-    ("ranklist", True, "method.margin_scale=2.0", "model.max_length=120"),
-])
+@pytest.mark.parametrize(
+    ("name", "training", "loss_only", "shaping"),
+    [
+        ("bco", True, "method.beta=0.5", "method.max_length=64"),
+        # PRM has no loss-only setting; the last-step rule moves training labels only, so an eval split
+        # does not depend on it.
+        ("prm", False, "method.train_on_last_step_only=true", "method.step_separator=' ; '"),
+        ("pairwise", True, "method.center_rewards_coefficient=0.01", "model.max_length=120"),
+        ("ranklist", True, "method.margin_scale=2.0", "model.max_length=120"),
+    ],
+)
 def test_a_loss_setting_reuses_the_tokenised_split_and_a_feature_setting_does_not(
-        name: str, training: bool, loss_only: str, shaping: str, tmp_path: Path, featurized_rows: list[int]):
+    name: str, training: bool, loss_only: str, shaping: str, tmp_path: Path, featurized_rows: list[int]
+):
     path = sample_file(name, tmp_path)
     first = prepared(name, path, featurized_rows, training=training)
     again = prepared(name, path, featurized_rows, loss_only, training=training)

@@ -25,13 +25,28 @@ from .conftest import cli, read_jsonl, reset_accelerate, run_training
 
 # Dropout on, so the RNG state matters; checkpoints at steps 4 and 8 of 12; the first invocation stops
 # at step 8, the same command continues to 12.
-RUN = ["experiment=smoke", "train.max_steps=12", "train.save_every=4", "train.eval_every=4", "train.log_every=4",
-       "model.disable_dropout=false", "+model.config_overrides.attention_dropout=0.2"]
+RUN = [
+    "experiment=smoke",
+    "train.max_steps=12",
+    "train.save_every=4",
+    "train.eval_every=4",
+    "train.log_every=4",
+    "model.disable_dropout=false",
+    "+model.config_overrides.attention_dropout=0.2",
+]
 CHUNKED = [*RUN, "train.stop_after_steps=8"]
 TIMING = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
-LAYOUT = {"checkpoint.json", "trainer_state.json", "method_state.safetensors", "model.safetensors",
-          "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state_0.safetensors",
-          "process_state_0.json"}
+LAYOUT = {
+    "checkpoint.json",
+    "trainer_state.json",
+    "method_state.safetensors",
+    "model.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "scheduler.json",
+    "rng_state_0.safetensors",
+    "process_state_0.json",
+}
 
 
 class Touch:
@@ -65,6 +80,7 @@ def copy_run(stopped: Path, tmp_path: Path) -> Path:
 
 def assert_matches_reference(run_dir: Path, reference: Path) -> None:
     """Bit for bit: metrics (timings aside), metric totals and final weights."""
+
     def comparable(path: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(path)]
 
@@ -103,8 +119,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(stopped: Path, re
     assert_matches_reference(run_dir, reference)
 
 
-def test_planted_pickles_are_never_loaded(stopped: Path, reference: Path, tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture):
+def test_planted_pickles_are_never_loaded(
+    stopped: Path, reference: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     """accelerate's own file names, holding code: resume ignores them (and says so)."""
     control, marker = tmp_path / "control.pkl", tmp_path / "pwned"
     torch.save(Touch(tmp_path / "control-ran"), control)
@@ -132,8 +149,11 @@ def pickle_over(path: Path) -> None:
 DAMAGE: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "truncated weights": ("model.safetensors", truncate, "model.safetensors has"),
     "empty optimizer": ("optimizer.safetensors", lambda p: p.write_bytes(b""), "optimizer.safetensors is empty"),
-    "garbage trainer state": ("trainer_state.json", lambda p: p.write_text("{not json"),
-                              "trainer_state.json is not valid JSON"),
+    "garbage trainer state": (
+        "trainer_state.json",
+        lambda p: p.write_text("{not json"),
+        "trainer_state.json is not valid JSON",
+    ),
     "deleted RNG file": ("rng_state_0.safetensors", Path.unlink, "rng_state_0.safetensors is missing"),
     "pickle as optimizer": ("optimizer.safetensors", pickle_over, "optimizer.safetensors has"),
     "pickle as scheduler": ("scheduler.json", pickle_over, "scheduler.json has"),
@@ -141,8 +161,9 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_auto_resume_passes_over_a_damaged_checkpoint(damage: str, stopped: Path, reference: Path, tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture):
+def test_auto_resume_passes_over_a_damaged_checkpoint(
+    damage: str, stopped: Path, reference: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     """The newest checkpoint is damaged: the run warns, continues from step-4, and ends exactly as the
     uninterrupted run (which resuming from step-4 is); a pickle put in place of a file never runs."""
     name, spoil, reason = DAMAGE[damage]
@@ -169,7 +190,8 @@ def fail_if_data_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_explicit_resume_of_a_damaged_checkpoint_is_refused_before_the_data_loads(
-        stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     run_dir = copy_run(stopped, tmp_path)
     fail_if_data_loads(monkeypatch)
     step4, step8 = run_dir / "checkpoints" / "step-4", run_dir / "checkpoints" / "step-8"
@@ -185,12 +207,17 @@ def test_explicit_resume_of_a_damaged_checkpoint_is_refused_before_the_data_load
     with pytest.raises(ConfigError, match="; no earlier checkpoint is intact$"):
         run_training(tmp_path, [*CHUNKED, f"train.resume={step8}"], name="run")
     reset_accelerate()
-    with pytest.raises(ConfigError, match=r"no checkpoint in .* is intact \(step-8: model.safetensors has .*; "
-                                          r"step-4: optimizer.json is missing\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no checkpoint in .* is intact \(step-8: model.safetensors has .*; "
+        r"step-4: optimizer.json is missing\)",
+    ):
         run_training(tmp_path, CHUNKED, name="run")  # auto: nothing to fall back to, nothing discarded
     reset_accelerate()
     assert not (run_dir / "model").exists() and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step-4", "step-8"]
+        "step-4",
+        "step-8",
+    ]
 
 
 def test_the_command_line_exits_with_one_line_naming_the_damage(stopped: Path, tmp_path: Path):
@@ -200,8 +227,10 @@ def test_the_command_line_exits_with_one_line_naming_the_damage(stopped: Path, t
     result = cli("train", *CHUNKED, f"output_dir={run_dir}", f"train.resume={step8}", cwd=tmp_path)
     assert result.returncode == 2
     [line] = [line for line in result.stderr.splitlines() if line.startswith("rewardctl: error:")]
-    assert line == (f"rewardctl: error: train.resume: {step8} is damaged: rng_state_0.safetensors is missing; "
-                    f"the previous intact checkpoint is {run_dir / 'checkpoints' / 'step-4'}")
+    assert line == (
+        f"rewardctl: error: train.resume: {step8} is damaged: rng_state_0.safetensors is missing; "
+        f"the previous intact checkpoint is {run_dir / 'checkpoints' / 'step-4'}"
+    )
 
 
 def test_a_checkpoint_from_the_pickle_era_is_not_loaded(tmp_path: Path):
@@ -209,8 +238,9 @@ def test_a_checkpoint_from_the_pickle_era_is_not_loaded(tmp_path: Path):
     old.mkdir()
     (old / "trainer_state.json").write_text(json.dumps({"step": 6, "world_size": 1}))
     torch.save({"state": {}}, old / "optimizer.bin")
-    assert validate_checkpoint(old) == ("checkpoint.json is missing (pickled state such as optimizer.bin, "
-                                        "from an older rewardctl, is never loaded)")
+    assert validate_checkpoint(old) == (
+        "checkpoint.json is missing (pickled state such as optimizer.bin, from an older rewardctl, is never loaded)"
+    )
 
 
 def test_tied_weights_keep_every_key_and_load_back(tmp_path: Path):
@@ -227,7 +257,8 @@ def test_tied_weights_keep_every_key_and_load_back(tmp_path: Path):
 
 
 def test_another_methods_checkpoint_is_refused_in_one_line_before_the_data_loads(
-        stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     run_dir = copy_run(stopped, tmp_path)
     step8 = run_dir / "checkpoints" / "step-8"
     fail_if_data_loads(monkeypatch)
@@ -235,16 +266,24 @@ def test_another_methods_checkpoint_is_refused_in_one_line_before_the_data_loads
         with pytest.raises(ConfigError) as info:
             run_training(tmp_path, [*CHUNKED, "method=bco", resume], name="run")
         reset_accelerate()
-        assert str(info.value) == (f"train.resume: {step8} was written by method=pairwise, this run is method=bco; "
-                                   "resume it with method=pairwise or choose another output_dir")
+        assert str(info.value) == (
+            f"train.resume: {step8} was written by method=pairwise, this run is method=bco; "
+            "resume it with method=pairwise or choose another output_dir"
+        )
 
 
 def test_another_models_checkpoint_is_refused_in_one_line(stopped: Path, tmp_path: Path):
     """Same method, same data order, but a smaller model: its weights do not fit (no library traceback)."""
     run_dir = copy_run(stopped, tmp_path)
     step8 = run_dir / "checkpoints" / "step-8"
-    result = cli("train", *CHUNKED, "+model.config_overrides.num_hidden_layers=1", f"output_dir={run_dir}",
-                 f"train.resume={step8}", cwd=tmp_path)
+    result = cli(
+        "train",
+        *CHUNKED,
+        "+model.config_overrides.num_hidden_layers=1",
+        f"output_dir={run_dir}",
+        f"train.resume={step8}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("rewardctl: error:")]
@@ -253,7 +292,8 @@ def test_another_models_checkpoint_is_refused_in_one_line(stopped: Path, tmp_pat
 
 
 def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_older_checkpoint(
-        stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    stopped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
     """ENOSPC while step-12's weights are written: exit 2 with one line, step-8 untouched, no partial
     directory left behind; with --debug the same failure shows its full stack."""
     import errno
@@ -278,9 +318,11 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_keeps_the_older_ch
     err = capsys.readouterr().err
     assert exited.value.code == 2
     [line] = [line for line in err.splitlines() if line.startswith("rewardctl: error:")]
-    assert line == (f"rewardctl: error: {run_dir / 'checkpoints' / '.step-12.tmp' / 'model.safetensors'}: No space "
-                    "left on device; every file written before (checkpoints included) is intact: free space and rerun "
-                    "the same command to resume")
+    assert line == (
+        f"rewardctl: error: {run_dir / 'checkpoints' / '.step-12.tmp' / 'model.safetensors'}: No space "
+        "left on device; every file written before (checkpoints included) is intact: free space and rerun "
+        "the same command to resume"
+    )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-8"]
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints" / "step-8").iterdir()} == before
     assert not (run_dir / "model").exists()

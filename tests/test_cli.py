@@ -24,7 +24,10 @@ def test_help_lists_commands_and_groups(tmp_path: Path):
     assert top.returncode == 0 and "train" in top.stdout and "eval" in top.stdout
     train_help = cli("train", "--help", cwd=tmp_path)
     assert train_help.returncode == 0
-    assert "== Config groups" in train_help.stdout and "model: llama-3.2-1b, minilm, qwen2.5-0.5b, tiny" in train_help.stdout
+    assert (
+        "== Config groups" in train_help.stdout
+        and "model: llama-3.2-1b, minilm, qwen2.5-0.5b, tiny" in train_help.stdout
+    )
     assert "eval" in cli("eval", "--help", cwd=tmp_path).stdout
     assert "export" in top.stdout and "checkpoint=step-N" in cli("export", "--help", cwd=tmp_path).stdout
     assert cli("frobnicate", cwd=tmp_path).returncode == 2
@@ -52,13 +55,22 @@ def test_embedded_default_run_learns_and_eval_reproduces_it(tmp_path: Path):
     evaluated = cli("eval", f"run_dir={run_dir}", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((run_dir / "eval" / "eval" / "metrics.json").read_text())["metrics"]
-    assert metrics["accuracy"] == pytest.approx(final["accuracy"]) and metrics["loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(final["accuracy"]) and metrics["loss"] == pytest.approx(
+        final["loss"], rel=1e-6
+    )
 
 
 def test_override_run(tmp_path: Path):
     out = tmp_path / "run"
-    result = cli("train", *SMOKE, "data=pairwise_sample_chat", "train.lr=5e-4", "train.per_device_batch_size=2",
-                 f"output_dir={out}", cwd=tmp_path)
+    result = cli(
+        "train",
+        *SMOKE,
+        "data=pairwise_sample_chat",
+        "train.lr=5e-4",
+        "train.per_device_batch_size=2",
+        f"output_dir={out}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = (out / "config.yaml").read_text()
     assert "lr: 0.0005" in config and "per_device_batch_size: 2" in config and "pairwise_chat/train.jsonl" in config
@@ -95,7 +107,8 @@ def test_debug_shows_the_full_stack_of_an_error_that_is_otherwise_one_line(tmp_p
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "rewardctl/config/validate.py" in result.stderr
     assert result.stderr.rstrip().endswith(
-        "rewardctl.errors.ConfigError: train.per_device_batch_size: must be >= 1 (got 0)")
+        "rewardctl.errors.ConfigError: train.per_device_batch_size: must be >= 1 (got 0)"
+    )
 
 
 def test_malformed_data_fails_before_the_model_loads(tmp_path: Path):
@@ -113,10 +126,21 @@ def torchrun(*args: str, cwd: Path):
     import os
     import subprocess
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-               "-m", "rewardctl", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "rewardctl",
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 @pytest.mark.slow
@@ -140,15 +164,20 @@ def test_two_cpu_processes_share_one_run_and_match_one_process(tmp_path: Path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["totals"]["pairs"] == 48
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-6").glob("*_state*_[01].*")) == [
-        "process_state_0.json", "process_state_1.json", "rng_state_0.safetensors", "rng_state_1.safetensors"]
+        "process_state_0.json",
+        "process_state_1.json",
+        "rng_state_0.safetensors",
+        "rng_state_1.safetensors",
+    ]
     chunked = [*common, "train.stop_after_steps=4", f"output_dir={tmp_path / 'ddp-resumed'}"]
     for _ in range(2):  # stops at step 4, then the same command resumes both processes and finishes
         result = torchrun("train", *chunked, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
     resumed = read_jsonl(tmp_path / "ddp-resumed" / "metrics.jsonl")
     timing = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in ddp]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in timing} for r in ddp
+    ]
 
 
 def test_eval_and_export_write_nothing_in_the_working_directory(tmp_path: Path):
@@ -172,11 +201,35 @@ def test_accelerate_launch_runs_two_cpu_processes_into_one_run(tmp_path: Path):
     import os
     import subprocess
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), "-m", "rewardctl", "train", *SMOKE, f"output_dir={tmp_path / 'run'}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "rewardctl",
+        "train",
+        *SMOKE,
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert run_dirs(tmp_path) == [tmp_path / "run"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -192,11 +245,16 @@ def _bco_signs_determined(record: dict) -> bool:
     return min(abs(record["rewards/chosen"] - delta), abs(record["rewards/rejected"] - delta)) > 1e-3
 
 
-DDP_EXTRA = {"ranklist": [], "prm": [],
-             "bco": ["method.precompute_ref_log_probs=true", "method.udm.enabled=true", "method.prompt_sample_size=16"]}
-DDP_KEYS = {"ranklist": ("loss", "accuracy", "kendall_tau", "lists", "tokens"),
-            "bco": ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "udm_weight", "rows"),
-            "prm": ("loss", "step_accuracy", "error_f1", "steps", "tokens")}
+DDP_EXTRA = {
+    "ranklist": [],
+    "prm": [],
+    "bco": ["method.precompute_ref_log_probs=true", "method.udm.enabled=true", "method.prompt_sample_size=16"],
+}
+DDP_KEYS = {
+    "ranklist": ("loss", "accuracy", "kendall_tau", "lists", "tokens"),
+    "bco": ("loss", "accuracy", "delta", "rewards/chosen", "rewards/rejected", "udm_weight", "rows"),
+    "prm": ("loss", "step_accuracy", "error_f1", "steps", "tokens"),
+}
 
 
 @pytest.mark.slow
@@ -230,9 +288,17 @@ def test_train_starts_its_own_workers_through_accelerate_into_one_run(tmp_path: 
     """`hardware=ddp hardware.num_processes=2` on CPU: rewardctl launches 2 gloo workers itself; the
     result is the torchrun run's (same global batch), in one run directory named once."""
     common = [*SMOKE, "train.log_every=1", "data.group_by_length=false"]
-    result = cli("train", *common, "hardware=ddp", "hardware.device=cpu", "hardware.mixed_precision=no",
-                 "hardware.num_processes=2", f"hardware.main_process_port={free_port()}", cwd=tmp_path,
-                 env={"OMP_NUM_THREADS": "1"})
+    result = cli(
+        "train",
+        *common,
+        "hardware=ddp",
+        "hardware.device=cpu",
+        "hardware.mixed_precision=no",
+        "hardware.num_processes=2",
+        f"hardware.main_process_port={free_port()}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     [run_dir] = run_dirs(tmp_path)  # outputs/<date>/<time>: ${now:} resolved once, by the launcher
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -240,5 +306,6 @@ def test_train_starts_its_own_workers_through_accelerate_into_one_run(tmp_path: 
     reference = torchrun("train", *common, f"output_dir={tmp_path / 'torchrun'}", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
     ours, theirs = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(tmp_path / "torchrun" / "metrics.jsonl")
-    assert [(r["step"], r["split"], round(r["loss"], 5)) for r in ours] == \
-        [(r["step"], r["split"], round(r["loss"], 5)) for r in theirs]
+    assert [(r["step"], r["split"], round(r["loss"], 5)) for r in ours] == [
+        (r["step"], r["split"], round(r["loss"], 5)) for r in theirs
+    ]

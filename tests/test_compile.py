@@ -19,8 +19,15 @@ from rewardctl.methods.registry import to_run_config
 from .conftest import compose_train, read_jsonl, run_training
 
 # Three logged steps, no eval set (an eval-mode graph would be a second compile), one checkpoint.
-TINY_RUN = ["experiment=smoke", "train.max_steps=3", "train.log_every=1", "train.eval_every=0", "train.save_every=3",
-            "train.eval_at_start=false", "data.eval=null"]
+TINY_RUN = [
+    "experiment=smoke",
+    "train.max_steps=3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=3",
+    "train.eval_at_start=false",
+    "data.eval=null",
+]
 
 
 def test_compile_with_deepspeed_is_refused():

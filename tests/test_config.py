@@ -69,15 +69,18 @@ def test_defaults_are_typed():
     assert run.train.lr == 1e-5  # the schema default: the tiny preset's 1e-3 must not leak
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("train.lrr=1", "train.lrr"),
-    ("model.max_lenght=12", "model.max_lenght"),
-    ("method.coefficient=1", "method.coefficient"),
-    ("train.lr=abc", "train.lr"),
-    ("train.max_steps=1.5", "train.max_steps"),
-    ("data.overlength=cut", "data.overlength"),
-    ("model.padding_side=middle", "model.padding_side"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("model.max_lenght=12", "model.max_lenght"),
+        ("method.coefficient=1", "method.coefficient"),
+        ("train.lr=abc", "train.lr"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("data.overlength=cut", "data.overlength"),
+        ("model.padding_side=middle", "model.padding_side"),
+    ],
+)
 def test_unknown_keys_and_bad_types_are_refused_at_composition(override: str, key: str):
     with pytest.raises(ConfigCompositionException) as info:
         compose_train([override])
@@ -85,25 +88,28 @@ def test_unknown_keys_and_bad_types_are_refused_at_composition(override: str, ke
     assert key in message
 
 
-@pytest.mark.parametrize(("override", "key", "text"), [
-    ("data.train=???", "data.train", "required"),
-    ("train.per_device_batch_size=0", "train.per_device_batch_size", ">= 1"),
-    ("train.grad_accum=0", "train.grad_accum", ">= 1"),
-    ("train.lr=-1", "train.lr", "> 0"),
-    ("train.warmup_ratio=1.5", "train.warmup_ratio", "[0, 1)"),
-    ("model.max_length=2", "model.max_length", ">= 8"),
-    ("data.holdout_fraction=1.0", "data.holdout_fraction", "[0, 1)"),
-    ("train.resume=/no/such/checkpoint", "train.resume", "does not exist"),
-    ("train.report_to=[nonsense]", "train.report_to", "unknown tracker"),
-    ("hardware.mixed_precision=fp16", "hardware.mixed_precision", "needs a GPU"),
-    ("+method.bogus=1", "method.bogus", "not in 'PairwiseConfig'"),
-    ("method.center_rewards_coefficient=[1]", "method.center_rewards_coefficient", ""),
-    ("method._target_=collections.OrderedDict", "method._target_", "not a subclass"),
-    ("method._target_=no.such.Method", "method._target_", "cannot import"),
-    ("train.adam_beta1=1.5", "train.adam_beta1", "[0, 1)"),
-    ("train.adam_eps=-1", "train.adam_eps", "> 0"),
-    ("method.center_rewards_coefficient=-5", "method.center_rewards_coefficient", ">= 0"),
-])
+@pytest.mark.parametrize(
+    ("override", "key", "text"),
+    [
+        ("data.train=???", "data.train", "required"),
+        ("train.per_device_batch_size=0", "train.per_device_batch_size", ">= 1"),
+        ("train.grad_accum=0", "train.grad_accum", ">= 1"),
+        ("train.lr=-1", "train.lr", "> 0"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio", "[0, 1)"),
+        ("model.max_length=2", "model.max_length", ">= 8"),
+        ("data.holdout_fraction=1.0", "data.holdout_fraction", "[0, 1)"),
+        ("train.resume=/no/such/checkpoint", "train.resume", "does not exist"),
+        ("train.report_to=[nonsense]", "train.report_to", "unknown tracker"),
+        ("hardware.mixed_precision=fp16", "hardware.mixed_precision", "needs a GPU"),
+        ("+method.bogus=1", "method.bogus", "not in 'PairwiseConfig'"),
+        ("method.center_rewards_coefficient=[1]", "method.center_rewards_coefficient", ""),
+        ("method._target_=collections.OrderedDict", "method._target_", "not a subclass"),
+        ("method._target_=no.such.Method", "method._target_", "cannot import"),
+        ("train.adam_beta1=1.5", "train.adam_beta1", "[0, 1)"),
+        ("train.adam_eps=-1", "train.adam_eps", "> 0"),
+        ("method.center_rewards_coefficient=-5", "method.center_rewards_coefficient", ">= 0"),
+    ],
+)
 def test_invalid_values_are_refused_before_anything_loads(override: str, key: str, text: str):
     try:
         cfg = compose_train([override])
@@ -154,27 +160,38 @@ def test_max_length_beyond_learned_positions_is_refused_before_data(tmp_path: Pa
     from rewardctl.config.schema import ModelConfig
     from rewardctl.modeling.common import check_max_length
 
-    BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=64).save_pretrained(tmp_path)
+    BertConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    ).save_pretrained(tmp_path)
     check_max_length(ModelConfig(name_or_path=str(tmp_path), max_length=64))
     with pytest.raises(ConfigError) as info:
         check_max_length(ModelConfig(name_or_path=str(tmp_path), max_length=65))
     assert info.value.key == "model.max_length" and "learned absolute positions; use <= 64" in str(info.value)
-    check_max_length(ModelConfig(name_or_path=str(REPO / "rewardctl/assets/tiny-llama"), max_length=4096))  # RoPE: warns
+    check_max_length(
+        ModelConfig(name_or_path=str(REPO / "rewardctl/assets/tiny-llama"), max_length=4096)
+    )  # RoPE: warns
 
 
-@pytest.mark.parametrize(("overrides", "key", "text"), [
-    (["hardware=deepspeed"], "hardware.strategy", "deepspeed is not installed"),
-    (["hardware=fsdp"], "hardware.strategy", "fsdp shards over CUDA GPUs and torch sees none"),
-    (["hardware=ddp"], "hardware.num_processes", "0 means one process per visible GPU and torch sees none"),
-    (["hardware.num_processes=-1"], "hardware.num_processes", "must be >= 0"),
-    (["hardware.num_machines=2"], "hardware.main_process_ip", "multi-machine run needs rank 0's address"),
-    (["hardware.machine_rank=1"], "hardware.machine_rank", "must be in [0, 1)"),
-    (["hardware.zero_stage=4"], "hardware.zero_stage", "must be 1, 2 or 3"),
-    (["hardware.fsdp_sharding_strategy=SOME"], "hardware.fsdp_sharding_strategy", "must be one of"),
-    (["hardware.device=gpu"], "hardware.device", "gpu requested but torch sees no CUDA device"),
-    (["peft=qlora"], "peft", "needs a CUDA GPU; on CPU use peft=lora"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key", "text"),
+    [
+        (["hardware=deepspeed"], "hardware.strategy", "deepspeed is not installed"),
+        (["hardware=fsdp"], "hardware.strategy", "fsdp shards over CUDA GPUs and torch sees none"),
+        (["hardware=ddp"], "hardware.num_processes", "0 means one process per visible GPU and torch sees none"),
+        (["hardware.num_processes=-1"], "hardware.num_processes", "must be >= 0"),
+        (["hardware.num_machines=2"], "hardware.main_process_ip", "multi-machine run needs rank 0's address"),
+        (["hardware.machine_rank=1"], "hardware.machine_rank", "must be in [0, 1)"),
+        (["hardware.zero_stage=4"], "hardware.zero_stage", "must be 1, 2 or 3"),
+        (["hardware.fsdp_sharding_strategy=SOME"], "hardware.fsdp_sharding_strategy", "must be one of"),
+        (["hardware.device=gpu"], "hardware.device", "gpu requested but torch sees no CUDA device"),
+        (["peft=qlora"], "peft", "needs a CUDA GPU; on CPU use peft=lora"),
+    ],
+)
 def test_hardware_mistakes_are_refused_before_anything_loads(overrides, key, text):
     import importlib.util
 
@@ -196,8 +213,12 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_for_a_wide_enough_mode
         pytest.skip("this CPU has no native bf16 (AVX512-BF16 / AMX)")
     # the bundled 64-wide model: casts cost more than bf16 matmuls save, so auto keeps fp32
     assert to_run_config(compose_train(["hardware.mixed_precision=auto"])).hardware.mixed_precision == MixedPrecision.no
-    LlamaConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6).save_pretrained(tmp_path / "m")
-    cfg = compose_train(["hardware.mixed_precision=auto", f"model.name_or_path={tmp_path / 'm'}", "model.from_scratch=true"])
+    LlamaConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6).save_pretrained(
+        tmp_path / "m"
+    )
+    cfg = compose_train(
+        ["hardware.mixed_precision=auto", f"model.name_or_path={tmp_path / 'm'}", "model.from_scratch=true"]
+    )
     run = to_run_config(cfg)
     assert run.hardware.mixed_precision == MixedPrecision.bf16
     # What the run directory records (and the launcher's workers are given) is the resolved value.
@@ -227,7 +248,7 @@ def test_the_commented_loop_block_of_train_yaml_shows_every_loop_setting_with_it
         if not line.startswith("#   "):
             break
         if not line.startswith("#   #"):
-            block.append(line[len("#   "):])
+            block.append(line[len("#   ") :])
     shown = OmegaConf.create("\n".join(block))
     schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
     assert list(shown.keys()) == list(schema.keys())  # every setting, in the schema's order

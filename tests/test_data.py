@@ -86,7 +86,12 @@ def test_missing_column_lists_what_exists(tmp_path: Path):
     with pytest.raises(DataError) as info:
         require_columns(dataset, "f.jsonl", ("chosen", "rejected"), ("chosen_ids", "rejected_ids"))
     text = str(info.value)
-    assert "f.jsonl" in text and "'rejected'" in text and "found: prompt, chosen, answer" in text and "data.columns" in text
+    assert (
+        "f.jsonl" in text
+        and "'rejected'" in text
+        and "found: prompt, chosen, answer" in text
+        and "data.columns" in text
+    )
 
 
 def test_column_mapping(tmp_path: Path):
@@ -116,7 +121,12 @@ def test_skip_policy_counts_and_reports_bad_rows():
     features, report = featurize_split(Dataset.from_list(rows), _featurizer, source="f.jsonl", bad_rows=BadRows.skip)
     assert features["n"] == [2, 6] and features["_row"] == [0, 2]
     assert report == {
-        "source": "f.jsonl", "rows": 5, "skipped_bad": 2, "truncated": 1, "dropped_overlength": 1, "used": 2,
+        "source": "f.jsonl",
+        "rows": 5,
+        "skipped_bad": 2,
+        "truncated": 1,
+        "dropped_overlength": 1,
+        "used": 2,
         "errors": ["f.jsonl, row 2, field 'chosen': is empty", "f.jsonl, row 5, field 'chosen': is empty"],
     }
 

@@ -52,11 +52,21 @@ def lines(path: Path, *texts: str) -> Path:
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv"])
 def test_non_utf8_bytes_are_named_by_line_and_byte(tmp_path: Path, suffix: str):
     """Before: a pyarrow UnicodeDecodeError traceback mid-tokenisation, for every method."""
-    header = {".jsonl": b"", ".json": b"", ".csv": b"prompt,chosen,rejected\n", ".tsv": b"prompt\tchosen\trejected\n"}[suffix]
-    good = {".jsonl": json.dumps(PAIR).encode(), ".json": b"[" + json.dumps(PAIR).encode() + b",",
-            ".csv": b"Q,blue,green", ".tsv": b"Q\tblue\tgreen"}[suffix]
-    bad = {".jsonl": b'{"prompt": "Q", "chosen": "caf\xe9", "rejected": "x"}', ".json": b'{"chosen": "caf\xe9"}]',
-           ".csv": b"Q,caf\xe9,x", ".tsv": b"Q\tcaf\xe9\tx"}[suffix]
+    header = {".jsonl": b"", ".json": b"", ".csv": b"prompt,chosen,rejected\n", ".tsv": b"prompt\tchosen\trejected\n"}[
+        suffix
+    ]
+    good = {
+        ".jsonl": json.dumps(PAIR).encode(),
+        ".json": b"[" + json.dumps(PAIR).encode() + b",",
+        ".csv": b"Q,blue,green",
+        ".tsv": b"Q\tblue\tgreen",
+    }[suffix]
+    bad = {
+        ".jsonl": b'{"prompt": "Q", "chosen": "caf\xe9", "rejected": "x"}',
+        ".json": b'{"chosen": "caf\xe9"}]',
+        ".csv": b"Q,caf\xe9,x",
+        ".tsv": b"Q\tcaf\xe9\tx",
+    }[suffix]
     path = tmp_path / f"latin1{suffix}"
     path.write_bytes(header + good + b"\n" + bad + b"\n")
     error = refused("pairwise", path)
@@ -68,24 +78,42 @@ def test_non_utf8_bytes_are_named_by_line_and_byte(tmp_path: Path, suffix: str):
 def test_a_malformed_json_line_is_named_and_skippable(tmp_path: Path):
     path = lines(tmp_path / "rows.jsonl", json.dumps(PAIR), '{"prompt": "x", "chosen": "y",,}', json.dumps(PAIR))
     error = refused("pairwise", path)
-    assert str(error) == f"{path}, row 2: line 2 is not valid JSON (Expecting property name enclosed in double quotes " \
-                         f"at column 31); {HINT}"
+    assert (
+        str(error) == f"{path}, row 2: line 2 is not valid JSON (Expecting property name enclosed in double quotes "
+        f"at column 31); {HINT}"
+    )
     split = prepare("pairwise", path, "data.bad_rows=skip")  # before: the same error, skip or not
     assert split.report["skipped_bad"] == 1 and split.report["used"] == 2 and split.dataset[ROW_COLUMN] == [0, 2]
-    assert split.report["errors"] == [f"{path}, row 2: line 2 is not valid JSON (Expecting property name enclosed "
-                                      "in double quotes at column 31)"]
+    assert split.report["errors"] == [
+        f"{path}, row 2: line 2 is not valid JSON (Expecting property name enclosed in double quotes at column 31)"
+    ]
 
 
-@pytest.mark.parametrize(("text", "field", "reason"), [
-    ('{"prompt": "Q", "chosen": "a\\ud800b", "rejected": "c"}', "chosen",
-     "holds a lone surrogate \\ud800, which is not valid Unicode"),
-    ('{"prompt": "Q", "chosen": "a", "rejected": "c", "margin": 1e309}', "margin",
-     "holds 1e309, beyond the range of a 64-bit float"),
-    ('{"prompt": "Q", "chosen": "a", "rejected": "c", "margin": 123456789012345678901234}', "margin",
-     "holds 123456789012345678901234, beyond the 64-bit integer range"),
-    ('{"prompt": "Q", "chosen": [{"role": "assistant", "content": "\\udc00"}], "rejected": "c"}', "chosen[0].content",
-     "holds a lone surrogate \\udc00, which is not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        (
+            '{"prompt": "Q", "chosen": "a\\ud800b", "rejected": "c"}',
+            "chosen",
+            "holds a lone surrogate \\ud800, which is not valid Unicode",
+        ),
+        (
+            '{"prompt": "Q", "chosen": "a", "rejected": "c", "margin": 1e309}',
+            "margin",
+            "holds 1e309, beyond the range of a 64-bit float",
+        ),
+        (
+            '{"prompt": "Q", "chosen": "a", "rejected": "c", "margin": 123456789012345678901234}',
+            "margin",
+            "holds 123456789012345678901234, beyond the 64-bit integer range",
+        ),
+        (
+            '{"prompt": "Q", "chosen": [{"role": "assistant", "content": "\\udc00"}], "rejected": "c"}',
+            "chosen[0].content",
+            "holds a lone surrogate \\udc00, which is not valid Unicode",
+        ),
+    ],
+)
 def test_json_values_arrow_cannot_hold_name_row_and_field(tmp_path: Path, text: str, field: str, reason: str):
     """Before: 'could not be read: An error occurred while generating the dataset', no row, no skip."""
     path = lines(tmp_path / "rows.jsonl", json.dumps({**PAIR, "margin": 1.0}), text)
@@ -99,10 +127,17 @@ def test_a_line_that_is_not_one_object_is_named_without_crashing(tmp_path: Path,
     """pyarrow crashes the process on a first ``null`` line (SIGSEGV), reads a later one as a row of
     nulls, and splits ``{..}{..}`` into two rows, shifting every later row number."""
     path = lines(tmp_path / "rows.jsonl", text, json.dumps(PAIR))
-    code = ("import sys; from rewardctl.data.loading import load_rows; from rewardctl.errors import DataError\n"
-            f"try: load_rows({str(path)!r}, split='train')\nexcept DataError as e: print(e)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys; from rewardctl.data.loading import load_rows; from rewardctl.errors import DataError\n"
+        f"try: load_rows({str(path)!r}, split='train')\nexcept DataError as e: print(e)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"{path}, row 1: line 1 ")
 
@@ -110,38 +145,77 @@ def test_a_line_that_is_not_one_object_is_named_without_crashing(tmp_path: Path,
 # ---- values changed on the way in -----------------------------------------------------------------
 def test_a_float_in_token_ids_blames_its_own_row_and_skip_keeps_the_others(tmp_path: Path):
     """Before: Arrow made the whole column float, so row 1 was blamed and skip rejected every row."""
-    rows = [{"chosen_ids": [5, 6], "rejected_ids": [5, 7]}, {"chosen_ids": [5, 6.5], "rejected_ids": [5, 7]},
-            {"chosen_ids": [9], "rejected_ids": [10, 11]}]
+    rows = [
+        {"chosen_ids": [5, 6], "rejected_ids": [5, 7]},
+        {"chosen_ids": [5, 6.5], "rejected_ids": [5, 7]},
+        {"chosen_ids": [9], "rejected_ids": [10, 11]},
+    ]
     path = write_jsonl(tmp_path / "ids.jsonl", rows)
-    assert str(refused("pairwise", path)) == \
-        f"{path}, row 2, field 'chosen_ids': must hold integers only; position 1 holds 6.5; {HINT}"
+    assert (
+        str(refused("pairwise", path))
+        == f"{path}, row 2, field 'chosen_ids': must hold integers only; position 1 holds 6.5; {HINT}"
+    )
     split = prepare("pairwise", path, "data.bad_rows=skip")
     assert split.dataset["chosen_ids"] == [[5, 6], [9]] and split.dataset[ROW_COLUMN] == [0, 2]
 
 
-@pytest.mark.parametrize(("method", "rows", "field", "got"), [
-    ("bco", [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": "NaN!"}],
-     "label", "got NaN"),
-    ("pairwise", [{**PAIR, "margin": 1.0}, {**PAIR, "margin": "NaN!"}], "margin", "got NaN"),
-    ("prm", [{"prompt": "Q", "completions": ["a"], "labels": [True]}, {"prompt": "Q", "completions": ["a"], "labels": ["NaN!"]}],
-     "labels[0]", "got NaN"),
-])
-def test_nan_is_reported_as_nan_not_as_null(tmp_path: Path, method: str, rows: list[dict[str, Any]], field: str, got: str):
+@pytest.mark.parametrize(
+    ("method", "rows", "field", "got"),
+    [
+        (
+            "bco",
+            [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": "NaN!"}],
+            "label",
+            "got NaN",
+        ),
+        ("pairwise", [{**PAIR, "margin": 1.0}, {**PAIR, "margin": "NaN!"}], "margin", "got NaN"),
+        (
+            "prm",
+            [
+                {"prompt": "Q", "completions": ["a"], "labels": [True]},
+                {"prompt": "Q", "completions": ["a"], "labels": ["NaN!"]},
+            ],
+            "labels[0]",
+            "got NaN",
+        ),
+    ],
+)
+def test_nan_is_reported_as_nan_not_as_null(
+    tmp_path: Path, method: str, rows: list[dict[str, Any]], field: str, got: str
+):
     """Before: datasets read NaN in a field of mixed JSON types as null ("got None")."""
     path = lines(tmp_path / "rows.jsonl", *(json.dumps(r).replace('"NaN!"', "NaN") for r in rows))
     error = refused(method, path)
     assert error.row == 2 and error.field == field and got in str(error)
 
 
-@pytest.mark.parametrize(("method", "rows", "field"), [
-    ("pairwise", [{**PAIR, "margin": 1.0}, {**PAIR, "margin": "1"}], "margin"),
-    ("ranklist", [{"prompt": "Q", "responses": [" a", " b"], "scores": [1.0, 2.0]},
-                  {"prompt": "Q", "responses": [" a", " b"], "scores": ["1", 2.0]}], "scores[0]"),
-    ("prm", [{"prompt": "Q", "completions": ["a"], "labels": [0.5]}, {"prompt": "Q", "completions": ["a"], "labels": ["1"]}],
-     "labels[0]"),
-    ("bco", [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": "true"}],
-     "label"),
-])
+@pytest.mark.parametrize(
+    ("method", "rows", "field"),
+    [
+        ("pairwise", [{**PAIR, "margin": 1.0}, {**PAIR, "margin": "1"}], "margin"),
+        (
+            "ranklist",
+            [
+                {"prompt": "Q", "responses": [" a", " b"], "scores": [1.0, 2.0]},
+                {"prompt": "Q", "responses": [" a", " b"], "scores": ["1", 2.0]},
+            ],
+            "scores[0]",
+        ),
+        (
+            "prm",
+            [
+                {"prompt": "Q", "completions": ["a"], "labels": [0.5]},
+                {"prompt": "Q", "completions": ["a"], "labels": ["1"]},
+            ],
+            "labels[0]",
+        ),
+        (
+            "bco",
+            [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "Q", "completion": " b", "label": "true"}],
+            "label",
+        ),
+    ],
+)
 def test_a_string_where_a_number_belongs_is_an_error_not_a_coercion(tmp_path: Path, method, rows, field):
     """Before: datasets stored the string "1" of a mixed-type field as the number 1 ("true" as true)."""
     error = refused(method, write_jsonl(tmp_path / "rows.jsonl", rows))
@@ -150,9 +224,11 @@ def test_a_string_where_a_number_belongs_is_an_error_not_a_coercion(tmp_path: Pa
 
 def test_fields_of_mixed_json_types_keep_every_value_exactly(tmp_path: Path):
     """ujson (datasets' Json decoder) reads 0.007884021981768897 one ulp off; text stays text."""
-    rows = [{"prompt": "Q:", "chosen": " 1", "rejected": " true", "margin": 0.007884021981768897},
-            {"prompt": USER, "chosen": said("null"), "rejected": said("[1]"), "margin": "x"},
-            {"prompt": USER, "chosen": said("true"), "rejected": said("1"), "margin": 2}]
+    rows = [
+        {"prompt": "Q:", "chosen": " 1", "rejected": " true", "margin": 0.007884021981768897},
+        {"prompt": USER, "chosen": said("null"), "rejected": said("[1]"), "margin": "x"},
+        {"prompt": USER, "chosen": said("true"), "rejected": said("1"), "margin": 2},
+    ]
     method_rows = prepare("pairwise", write_jsonl(tmp_path / "rows.jsonl", rows), "data.bad_rows=skip")
     assert method_rows.dataset["margin"] == [0.007884021981768897, 2.0] and method_rows.dataset[ROW_COLUMN] == [0, 2]
     assert method_rows.report["errors"][0].endswith("field 'margin': must be a finite number, got the string 'x'")
@@ -170,9 +246,16 @@ def test_csv_cells_are_text_numbers_are_read_where_numbers_belong(tmp_path: Path
     split = prepare("pairwise", path, "data.bad_rows=skip")
     assert split.dataset["margin"] == [1.5] and split.dataset[ROW_COLUMN] == [0]
     assert [e.split(": ", 1)[1] for e in split.report["errors"]] == [
-        "must be a finite number, got the string 'x'", "must be a finite number, got NaN",
-        "must be a finite number, got null (missing)"]
-    assert load_rows(str(path), split="train")[0] == {"prompt": "Q", "chosen": "NA", "rejected": "007", "margin": "1.50"}
+        "must be a finite number, got the string 'x'",
+        "must be a finite number, got NaN",
+        "must be a finite number, got null (missing)",
+    ]
+    assert load_rows(str(path), split="train")[0] == {
+        "prompt": "Q",
+        "chosen": "NA",
+        "rejected": "007",
+        "margin": "1.50",
+    }
 
 
 def test_csv_labels_read_true_and_false_and_nothing_else(tmp_path: Path):
@@ -183,22 +266,38 @@ def test_csv_labels_read_true_and_false_and_nothing_else(tmp_path: Path):
 
 
 # ---- chat rows ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("row", "field", "reason"), [
-    ({"prompt": USER, "chosen": said("Yes.", role="robot"), "rejected": said("No.")}, "chosen",
-     "message 0 has role 'robot'; roles are system, developer, user, assistant, tool, ipython"),
-    ({"prompt": USER, "chosen": said("Yes.") + USER, "rejected": said("No.")}, "chosen",
-     "ends with a 'user' message; a response must end with the assistant's answer"),
-    ({"prompt": USER, "chosen": said("Yes."), "rejected": said("  ")}, "rejected",
-     "message 0 (the assistant's answer) is empty"),
-    ({"prompt": USER, "chosen": said("Same."), "rejected": said("Same.")}, "rejected",
-     "is identical to the chosen response after tokenisation, so the pair teaches nothing; "
-     "data.bad_rows=skip leaves such pairs out"),
-])
+@pytest.mark.parametrize(
+    ("row", "field", "reason"),
+    [
+        (
+            {"prompt": USER, "chosen": said("Yes.", role="robot"), "rejected": said("No.")},
+            "chosen",
+            "message 0 has role 'robot'; roles are system, developer, user, assistant, tool, ipython",
+        ),
+        (
+            {"prompt": USER, "chosen": said("Yes.") + USER, "rejected": said("No.")},
+            "chosen",
+            "ends with a 'user' message; a response must end with the assistant's answer",
+        ),
+        (
+            {"prompt": USER, "chosen": said("Yes."), "rejected": said("  ")},
+            "rejected",
+            "message 0 (the assistant's answer) is empty",
+        ),
+        (
+            {"prompt": USER, "chosen": said("Same."), "rejected": said("Same.")},
+            "rejected",
+            "is identical to the chosen response after tokenisation, so the pair teaches nothing; "
+            "data.bad_rows=skip leaves such pairs out",
+        ),
+    ],
+)
 def test_pairwise_chat_rows_are_checked(tmp_path: Path, row, field, reason):
     good = {"prompt": USER, "chosen": said("Yes."), "rejected": said("No.")}
     path = write_jsonl(tmp_path / "chat.jsonl", [good, row])
     assert str(refused("pairwise", path)) == f"{path}, row 2, field '{field}': {reason}" + (
-        "" if "data.bad_rows" in reason else f"; {HINT}")
+        "" if "data.bad_rows" in reason else f"; {HINT}"
+    )
     split = prepare("pairwise", path, "data.bad_rows=skip")
     assert split.report["skipped_bad"] == 1 and split.report["errors"] == [f"{path}, row 2, field '{field}': {reason}"]
 
@@ -209,8 +308,10 @@ def test_identical_texts_are_refused_alike_by_pairwise_bco_and_ranklist(tmp_path
     assert refused("pairwise", path).field == "rejected"
     error = refused("bco", path)
     assert (error.row, error.field) == (2, "rejected") and "both desirable and undesirable" in str(error)
-    ranked = write_jsonl(tmp_path / "ranked.jsonl", [{"prompt": "Q:", "responses": [" a", " b"]},
-                                                     {"prompt": "Q:", "responses": [" same", " same"]}])
+    ranked = write_jsonl(
+        tmp_path / "ranked.jsonl",
+        [{"prompt": "Q:", "responses": [" a", " b"]}, {"prompt": "Q:", "responses": [" same", " same"]}],
+    )
     assert refused("ranklist", ranked).row == 2
     for method, file in (("pairwise", path), ("bco", path), ("ranklist", ranked)):
         assert prepare(method, file, "data.bad_rows=skip").report["skipped_bad"] == 1, method
@@ -218,16 +319,22 @@ def test_identical_texts_are_refused_alike_by_pairwise_bco_and_ranklist(tmp_path
 
 def test_bco_paired_skips_are_listed_by_file_row_and_field(tmp_path: Path):
     """Before: the report counted the skipped halves of paired rows but listed none of their errors."""
-    rows = [{"prompt": USER, "chosen": said("Yes."), "rejected": said("No.")},
-            {"prompt": USER, "chosen": said(""), "rejected": said("No.")},
-            {"prompt": USER, "chosen": said("Yes."), "rejected": said("Yes.", role="robot")}]
+    rows = [
+        {"prompt": USER, "chosen": said("Yes."), "rejected": said("No.")},
+        {"prompt": USER, "chosen": said(""), "rejected": said("No.")},
+        {"prompt": USER, "chosen": said("Yes."), "rejected": said("Yes.", role="robot")},
+    ]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    assert str(refused("bco", path)) == f"{path}, row 2, field 'chosen': message 0 (the assistant's answer) is empty; {HINT}"
+    assert (
+        str(refused("bco", path))
+        == f"{path}, row 2, field 'chosen': message 0 (the assistant's answer) is empty; {HINT}"
+    )
     split = prepare("bco", path, "data.bad_rows=skip")
     assert split.report["skipped_bad"] == 2 and split.report["errors"] == [
         f"{path}, row 2, field 'chosen': message 0 (the assistant's answer) is empty",
         f"{path}, row 3, field 'rejected': message 0 has role 'robot'; roles are system, developer, user, assistant, "
-        "tool, ipython"]
+        "tool, ipython",
+    ]
     assert split.dataset[ROW_COLUMN] == [0, 0, 1, 2]  # the good half of a pair stays
 
 
@@ -248,4 +355,6 @@ def test_a_ranked_tsv_review_longer_than_the_csv_field_limit_is_read(tmp_path: P
 
     long = "x" * 200_000
     (tmp_path / "train.tsv").write_text(f"{long}\tshort\n", encoding="utf-8")
-    assert load_rows(str(tmp_path / "train.tsv"), split="train", layout=Layout.ranked_tsv)["responses"] == [[long, "short"]]
+    assert load_rows(str(tmp_path / "train.tsv"), split="train", layout=Layout.ranked_tsv)["responses"] == [
+        [long, "short"]
+    ]

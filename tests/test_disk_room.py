@@ -32,9 +32,11 @@ def test_too_little_room_is_refused_and_a_tight_fit_is_warned_about(tmp_path: Pa
     footprint = RunFootprint(model_bytes=2**30, checkpoint_bytes=3 * 2**30, checkpoints=3)
     with pytest.raises(ConfigError) as info:
         check_disk_room(tmp_path, footprint, free=4 * 2**30 - 1)
-    assert str(info.value) == (f"output_dir: {tmp_path} has 4.00 GiB free, but this run writes about 4.00 GiB (the "
-                               "model 1.00 GiB and one checkpoint of weights and optimizer state 3.00 GiB); free "
-                               "space or choose another output_dir")
+    assert str(info.value) == (
+        f"output_dir: {tmp_path} has 4.00 GiB free, but this run writes about 4.00 GiB (the "
+        "model 1.00 GiB and one checkpoint of weights and optimizer state 3.00 GiB); free "
+        "space or choose another output_dir"
+    )
     with caplog.at_level(logging.WARNING, logger=disk.__name__):
         check_disk_room(tmp_path, footprint, free=4 * 2**30)
     assert "may write up to 10.00 GiB (3 checkpoints of 3.00 GiB and the model)" in caplog.text

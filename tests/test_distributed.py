@@ -45,19 +45,35 @@ def test_only_the_last_micro_batch_of_a_window_is_a_sync_boundary(tmp_path: Path
         original(self, loss, **kwargs)
 
     monkeypatch.setattr(Accelerator, "backward", recording)
-    summary, _ = run_training(tmp_path, ["experiment=smoke", "train.max_steps=4", "train.grad_accum=3",
-                                         "train.per_device_batch_size=2", "train.save_every=0"])
+    summary, _ = run_training(
+        tmp_path,
+        [
+            "experiment=smoke",
+            "train.max_steps=4",
+            "train.grad_accum=3",
+            "train.per_device_batch_size=2",
+            "train.save_every=0",
+        ],
+    )
     assert summary["status"] == "completed"
     assert flags == [False, False, True] * 4
 
 
-def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(tmp_path: Path,
-                                                                               monkeypatch: pytest.MonkeyPatch):
+def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Under DeepSpeed accelerate's gradient_accumulation_steps is the engine's count and the engine
     divides each loss by it. Emulated here by setting that count, which makes accelerate divide:
     the loop must undo it, so the run equals one with the count at 1."""
-    common = ["experiment=smoke", "train.max_steps=4", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
-              "train.grad_accum=3", "train.per_device_batch_size=2"]
+    common = [
+        "experiment=smoke",
+        "train.max_steps=4",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.grad_accum=3",
+        "train.per_device_batch_size=2",
+    ]
     plain, plain_dir = run_training(tmp_path, common, name="plain")
     from rewardctl.training import session
 
@@ -74,8 +90,13 @@ def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(t
     b = [r for r in read_jsonl(emulated_dir / "metrics.jsonl") if r["split"] == "train"]
     assert len(a) == len(b) == 4
     for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
-    wa, wb = load_file(str(plain_dir / "model/model.safetensors")), load_file(str(emulated_dir / "model/model.safetensors"))
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["grad_norm"] == pytest.approx(
+            y["grad_norm"], rel=1e-5
+        )
+    wa, wb = (
+        load_file(str(plain_dir / "model/model.safetensors")),
+        load_file(str(emulated_dir / "model/model.safetensors")),
+    )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -106,8 +127,9 @@ def test_deepspeed_zero3_launch_arguments_gather_a_16bit_model(monkeypatch: pyte
 
 
 def test_multi_machine_launch_uses_the_configured_rendezvous():
-    args, _ = launch.launcher_arguments(hardware(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
-                                                 main_process_port=29555))
+    args, _ = launch.launcher_arguments(
+        hardware(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29555)
+    )
     joined = " ".join(args)
     assert "--num_processes 4 --num_machines 2 --machine_rank 1 --main_process_port 29555" in joined
     assert "--main_process_ip 10.0.0.1" in joined

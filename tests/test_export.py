@@ -33,7 +33,9 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_checkpoint_exports_to_a_stock_model_scoring_as_eval_of_that_checkpoint(full_run: Path, tmp_path: Path):
-    evaluate_run(compose_eval([f"run_dir={full_run}", "checkpoint=step-3", f"output_dir={tmp_path / 'eval'}", "max_rows=6"]))
+    evaluate_run(
+        compose_eval([f"run_dir={full_run}", "checkpoint=step-3", f"output_dir={tmp_path / 'eval'}", "max_rows=6"])
+    )
     predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
     rows = read_jsonl(SAMPLES / "pairwise" / "eval.jsonl")
     rows = [rows[p["row"] - 1] for p in predictions]
@@ -91,8 +93,9 @@ def test_a_lora_checkpoint_of_bco_exports_merged_with_that_checkpoints_delta(tmp
     method state, not the final one; stock transformers then gives eval's log-probabilities."""
     from transformers import AutoModelForCausalLM
 
-    _, run_dir = run_training(tmp_path, ["method=bco", "peft=lora", "peft.r=4", "experiment=smoke",
-                                         "peft.save_merged=false"])
+    _, run_dir = run_training(
+        tmp_path, ["method=bco", "peft=lora", "peft.r=4", "experiment=smoke", "peft.save_merged=false"]
+    )
     state = load_file(str(run_dir / "checkpoints" / "step-3" / "method_state.safetensors"))
     delta_at_3 = (state["delta_total"] / state["delta_count"]).item()
     export_run(compose_export([f"run_dir={run_dir}", "checkpoint=step-3"]))
@@ -103,7 +106,9 @@ def test_a_lora_checkpoint_of_bco_exports_merged_with_that_checkpoints_delta(tmp
     final_delta = json.loads((run_dir / "model" / "rewardctl.json").read_text())["delta"]
     assert delta_at_3 != pytest.approx(final_delta)  # really the checkpoint's, not the end's
 
-    evaluate_run(compose_eval([f"run_dir={run_dir}", "checkpoint=step-3", f"output_dir={tmp_path / 'eval'}", "max_rows=3"]))
+    evaluate_run(
+        compose_eval([f"run_dir={run_dir}", "checkpoint=step-3", f"output_dir={tmp_path / 'eval'}", "max_rows=3"])
+    )
     tokenizer = AutoTokenizer.from_pretrained(exported)
     rows = read_jsonl(SAMPLES / "bco" / "eval.jsonl")
     for prediction in read_jsonl(tmp_path / "eval" / "predictions.jsonl"):

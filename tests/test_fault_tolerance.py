@@ -44,7 +44,9 @@ def test_bad_updates_stop_the_run_only_in_a_row():
     guard = DivergenceGuard(max_bad_steps=3, factor=100.0)
     assert [guard.after_update(step, nan, True, True) for step in (1, 2)] == [None, None]
     assert guard.after_update(3, 0.7, False, False) is None and guard.bad_streak == 0  # a good update resets the streak
-    assert guard.after_update(4, 0.6, True, False) is None and guard.bad_streak == 0  # fp16 scaler overflow: skipped only
+    assert (
+        guard.after_update(4, 0.6, True, False) is None and guard.bad_streak == 0
+    )  # fp16 scaler overflow: skipped only
     reasons = [guard.after_update(step, nan, True, True) for step in (5, 6, 7)]
     assert reasons[:2] == [None, None] and "3 updates in a row" in reasons[2]
     assert guard.skipped_steps == 6
@@ -87,14 +89,22 @@ def test_a_first_signal_asks_a_second_stops_at_once_and_handlers_come_back(monke
 
 
 def test_the_resume_command_keeps_the_arguments_and_fixes_the_run_directory():
-    assert cli.resume_command(["train.max_steps=400"], "/runs/a", sweep=False) == \
-        "rewardctl train train.max_steps=400 output_dir=/runs/a"
-    assert cli.resume_command(["output_dir=runs/a", "data.train=my file.jsonl"], "/abs/runs/a", sweep=False) == \
-        "rewardctl train output_dir=runs/a 'data.train=my file.jsonl'"
-    assert cli.resume_command(["output_dir=out/${now:%H}", "train.resume=off"], "/abs/out/12", sweep=False) == \
-        "rewardctl train train.resume=auto output_dir=/abs/out/12"
-    assert cli.resume_command(["-m", "train.lr=1e-3,2e-3"], "/sweep/1", sweep=True) == \
-        "rewardctl train -m train.lr=1e-3,2e-3 output_dir=/sweep"
+    assert (
+        cli.resume_command(["train.max_steps=400"], "/runs/a", sweep=False)
+        == "rewardctl train train.max_steps=400 output_dir=/runs/a"
+    )
+    assert (
+        cli.resume_command(["output_dir=runs/a", "data.train=my file.jsonl"], "/abs/runs/a", sweep=False)
+        == "rewardctl train output_dir=runs/a 'data.train=my file.jsonl'"
+    )
+    assert (
+        cli.resume_command(["output_dir=out/${now:%H}", "train.resume=off"], "/abs/out/12", sweep=False)
+        == "rewardctl train train.resume=auto output_dir=/abs/out/12"
+    )
+    assert (
+        cli.resume_command(["-m", "train.lr=1e-3,2e-3"], "/sweep/1", sweep=True)
+        == "rewardctl train -m train.lr=1e-3,2e-3 output_dir=/sweep"
+    )
 
 
 def test_a_second_signal_ends_the_command_with_one_line(monkeypatch, capsys):
@@ -106,11 +116,14 @@ def test_a_second_signal_ends_the_command_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "rewardctl: SIGTERM: stopped at once, without a checkpoint\n"
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("model.dtype=float16", "model.dtype: float16 weights need a GPU"),
-    ("train.max_bad_steps=-1", "train.max_bad_steps: must be >= 0"),
-    ("train.divergence_factor=0.5", "train.divergence_factor: must be 0 (off) or > 1"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.dtype=float16", "model.dtype: float16 weights need a GPU"),
+        ("train.max_bad_steps=-1", "train.max_bad_steps: must be >= 0"),
+        ("train.divergence_factor=0.5", "train.divergence_factor: must be 0 (off) or > 1"),
+    ],
+)
 def test_unsafe_settings_are_refused_before_anything_loads(override: str, message: str):
     with pytest.raises(ConfigError) as info:
         to_run_config(compose_train(["hardware.device=cpu", override]))
@@ -138,8 +151,12 @@ def bare_loop(*, scaler: bool, overflow: bool) -> TrainingLoop:
     from accelerate.utils import DistributedType
 
     loop = TrainingLoop.__new__(TrainingLoop)
-    loop.accelerator = SimpleNamespace(scaler=object() if scaler else None, distributed_type=DistributedType.NO,
-                                       mixed_precision="fp16" if scaler else "no", optimizer_step_was_skipped=overflow)
+    loop.accelerator = SimpleNamespace(
+        scaler=object() if scaler else None,
+        distributed_type=DistributedType.NO,
+        mixed_precision="fp16" if scaler else "no",
+        optimizer_step_was_skipped=overflow,
+    )
     loop.optimizer, loop.scheduler = Counting(), Counting()
     loop.guard, loop._diverged, loop.step = DivergenceGuard(3, 100.0), None, 0
     return loop
@@ -248,8 +265,10 @@ def test_bad_updates_in_a_row_end_the_run_as_diverged_keeping_finite_checkpoints
 
 def test_a_logged_loss_far_above_the_recent_median_ends_the_run_as_diverged(tmp_path: Path, loss_times):
     loss_times.update({13: 1e4, 14: 1e4})
-    summary, run_dir = run_training(tmp_path, ["experiment=smoke", "train.max_steps=16", "train.log_every=1",
-                                               "train.eval_every=0", "train.save_every=4"])
+    summary, run_dir = run_training(
+        tmp_path,
+        ["experiment=smoke", "train.max_steps=16", "train.log_every=1", "train.eval_every=0", "train.save_every=4"],
+    )
     assert summary["status"] == "diverged" and summary["step"] == 13 and summary["skipped_steps"] == 0
     assert "over 100x the median" in summary["message"] and not (run_dir / "model").exists()
     assert sorted(checkpoint_weights(run_dir)) == ["step-12", "step-8"] and summary["checkpoint"].endswith("step-12")
@@ -258,8 +277,16 @@ def test_a_logged_loss_far_above_the_recent_median_ends_the_run_as_diverged(tmp_
 # ---- the real command ----------------------------------------------------------------------------
 def test_a_huge_learning_rate_ends_as_diverged_with_exit_3_and_finite_checkpoints(tmp_path: Path):
     out = tmp_path / "run"
-    result = run_cli("train", "train.lr=1e8", "train.save_every=1", "train.keep_checkpoints=1",
-                     "train.progress_bar=false", "train.eval_at_start=false", f"output_dir={out}", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        "train.lr=1e8",
+        "train.save_every=1",
+        "train.keep_checkpoints=1",
+        "train.progress_bar=false",
+        "train.eval_at_start=false",
+        f"output_dir={out}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("rewardctl: error:")]
     assert len(errors) == 1 and "diverged at step" in errors[0] and "train.lr" in errors[0]
@@ -275,8 +302,9 @@ def test_a_learning_rate_blow_up_ends_as_diverged(tmp_path: Path):
     median rule has nothing sane to compare with; the gradients overflow during warm-up and three
     non-finite updates in a row stop it (measured: steps 24-26)."""
     out = tmp_path / "run"
-    result = run_cli("train", "train.lr=1e3", "train.progress_bar=false", "data.max_eval_rows=100",
-                     f"output_dir={out}", cwd=tmp_path)
+    result = run_cli(
+        "train", "train.lr=1e3", "train.progress_bar=false", "data.max_eval_rows=100", f"output_dir={out}", cwd=tmp_path
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and not (out / "model").exists() and summary["skipped_steps"] == 3
@@ -286,8 +314,9 @@ def test_a_learning_rate_blow_up_ends_as_diverged(tmp_path: Path):
 def start(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
     """`python -m rewardctl train ...` in the background; stderr goes to a file read afterwards."""
     err = cwd / f"stderr-{time.monotonic_ns()}.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "rewardctl", "train", *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rewardctl", "train", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=err.open("w")
+    )
     return proc, err
 
 
@@ -332,8 +361,14 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_command(
 
 @pytest.mark.slow
 def test_an_interrupted_run_resumed_by_its_command_matches_an_uninterrupted_one(tmp_path: Path):
-    args = ["train.max_steps=100", "train.eval_every=50", "train.save_every=0", "train.progress_bar=false",
-            "data.max_eval_rows=100", "train.log_every=5"]
+    args = [
+        "train.max_steps=100",
+        "train.eval_every=50",
+        "train.save_every=0",
+        "train.progress_bar=false",
+        "data.max_eval_rows=100",
+        "train.log_every=5",
+    ]
     proc, err = start([*args, f"output_dir={tmp_path / 'part'}"], tmp_path)
     wait_for_training(proc, tmp_path / "part")
     proc.send_signal(signal.SIGTERM)
@@ -345,9 +380,12 @@ def test_an_interrupted_run_resumed_by_its_command_matches_an_uninterrupted_one(
     part_summary = json.loads((tmp_path / "part" / "summary.json").read_text())
     full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert part_summary["status"] == "completed" and part_summary["final_eval"] == {
-        **full_summary["final_eval"], "eval_seconds": part_summary["final_eval"]["eval_seconds"]}
-    assert comparable(read_jsonl(tmp_path / "part" / "metrics.jsonl")) == \
-        comparable(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+        **full_summary["final_eval"],
+        "eval_seconds": part_summary["final_eval"]["eval_seconds"],
+    }
+    assert comparable(read_jsonl(tmp_path / "part" / "metrics.jsonl")) == comparable(
+        read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    )
 
 
 def test_a_second_signal_stops_the_command_at_once(tmp_path: Path):
@@ -356,9 +394,19 @@ def test_a_second_signal_stops_the_command_at_once(tmp_path: Path):
     the first is still being honoured. The first signal comes right after step 1's record, i.e. at the
     start of step 2."""
     out = tmp_path / "run"
-    proc, err = start(["train.max_steps=50", "train.save_every=0", "train.progress_bar=false", "train.log_every=1",
-                       "train.eval_at_start=false", "train.per_device_batch_size=64", "train.grad_accum=48",
-                       f"output_dir={out}"], tmp_path)
+    proc, err = start(
+        [
+            "train.max_steps=50",
+            "train.save_every=0",
+            "train.progress_bar=false",
+            "train.log_every=1",
+            "train.eval_at_start=false",
+            "train.per_device_batch_size=64",
+            "train.grad_accum=48",
+            f"output_dir={out}",
+        ],
+        tmp_path,
+    )
     wait_for_training(proc, out)
     proc.send_signal(signal.SIGTERM)
     time.sleep(guards.DUPLICATE_WINDOW_S + 0.2)
@@ -388,15 +436,37 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: 
     from rewardctl.training.launch import free_port
 
     out = tmp_path / "ddp"
-    args = ["train.max_steps=40", "train.save_every=0", "train.progress_bar=false", "data.max_eval_rows=64",
-            "train.per_device_batch_size=8", f"output_dir={out}"]
+    args = [
+        "train.max_steps=40",
+        "train.save_every=0",
+        "train.progress_bar=false",
+        "data.max_eval_rows=64",
+        "train.per_device_batch_size=8",
+        f"output_dir={out}",
+    ]
 
     def torchrun() -> tuple[subprocess.Popen, Path]:
         err = tmp_path / f"stderr-{time.monotonic_ns()}.txt"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                   str(free_port()), "-m", "rewardctl", "train", *args]
-        return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err.open("w"),
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}), err
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "rewardctl",
+            "train",
+            *args,
+        ]
+        return subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=err.open("w"),
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ), err
 
     proc, err = torchrun()
     wait_for_training(proc, out, timeout=300)
@@ -440,7 +510,9 @@ def test_the_first_signal_goes_to_the_launcher_only_and_a_second_to_every_worker
     try:
         assert launcher.stdout.readline() == "ready\n"
         deadline = time.monotonic() + 30
-        while not (worker := [p for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]):
+        while not (
+            worker := [p for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # the worker's handlers are installed
@@ -451,7 +523,8 @@ def test_the_first_signal_goes_to_the_launcher_only_and_a_second_to_every_worker
         forwarded._forward(signal.SIGINT, None)
         time.sleep(0.5)
         assert sorted(log.read_text().splitlines()) == sorted(
-            [f"{launcher.pid} SIGINT", f"{launcher.pid} SIGINT", f"{worker[0]} SIGINT"])
+            [f"{launcher.pid} SIGINT", f"{launcher.pid} SIGINT", f"{worker[0]} SIGINT"]
+        )
         assert forwarded.count == 2 and forwarded.signum == signal.SIGINT
     finally:
         for pid in [*Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split(), launcher.pid]:
@@ -496,11 +569,23 @@ def test_ctrl_c_on_a_self_launched_two_process_run_checkpoints_and_prints_one_re
     group): both workers finish the same step and write one checkpoint, the command exits 130 after
     them with one resume line: the user's own command, not the workers'."""
     out = tmp_path / "ddp"
-    args = ["hardware.num_processes=2", "train.max_steps=400", "train.save_every=0", "train.progress_bar=false",
-            "data.max_eval_rows=64", "train.per_device_batch_size=8", f"output_dir={out}"]
+    args = [
+        "hardware.num_processes=2",
+        "train.max_steps=400",
+        "train.save_every=0",
+        "train.progress_bar=false",
+        "data.max_eval_rows=64",
+        "train.per_device_batch_size=8",
+        f"output_dir={out}",
+    ]
     err = tmp_path / "stderr.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "rewardctl", "train", *args], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rewardctl", "train", *args],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=err.open("w"),
+    )
     try:
         wait_for_training(proc, out, timeout=300)
         os.killpg(proc.pid, signal.SIGINT)

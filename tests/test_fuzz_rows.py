@@ -34,9 +34,13 @@ from rewardctl.methods.registry import method_class, to_run_config
 from .conftest import compose_train
 
 # A few examples per case keep the file near 30 s; REWARDCTL_FUZZ_EXAMPLES=200 digs deeper.
-FUZZ = settings(derandomize=True, max_examples=int(os.environ.get("REWARDCTL_FUZZ_EXAMPLES", "8")), deadline=None,
-                database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+FUZZ = settings(
+    derandomize=True,
+    max_examples=int(os.environ.get("REWARDCTL_FUZZ_EXAMPLES", "8")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 USER = [{"role": "user", "content": "Is the sky blue?"}]
 
@@ -58,55 +62,129 @@ class Variant:
 
 
 VARIANTS = {
-    "pairwise": Variant("pairwise", "pairwise", (("prompt", "prompt"), ("chosen", "message"), ("rejected", "message"),
-                                                 ("margin", "number")), (
-        {"prompt": "Q: sky? A:", "chosen": " blue", "rejected": " green", "margin": 0.5},
-        {"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 5", "margin": 0.30000000000000004},
-        {"prompt": "Q: hi", "chosen": " hello there", "rejected": " go away", "margin": 1e-7},
-        {"prompt": USER, "chosen": said("Yes."), "rejected": said("No."), "margin": 2},
-    ), typed=(0, 1, 2)),
-    "pairwise_ids": Variant("pairwise_ids", "pairwise", (("chosen_ids", "ids"), ("rejected_ids", "ids")), (
-        {"chosen_ids": [5, 6, 7], "rejected_ids": [5, 8]},
-        {"chosen_ids": [9], "rejected_ids": [10, 11, 12]},
-    ), typed=(0, 1)),
-    "bco": Variant("bco", "bco", (("prompt", "prompt"), ("completion", "message"), ("label", "bool")), (
-        {"prompt": "Q1:", "completion": " good", "label": True},
-        {"prompt": "Q2:", "completion": " bad", "label": False},
-        {"prompt": USER, "completion": said("Yes."), "label": True},
-    ), typed=(0, 1)),
-    "bco_paired": Variant("bco_paired", "bco", (("prompt", "prompt"), ("chosen", "message"), ("rejected", "message")), (
-        {"prompt": "Q1:", "chosen": " yes", "rejected": " no"},
-        {"prompt": "Q2:", "chosen": " fine, thanks", "rejected": " leave"},
-        {"prompt": USER, "chosen": said("Yes."), "rejected": said("No.")},
-    ), typed=(0, 1)),
-    "ranklist": Variant("ranklist", "ranklist", (("prompt", "prompt"), ("responses", "responses"), ("scores", "numbers")), (
-        {"prompt": "Q:", "responses": [" a", " b", " c"], "scores": [1.0, 3.0, 2.5]},
-        {"prompt": "Q2:", "responses": [" x", " y"], "scores": [0.1, 0.30000000000000004]},
-        {"prompt": USER, "responses": [said("a"), said("b")], "scores": [2, 1]},
-    ), typed=(0, 1)),
-    "prm": Variant("prm", "prm", (("prompt", "prompt"), ("completions", "steps"), ("labels", "step_labels")), (
-        {"prompt": "Q:", "completions": ["step one", "step two"], "labels": [1.0, 0.0]},
-        {"prompt": "Q2:", "completions": ["a"], "labels": [0.75]},
-        {"prompt": USER, "completions": ["b", "c"], "labels": [True, False]},
-    ), typed=(0, 1)),
+    "pairwise": Variant(
+        "pairwise",
+        "pairwise",
+        (("prompt", "prompt"), ("chosen", "message"), ("rejected", "message"), ("margin", "number")),
+        (
+            {"prompt": "Q: sky? A:", "chosen": " blue", "rejected": " green", "margin": 0.5},
+            {"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 5", "margin": 0.30000000000000004},
+            {"prompt": "Q: hi", "chosen": " hello there", "rejected": " go away", "margin": 1e-7},
+            {"prompt": USER, "chosen": said("Yes."), "rejected": said("No."), "margin": 2},
+        ),
+        typed=(0, 1, 2),
+    ),
+    "pairwise_ids": Variant(
+        "pairwise_ids",
+        "pairwise",
+        (("chosen_ids", "ids"), ("rejected_ids", "ids")),
+        (
+            {"chosen_ids": [5, 6, 7], "rejected_ids": [5, 8]},
+            {"chosen_ids": [9], "rejected_ids": [10, 11, 12]},
+        ),
+        typed=(0, 1),
+    ),
+    "bco": Variant(
+        "bco",
+        "bco",
+        (("prompt", "prompt"), ("completion", "message"), ("label", "bool")),
+        (
+            {"prompt": "Q1:", "completion": " good", "label": True},
+            {"prompt": "Q2:", "completion": " bad", "label": False},
+            {"prompt": USER, "completion": said("Yes."), "label": True},
+        ),
+        typed=(0, 1),
+    ),
+    "bco_paired": Variant(
+        "bco_paired",
+        "bco",
+        (("prompt", "prompt"), ("chosen", "message"), ("rejected", "message")),
+        (
+            {"prompt": "Q1:", "chosen": " yes", "rejected": " no"},
+            {"prompt": "Q2:", "chosen": " fine, thanks", "rejected": " leave"},
+            {"prompt": USER, "chosen": said("Yes."), "rejected": said("No.")},
+        ),
+        typed=(0, 1),
+    ),
+    "ranklist": Variant(
+        "ranklist",
+        "ranklist",
+        (("prompt", "prompt"), ("responses", "responses"), ("scores", "numbers")),
+        (
+            {"prompt": "Q:", "responses": [" a", " b", " c"], "scores": [1.0, 3.0, 2.5]},
+            {"prompt": "Q2:", "responses": [" x", " y"], "scores": [0.1, 0.30000000000000004]},
+            {"prompt": USER, "responses": [said("a"), said("b")], "scores": [2, 1]},
+        ),
+        typed=(0, 1),
+    ),
+    "prm": Variant(
+        "prm",
+        "prm",
+        (("prompt", "prompt"), ("completions", "steps"), ("labels", "step_labels")),
+        (
+            {"prompt": "Q:", "completions": ["step one", "step two"], "labels": [1.0, 0.0]},
+            {"prompt": "Q2:", "completions": ["a"], "labels": [0.75]},
+            {"prompt": USER, "completions": ["b", "c"], "labels": [True, False]},
+        ),
+        typed=(0, 1),
+    ),
 }
 
 NAN, INF = float("nan"), float("inf")
 CHAT_GARBAGE = [
-    [{"role": "robot", "content": "x"}], USER, said(""), said("   "), [{"role": "assistant"}], [{"content": "x"}],
-    [{"role": "assistant", "content": 5}], USER + said("ok") + USER, [[]], [{"role": None, "content": "x"}],
+    [{"role": "robot", "content": "x"}],
+    USER,
+    said(""),
+    said("   "),
+    [{"role": "assistant"}],
+    [{"content": "x"}],
+    [{"role": "assistant", "content": 5}],
+    USER + said("ok") + USER,
+    [[]],
+    [{"role": None, "content": "x"}],
 ]
 # Any JSON value, for the layouts that hold any (jsonl, json).
-ANY = [None, "", "   ", "1", "x", "NaN", "true", "null", "[1]", 0, 1, -1, 1.5, 0.30000000000000004, NAN, INF, -INF, 1e308,
-       True, False, [], [""], ["a"], [1, 2.5], [None], {}, {"a": {"b": [1]}}, 2 ** 70, -(2 ** 63) - 1, "é\x00🙂", "\ud800",
-       *CHAT_GARBAGE]
+ANY = [
+    None,
+    "",
+    "   ",
+    "1",
+    "x",
+    "NaN",
+    "true",
+    "null",
+    "[1]",
+    0,
+    1,
+    -1,
+    1.5,
+    0.30000000000000004,
+    NAN,
+    INF,
+    -INF,
+    1e308,
+    True,
+    False,
+    [],
+    [""],
+    ["a"],
+    [1, 2.5],
+    [None],
+    {},
+    {"a": {"b": [1]}},
+    2**70,
+    -(2**63) - 1,
+    "é\x00🙂",
+    "\ud800",
+    *CHAT_GARBAGE,
+]
 # Values of each field's own Arrow type (or null), for parquet.
 TYPED = {
     "prompt": [None, "", "   ", "x", "1", "NaN", "é\x00🙂"],
     "message": [None, "", "   ", "x", "1", "NaN", "é\x00🙂", " blue"],
     "number": [None, NAN, INF, -INF, 0.0, -1e300, 0.1],
     "bool": [None, True, False],
-    "ids": [None, [], [-1], [10 ** 6], [5, 5], [0]],
+    "ids": [None, [], [-1], [10**6], [5, 5], [0]],
     "responses": [None, [], [""], [" a"], [" a", " a"], [" b", "  "], [" a", " b", " c", " d"]],
     "numbers": [None, [], [NAN, 1.0], [1.0], [1.0, 1.0], [INF, 0.0], [0.0, 1.0, 2.0]],
     "steps": [None, [], [""], ["a", "b", "c"], ["x"]],
@@ -116,14 +194,24 @@ TYPED = {
 JSON_ONLY = {
     "number": ["1", "0.5", "big", [1]],
     "bool": ["true", 1, 0, 1.0, NAN],
-    "ids": [[5, 6.5], [5, "6"], [5.0, 6.0], [True], [5, None], [5, 2 ** 70]],
+    "ids": [[5, 6.5], [5, "6"], [5.0, 6.0], [True], [5, None], [5, 2**70]],
     "responses": [[" a", 5], [" a", None], [" a", USER], [" a", said("b"), " c"], [said("a"), said("a")]],
     "numbers": [["1", 2.0], [1, "x"], [True, 2.0], [NAN, 1.0], [1e309 if False else 1e308, 1.0]],
     "steps": [["a", 5], [None], [USER], ["a", ""]],
     "step_labels": [["1"], [True, 0.5], [0.5, "x"], [None], [NAN], [INF]],
 }
-BAD_LINES = ['{"prompt": "x",,}', "[1, 2]", '"just text"', '{"margin": 1e309}', "{", "null", '{"prompt": "\\ud800"}',
-             '{"chosen": NaN, "label": Infinity}', "12", '{"a": 1}{"b": 2}']
+BAD_LINES = [
+    '{"prompt": "x",,}',
+    "[1, 2]",
+    '"just text"',
+    '{"margin": 1e309}',
+    "{",
+    "null",
+    '{"prompt": "\\ud800"}',
+    '{"chosen": NaN, "label": Infinity}',
+    "12",
+    '{"a": 1}{"b": 2}',
+]
 BAD_ITEMS = [5, "x", None, [1], True]
 
 
@@ -145,8 +233,11 @@ def rows_for(draw: Any, variant: Variant, layout: str) -> tuple[list[Any], list[
         row = dict(draw(st.sampled_from(pool)))
         how = draw(st.sampled_from(["clean", "field", "field", "field", "two", "line"]))
         if how == "line" and layout in ("jsonl", "json"):
-            rows.append(Line(text=draw(st.sampled_from(BAD_LINES))) if layout == "jsonl"
-                        else Line(item=draw(st.sampled_from(BAD_ITEMS))))
+            rows.append(
+                Line(text=draw(st.sampled_from(BAD_LINES)))
+                if layout == "jsonl"
+                else Line(item=draw(st.sampled_from(BAD_ITEMS)))
+            )
             changes.append(1)
             continue
         changes.append({"clean": 0, "field": 1, "two": 2, "line": 1}[how])
@@ -257,7 +348,9 @@ _METHODS: dict[tuple[str, BadRows], Any] = {}
 def method_for(variant: Variant, bad_rows: BadRows) -> Any:
     key = (variant.method, bad_rows)
     if key not in _METHODS:
-        run = to_run_config(compose_train([f"method={variant.method}", "data.eval=null", f"data.bad_rows={bad_rows.value}"]))
+        run = to_run_config(
+            compose_train([f"method={variant.method}", "data.eval=null", f"data.bad_rows={bad_rows.value}"])
+        )
         _METHODS[key] = method_class(run.method._target_)(run.method, run)
     return _METHODS[key]
 
@@ -284,8 +377,13 @@ def alone(variant: Variant, layout: str, row: Any, columns: list[str], folder: P
     """How ``row`` fares in a file of its own (same layout, same columns), with error and with skip."""
     key = (variant.name, layout, repr(row), tuple(columns))
     if key not in _ALONE:
-        filled = ({c: row.get(c) for c in columns} if isinstance(row, dict)
-                  else fill_line(row, columns) if isinstance(row, Line) else row)
+        filled = (
+            {c: row.get(c) for c in columns}
+            if isinstance(row, dict)
+            else fill_line(row, columns)
+            if isinstance(row, Line)
+            else row
+        )
         path = write(folder / f"alone-{len(_ALONE)}.{suffix(layout)}", [filled], layout, columns)
         _ALONE[key] = (prepare(variant, layout, path, BadRows.error), prepare(variant, layout, path, BadRows.skip))
     return _ALONE[key]

@@ -46,7 +46,9 @@ SINGLE_PROCESS = SimpleNamespace(device=torch.device("cpu"), num_processes=1)  #
 def _origin() -> str:
     """``file:line`` of the innermost frame outside torch and outside this module's spy."""
     frame = sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR) or frame.f_code.co_filename == __file__):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(TORCH_DIR) or frame.f_code.co_filename == __file__
+    ):
         frame = frame.f_back
     return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
@@ -88,7 +90,7 @@ def ready(name: str):
     model = method.build_model()
     method.on_train_start(model, LocalRuntime(), resuming=False)
     model.train()
-    return method, model, [method.collate(features[i:i + 2]) for i in (0, 2, 4)]
+    return method, model, [method.collate(features[i : i + 2]) for i in (0, 2, 4)]
 
 
 # ---- the step path ----------------------------------------------------------------------------------
@@ -152,15 +154,30 @@ def f64(value: float) -> torch.Tensor:
 def micro_batches() -> list[dict[str, Metric]]:
     """Three micro-batches mixing tensor and Python counts; float64 values whose sums round."""
     return [
-        {"loss": Metric(f64(0.1), torch.tensor(2)), "acc": Metric(f64(1.0), 3.0), "tokens": Metric.total(torch.tensor(7)),
-         "low": Metric.min_of(torch.tensor([0.5, -0.25])), "high": Metric.max_of(torch.tensor([0.5, -0.25])),
-         "udm": Metric(f64(0.0), torch.tensor(0))},
-        {"loss": Metric(f64(0.2), torch.tensor(1)), "acc": Metric(f64(2.0), 3.0), "tokens": Metric.total(torch.tensor(5)),
-         "low": Metric.min_of(torch.tensor([-1.5])), "high": Metric.max_of(torch.tensor([2.75, 1.0])),
-         "udm": Metric(f64(0.0), torch.tensor(0))},
-        {"loss": Metric(f64(0.3), torch.tensor(4)), "acc": Metric(f64(0.0), 1.0), "tokens": Metric.total(9),
-         "low": Metric.min_of(torch.tensor([3.0])), "high": Metric.max_of(torch.tensor([-4.0])),
-         "udm": Metric(f64(0.0), torch.tensor(0))},
+        {
+            "loss": Metric(f64(0.1), torch.tensor(2)),
+            "acc": Metric(f64(1.0), 3.0),
+            "tokens": Metric.total(torch.tensor(7)),
+            "low": Metric.min_of(torch.tensor([0.5, -0.25])),
+            "high": Metric.max_of(torch.tensor([0.5, -0.25])),
+            "udm": Metric(f64(0.0), torch.tensor(0)),
+        },
+        {
+            "loss": Metric(f64(0.2), torch.tensor(1)),
+            "acc": Metric(f64(2.0), 3.0),
+            "tokens": Metric.total(torch.tensor(5)),
+            "low": Metric.min_of(torch.tensor([-1.5])),
+            "high": Metric.max_of(torch.tensor([2.75, 1.0])),
+            "udm": Metric(f64(0.0), torch.tensor(0)),
+        },
+        {
+            "loss": Metric(f64(0.3), torch.tensor(4)),
+            "acc": Metric(f64(0.0), 1.0),
+            "tokens": Metric.total(9),
+            "low": Metric.min_of(torch.tensor([3.0])),
+            "high": Metric.max_of(torch.tensor([-4.0])),
+            "udm": Metric(f64(0.0), torch.tensor(0)),
+        },
     ]
 
 

@@ -73,16 +73,23 @@ class LinearRegression(Method):
         errors = (model(batch["x"]).squeeze(-1) - batch["y"]) ** 2
         y = batch["y"]
         self.seen += len(y)
-        return StepOutput(errors.sum(), {"loss": Metric.mean_of(errors), "target": Metric.mean_of(y),
-                                         "rows": Metric.total(len(y)), "y_min": Metric.min_of(y),
-                                         "y_max": Metric.max_of(y)})
+        return StepOutput(
+            errors.sum(),
+            {
+                "loss": Metric.mean_of(errors),
+                "target": Metric.mean_of(y),
+                "rows": Metric.total(len(y)),
+                "y_min": Metric.min_of(y),
+                "y_max": Metric.max_of(y),
+            },
+        )
 
     def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"err": model(batch["x"]).squeeze(-1) - batch["y"]}
 
     def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
         err = outputs["err"]
-        return {"loss": (err ** 2).mean().item(), "mae": err.abs().mean().item(), "rows": float(err.numel())}
+        return {"loss": (err**2).mean().item(), "mae": err.abs().mean().item(), "rows": float(err.numel())}
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"seen": self.seen.clone()}
@@ -92,8 +99,19 @@ class LinearRegression(Method):
 
 
 def train_cfg(**overrides: Any) -> TrainConfig:
-    base = TrainConfig(per_device_batch_size=3, grad_accum=2, lr=0.1, log_every=1, eval_every=0, eval_at_start=False,
-                       save_every=0, max_grad_norm=0.0, scheduler=Scheduler.constant, progress_bar=False, seed=7)
+    base = TrainConfig(
+        per_device_batch_size=3,
+        grad_accum=2,
+        lr=0.1,
+        log_every=1,
+        eval_every=0,
+        eval_at_start=False,
+        save_every=0,
+        max_grad_norm=0.0,
+        scheduler=Scheduler.constant,
+        progress_bar=False,
+        seed=7,
+    )
     return replace(base, **overrides)
 
 
@@ -102,9 +120,18 @@ def initial_model(seed: int = 0) -> nn.Linear:
     return nn.Linear(2, 1)
 
 
-def make_loop(run_dir: Path, cfg: TrainConfig, max_steps: int, *, rows: list[dict] = ROWS, optimizer: str = "sgd",
-              shuffle: bool = False, model: nn.Module | None = None, eval_rows: list[dict] | None = None,
-              on_eval=None) -> TrainingLoop:
+def make_loop(
+    run_dir: Path,
+    cfg: TrainConfig,
+    max_steps: int,
+    *,
+    rows: list[dict] = ROWS,
+    optimizer: str = "sgd",
+    shuffle: bool = False,
+    model: nn.Module | None = None,
+    eval_rows: list[dict] | None = None,
+    on_eval=None,
+) -> TrainingLoop:
     """What ``session._train_in`` assembles, with the regression in place of a real method."""
     run_dir.mkdir(parents=True, exist_ok=True)  # the session creates it before the loop
     accelerator = build_accelerator(HardwareConfig(name="cpu", device=Device.cpu), [])
@@ -123,9 +150,21 @@ def make_loop(run_dir: Path, cfg: TrainConfig, max_steps: int, *, rows: list[dic
     if eval_rows is not None:
         eval_loader = accelerator.prepare(DataLoader(eval_rows, batch_size=2, shuffle=False, collate_fn=method.collate))
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=True)
-    return TrainingLoop(accelerator=accelerator, method=method, model=model, optimizer=opt, scheduler=scheduler,
-                        train_loader=train_loader, batch_sampler=sampler, eval_loader=eval_loader, cfg=cfg,
-                        max_steps=max_steps, run_dir=run_dir, metrics_log=metrics_log, on_eval=on_eval)
+    return TrainingLoop(
+        accelerator=accelerator,
+        method=method,
+        model=model,
+        optimizer=opt,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        batch_sampler=sampler,
+        eval_loader=eval_loader,
+        cfg=cfg,
+        max_steps=max_steps,
+        run_dir=run_dir,
+        metrics_log=metrics_log,
+        on_eval=on_eval,
+    )
 
 
 def records(run_dir: Path, split: str) -> list[dict[str, Any]]:
@@ -148,7 +187,8 @@ def squared_errors(model: nn.Module, indices: list[int]) -> Tensor:
 # ---- 1. accumulation normalisation ---------------------------------------------------------------
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
 def test_an_accumulation_window_of_unequal_micro_batches_steps_on_the_mean_over_all_its_rows(
-        tmp_path: Path, max_grad_norm: float):
+    tmp_path: Path, max_grad_norm: float
+):
     """Micro-batches of 3 and 2 rows (5 rows, batch 3, grad_accum 2): one SGD step must equal one on
     the mean squared error of all 5 rows, not the mean of the two micro-batch means; the logged grad
     norm is that gradient's norm before clipping, the logged loss the 5-row mean."""
@@ -157,7 +197,7 @@ def test_an_accumulation_window_of_unequal_micro_batches_steps_on_the_mean_over_
     errors = squared_errors(reference, [0, 1, 2, 3, 4])
     errors.mean().backward()
     grads = [p.grad.clone() for p in reference.parameters()]
-    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
     clip = min(1.0, max_grad_norm / (norm.item() + 1e-6)) if max_grad_norm > 0 else 1.0
     expected = [p.detach() - lr * clip * g for p, g in zip(reference.parameters(), grads, strict=True)]
 
@@ -190,17 +230,35 @@ def accelerator():
 
 def test_the_tracker_reduces_mean_sum_min_and_max_exactly_over_each_window(accelerator):
     tracker = MetricTracker()
-    tracker.add({"acc": Metric(torch.tensor(3.0), 4.0), "n": Metric.total(5),
-                 "lo": Metric.min_of(torch.tensor([2.0, -1.0])), "hi": Metric.max_of(torch.tensor([0.5, 7.0]))})
-    tracker.add({"acc": Metric(torch.tensor(1.0), torch.tensor(6.0)), "n": Metric.total(2),  # a tensor count
-                 "lo": Metric.min_of(torch.tensor([0.0])), "hi": Metric.max_of(torch.tensor([3.0]))})
+    tracker.add(
+        {
+            "acc": Metric(torch.tensor(3.0), 4.0),
+            "n": Metric.total(5),
+            "lo": Metric.min_of(torch.tensor([2.0, -1.0])),
+            "hi": Metric.max_of(torch.tensor([0.5, 7.0])),
+        }
+    )
+    tracker.add(
+        {
+            "acc": Metric(torch.tensor(1.0), torch.tensor(6.0)),
+            "n": Metric.total(2),  # a tensor count
+            "lo": Metric.min_of(torch.tensor([0.0])),
+            "hi": Metric.max_of(torch.tensor([3.0])),
+        }
+    )
     values, window_sums = tracker.reduce(accelerator)
     # mean: (3 + 1) / (4 + 6), not the mean of the batch means (0.75 + 0.1667) / 2
     assert values == {"acc": 0.4, "n": 7.0, "lo": -1.0, "hi": 7.0}
     assert window_sums == {"n": 7.0} and tracker.window == {}
 
-    tracker.add({"acc": Metric.mean_of(torch.tensor([1.0, 0.0, 1.0])), "n": Metric.total(3),
-                 "lo": Metric.min_of(torch.tensor([4.0, 6.0])), "hi": Metric.max_of(torch.tensor([1.0]))})
+    tracker.add(
+        {
+            "acc": Metric.mean_of(torch.tensor([1.0, 0.0, 1.0])),
+            "n": Metric.total(3),
+            "lo": Metric.min_of(torch.tensor([4.0, 6.0])),
+            "hi": Metric.max_of(torch.tensor([1.0])),
+        }
+    )
     tracker.add({"acc": Metric(torch.tensor(0.0), 0.0)})
     values, window_sums = tracker.reduce(accelerator)
     # sum is cumulative over the run; min and max only over the new window
@@ -214,8 +272,12 @@ def test_the_tracker_reduces_mean_sum_min_and_max_exactly_over_each_window(accel
 def test_a_window_carried_through_a_checkpoint_reduces_as_the_original(accelerator):
     def filled() -> MetricTracker:
         tracker = MetricTracker()
-        tracker.add({"acc": Metric(torch.tensor(0.1), 3.0), "n": Metric.total(4), "lo": Metric.min_of(torch.tensor([0.3]))})
-        tracker.add({"acc": Metric(torch.tensor(0.7), 2.0), "n": Metric.total(1), "lo": Metric.min_of(torch.tensor([0.2]))})
+        tracker.add(
+            {"acc": Metric(torch.tensor(0.1), 3.0), "n": Metric.total(4), "lo": Metric.min_of(torch.tensor([0.3]))}
+        )
+        tracker.add(
+            {"acc": Metric(torch.tensor(0.7), 2.0), "n": Metric.total(1), "lo": Metric.min_of(torch.tensor([0.2]))}
+        )
         tracker.totals = {"n": 11.0}
         return tracker
 
@@ -224,8 +286,11 @@ def test_a_window_carried_through_a_checkpoint_reduces_as_the_original(accelerat
     restored.load_window_state(json.loads(json.dumps(original.window_state())))
     restored.totals = dict(original.totals)
     assert restored.window_state() == original.window_state()
-    assert restored.reduce(accelerator) == filled().reduce(accelerator) == (
-        {"acc": pytest.approx(0.8 / 5.0, rel=1e-6), "n": 16.0, "lo": pytest.approx(0.2, rel=1e-6)}, {"n": 5.0})
+    assert (
+        restored.reduce(accelerator)
+        == filled().reduce(accelerator)
+        == ({"acc": pytest.approx(0.8 / 5.0, rel=1e-6), "n": 16.0, "lo": pytest.approx(0.2, rel=1e-6)}, {"n": 5.0})
+    )
 
 
 def test_train_records_in_metrics_jsonl_reduce_each_log_window(tmp_path: Path):
@@ -235,14 +300,48 @@ def test_train_records_in_metrics_jsonl_reduce_each_log_window(tmp_path: Path):
     result = loop.run()
     train = records(tmp_path, "train")
     assert [r["step"] for r in train] == [2, 4, 5]
-    assert set(train[0]) == {"step", "split", "epoch", "lr", "grad_norm", "loss", "target", "rows", "y_min", "y_max",
-                             "rows_per_sec", "train_seconds", "skipped_steps"}
+    assert set(train[0]) == {
+        "step",
+        "split",
+        "epoch",
+        "lr",
+        "grad_norm",
+        "loss",
+        "target",
+        "rows",
+        "y_min",
+        "y_max",
+        "rows_per_sec",
+        "train_seconds",
+        "skipped_steps",
+    }
     got = [{k: r[k] for k in ("epoch", "target", "rows", "y_min", "y_max", "skipped_steps")} for r in train]
     assert got == [
-        {"epoch": 1.3333, "target": pytest.approx(9.0 / 10), "rows": 10.0, "y_min": -2.5, "y_max": 5.0, "skipped_steps": 0},
-        {"epoch": 2.6667, "target": pytest.approx(11.0 / 10), "rows": 20.0, "y_min": -2.5, "y_max": 5.0, "skipped_steps": 0},
+        {
+            "epoch": 1.3333,
+            "target": pytest.approx(9.0 / 10),
+            "rows": 10.0,
+            "y_min": -2.5,
+            "y_max": 5.0,
+            "skipped_steps": 0,
+        },
+        {
+            "epoch": 2.6667,
+            "target": pytest.approx(11.0 / 10),
+            "rows": 20.0,
+            "y_min": -2.5,
+            "y_max": 5.0,
+            "skipped_steps": 0,
+        },
         # mean of the batch means would be (2.5 + 0.5) / 2 = 1.5
-        {"epoch": 3.3333, "target": pytest.approx(4.0 / 4), "rows": 24.0, "y_min": -1.0, "y_max": 2.5, "skipped_steps": 0},
+        {
+            "epoch": 3.3333,
+            "target": pytest.approx(4.0 / 4),
+            "rows": 24.0,
+            "y_min": -1.0,
+            "y_max": 2.5,
+            "skipped_steps": 0,
+        },
     ]
     # linear decay over 5 steps, stepped once per optimizer step (not per micro-batch)
     assert [r["lr"] for r in train] == pytest.approx([0.01 * 3 / 5, 0.01 * 1 / 5, 0.0], abs=1e-12)
@@ -251,20 +350,29 @@ def test_train_records_in_metrics_jsonl_reduce_each_log_window(tmp_path: Path):
 
 
 # ---- 3. eval cadence -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("eval_every", "eval_at_start", "max_steps", "expected"), [
-    (2, True, 5, [0, 2, 4, 5]),
-    (2, False, 5, [2, 4, 5]),
-    (2, False, 4, [2, 4]),  # the final step is an eval step: evaluated once
-    (3, True, 7, [0, 3, 6, 7]),
-    (0, True, 3, [0, 3]),
-    (0, False, 3, [3]),
-])
+@pytest.mark.parametrize(
+    ("eval_every", "eval_at_start", "max_steps", "expected"),
+    [
+        (2, True, 5, [0, 2, 4, 5]),
+        (2, False, 5, [2, 4, 5]),
+        (2, False, 4, [2, 4]),  # the final step is an eval step: evaluated once
+        (3, True, 7, [0, 3, 6, 7]),
+        (0, True, 3, [0, 3]),
+        (0, False, 3, [3]),
+    ],
+)
 def test_eval_records_appear_exactly_at_the_cadence_and_the_final_step(
-        tmp_path: Path, eval_every: int, eval_at_start: bool, max_steps: int, expected: list[int]):
+    tmp_path: Path, eval_every: int, eval_at_start: bool, max_steps: int, expected: list[int]
+):
     calls: list[int] = []
     start = initial_model()
-    loop = make_loop(tmp_path, train_cfg(eval_every=eval_every, eval_at_start=eval_at_start, log_every=2),
-                     max_steps=max_steps, eval_rows=EVAL_ROWS, on_eval=lambda: calls.append(loop.step))
+    loop = make_loop(
+        tmp_path,
+        train_cfg(eval_every=eval_every, eval_at_start=eval_at_start, log_every=2),
+        max_steps=max_steps,
+        eval_rows=EVAL_ROWS,
+        on_eval=lambda: calls.append(loop.step),
+    )
     result = loop.run()
     evals = records(tmp_path, "eval")
     assert [r["step"] for r in evals] == expected == calls
@@ -276,19 +384,35 @@ def test_eval_records_appear_exactly_at_the_cadence_and_the_final_step(
         start_err = start(x).squeeze(-1) - y
         end_err = loop.model(x).squeeze(-1) - y
     if eval_at_start:
-        assert evals[0]["loss"] == pytest.approx((start_err ** 2).mean().item(), rel=1e-6)
+        assert evals[0]["loss"] == pytest.approx((start_err**2).mean().item(), rel=1e-6)
     assert evals[-1]["mae"] == pytest.approx(end_err.abs().mean().item(), rel=1e-6)
     assert evals[-1]["epoch"] == round(2 * max_steps / 3, 4)
 
 
 # ---- 4. stop and resume --------------------------------------------------------------------------
-RESUMABLE = {"log_every": 2, "eval_every": 2, "eval_at_start": True, "save_every": 2, "keep_checkpoints": 2,
-             "lr": 0.05, "warmup_steps": 1, "scheduler": Scheduler.linear, "max_grad_norm": 1.0}
+RESUMABLE = {
+    "log_every": 2,
+    "eval_every": 2,
+    "eval_at_start": True,
+    "save_every": 2,
+    "keep_checkpoints": 2,
+    "lr": 0.05,
+    "warmup_steps": 1,
+    "scheduler": Scheduler.linear,
+    "max_grad_norm": 1.0,
+}
 
 
 def resumable_loop(run_dir: Path, model_seed: int, **overrides: Any) -> TrainingLoop:
-    return make_loop(run_dir, train_cfg(**RESUMABLE, **overrides), max_steps=6, optimizer="adamw", shuffle=True,
-                     model=initial_model(model_seed), eval_rows=EVAL_ROWS)
+    return make_loop(
+        run_dir,
+        train_cfg(**RESUMABLE, **overrides),
+        max_steps=6,
+        optimizer="adamw",
+        shuffle=True,
+        model=initial_model(model_seed),
+        eval_rows=EVAL_ROWS,
+    )
 
 
 @pytest.mark.parametrize("stop_after", [3, 4])
@@ -360,8 +484,10 @@ def test_build_optimizer_decays_matrices_only_and_leaves_frozen_parameters_out()
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [([names[id(p)] for p in g["params"]], g["weight_decay"]) for g in optimizer.param_groups]
     # The rule is the number of dimensions, not the name: embeddings decay, every 1-D tensor does not.
-    assert groups == [(["embed.weight", "proj.weight", "head.weight"], 0.05),
-                      (["scale", "proj.bias", "norm.weight", "norm.bias", "head.bias"], 0.0)]
+    assert groups == [
+        (["embed.weight", "proj.weight", "head.weight"], 0.05),
+        (["scale", "proj.bias", "norm.weight", "norm.bias", "head.bias"], 0.0),
+    ]
     assert all((g["lr"], g["betas"], g["eps"]) == (3e-4, (0.8, 0.95), 1e-7) for g in optimizer.param_groups)
 
     no_bias = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 1, bias=False))
@@ -369,11 +495,14 @@ def test_build_optimizer_decays_matrices_only_and_leaves_frozen_parameters_out()
     assert group["weight_decay"] == 0.05 and len(group["params"]) == 2
 
 
-@pytest.mark.parametrize(("cfg", "lrs"), [
-    (TrainConfig(lr=1.0, warmup_steps=2, scheduler=Scheduler.linear), [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
-    # warmup_ratio 0.2 of 6 steps: ceil(1.2) = 2 warm-up steps
-    (TrainConfig(lr=1.0, warmup_ratio=0.2, scheduler=Scheduler.constant), [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    ("cfg", "lrs"),
+    [
+        (TrainConfig(lr=1.0, warmup_steps=2, scheduler=Scheduler.linear), [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]),
+        # warmup_ratio 0.2 of 6 steps: ceil(1.2) = 2 warm-up steps
+        (TrainConfig(lr=1.0, warmup_ratio=0.2, scheduler=Scheduler.constant), [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
 def test_build_scheduler_warms_up_then_follows_its_shape(cfg: TrainConfig, lrs: list[float]):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     scheduler = build_scheduler(optimizer, cfg, total_steps=6)

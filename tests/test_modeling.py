@@ -18,8 +18,11 @@ from rewardctl.modeling.tokenizer import ensure_distinct_pad_token, load_tokeniz
 
 from .conftest import TINY
 
-TEXTS = ["User: hi\nAssistant: Hello!<|endoftext|>", "Short.<|endoftext|>",
-         "User: What is the capital of Peru?\nAssistant: Lima is the capital of Peru.<|endoftext|>"]
+TEXTS = [
+    "User: hi\nAssistant: Hello!<|endoftext|>",
+    "Short.<|endoftext|>",
+    "User: What is the capital of Peru?\nAssistant: Lima is the capital of Peru.<|endoftext|>",
+]
 
 
 def tiny_model(tokenizer, **overrides) -> SequenceRewardModel:
@@ -63,8 +66,9 @@ def test_seeded_construction_reproduces_the_head(tiny_tokenizer):
     first, second = tiny_model(tiny_tokenizer), tiny_model(tiny_tokenizer)
     assert torch.equal(first.classifier.score.weight, second.classifier.score.weight)
     set_seed(1)
-    other = SequenceRewardModel(build_sequence_classifier(
-        ModelConfig(name_or_path=str(TINY), from_scratch=True), tiny_tokenizer, TrainConfig()))
+    other = SequenceRewardModel(
+        build_sequence_classifier(ModelConfig(name_or_path=str(TINY), from_scratch=True), tiny_tokenizer, TrainConfig())
+    )
     assert not torch.equal(first.classifier.score.weight, other.classifier.score.weight)
 
 
@@ -79,8 +83,11 @@ def test_a_multi_output_head_is_refused_before_loading_weights(tiny_tokenizer, t
     assert "2-output classification head" in str(info.value) and info.value.key == "model.name_or_path"
     assert "needs exactly one output" in str(info.value)
     with pytest.raises(ConfigError, match=r"has exactly one output \(reward\); leave num_labels out"):
-        build_sequence_classifier(ModelConfig(name_or_path=str(TINY), from_scratch=True, config_overrides={"num_labels": 3}),
-                                  tiny_tokenizer, TrainConfig())
+        build_sequence_classifier(
+            ModelConfig(name_or_path=str(TINY), from_scratch=True, config_overrides={"num_labels": 3}),
+            tiny_tokenizer,
+            TrainConfig(),
+        )
 
 
 def test_dropout_is_disabled_by_default_and_kept_on_request(tiny_tokenizer):
@@ -134,7 +141,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_tokenizer
     for checkpointing in (False, True):
         set_seed(0)
         cfg = ModelConfig(name_or_path=str(TINY), from_scratch=True)
-        model = SequenceRewardModel(build_sequence_classifier(cfg, tiny_tokenizer, TrainConfig(gradient_checkpointing=checkpointing)))
+        model = SequenceRewardModel(
+            build_sequence_classifier(cfg, tiny_tokenizer, TrainConfig(gradient_checkpointing=checkpointing))
+        )
         model.train()
         loss = model(ids, mask).pow(2).sum()
         loss.backward()
@@ -182,9 +191,12 @@ def test_a_saved_classifier_with_other_outputs_is_refused_by_name(tiny_tokenizer
 
     cfg = ModelConfig(name_or_path=str(TINY), from_scratch=True)
     build_sequence_classifier(cfg, tiny_tokenizer, TrainConfig(), labels=("helpfulness", "verbosity")).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     assert load_saved_classifier(tmp_path, cfg, labels=("helpfulness", "verbosity")).config.num_labels == 2
-    with pytest.raises(ModelMismatchError, match=r"outputs \['helpfulness', 'verbosity'\], not the expected \['reward'\]"):
+    with pytest.raises(
+        ModelMismatchError, match=r"outputs \['helpfulness', 'verbosity'\], not the expected \['reward'\]"
+    ):
         load_saved_classifier(tmp_path, cfg)
     with pytest.raises(ModelMismatchError, match=r"not the expected \['verbosity', 'helpfulness'\]"):
         load_saved_classifier(tmp_path, cfg, labels=("verbosity", "helpfulness"))

@@ -110,9 +110,16 @@ def _model_dir(tmp_path: Path, kind: str) -> Path:
     if kind == "tiny":
         return TINY
     tokenizer = AutoTokenizer.from_pretrained(TINY)
-    common = dict(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**common)
     path = tmp_path / kind
     config.save_pretrained(path)
@@ -123,8 +130,10 @@ def _model_dir(tmp_path: Path, kind: str) -> Path:
 def _methods(cls, model_dir: Path, *overrides: str, layout: str = "data.share_prefix=true"):
     base = [f"model.name_or_path={model_dir}", "model.from_scratch=true", *overrides]
     prefix = ["method=ranklist"] if cls is RanklistMethod else []
-    runs = [to_run_config(compose_train([*prefix, *base, *extra]))
-            for extra in ([layout], ["data.share_prefix=false", "data.padding_free=false"])]
+    runs = [
+        to_run_config(compose_train([*prefix, *base, *extra]))
+        for extra in ([layout], ["data.share_prefix=false", "data.padding_free=false"])
+    ]
     packed, stacked = (cls(run.method, run) for run in runs)
     assert (packed.shares_prefix or packed.padding_free) and not (stacked.shares_prefix or stacked.padding_free)
     stacked.use_tokenizer(packed.tokenizer)
@@ -164,9 +173,14 @@ def _pair_rows(rng: random.Random, n: int, conversational: bool) -> list[dict]:
         prompt = f"User: {_words(rng, rng.randint(3, 30))}?\nAssistant:"
         chosen, rejected = " " + _words(rng, rng.randint(1, 15)), " " + _words(rng, rng.randint(1, 15))
         if conversational:
-            rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "chosen": [{"role": "assistant", "content": chosen}],
-                         "rejected": [{"role": "assistant", "content": rejected}], "margin": i / 10})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "margin": i / 10,
+                }
+            )
         else:
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": i / 10})
     return rows
@@ -183,8 +197,9 @@ def test_pairwise_packed_equals_stacked(tmp_path: Path, kind: str, conversationa
     model_dir = _model_dir(tmp_path, kind)
     rng = random.Random(kind)
     for side in ("right", "left"):
-        packed, stacked = _methods(PairwiseMethod, model_dir, f"model.padding_side={side}",
-                                   "method.center_rewards_coefficient=0.01")
+        packed, stacked = _methods(
+            PairwiseMethod, model_dir, f"model.padding_side={side}", "method.center_rewards_coefficient=0.01"
+        )
         features = _features(packed, _pair_rows(rng, 6, conversational))
         assert all(f["prefix_length"] > 5 for f in features)
         _assert_same(packed, stacked, features, ("chosen_reward", "rejected_reward", "loss"))
@@ -194,8 +209,13 @@ def test_pairwise_packed_equals_stacked(tmp_path: Path, kind: str, conversationa
 def test_ranklist_packed_equals_stacked_for_k_2_to_9_and_differently_truncated_rows(tmp_path: Path, kind: str):
     model_dir = _model_dir(tmp_path, kind)
     rng = random.Random(kind)
-    rows = [{"prompt": f"Q: {_words(rng, rng.randint(2, 40))}?",
-             "responses": [" " + _words(rng, rng.randint(1, 30)) for _ in range(k)]} for k in range(2, 10)]
+    rows = [
+        {
+            "prompt": f"Q: {_words(rng, rng.randint(2, 40))}?",
+            "responses": [" " + _words(rng, rng.randint(1, 30)) for _ in range(k)],
+        }
+        for k in range(2, 10)
+    ]
     # sequence_end at 40 tokens cuts long prompts differently per response: shorter common prefixes
     for overrides in ([], ["model.max_length=40", "data.truncation=sequence_end"], ["model.max_length=40"]):
         packed, stacked = _methods(RanklistMethod, model_dir, *overrides)
@@ -212,7 +232,9 @@ def test_padding_free_rows_equal_stacked(tmp_path: Path, cls):
     if cls is PairwiseMethod:
         features, keys = _features(packed, _pair_rows(rng, 5, False)), ("chosen_reward", "rejected_reward", "loss")
     else:
-        rows = [{"prompt": "Q:", "responses": [" " + _words(rng, rng.randint(1, 9)) for _ in range(k)]} for k in (2, 4, 3)]
+        rows = [
+            {"prompt": "Q:", "responses": [" " + _words(rng, rng.randint(1, 9)) for _ in range(k)]} for k in (2, 4, 3)
+        ]
         features, keys = _features(packed, rows), ("rewards", "loss_sum")
     batch = packed.collate(features)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and "segment_ids" not in batch
@@ -237,8 +259,9 @@ def test_eager_attention_gets_an_additive_mask_and_stays_exact(tmp_path: Path):
 def test_prefix_sharing_is_refused_where_it_cannot_be_exact(tmp_path: Path):
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     bert = tmp_path / "bert"
-    BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64).save_pretrained(bert)
+    BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(bert)
     tokenizer.save_pretrained(bert)
     encoder = [f"model.name_or_path={bert}", "model.from_scratch=true"]
     run = to_run_config(compose_train([*encoder, "data.share_prefix=auto"]))
@@ -270,8 +293,12 @@ def test_padding_free_token_methods_equal_padded(cls):
     """BCO (summed completion log-probs of policy and reference) and PRM (per-token step logits): the
     model runs on the real tokens only and its logits go back to the padded layout."""
     name = "bco" if cls is BcoMethod else "prm"
-    methods = [cls(run.method, run) for run in (to_run_config(compose_train([f"method={name}", f"data.padding_free={m}"]))
-                                                for m in ("true", "false"))]
+    methods = [
+        cls(run.method, run)
+        for run in (
+            to_run_config(compose_train([f"method={name}", f"data.padding_free={m}"])) for m in ("true", "false")
+        )
+    ]
     free, padded = methods
     assert free.padding_free and not padded.padding_free
     rows = load_rows(padded.run.data.train, split="train").select(range(6))
@@ -313,23 +340,30 @@ def test_auto_picks_padding_free_on_a_gpu_with_varlen_attention_and_sharing_else
     assert PrmMethod(run.method, run).padding_free
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     bert = tmp_path / "bert"
-    BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64).save_pretrained(bert)
+    BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(bert)
     tokenizer.save_pretrained(bert)
     with pytest.raises(ConfigError, match="data.padding_free.*not a causal decoder"):
-        to_run_config(compose_train([f"model.name_or_path={bert}", "model.from_scratch=true", "data.padding_free=true"]))
+        to_run_config(
+            compose_train([f"model.name_or_path={bert}", "model.from_scratch=true", "data.padding_free=true"])
+        )
 
 
 @pytest.mark.slow
 def test_flex_attention_padding_free_rows_score_like_padded_rows_on_cpu():
     """flex_attention builds its block mask from the packed position ids. The CPU build runs it forward
     only (no backward on CPU, compiled on first use: ~30 s), so this checks the eval path's rewards."""
-    packed, stacked = _methods(PairwiseMethod, TINY, "model.attn_implementation=flex_attention",
-                               layout="data.padding_free=true")
+    packed, stacked = _methods(
+        PairwiseMethod, TINY, "model.attn_implementation=flex_attention", layout="data.padding_free=true"
+    )
     features = _features(packed, _pair_rows(random.Random(0), 4, False))
     torch.manual_seed(0)
     model = packed.build_model()
     with torch.no_grad():
-        ours, theirs = packed.eval_step(model, packed.collate(features)), stacked.eval_step(model, stacked.collate(features))
+        ours, theirs = (
+            packed.eval_step(model, packed.collate(features)),
+            stacked.eval_step(model, stacked.collate(features)),
+        )
     for key in ("chosen_reward", "rejected_reward"):
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0)

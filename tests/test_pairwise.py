@@ -37,7 +37,9 @@ def test_standard_explicit_prompt_is_one_text_plus_eos(tiny_tokenizer):
     got = encoder.encode("User: Is the sky blue?\nAssistant:", " Yes.", response_field="chosen")
     assert got == ids(tiny_tokenizer, "User: Is the sky blue?\nAssistant: Yes.") + [tiny_tokenizer.eos_token_id]
     assert tiny_tokenizer.decode(got) == "User: Is the sky blue?\nAssistant: Yes.<|endoftext|>"
-    assert encoder.encode(None, "Whole text<|endoftext|>", response_field="chosen") == ids(tiny_tokenizer, "Whole text<|endoftext|>")
+    assert encoder.encode(None, "Whole text<|endoftext|>", response_field="chosen") == ids(
+        tiny_tokenizer, "Whole text<|endoftext|>"
+    )
 
 
 def test_conversational_rows_use_the_chat_template_without_extra_eos(tiny_tokenizer):
@@ -50,14 +52,17 @@ def test_conversational_rows_use_the_chat_template_without_extra_eos(tiny_tokeni
     assert encoder.encode(None, CHAT_PROMPT + CHAT_GOOD, response_field="chosen") == got  # implicit prompt
 
 
-@pytest.mark.parametrize(("prompt", "response", "field", "text"), [
-    ("Q", CHAT_GOOD, "prompt", "is a string but 'chosen' is a message list"),
-    (CHAT_PROMPT, "A", "prompt", "is a message list but 'chosen' is a string"),
-    (None, "   ", "chosen", "is empty"),
-    (None, 42, "chosen", "must be a string or a list of chat messages"),
-    (None, [], "chosen", "non-empty list"),
-    (None, [{"role": "assistant"}], "chosen", "string 'content'"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "response", "field", "text"),
+    [
+        ("Q", CHAT_GOOD, "prompt", "is a string but 'chosen' is a message list"),
+        (CHAT_PROMPT, "A", "prompt", "is a message list but 'chosen' is a string"),
+        (None, "   ", "chosen", "is empty"),
+        (None, 42, "chosen", "must be a string or a list of chat messages"),
+        (None, [], "chosen", "non-empty list"),
+        (None, [{"role": "assistant"}], "chosen", "string 'content'"),
+    ],
+)
 def test_bad_fields_raise_row_errors(tiny_tokenizer, prompt, response, field, text):
     encoder = SequenceEncoder(tiny_tokenizer, 128, Overlength.truncate)
     with pytest.raises(RowError) as info:
@@ -78,8 +83,10 @@ def test_truncation_keeps_the_end_and_a_leading_bos(tiny_tokenizer):
 # ---- data preparation -----------------------------------------------------------------------------
 def test_prepare_counts_truncation_and_keeps_margins():
     method = make_method("model.max_length=24")
-    rows = [{"prompt": "User: hi\nAssistant:", "chosen": " Hello there.", "rejected": " Go away.", "margin": 1},
-            {"prompt": "User: hi\nAssistant:", "chosen": " Sure. " * 20, "rejected": " No.", "margin": 0.5}]
+    rows = [
+        {"prompt": "User: hi\nAssistant:", "chosen": " Hello there.", "rejected": " Go away.", "margin": 1},
+        {"prompt": "User: hi\nAssistant:", "chosen": " Sure. " * 20, "rejected": " No.", "margin": 0.5},
+    ]
     split = method.prepare(Dataset.from_list(rows), "mem", training=True)
     features = split.dataset.to_list()
     eos = method.tokenizer.eos_token_id
@@ -111,8 +118,10 @@ def test_prepare_rejects_null_prompts_and_pairs_mixing_formats(tmp_path):
     path = write_jsonl(tmp_path / "null.jsonl", rows)
     with pytest.raises(DataError) as info:
         method.prepare(load_rows(str(path), split="train"), str(path), training=True)
-    assert str(info.value) == (f"{path}, row 2, field 'prompt': is missing (null) in a dataset with a prompt column; "
-                               "data.bad_rows=skip leaves such rows out")
+    assert str(info.value) == (
+        f"{path}, row 2, field 'prompt': is missing (null) in a dataset with a prompt column; "
+        "data.bad_rows=skip leaves such rows out"
+    )
     rows = [{"chosen": CHAT_PROMPT + CHAT_GOOD, "rejected": "User: Is the sky blue?\nAssistant: No."}]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(DataError) as info:
@@ -133,8 +142,10 @@ def test_prepare_rejects_a_non_numeric_margin_by_row(tmp_path):
 def test_collator_stacks_chosen_then_rejected_with_exact_padding():
     method = make_method("data.share_prefix=false")
     pad = method.tokenizer.pad_token_id
-    features = [{"chosen_ids": [1, 2, 3], "rejected_ids": [6, 7], "margin": 0.1, "_row": 4},
-                {"chosen_ids": [4, 5], "rejected_ids": [8], "margin": 0.2, "_row": 9}]
+    features = [
+        {"chosen_ids": [1, 2, 3], "rejected_ids": [6, 7], "margin": 0.1, "_row": 4},
+        {"chosen_ids": [4, 5], "rejected_ids": [8], "margin": 0.2, "_row": 9},
+    ]
     batch = method.collate(features)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, pad], [6, 7, pad], [8, pad, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]]
@@ -153,8 +164,10 @@ def test_collator_packs_each_pair_behind_its_shared_prefix():
     method = make_method()
     assert method.shares_prefix
     pad = method.tokenizer.pad_token_id
-    features = [{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 7, 9], "_row": 4},
-                {"chosen_ids": [4, 5], "rejected_ids": [8], "_row": 9}]
+    features = [
+        {"chosen_ids": [1, 2, 3], "rejected_ids": [1, 2, 7, 9], "_row": 4},
+        {"chosen_ids": [4, 5], "rejected_ids": [8], "_row": 9},
+    ]
     batch = method.collate(features)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 9], [4, 5, 8, pad, pad]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 1, 0, 0, 0]]
@@ -174,9 +187,13 @@ def test_bradley_terry_loss_by_hand():
     expected = [nll_sigmoid(1.0), nll_sigmoid(-0.5)]  # 0.313262, 0.974077
     torch.testing.assert_close(bradley_terry_loss(chosen, rejected), torch.tensor(expected))
     margin = torch.tensor([0.5, -0.5])
-    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin), torch.tensor([nll_sigmoid(0.5), nll_sigmoid(0.0)]))
+    torch.testing.assert_close(
+        bradley_terry_loss(chosen, rejected, margin), torch.tensor([nll_sigmoid(0.5), nll_sigmoid(0.0)])
+    )
     centered = bradley_terry_loss(chosen, rejected, margin, 0.01)
-    torch.testing.assert_close(centered, torch.tensor([nll_sigmoid(0.5) + 0.01 * 1.0**2, nll_sigmoid(0.0) + 0.01 * 1.5**2]))
+    torch.testing.assert_close(
+        centered, torch.tensor([nll_sigmoid(0.5) + 0.01 * 1.0**2, nll_sigmoid(0.0) + 0.01 * 1.5**2])
+    )
     assert centered.mean().item() == pytest.approx((0.474077 + 0.01 + 0.693147 + 0.0225) / 2, abs=1e-6)
 
 
@@ -203,7 +220,9 @@ class FixedRewards(nn.Module):
 
 def test_train_step_metrics_and_loss_sum():
     method = make_method()
-    batch = method.collate([{"chosen_ids": [1, 2], "rejected_ids": [3]}, {"chosen_ids": [4], "rejected_ids": [5, 6, 7]}])
+    batch = method.collate(
+        [{"chosen_ids": [1, 2], "rejected_ids": [3]}, {"chosen_ids": [4], "rejected_ids": [5, 6, 7]}]
+    )
     out = method.train_step(FixedRewards([2.0, -1.0, 0.0, 1.0]), batch)
     losses = [nll_sigmoid(2.0), nll_sigmoid(-2.0)]
     assert out.loss_sum.item() == pytest.approx(sum(losses))
@@ -217,8 +236,11 @@ def test_train_step_metrics_and_loss_sum():
 
 def test_ties_count_as_wrong_in_eval_metrics():
     method = make_method()
-    outputs = {"chosen_reward": torch.tensor([1.0, 0.0, 2.0, 0.5]), "rejected_reward": torch.tensor([0.0, 0.0, 3.0, 0.0]),
-               "loss": torch.tensor([0.1, 0.2, 0.3, 0.4])}
+    outputs = {
+        "chosen_reward": torch.tensor([1.0, 0.0, 2.0, 0.5]),
+        "rejected_reward": torch.tensor([0.0, 0.0, 3.0, 0.0]),
+        "loss": torch.tensor([0.1, 0.2, 0.3, 0.4]),
+    }
     metrics = method.eval_metrics(outputs)
     assert metrics["accuracy"] == 0.5 and metrics["pairs"] == 4
     assert metrics["loss"] == pytest.approx(0.25) and metrics["margin"] == pytest.approx((1.0 + 0.0 - 1.0 + 0.5) / 4)

@@ -49,13 +49,24 @@ def test_a_method_from_outside_the_package_trains_through_hydra_searchpath(tmp_p
     search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
     env = {"PYTHONPATH": str(tmp_path)}
     # The method ships no `hinge_sample` data preset: the command asks for data in one line, before any work.
-    missing = cli("train", search, "method=hinge", "experiment=smoke", f"output_dir={tmp_path / 'nodata'}",
-                  cwd=tmp_path, env=env)
+    missing = cli(
+        "train", search, "method=hinge", "experiment=smoke", f"output_dir={tmp_path / 'nodata'}", cwd=tmp_path, env=env
+    )
     assert missing.returncode == 2 and "data.train" in missing.stderr, missing.stderr[-2000:]
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "nodata").exists()
     pairs = Path(__file__).resolve().parent.parent / "rewardctl" / "samples" / "data" / "pairwise"
-    result = cli("train", search, "method=hinge", f"data.train={pairs / 'train.jsonl'}", f"data.eval={pairs / 'eval.jsonl'}",
-                 "experiment=smoke", "train.max_steps=10", f"output_dir={out}", cwd=tmp_path, env=env)
+    result = cli(
+        "train",
+        search,
+        "method=hinge",
+        f"data.train={pairs / 'train.jsonl'}",
+        f"data.eval={pairs / 'eval.jsonl'}",
+        "experiment=smoke",
+        "train.max_steps=10",
+        f"output_dir={out}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["method"] == "hinge" and summary["step"] == 10
@@ -65,6 +76,14 @@ def test_a_method_from_outside_the_package_trains_through_hydra_searchpath(tmp_p
     # the hinge loss with margin 2 starts near 2 (rewards near 0), where Bradley-Terry would start at ln 2
     first = next(r for r in train if r["split"] == "train")
     assert first["loss"] > 1.5
-    bad = cli("train", search, "method=hinge", "data=pairwise_sample", "method.margn=1",
-              f"output_dir={tmp_path / 'bad'}", cwd=tmp_path, env=env)
+    bad = cli(
+        "train",
+        search,
+        "method=hinge",
+        "data=pairwise_sample",
+        "method.margn=1",
+        f"output_dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert bad.returncode != 0 and "method.margn" in bad.stderr  # a typo in its keys is caught before any work

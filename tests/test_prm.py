@@ -68,7 +68,9 @@ def test_bos_or_cls_comes_first():
     method = make_method()
     method.tokenizer.bos_token = "<|im_start|>"
     got, labels, _, _ = method.encoder().encode("Q:", ["a"], [True], training=True)
-    assert got[0] == method.tokenizer.bos_token_id and got[1:] == ids(method.tokenizer, "Q:") + ids(method.tokenizer, "a\n")
+    assert got[0] == method.tokenizer.bos_token_id and got[1:] == ids(method.tokenizer, "Q:") + ids(
+        method.tokenizer, "a\n"
+    )
 
 
 def test_truncation_keeps_the_prompt_end_and_the_first_steps_with_their_labels():
@@ -92,8 +94,10 @@ def test_a_row_that_loses_every_label_is_reported_and_counted(tmp_path: Path):
     method = make_method("method.max_length=8", "method.max_prompt_length=4")
     with pytest.raises(RowError, match="no step label survives truncation"):
         method.encoder().encode("Q:", ["a very long first step indeed"], [True], training=True)
-    rows = [{"prompt": "Q:", "completions": ["ok"], "labels": [True]},
-            {"prompt": "Q:", "completions": ["a very long first step indeed"], "labels": [False]}]
+    rows = [
+        {"prompt": "Q:", "completions": ["ok"], "labels": [True]},
+        {"prompt": "Q:", "completions": ["a very long first step indeed"], "labels": [False]},
+    ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(DataError, match="row 2, field 'completions': no step label survives"):
         method.prepare(load_rows(str(path), split="train"), str(path), training=True)
@@ -103,8 +107,10 @@ def test_a_row_that_loses_every_label_is_reported_and_counted(tmp_path: Path):
 
 
 def test_labels_stay_int64_through_datasets_and_soft_labels_keep_their_value(tmp_path: Path):
-    rows = [{"prompt": "Q:", "completions": ["a", "b"], "labels": [True, False]},
-            {"prompt": "Q:", "completions": ["c", "d"], "labels": [0.75, 0.25]}]
+    rows = [
+        {"prompt": "Q:", "completions": ["a", "b"], "labels": [True, False]},
+        {"prompt": "Q:", "completions": ["c", "d"], "labels": [0.75, 0.25]},
+    ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     method = make_method()
     split = method.prepare(load_rows(str(path), split="train"), str(path), training=True)
@@ -117,12 +123,15 @@ def test_labels_stay_int64_through_datasets_and_soft_labels_keep_their_value(tmp
     assert split.report["labelled_steps"] == 4
 
 
-@pytest.mark.parametrize(("row", "field", "text"), [
-    ({"prompt": "Q", "completions": ["a", "b"], "labels": [True]}, "labels", "one label per step: 2 steps, got 1"),
-    ({"prompt": "Q", "completions": [], "labels": []}, "completions", "non-empty list of steps"),
-    ({"prompt": "Q", "completions": ["a", ""], "labels": [True, True]}, "completions[1]", "is empty"),
-    ({"prompt": "Q", "completions": ["a"], "labels": [1.5]}, "labels[0]", "probability in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    ("row", "field", "text"),
+    [
+        ({"prompt": "Q", "completions": ["a", "b"], "labels": [True]}, "labels", "one label per step: 2 steps, got 1"),
+        ({"prompt": "Q", "completions": [], "labels": []}, "completions", "non-empty list of steps"),
+        ({"prompt": "Q", "completions": ["a", ""], "labels": [True, True]}, "completions[1]", "is empty"),
+        ({"prompt": "Q", "completions": ["a"], "labels": [1.5]}, "labels[0]", "probability in [0, 1]"),
+    ],
+)
 def test_bad_rows_name_row_and_field(tmp_path: Path, row, field, text):
     numeric = any(not isinstance(v, bool) for v in row["labels"])
     good = {"prompt": "Q", "completions": ["a"], "labels": [0.5 if numeric else True]}  # one JSON type per column
@@ -151,7 +160,8 @@ class FixedLogits(torch.nn.Module):
 def test_soft_cross_entropy_over_labelled_positions_by_hand():
     method = make_method()
     batch = {
-        "input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+        "input_ids": torch.zeros(2, 3, dtype=torch.long),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
         "labels": torch.tensor([[IGNORE, 1, 0], [IGNORE, IGNORE, 1]]),
         "targets": torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.75]]),
     }
@@ -161,8 +171,11 @@ def test_soft_cross_entropy_over_labelled_positions_by_hand():
     def log_p1(a: float, b: float) -> float:
         return b - math.log(math.exp(a) + math.exp(b))
 
-    expected = -log_p1(0.0, 2.0) - math.log(1 - math.exp(log_p1(1.0, 0.0))) \
+    expected = (
+        -log_p1(0.0, 2.0)
+        - math.log(1 - math.exp(log_p1(1.0, 0.0)))
         - (0.75 * log_p1(0.0, 1.0) + 0.25 * math.log(1 - math.exp(log_p1(0.0, 1.0))))
+    )
     assert out.loss_sum.item() == pytest.approx(expected, abs=1e-5)
     assert method.batch_weight(batch).item() == 3
     assert out.metrics["step_accuracy"].value.item() == 3  # argmax: correct, incorrect, correct
@@ -174,10 +187,12 @@ def test_accumulation_window_normalisation_matches_one_batch(tmp_path: Path):
     from accelerate.utils import set_seed
 
     method = make_method()
-    rows = [{"prompt": "Start:", "completions": ["1+1=2."], "labels": [True]},
-            {"prompt": "Start:", "completions": ["2+2=5."], "labels": [False]},
-            {"prompt": "Go:", "completions": ["a", "b", "c", "d"], "labels": [True, True, False, True]},
-            {"prompt": "Go:", "completions": ["x", "y", "z"], "labels": [0.2, 0.9, 1.0]}]
+    rows = [
+        {"prompt": "Start:", "completions": ["1+1=2."], "labels": [True]},
+        {"prompt": "Start:", "completions": ["2+2=5."], "labels": [False]},
+        {"prompt": "Go:", "completions": ["a", "b", "c", "d"], "labels": [True, True, False, True]},
+        {"prompt": "Go:", "completions": ["x", "y", "z"], "labels": [0.2, 0.9, 1.0]},
+    ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     features = list(method.prepare(load_rows(str(path), split="train"), str(path), training=True).dataset)
     set_seed(0)
@@ -215,22 +230,40 @@ def test_step_metrics_by_hand():
     assert m["first_error_accuracy"] == pytest.approx(1 / 3)
     assert m["majority_baseline"] == pytest.approx(5 / 7) and m["loss"] == pytest.approx(2.1 / 7)
     assert m["processbench_f1"] == 0.0  # 1 of 2 erroneous rows right, 0 of 1 correct row right
-    both_right = step_metrics({"step_prob": torch.tensor([[0.9, 0.9], [0.9, 0.1]]), "step_label": torch.tensor([[1, 1], [1, 0]]),
-                               "step_target": torch.zeros(2, 2), "present": torch.ones(2, 2, dtype=torch.long),
-                               "loss_sum": torch.zeros(2)})
+    both_right = step_metrics(
+        {
+            "step_prob": torch.tensor([[0.9, 0.9], [0.9, 0.1]]),
+            "step_label": torch.tensor([[1, 1], [1, 0]]),
+            "step_target": torch.zeros(2, 2),
+            "present": torch.ones(2, 2, dtype=torch.long),
+            "loss_sum": torch.zeros(2),
+        }
+    )
     assert both_right["processbench_f1"] == 1.0 and both_right["first_error_accuracy"] == 1.0
 
 
 def test_tokenisation_matches_trl_0_29_prm_on_the_same_rows():
     trl_prm = optional_module("trl.experimental.prm.prm_trainer", "parity")
-    rows = [{"prompt": "Which is larger, 9.8 or 9.11?", "completions": ["11 > 8.", "So 9.11 > 9.8."], "labels": [True, False]},
-            {"prompt": "2+2?", "completions": ["2+2=4.", "answer=4."], "labels": [True, True]}]
+    rows = [
+        {
+            "prompt": "Which is larger, 9.8 or 9.11?",
+            "completions": ["11 > 8.", "So 9.11 > 9.8."],
+            "labels": [True, False],
+        },
+        {"prompt": "2+2?", "completions": ["2+2=4.", "answer=4."], "labels": [True, True]},
+    ]
     for separator in ("\n", " ## "):
         method = make_method(f"method.step_separator='{separator}'")
         for row in rows:
-            theirs = trl_prm.PRMTrainer.tokenize_row(row, method.tokenizer, separator, max_length=None,
-                                                      max_completion_length=None, train_on_last_step_only=False,
-                                                      is_eval=False)
+            theirs = trl_prm.PRMTrainer.tokenize_row(
+                row,
+                method.tokenizer,
+                separator,
+                max_length=None,
+                max_completion_length=None,
+                train_on_last_step_only=False,
+                is_eval=False,
+            )
             got, labels, _, _ = method.encoder().encode(row["prompt"], row["completions"], row["labels"], training=True)
             assert got == theirs["input_ids"] and labels == theirs["labels"]
 
@@ -239,7 +272,9 @@ def test_tokenisation_matches_trl_0_29_prm_on_the_same_rows():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The embedded prm default (1,000 steps, about 13 s), with a smaller eval set."""
-    return run_training(tmp_path_factory.mktemp("prm"), ["method=prm", "train.eval_every=500", "data.max_eval_rows=200"])
+    return run_training(
+        tmp_path_factory.mktemp("prm"), ["method=prm", "train.eval_every=500", "data.max_eval_rows=200"]
+    )
 
 
 def test_training_improves_step_accuracy_and_finds_wrong_steps(trained):
@@ -289,5 +324,6 @@ def test_score_steps_builds_the_training_sequence():
 
     probs = score_steps(Recorder(), method.tokenizer, "Q:", ["a", "b"])
     expected, _, _, _ = StepEncoder(method.tokenizer, method.cfg, 512, Overlength.truncate).encode(
-        "Q:", ["a", "b"], [True, True], training=False)
+        "Q:", ["a", "b"], [True, True], training=False
+    )
     assert calls == [expected] and probs == [0.5, 0.5]

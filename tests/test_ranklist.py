@@ -39,16 +39,20 @@ def nll_sigmoid(x: float) -> float:
 
 
 # A ragged batch: K = 2, 3 and 5 (rank -1 is padding).
-REWARDS = torch.tensor([
-    [0.5, -0.5, 0.0, 0.0, 0.0],
-    [1.0, 2.0, -1.0, 0.0, 0.0],
-    [3.0, 1.0, 2.0, 0.0, -2.0],
-])
-RANKS = torch.tensor([
-    [0, 1, -1, -1, -1],
-    [0, 1, 2, -1, -1],
-    [0, 1, 2, 3, 4],
-])
+REWARDS = torch.tensor(
+    [
+        [0.5, -0.5, 0.0, 0.0, 0.0],
+        [1.0, 2.0, -1.0, 0.0, 0.0],
+        [3.0, 1.0, 2.0, 0.0, -2.0],
+    ]
+)
+RANKS = torch.tensor(
+    [
+        [0, 1, -1, -1, -1],
+        [0, 1, 2, -1, -1],
+        [0, 1, 2, 3, 4],
+    ]
+)
 
 
 def by_hand_pairs(rewards: list[float]) -> list[float]:
@@ -93,8 +97,11 @@ def test_listmle_on_a_ragged_batch_by_hand():
     def plackett_luce_nll(r: list[float]) -> float:
         return sum(math.log(sum(math.exp(x) for x in r[i:])) - r[i] for i in range(len(r)))
 
-    expected = [plackett_luce_nll([0.5, -0.5]), plackett_luce_nll([1.0, 2.0, -1.0]),
-                plackett_luce_nll([3.0, 1.0, 2.0, 0.0, -2.0])]
+    expected = [
+        plackett_luce_nll([0.5, -0.5]),
+        plackett_luce_nll([1.0, 2.0, -1.0]),
+        plackett_luce_nll([3.0, 1.0, 2.0, 0.0, -2.0]),
+    ]
     torch.testing.assert_close(got, torch.tensor(expected))
     assert got[0].item() == pytest.approx(math.log(math.exp(0.5) + math.exp(-0.5)) - 0.5, abs=1e-6)
 
@@ -203,15 +210,18 @@ def test_scores_with_ties_give_shared_ranks_and_margins_follow_the_sorted_order(
     assert row["order"] == [1, 2, 0, 3] and row["ranks"] == [0, 0, 1, 2] and row["scores"] == [3.0, 3.0, 1.0, 0.0]
 
 
-@pytest.mark.parametrize(("row", "field", "text"), [
-    ({"prompt": "Q", "responses": [" only"]}, "responses", "holds 1 response(s); a ranked list needs at least 2"),
-    ({"prompt": "Q", "responses": []}, "responses", "holds 0 response(s)"),
-    ({"prompt": "Q", "responses": [" a", "  "]}, "responses[1]", "is empty"),
-    ({"prompt": "Q", "responses": [" a", " b"], "scores": [1.0]}, "scores", "holds 1 scores for 2 responses"),
-    ({"prompt": "Q", "responses": [" a", " b"], "scores": [1.0, "x"]}, "scores[1]", "must be a finite number"),
-    ({"prompt": "Q", "responses": [" a", " b"], "scores": [2, 2]}, "scores", "are all equal"),
-    ({"prompt": "Q", "responses": [" a", " b", " a"]}, "responses", "responses 0 and 2 are identical"),
-])
+@pytest.mark.parametrize(
+    ("row", "field", "text"),
+    [
+        ({"prompt": "Q", "responses": [" only"]}, "responses", "holds 1 response(s); a ranked list needs at least 2"),
+        ({"prompt": "Q", "responses": []}, "responses", "holds 0 response(s)"),
+        ({"prompt": "Q", "responses": [" a", "  "]}, "responses[1]", "is empty"),
+        ({"prompt": "Q", "responses": [" a", " b"], "scores": [1.0]}, "scores", "holds 1 scores for 2 responses"),
+        ({"prompt": "Q", "responses": [" a", " b"], "scores": [1.0, "x"]}, "scores[1]", "must be a finite number"),
+        ({"prompt": "Q", "responses": [" a", " b"], "scores": [2, 2]}, "scores", "are all equal"),
+        ({"prompt": "Q", "responses": [" a", " b", " a"]}, "responses", "responses 0 and 2 are identical"),
+    ],
+)
 def test_bad_lists_are_refused_naming_file_row_and_field(tmp_path: Path, row, field, text):
     good = {"prompt": "Q", "responses": [" a", " b"], "scores": [1.0, 0.0]} if "scores" in row else LISTS[0]
     path = write_jsonl(tmp_path / "bad.jsonl", [good, good, row])
@@ -246,10 +256,10 @@ def test_collator_flattens_a_ragged_batch_with_exact_tensors():
         {"responses_ids": [[8, 9, 10], [11], [12, 13]], "ranks": [0, 1, 1], "order": [2, 0, 1], ROW_COLUMN: 0},
     ]
     batch = method.collate(features)
-    assert torch.equal(batch["input_ids"], torch.tensor(
-        [[5, 6, pad], [7, pad, pad], [8, 9, 10], [11, pad, pad], [12, 13, pad]]))
-    assert torch.equal(batch["attention_mask"], torch.tensor(
-        [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]))
+    assert torch.equal(
+        batch["input_ids"], torch.tensor([[5, 6, pad], [7, pad, pad], [8, 9, 10], [11, pad, pad], [12, 13, pad]])
+    )
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]))
     assert torch.equal(batch["ranks"], torch.tensor([[0, 1, -1], [0, 1, 1]]))
     assert torch.equal(batch["order"], torch.tensor([[0, 1, -1], [2, 0, 1]]))
     assert torch.equal(batch["row"], torch.tensor([4, 0]))
@@ -260,10 +270,12 @@ def test_collator_flattens_a_ragged_batch_with_exact_tensors():
 def test_collator_packs_each_list_behind_its_shared_prefix():
     method = make_method()
     pad = method.tokenizer.pad_token_id
-    batch = method.collate([
-        {"responses_ids": [[5, 6, 1], [5, 6, 2, 3]], "ranks": [0, 1], "order": [0, 1], ROW_COLUMN: 4},
-        {"responses_ids": [[8, 9], [8, 4], [7]], "ranks": [0, 1, 1], "order": [2, 0, 1], ROW_COLUMN: 0},
-    ])
+    batch = method.collate(
+        [
+            {"responses_ids": [[5, 6, 1], [5, 6, 2, 3]], "ranks": [0, 1], "order": [0, 1], ROW_COLUMN: 4},
+            {"responses_ids": [[8, 9], [8, 4], [7]], "ranks": [0, 1, 1], "order": [2, 0, 1], ROW_COLUMN: 0},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 1, 2, 3], [8, 9, 8, 4, 7]]  # row 1 shares nothing
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 1, 0, 1, 0]]
     assert batch["segment_ids"].tolist() == [[0, 0, 1, 2, 2], [1, 1, 2, 2, 3]]
@@ -280,10 +292,12 @@ def test_one_forward_over_all_responses_puts_rewards_back_in_their_lists():
         calls.append(input_ids.shape)
         return input_ids[:, 0].float()  # reward = first token id
 
-    batch = method.collate([
-        {"responses_ids": [[5, 6], [7]], "ranks": [0, 1], "order": [0, 1]},
-        {"responses_ids": [[8], [11], [2, 1]], "ranks": [0, 1, 2], "order": [0, 1, 2]},
-    ])
+    batch = method.collate(
+        [
+            {"responses_ids": [[5, 6], [7]], "ranks": [0, 1], "order": [0, 1]},
+            {"responses_ids": [[8], [11], [2, 1]], "ranks": [0, 1, 2], "order": [0, 1, 2]},
+        ]
+    )
     out = method.eval_step(model, batch)
     assert calls == [(5, 2)]
     assert torch.equal(out["rewards"], torch.tensor([[5.0, 7.0, 0.0], [8.0, 11.0, 2.0]]))
@@ -293,8 +307,7 @@ def test_one_forward_over_all_responses_puts_rewards_back_in_their_lists():
 
 
 # ---- training end to end --------------------------------------------------------------------------
-SHORT = ["method=ranklist", "train.max_steps=80", "train.eval_every=40", "train.log_every=20",
-         "data.max_eval_rows=120"]
+SHORT = ["method=ranklist", "train.max_steps=80", "train.eval_every=40", "train.log_every=20", "data.max_eval_rows=120"]
 
 
 @pytest.fixture(scope="module")
@@ -317,8 +330,13 @@ def test_training_on_the_sample_raises_every_ranking_metric(trained):
 
 def test_save_reload_gives_the_same_scores_and_eval_reproduces_training(trained, tmp_path: Path):
     summary, run_dir = trained
-    assert_eval_reproduces(run_dir, tmp_path, summary["final_eval"],
-                           ("loss", "accuracy", "top1_accuracy", "exact_order_accuracy", "kendall_tau", "lists"), rel=1e-6)
+    assert_eval_reproduces(
+        run_dir,
+        tmp_path,
+        summary["final_eval"],
+        ("loss", "accuracy", "top1_accuracy", "exact_order_accuracy", "kendall_tau", "lists"),
+        rel=1e-6,
+    )
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     rows = read_jsonl(SAMPLES / "ranklist" / "eval.jsonl")[:3]
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
@@ -332,6 +350,15 @@ def test_save_reload_gives_the_same_scores_and_eval_reproduces_training(trained,
 
 
 def test_listmle_and_conversational_lists_train(tmp_path: Path):
-    summary, _ = run_training(tmp_path, ["method=ranklist", "method.loss=listmle", "data=ranklist_sample_chat",
-                                         "train.max_steps=40", "train.eval_every=0", "data.max_eval_rows=80"])
+    summary, _ = run_training(
+        tmp_path,
+        [
+            "method=ranklist",
+            "method.loss=listmle",
+            "data=ranklist_sample_chat",
+            "train.max_steps=40",
+            "train.eval_every=0",
+            "data.max_eval_rows=80",
+        ],
+    )
     assert summary["final_eval"]["accuracy"] > summary["first_eval"]["accuracy"] + 0.1

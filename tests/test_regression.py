@@ -54,8 +54,16 @@ def test_ranks_correlations_and_same_prompt_pairs_by_hand():
     assert pairs == 5 and accuracy == pytest.approx(3 / 5)
 
 
-RUN = ["method=regression", "experiment=smoke", "train.max_steps=60", "train.eval_every=30", "train.lr=1e-3",
-       "train.per_device_batch_size=16", "data.max_train_rows=960", "data.max_eval_rows=60"]
+RUN = [
+    "method=regression",
+    "experiment=smoke",
+    "train.max_steps=60",
+    "train.eval_every=30",
+    "train.lr=1e-3",
+    "train.per_device_batch_size=16",
+    "data.max_train_rows=960",
+    "data.max_eval_rows=60",
+]
 
 
 @pytest.mark.parametrize("standardize", [False, True])
@@ -74,8 +82,7 @@ def test_a_run_saves_a_stock_multi_output_model_that_scores_as_eval_did(tmp_path
     assert facts["method"] == "regression" and facts["attributes"] == ["helpfulness", "verbosity"]
     assert ("score_mean" in facts) == standardize
 
-    result = assert_eval_reproduces(run_dir, tmp_path / "eval", final, ("loss", "mse", "spearman", "pearson"),
-                                    rel=1e-5)
+    result = assert_eval_reproduces(run_dir, tmp_path / "eval", final, ("loss", "mse", "spearman", "pearson"), rel=1e-5)
     predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
     rows = read_jsonl(REPO / "rewardctl" / "samples" / "data" / "regression" / "eval.jsonl")
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()  # stock transformers alone
@@ -109,20 +116,38 @@ def test_a_run_saves_a_stock_multi_output_model_that_scores_as_eval_did(tmp_path
 def test_a_single_score_column_and_rows_with_a_bad_score(tmp_path: Path):
     rows = [{"prompt": "Q: ", "response": f"answer {i}", "score": float(i % 3)} for i in range(24)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    summary, run_dir = run_training(tmp_path, ["method=regression", "experiment=smoke", f"data.train={train}",
-                                               "data.eval=null", "data.holdout_fraction=0.25"])
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "method=regression",
+            "experiment=smoke",
+            f"data.train={train}",
+            "data.eval=null",
+            "data.holdout_fraction=0.25",
+        ],
+    )
     assert summary["status"] == "completed"
     assert json.loads((run_dir / "model" / "config.json").read_text())["id2label"] == {"0": "score"}
 
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"response": "a", "scores": {"helpfulness": 1, "verbosity": 2}},
-                                               {"response": "b", "scores": {"helpfulness": 3}}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"response": "a", "scores": {"helpfulness": 1, "verbosity": 2}},
+            {"response": "b", "scores": {"helpfulness": 3}},
+        ],
+    )
     with pytest.raises(DataError) as info:
-        run_training(tmp_path, ["method=regression", "experiment=smoke", f"data.train={bad}", "data.eval=null"],
-                     name="bad")
-    assert str(info.value) == (f"{bad}, row 2, field 'scores.verbosity': is missing; data.bad_rows=skip leaves such "
-                               "rows out")
-    with pytest.raises(ConfigError, match=r"^method.weights: names no attribute of the data \(helpfulness, "
-                                          r"verbosity\): \['helpfullness'\]"):
+        run_training(
+            tmp_path, ["method=regression", "experiment=smoke", f"data.train={bad}", "data.eval=null"], name="bad"
+        )
+    assert str(info.value) == (
+        f"{bad}, row 2, field 'scores.verbosity': is missing; data.bad_rows=skip leaves such rows out"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^method.weights: names no attribute of the data \(helpfulness, "
+        r"verbosity\): \['helpfullness'\]",
+    ):
         run_training(tmp_path, ["method=regression", "experiment=smoke", "+method.weights.helpfullness=2"], name="w")
 
 
@@ -145,8 +170,12 @@ def test_the_method_is_one_module_and_one_yaml_on_the_public_api():
     ours = {m for m in _imported_modules(module) if m.startswith("rewardctl")}
     assert ours == {"rewardctl.methods.api"}
     markers = ("RegressionMethod", "methods.regression", "regression_sample", "sample:regression", "regression_rows")
-    allowed = {"rewardctl/methods/regression.py", "conf/method/regression.yaml", "conf/data/regression_sample.yaml",
-               "rewardctl/samples/generate.py"}
+    allowed = {
+        "rewardctl/methods/regression.py",
+        "conf/method/regression.yaml",
+        "conf/data/regression_sample.yaml",
+        "rewardctl/samples/generate.py",
+    }
     mentions = set()
     for path in [*(REPO / "rewardctl").rglob("*"), *(REPO / "conf").rglob("*")]:
         if path.is_file() and path.suffix in (".py", ".yaml", ".json") and "samples/data" not in str(path):

@@ -36,8 +36,10 @@ def test_record_start_writes_the_config_and_report_and_sets_an_earlier_attempts_
     run_dir.metrics_path.write_text('{"step": 1}\n')
     cfg = OmegaConf.create({"output_dir": "outputs/${train.name}", "train": {"name": "a", "lr": 0.001}})
     run_dir.record_start(cfg, {"train": {"rows": 3}}, resuming=False)
-    assert OmegaConf.load(tmp_path / "run" / "config.yaml") == {"output_dir": str(tmp_path / "run"),
-                                                             "train": {"name": "a", "lr": 0.001}}
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml") == {
+        "output_dir": str(tmp_path / "run"),
+        "train": {"name": "a", "lr": 0.001},
+    }
     assert json.loads((tmp_path / "run" / "data_report.json").read_text()) == {"train": {"rows": 3}}
     assert not run_dir.metrics_path.exists()
     assert [p.read_text() for p in (tmp_path / "run").glob("metrics.*.jsonl.bak")] == ['{"step": 1}\n']

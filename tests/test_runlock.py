@@ -51,7 +51,9 @@ def test_a_live_holder_is_refused_naming_pid_host_and_start(tmp_path: Path):
     with acquire_run_lock(run_dir), pytest.raises(ConfigError) as info:  # this very process holds it
         lock_run_dir(run_dir)
     message = str(info.value)
-    assert message.startswith(f"output_dir: {run_dir} is in use by pid {os.getpid()} on host {socket.gethostname()} since ")
+    assert message.startswith(
+        f"output_dir: {run_dir} is in use by pid {os.getpid()} on host {socket.gethostname()} since "
+    )
     assert message.endswith("; wait for it or choose another output_dir")
 
 
@@ -101,8 +103,10 @@ def test_release_never_removes_someone_elses_lock(tmp_path: Path):
 
 
 def test_the_lock_is_released_when_the_interpreter_exits(tmp_path: Path):
-    code = (f"from rewardctl.utils.runlock import lock_run_dir; lock_run_dir({str(tmp_path)!r}); "
-            f"import os; assert os.path.exists({str(tmp_path / LOCK_NAME)!r})")
+    code = (
+        f"from rewardctl.utils.runlock import lock_run_dir; lock_run_dir({str(tmp_path)!r}); "
+        f"import os; assert os.path.exists({str(tmp_path / LOCK_NAME)!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
     assert not (tmp_path / LOCK_NAME).exists()
 

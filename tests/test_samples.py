@@ -22,8 +22,13 @@ def test_pairwise_sample_is_balanced_over_failure_modes_and_formats_agree():
     chat = [json.loads(line) for line in (SAMPLES / "pairwise_chat" / "eval.jsonl").read_text().splitlines()]
     assert len(standard) == len(chat) == 500
     for s, c in zip(standard, chat, strict=True):
-        assert s["chosen"].strip() == c["chosen"][0]["content"] and s["prompt"] == f"User: {c['prompt'][0]['content']}\nAssistant:"
-    train_questions = {json.loads(line)["prompt"] for line in (SAMPLES / "pairwise" / "train.jsonl").read_text().splitlines()}
+        assert (
+            s["chosen"].strip() == c["chosen"][0]["content"]
+            and s["prompt"] == f"User: {c['prompt'][0]['content']}\nAssistant:"
+        )
+    train_questions = {
+        json.loads(line)["prompt"] for line in (SAMPLES / "pairwise" / "train.jsonl").read_text().splitlines()
+    }
     assert not train_questions & {s["prompt"] for s in standard}  # eval prompts are held-out phrasings
 
 
@@ -48,5 +53,7 @@ def test_ranklist_sample_spreads_list_sizes_and_keeps_the_ladder_order():
     assert len(standard) == len(chat) == 400
     for s, c in zip(standard, chat, strict=True):
         assert [r.strip() for r in s["responses"]] == [m[0]["content"] for m in c["responses"]]
-    train_prompts = {json.loads(line)["prompt"] for line in (SAMPLES / "ranklist" / "train.jsonl").read_text().splitlines()}
+    train_prompts = {
+        json.loads(line)["prompt"] for line in (SAMPLES / "ranklist" / "train.jsonl").read_text().splitlines()
+    }
     assert not train_prompts & {s["prompt"] for s in standard}

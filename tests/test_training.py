@@ -29,8 +29,13 @@ from .conftest import (
 )
 
 TIMING_KEYS = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
-SHORT = ["train.max_steps=100", "train.eval_every=50", "train.log_every=10", "train.weight_decay=0.0",
-         "data.max_eval_rows=200"]
+SHORT = [
+    "train.max_steps=100",
+    "train.eval_every=50",
+    "train.log_every=10",
+    "train.weight_decay=0.0",
+    "data.max_eval_rows=200",
+]
 
 
 def comparable(records: list[dict]) -> list[dict]:
@@ -47,8 +52,17 @@ def trained(tmp_path_factory):
 
 def test_run_directory_layout(trained):
     summary, run_dir = trained
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json", "data_report.json", "model/config.json",
-                 "model/model.safetensors", "model/tokenizer.json", "model/chat_template.jinja"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+        "summary.json",
+        "data_report.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/chat_template.jinja",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -105,8 +119,13 @@ def test_stock_transformers_reload_and_pipeline_give_the_training_scores(trained
 
 def test_eval_command_reproduces_the_end_of_training_eval(trained):
     summary, run_dir = trained
-    result = assert_eval_reproduces(run_dir, None, summary["final_eval"], (
-        "loss", "accuracy", "margin", "reward_mean", "reward_std", "reward_min", "reward_max", "pairs"), rel=1e-6)
+    result = assert_eval_reproduces(
+        run_dir,
+        None,
+        summary["final_eval"],
+        ("loss", "accuracy", "margin", "reward_mean", "reward_std", "reward_min", "reward_max", "pairs"),
+        rel=1e-6,
+    )
     saved = json.loads((run_dir / "eval" / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == result["metrics"]
     assert len(read_jsonl(run_dir / "eval" / "eval" / "predictions.jsonl")) == 200
@@ -119,8 +138,15 @@ def test_eval_from_a_checkpoint(tmp_path: Path):
     assert result["metrics"]["loss"] == pytest.approx(summary["final_eval"]["loss"], rel=1e-6)
 
 
-RESUMABLE = ["experiment=smoke", "train.max_steps=12", "train.save_every=4", "train.eval_every=4", "train.log_every=4",
-             "model.disable_dropout=false", "+model.config_overrides.attention_dropout=0.2"]
+RESUMABLE = [
+    "experiment=smoke",
+    "train.max_steps=12",
+    "train.save_every=4",
+    "train.eval_every=4",
+    "train.log_every=4",
+    "model.disable_dropout=false",
+    "+model.config_overrides.attention_dropout=0.2",
+]
 
 
 def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path: Path):
@@ -144,8 +170,11 @@ def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path:
 
 def test_resume_refuses_a_checkpoint_with_a_different_data_order(tmp_path: Path):
     _, run_dir = run_training(tmp_path, [*RESUMABLE, "train.stop_after_steps=4"])
-    for override, key in (("data.max_train_rows=40", "train_rows"), ("train.per_device_batch_size=2", "per_device_batch_size"),
-                          ("data.group_by_length=false", "group_by_length")):
+    for override, key in (
+        ("data.max_train_rows=40", "train_rows"),
+        ("train.per_device_batch_size=2", "per_device_batch_size"),
+        ("data.group_by_length=false", "group_by_length"),
+    ):
         with pytest.raises(ConfigError) as info:
             run_training(tmp_path, [*RESUMABLE, override])
         reset_accelerate()
@@ -165,15 +194,25 @@ def test_a_finished_run_without_checkpoints_is_not_retrained_over(tmp_path: Path
 
 
 def test_gradient_accumulation_is_normalised_like_one_big_batch(tmp_path: Path):
-    common = ["experiment=smoke", "train.max_steps=5", "train.log_every=1", "train.save_every=0", "train.eval_every=0",
-              "data.group_by_length=false"]  # same rows per optimizer step in both runs
+    common = [
+        "experiment=smoke",
+        "train.max_steps=5",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "data.group_by_length=false",
+    ]  # same rows per optimizer step in both runs
     big, big_dir = run_training(tmp_path, [*common, "train.per_device_batch_size=16"], name="big")
-    small, small_dir = run_training(tmp_path, [*common, "train.per_device_batch_size=8", "train.grad_accum=2"], name="small")
+    small, small_dir = run_training(
+        tmp_path, [*common, "train.per_device_batch_size=8", "train.grad_accum=2"], name="small"
+    )
     big_train = [r for r in read_jsonl(big_dir / "metrics.jsonl") if r["split"] == "train"]
     small_train = [r for r in read_jsonl(small_dir / "metrics.jsonl") if r["split"] == "train"]
     assert [r["pairs"] for r in small_train] == [16, 32, 48, 64, 80]
     for a, b in zip(big_train, small_train, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-4
+        )
     a, b = load_file(str(big_dir / "model/model.safetensors")), load_file(str(small_dir / "model/model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
@@ -202,8 +241,17 @@ def test_bad_rows_and_overlength_rows_are_counted_before_training(tmp_path: Path
     reset_accelerate()
     assert f"{path}, row 4, field 'chosen': is empty" in str(info.value)
     assert not (tmp_path / "strict" / "model").exists()
-    summary, run_dir = run_training(tmp_path, ["experiment=smoke", f"data.train={path}", "data.bad_rows=skip",
-                                               "data.overlength=drop", "model.max_length=150"], name="lenient")
+    summary, run_dir = run_training(
+        tmp_path,
+        [
+            "experiment=smoke",
+            f"data.train={path}",
+            "data.bad_rows=skip",
+            "data.overlength=drop",
+            "model.max_length=150",
+        ],
+        name="lenient",
+    )
     report = json.loads((run_dir / "data_report.json").read_text())["train"]
     assert report["skipped_bad"] == 2 and report["dropped_overlength"] == 1 and report["used"] == 37
     assert report["errors"][0] == f"{path}, row 4, field 'chosen': is empty"
@@ -218,8 +266,9 @@ def test_conversational_data_and_margins_with_centering_train(tmp_path: Path):
     for i, row in enumerate(rows):
         row["margin"] = float(i % 3)
     path = write_jsonl(tmp_path / "margin.jsonl", rows)
-    margin, run_dir = run_training(tmp_path, ["experiment=smoke", f"data.train={path}",
-                                              "method.center_rewards_coefficient=0.01"], name="margin")
+    margin, run_dir = run_training(
+        tmp_path, ["experiment=smoke", f"data.train={path}", "method.center_rewards_coefficient=0.01"], name="margin"
+    )
     assert margin["status"] == "completed"
     assert json.loads((run_dir / "data_report.json").read_text())["train"]["margin"] is True
 
@@ -241,8 +290,14 @@ def test_heldout_split_errors_and_predictions_use_file_row_numbers(tmp_path: Pat
     rows = read_jsonl(SAMPLES / "pairwise" / "train.jsonl")[:60]
     rows[2]["chosen"] = ""
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    overrides = ["experiment=smoke", f"data.train={path}", "data.eval=null", "data.holdout_fraction=0.25",
-                 "train.max_steps=2", "data.max_eval_rows=null"]
+    overrides = [
+        "experiment=smoke",
+        f"data.train={path}",
+        "data.eval=null",
+        "data.holdout_fraction=0.25",
+        "train.max_steps=2",
+        "data.max_eval_rows=null",
+    ]
     with pytest.raises(DataError) as info:
         run_training(tmp_path, overrides, name="strict")
     reset_accelerate()

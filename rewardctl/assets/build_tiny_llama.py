@@ -46,8 +46,15 @@ def corpus() -> list[str]:
     for animal, legs in world.LEGS:
         texts += [q.format(animal=animal) for q in (*world.LEG_QUESTIONS_TRAIN, *world.LEG_QUESTIONS_EVAL)]
         texts += [a.format(animal=animal, n=world.NUMBER_WORDS[legs]) for a in world.LEG_ANSWERS]
-    texts += [*world.OPENERS, *world.CLOSERS, *world.RUDE_OPENERS, *world.RUDE_ENDINGS, *world.RUDE_EVAL_ONLY,
-              *world.EVASIVE_PARTS, *world.EVASIVE_EVAL_ONLY]
+    texts += [
+        *world.OPENERS,
+        *world.CLOSERS,
+        *world.RUDE_OPENERS,
+        *world.RUDE_ENDINGS,
+        *world.RUDE_EVAL_ONLY,
+        *world.EVASIVE_PARTS,
+        *world.EVASIVE_EVAL_ONLY,
+    ]
     return [t for t in texts if t]
 
 
@@ -56,13 +63,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus() * 4, trainer)
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=512,
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        model_max_length=512,
         padding_side="right",
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -71,10 +83,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, architectures=["LlamaForCausalLM"],
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        architectures=["LlamaForCausalLM"],
     )
 
 

@@ -292,8 +292,11 @@ class QLoraConfig(LoraConfig):
     save_merged: bool = False
 
 
-PEFT_SCHEMAS: Dict[str, type] = {PeftKind.none.value: NoPeftConfig, PeftKind.lora.value: LoraConfig,
-                                 PeftKind.qlora.value: QLoraConfig}
+PEFT_SCHEMAS: Dict[str, type] = {
+    PeftKind.none.value: NoPeftConfig,
+    PeftKind.lora.value: LoraConfig,
+    PeftKind.qlora.value: QLoraConfig,
+}
 
 
 @dataclass

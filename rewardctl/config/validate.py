@@ -74,8 +74,9 @@ def model_hidden_size(model: Any) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
-                                            trust_remote_code=model.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
     except (OSError, ValueError):
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -97,11 +98,16 @@ def resolve_precision(device: Device, precision: MixedPrecision, hidden_size: in
     return MixedPrecision.bf16 if native else MixedPrecision.no
 
 
-def check_precision(device: Device, precision: MixedPrecision, key: str, hidden_size: int | None = None) -> MixedPrecision:
+def check_precision(
+    device: Device, precision: MixedPrecision, key: str, hidden_size: int | None = None
+) -> MixedPrecision:
     """Refuses what this machine cannot run; returns the precision to use (``auto`` resolved)."""
     has_cuda = torch.cuda.is_available()
-    _require(not (device == Device.gpu and not has_cuda), key.replace("mixed_precision", "device"),
-             "gpu requested but torch sees no CUDA device (use hardware=cpu)")
+    _require(
+        not (device == Device.gpu and not has_cuda),
+        key.replace("mixed_precision", "device"),
+        "gpu requested but torch sees no CUDA device (use hardware=cpu)",
+    )
     on_cpu = device == Device.cpu or not has_cuda
     if precision == MixedPrecision.auto:
         precision = resolve_precision(device, precision, hidden_size)
@@ -109,10 +115,18 @@ def check_precision(device: Device, precision: MixedPrecision, key: str, hidden_
         if on_cpu and hidden_size is not None:
             reason += f"; hidden size {hidden_size} {'>=' if hidden_size >= CPU_BF16_MIN_HIDDEN else '<'} {CPU_BF16_MIN_HIDDEN}"
         logging.getLogger(__name__).info("%s=auto: using %s (%s)", key, precision.value, reason)
-    _require(not (precision == MixedPrecision.fp16 and on_cpu), key, "fp16 mixed precision needs a GPU; use bf16 or no on CPU")
+    _require(
+        not (precision == MixedPrecision.fp16 and on_cpu),
+        key,
+        "fp16 mixed precision needs a GPU; use bf16 or no on CPU",
+    )
     if precision == MixedPrecision.bf16 and on_cpu and not cpu_has_native_bf16():
-        logging.getLogger(__name__).warning("%s=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); autocast "
-                                            "will emulate it and run slower than fp32 (use %s=no)", key, key)
+        logging.getLogger(__name__).warning(
+            "%s=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); autocast "
+            "will emulate it and run slower than fp32 (use %s=no)",
+            key,
+            key,
+        )
     if precision == MixedPrecision.bf16 and not on_cpu:
         _require(torch.cuda.is_bf16_supported(), key, "this GPU has no bf16 support; use fp16 (loss-scaled) or no")
     return precision
@@ -132,34 +146,66 @@ def check_hardware(hw: Any, *, for_training: bool, peft_name: str = "none") -> N
     """Process counts, strategy and its optional dependency: refused before any model loads."""
     from rewardctl.config.schema import Strategy
 
-    _require(hw.num_processes >= 0, "hardware.num_processes", f"must be >= 0 (0: one per visible GPU); got {hw.num_processes}")
+    _require(
+        hw.num_processes >= 0,
+        "hardware.num_processes",
+        f"must be >= 0 (0: one per visible GPU); got {hw.num_processes}",
+    )
     _require(hw.num_machines >= 1, "hardware.num_machines", f"must be >= 1 (got {hw.num_machines})")
-    _require(0 <= hw.machine_rank < hw.num_machines, "hardware.machine_rank",
-             f"must be in [0, {hw.num_machines}) (got {hw.machine_rank})")
+    _require(
+        0 <= hw.machine_rank < hw.num_machines,
+        "hardware.machine_rank",
+        f"must be in [0, {hw.num_machines}) (got {hw.machine_rank})",
+    )
     _require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", f"must be 1, 2 or 3 (got {hw.zero_stage})")
-    _require(hw.fsdp_sharding_strategy in FSDP_SHARDING, "hardware.fsdp_sharding_strategy",
-             f"must be one of {', '.join(FSDP_SHARDING)} (got {hw.fsdp_sharding_strategy!r})")
-    _require(hw.num_machines == 1 or bool(hw.main_process_ip), "hardware.main_process_ip",
-             "a multi-machine run needs rank 0's address")
+    _require(
+        hw.fsdp_sharding_strategy in FSDP_SHARDING,
+        "hardware.fsdp_sharding_strategy",
+        f"must be one of {', '.join(FSDP_SHARDING)} (got {hw.fsdp_sharding_strategy!r})",
+    )
+    _require(
+        hw.num_machines == 1 or bool(hw.main_process_ip),
+        "hardware.main_process_ip",
+        "a multi-machine run needs rank 0's address",
+    )
     if not for_training:
         return
     has_cuda = torch.cuda.is_available()
     if peft_name == "qlora":
-        _require(has_cuda and hw.device != Device.cpu, "peft", "qlora loads the base in 4 bits with bitsandbytes, which "
-                 "needs a CUDA GPU; on CPU use peft=lora")
-        _require(importlib.util.find_spec("bitsandbytes") is not None, "peft", "qlora needs bitsandbytes "
-                 "(pip install bitsandbytes)")
+        _require(
+            has_cuda and hw.device != Device.cpu,
+            "peft",
+            "qlora loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU; on CPU use peft=lora",
+        )
+        _require(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            "peft",
+            "qlora needs bitsandbytes (pip install bitsandbytes)",
+        )
     gpus = torch.cuda.device_count() if has_cuda else 0
     if hw.strategy == Strategy.deepspeed:
-        _require(importlib.util.find_spec("deepspeed") is not None, "hardware.strategy",
-                 "deepspeed is not installed (pip install deepspeed), or choose hardware=fsdp")
+        _require(
+            importlib.util.find_spec("deepspeed") is not None,
+            "hardware.strategy",
+            "deepspeed is not installed (pip install deepspeed), or choose hardware=fsdp",
+        )
     if hw.strategy in (Strategy.fsdp, Strategy.deepspeed):
-        _require(has_cuda and hw.device != Device.cpu, "hardware.strategy",
-                 f"{hw.strategy.value} shards over CUDA GPUs and torch sees none; use hardware=ddp hardware.device=cpu on CPU")
-    _require(hw.num_processes > 0 or gpus > 0, "hardware.num_processes",
-             "0 means one process per visible GPU and torch sees none; give a number (CPU processes use gloo)")
+        _require(
+            has_cuda and hw.device != Device.cpu,
+            "hardware.strategy",
+            f"{hw.strategy.value} shards over CUDA GPUs and torch sees none; use hardware=ddp hardware.device=cpu on CPU",
+        )
+    _require(
+        hw.num_processes > 0 or gpus > 0,
+        "hardware.num_processes",
+        "0 means one process per visible GPU and torch sees none; give a number (CPU processes use gloo)",
+    )
     if hw.device != Device.cpu and hw.num_processes > 1 and has_cuda:
-        _require(hw.num_processes <= gpus, "hardware.num_processes", f"{hw.num_processes} processes but only {gpus} GPUs are visible")
+        _require(
+            hw.num_processes <= gpus,
+            "hardware.num_processes",
+            f"{hw.num_processes} processes but only {gpus} GPUs are visible",
+        )
 
 
 def use_precision(run: RunConfig, cfg: DictConfig, precision: MixedPrecision) -> None:
@@ -180,25 +226,34 @@ def check_compile(run: RunConfig) -> None:
 
     if not run.train.compile:
         return
-    _require(run.hardware.strategy != Strategy.deepspeed, "train.compile",
-             "not supported with hardware.strategy=deepspeed (its engine compiles only through its own "
-             "engine.compile(), which rewardctl does not drive); use hardware=ddp or hardware=fsdp")
+    _require(
+        run.hardware.strategy != Strategy.deepspeed,
+        "train.compile",
+        "not supported with hardware.strategy=deepspeed (its engine compiles only through its own "
+        "engine.compile(), which rewardctl does not drive); use hardware=ddp or hardware=fsdp",
+    )
     try:
         supported = torch._dynamo.is_dynamo_supported()
     except AttributeError:  # a torch without this probe: let torch.compile speak for itself
         supported = True
     _require(supported, "train.compile", f"torch.compile does not support this Python/torch ({torch.__version__})")
     on_cpu = run.hardware.device == Device.cpu or not torch.cuda.is_available()
-    _require(not on_cpu or has_cxx_compiler(), "train.compile",
-             f"inductor needs a C++ compiler on CPU and {os.environ.get('CXX', 'g++')} is not on PATH (set $CXX)")
+    _require(
+        not on_cpu or has_cxx_compiler(),
+        "train.compile",
+        f"inductor needs a C++ compiler on CPU and {os.environ.get('CXX', 'g++')} is not on PATH (set $CXX)",
+    )
 
 
 def check_weights_dtype(run: RunConfig) -> None:
     """float16 master weights on a CPU: no loss scaler guards them there, so a run overflows to NaN
     (and CPU float16 kernels are slow); refused like ``mixed_precision=fp16`` on CPU."""
     on_cpu = run.hardware.device == Device.cpu or not torch.cuda.is_available()
-    _require(not (run.model.dtype == DType.float16 and on_cpu), "model.dtype",
-             "float16 weights need a GPU; use float32 (with hardware.mixed_precision=bf16 if you want) on CPU")
+    _require(
+        not (run.model.dtype == DType.float16 and on_cpu),
+        "model.dtype",
+        "float16 weights need a GPU; use float32 (with hardware.mixed_precision=bf16 if you want) on CPU",
+    )
 
 
 def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
@@ -214,7 +269,9 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
     run: RunConfig = _to_object(cfg)
     t, m, d = run.train, run.model, run.data
     _require(m.max_length >= 8, "model.max_length", f"must be >= 8 (got {m.max_length})")
-    _require(t.per_device_batch_size >= 1, "train.per_device_batch_size", f"must be >= 1 (got {t.per_device_batch_size})")
+    _require(
+        t.per_device_batch_size >= 1, "train.per_device_batch_size", f"must be >= 1 (got {t.per_device_batch_size})"
+    )
     if t.per_device_eval_batch_size is not None:
         _require(t.per_device_eval_batch_size >= 1, "train.per_device_eval_batch_size", "must be >= 1")
     _require(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1 (got {t.grad_accum})")
@@ -233,17 +290,38 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
     _require(t.num_workers >= 0, "train.num_workers", "must be >= 0")
     if t.stop_after_steps is not None:
         _require(t.stop_after_steps >= 1, "train.stop_after_steps", "must be >= 1")
-    _require(t.max_bad_steps >= 0, "train.max_bad_steps", f"must be >= 0 (0: never stop on skipped updates); got {t.max_bad_steps}")
-    _require(t.divergence_factor == 0 or t.divergence_factor > 1, "train.divergence_factor",
-             f"must be 0 (off) or > 1 (got {t.divergence_factor})")
+    _require(
+        t.max_bad_steps >= 0,
+        "train.max_bad_steps",
+        f"must be >= 0 (0: never stop on skipped updates); got {t.max_bad_steps}",
+    )
+    _require(
+        t.divergence_factor == 0 or t.divergence_factor > 1,
+        "train.divergence_factor",
+        f"must be 0 (off) or > 1 (got {t.divergence_factor})",
+    )
     if for_training and t.resume not in ("auto", "off"):
-        _require(Path(t.resume).is_dir(), "train.resume", f"must be auto, off or a checkpoint directory; {t.resume!r} does not exist")
-        _require((Path(t.resume) / "trainer_state.json").is_file(), "train.resume",
-                 f"{t.resume!r} is not a rewardctl checkpoint (no trainer_state.json); pass checkpoints/step-N")
+        _require(
+            Path(t.resume).is_dir(),
+            "train.resume",
+            f"must be auto, off or a checkpoint directory; {t.resume!r} does not exist",
+        )
+        _require(
+            (Path(t.resume) / "trainer_state.json").is_file(),
+            "train.resume",
+            f"{t.resume!r} is not a rewardctl checkpoint (no trainer_state.json); pass checkpoints/step-N",
+        )
     for tracker in t.report_to if for_training else ():
-        _require(tracker in KNOWN_TRACKERS, "train.report_to", f"unknown tracker {tracker!r} (known: {', '.join(KNOWN_TRACKERS)})")
-        _require(importlib.util.find_spec(KNOWN_TRACKERS[tracker]) is not None, "train.report_to",
-                 f"{tracker} is not installed (pip install {tracker})")
+        _require(
+            tracker in KNOWN_TRACKERS,
+            "train.report_to",
+            f"unknown tracker {tracker!r} (known: {', '.join(KNOWN_TRACKERS)})",
+        )
+        _require(
+            importlib.util.find_spec(KNOWN_TRACKERS[tracker]) is not None,
+            "train.report_to",
+            f"{tracker} is not installed (pip install {tracker})",
+        )
     _require(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
     for key in ("max_train_rows", "max_eval_rows", "num_proc", "pad_to_multiple_of", "length_group_batches"):
         value = getattr(d, key)
@@ -253,11 +331,16 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
         value = str(getattr(d, key)).lower()
         _require(value in SWITCH_VALUES, f"data.{key}", f"must be auto, true or false (got {getattr(d, key)!r})")
         setattr(d, key, value)
-    check_hardware(run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none"))
+    check_hardware(
+        run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none")
+    )
     if for_training:
         width = model_hidden_size(run.model) if run.hardware.mixed_precision == MixedPrecision.auto else None
-        use_precision(run, cfg, check_precision(run.hardware.device, run.hardware.mixed_precision,
-                                                "hardware.mixed_precision", width))
+        use_precision(
+            run,
+            cfg,
+            check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision", width),
+        )
         check_weights_dtype(run)
         check_compile(run)
     if not is_dataclass(run.method):
@@ -267,7 +350,9 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
 
 def _check_run_dir(run_dir: str) -> None:
     _require(Path(run_dir).is_dir(), "run_dir", f"{run_dir!r} is not a directory")
-    _require((Path(run_dir) / "config.yaml").is_file(), "run_dir", f"{run_dir!r} has no config.yaml (not a rewardctl run)")
+    _require(
+        (Path(run_dir) / "config.yaml").is_file(), "run_dir", f"{run_dir!r} has no config.yaml (not a rewardctl run)"
+    )
 
 
 def to_eval_config(cfg: DictConfig) -> EvalConfig:
@@ -298,7 +383,9 @@ def read_run_config(path: Path) -> DictConfig:
     raw = OmegaConf.load(path)
     base = OmegaConf.structured(RunConfig)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.masked_copy(raw, [k for k in raw.keys() if k not in ("method", "peft")]))
+        merged = OmegaConf.merge(
+            base, OmegaConf.masked_copy(raw, [k for k in raw.keys() if k not in ("method", "peft")])
+        )
     except OmegaConfBaseException as exc:
         raise ConfigError(str(getattr(exc, "full_key", path)), str(exc).splitlines()[0]) from None
     merged.method = raw.method

@@ -63,8 +63,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         span = self.batch_size * self.group_batches
         batches = []
         for i in range(0, len(order), span):
-            chunk = sorted(order[i:i + span], key=lambda row: -lengths[row])
-            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(order[i : i + span], key=lambda row: -lengths[row])
+            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         longest = max(range(len(batches)), key=lambda b: max(lengths[row] for row in batches[b]))
         batches[0], batches[longest] = batches[longest], batches[0]  # any out-of-memory shows at step 1
@@ -79,7 +79,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         if self.shuffle and self.lengths is not None:
             batches = self._grouped(order, generator)
         else:
-            batches = [order[i:i + self.batch_size] for i in range(0, self.num_rows, self.batch_size)]
+            batches = [order[i : i + self.batch_size] for i in range(0, self.num_rows, self.batch_size)]
         padded = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
         return batches + [batches[i % len(batches)] for i in range(padded - len(batches))]
 
@@ -88,5 +88,5 @@ class EpochBatchSampler(Sampler[list[int]]):
         return math.ceil(math.ceil(self.num_rows / self.batch_size) / self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
-        mine = self.global_batches()[self.rank::self.num_replicas]
-        yield from mine[self.start:]
+        mine = self.global_batches()[self.rank :: self.num_replicas]
+        yield from mine[self.start :]

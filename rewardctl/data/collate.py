@@ -20,8 +20,8 @@ def pad_sequences(
     for row, seq in enumerate(sequences):
         n = len(seq)
         if side == "left":
-            values[row, length - n:] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, length - n:] = 1
+            values[row, length - n :] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, length - n :] = 1
         else:
             values[row, :n] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, :n] = 1

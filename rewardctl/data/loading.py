@@ -76,7 +76,7 @@ def _long_integer(text: bytes) -> bool:
         end = start + 19
         while end < len(zeros) and zeros[end] == 0x30:
             end += 1
-        if _after_json_separator(text, start) and text[end:end + 1] not in (b".", b"e", b"E"):
+        if _after_json_separator(text, start) and text[end : end + 1] not in (b".", b"e", b"E"):
             return True
         start = zeros.find(b"0" * 19, end)
     return False
@@ -85,7 +85,7 @@ def _long_integer(text: bytes) -> bool:
 def _after_json_separator(text: bytes, start: int) -> bool:
     """Whether the digits at ``start`` open a JSON value (after ``:``, ``[`` or ``,``, maybe ``-``),
     not digits inside a string (a URL, an id) or after a float's point."""
-    head = text[max(0, start - 64):start].rstrip(b" \t").removesuffix(b"-").rstrip(b" \t")
+    head = text[max(0, start - 64) : start].rstrip(b" \t").removesuffix(b"-").rstrip(b" \t")
     return head[-1:] in (b":", b"[", b",")
 
 
@@ -93,7 +93,7 @@ def _bare_word(text: bytes, word: bytes) -> bool:
     """``word`` somewhere as a JSON value (not inside an identifier or a quoted word)."""
     start = text.find(word)
     while start != -1:
-        before, after = text[start - 1:start] if start else b"", text[start + len(word):start + len(word) + 1]
+        before, after = text[start - 1 : start] if start else b"", text[start + len(word) : start + len(word) + 1]
         if not any(c.isalnum() or c in (b'"', b"_") for c in (before, after) if c):
             return True
         start = text.find(word, start + 1)
@@ -154,9 +154,13 @@ def _check_piece(path: Path, body: bytes, offset: int, lines: int, rows_are_line
         line = lines + body.count(b"\n", 0, exc.start) + 1
         column = exc.start - body.rfind(b"\n", 0, exc.start)
         row = _row_of_line(path, line) if rows_are_lines and path.suffix.lower() == ".jsonl" else None
-        raise DataError(str(path), f"is not UTF-8 text: line {line}, column {column}, byte {offset + exc.start} "
-                                   f"is 0x{body[exc.start]:02x} ({exc.reason}); save the file as UTF-8 "
-                                   "(e.g. iconv -f latin1 -t utf-8)", row=row) from None
+        raise DataError(
+            str(path),
+            f"is not UTF-8 text: line {line}, column {column}, byte {offset + exc.start} "
+            f"is 0x{body[exc.start]:02x} ({exc.reason}); save the file as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)",
+            row=row,
+        ) from None
 
 
 def _row_of_line(path: Path, line: int) -> int:
@@ -179,7 +183,7 @@ def _parse_float(text: str) -> float | _Bad:
 
 
 def _parse_int(text: str) -> int | _Bad:
-    if len(text.lstrip("-")) > 19 or not -2 ** 63 <= int(text) < 2 ** 63:
+    if len(text.lstrip("-")) > 19 or not -(2**63) <= int(text) < 2**63:
         return _Bad(f"holds {text if len(text) <= 24 else text[:21] + '...'}, beyond the 64-bit integer range")
     return int(text)
 
@@ -272,8 +276,12 @@ def diagnose_jsonl(path: Path) -> DataError | None:
                 continue
             seen = kinds.setdefault(key, (kind, row))
             if seen[0] != kind:
-                return DataError(str(path), f"is {kind} but row {seen[1]} has {seen[0]}; one file must use one "
-                                            "format per field", row=row, field=key)
+                return DataError(
+                    str(path),
+                    f"is {kind} but row {seen[1]} has {seen[0]}; one file must use one format per field",
+                    row=row,
+                    field=key,
+                )
     return None
 
 
@@ -379,7 +387,9 @@ def _root_cause(exc: BaseException) -> str:
     """The innermost message of a chained exception: datasets wraps every builder failure in "An
     error occurred while generating the dataset", which says nothing about the file."""
     causes = [exc]
-    while (nxt := causes[-1].__cause__ or causes[-1].__context__) is not None and nxt not in causes and len(causes) < 10:
+    while (
+        (nxt := causes[-1].__cause__ or causes[-1].__context__) is not None and nxt not in causes and len(causes) < 10
+    ):
         causes.append(nxt)
     for cause in reversed(causes):
         text = str(cause).strip()
@@ -462,8 +472,9 @@ def _split_files(path: Path, split: str) -> list[Path]:
 
 def _load_folder(path: Path, split: str, bad_rows: BadRows) -> Dataset:
     files = [f for f in _split_files(path, split) if f.is_file()]
-    scans = [scan_text(f, json_lines=f.suffix.lower() in JSON_SUFFIXES) for f in files
-             if f.suffix.lower() in TEXT_SUFFIXES]
+    scans = [
+        scan_text(f, json_lines=f.suffix.lower() in JSON_SUFFIXES) for f in files if f.suffix.lower() in TEXT_SUFFIXES
+    ]
     all_json = bool(files) and all(f.suffix.lower() in JSON_SUFFIXES for f in files)
     if all_json and any(scan.pyarrow_traps for scan in scans):
         return load_json_in_python(files, f"{path} [{split}]", bad_rows)
@@ -492,8 +503,11 @@ def _load_hub(name: str, split: str, subset: str | None, revision: str | None) -
         looks_local = name.startswith((".", "/", "~")) or Path(name).suffix in FILE_BUILDERS
         if looks_local:
             raise DataError(name, "no such file or directory") from exc
-        raise DataError(name, f"could not be loaded from the Hugging Face Hub ({_root_cause(exc)}); "
-                              "offline machines need a local file or folder") from exc
+        raise DataError(
+            name,
+            f"could not be loaded from the Hugging Face Hub ({_root_cause(exc)}); "
+            "offline machines need a local file or folder",
+        ) from exc
 
 
 def parse_ranked_line(line: str) -> list[str]:
@@ -511,7 +525,9 @@ def _ranked_tsv_file(source: str, path: Path, split: str) -> Path:
         candidates = [path / f"{split}{suffix}" for suffix in (".tsv", ".txt")]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise DataError(source, f"data.layout=ranked_tsv: the folder has no {split}.tsv or {split}.txt for split {split!r}")
+            raise DataError(
+                source, f"data.layout=ranked_tsv: the folder has no {split}.tsv or {split}.txt for split {split!r}"
+            )
         return found[0]
     if not path.is_file():
         raise DataError(source, "data.layout=ranked_tsv reads local files or folders only; no such file or directory")
@@ -547,12 +563,24 @@ def _load_ranked_tsv(source: str, path: Path, split: str, bad_rows: BadRows) -> 
     columns: dict[str, list[Any]] = {"responses": responses}
     if any(errors):
         columns[ROW_ERROR_COLUMN] = errors
-    return Dataset.from_dict(columns, features=Features({"responses": datasets.List(Value("string")),
-                                                        **({ROW_ERROR_COLUMN: Value("string")} if any(errors) else {})}))
+    return Dataset.from_dict(
+        columns,
+        features=Features(
+            {
+                "responses": datasets.List(Value("string")),
+                **({ROW_ERROR_COLUMN: Value("string")} if any(errors) else {}),
+            }
+        ),
+    )
 
 
 def load_rows(
-    source: str, *, split: str, subset: str | None = None, revision: str | None = None, layout: Layout = Layout.auto,
+    source: str,
+    *,
+    split: str,
+    subset: str | None = None,
+    revision: str | None = None,
+    layout: Layout = Layout.auto,
     bad_rows: BadRows = BadRows.error,
 ) -> Dataset:
     """Raw rows of one split. Local files hold a single split; folders and hub ids are split by name.
@@ -579,8 +607,11 @@ def rename_columns(dataset: Dataset, mapping: dict[str, str], source: str) -> Da
     renames = {}
     for canonical, actual in mapping.items():
         if actual not in dataset.column_names:
-            raise DataError(source, f"data.columns.{canonical} names column {actual!r}, which does not exist "
-                                    f"(columns: {', '.join(dataset.column_names)})")
+            raise DataError(
+                source,
+                f"data.columns.{canonical} names column {actual!r}, which does not exist "
+                f"(columns: {', '.join(dataset.column_names)})",
+            )
         if actual != canonical:
             renames[actual] = canonical
     return dataset.rename_columns(renames) if renames else dataset

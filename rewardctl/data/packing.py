@@ -82,8 +82,12 @@ def pack_rows(
         input_ids[b, :n] = torch.as_tensor(ids, dtype=torch.long)
         position_ids[b, :n] = torch.as_tensor(positions, dtype=torch.long)
         segment_ids[b, :n] = torch.as_tensor(segments, dtype=torch.long)
-    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
-            "reward_index": reward_index}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "reward_index": reward_index,
+    }
 
 
 def segment_attention_mask(segment_ids: Tensor) -> Tensor:
@@ -116,9 +120,11 @@ def concat_sequences(sequences: Sequence[Sequence[int]]) -> dict[str, Tensor]:
     ids = [token for sequence in sequences for token in sequence]
     positions = [p for sequence in sequences for p in range(len(sequence))]
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    return {"input_ids": torch.tensor([ids], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "reward_index": lengths.cumsum(0) - 1}
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "reward_index": lengths.cumsum(0) - 1,
+    }
 
 
 def unpad_index(attention_mask: Tensor) -> dict[str, Tensor]:

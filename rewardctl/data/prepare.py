@@ -129,8 +129,11 @@ def require_columns(dataset: Dataset, source: str, *alternatives: tuple[str, ...
     missing = [c for c in first if c not in columns]
     hint = " or ".join("/".join(a) for a in alternatives)
     found = [c for c in dataset.column_names if not c.startswith("_")] or ["no columns"]
-    raise DataError(source, f"missing column {', '.join(repr(m) for m in missing)} (needs {hint}; "
-                            f"found: {', '.join(found)}). Map names with data.columns.<name>=<column>")
+    raise DataError(
+        source,
+        f"missing column {', '.join(repr(m) for m in missing)} (needs {hint}; "
+        f"found: {', '.join(found)}). Map names with data.columns.<name>=<column>",
+    )
 
 
 def list_lengths(dataset: Dataset, *columns: str) -> list[int]:
@@ -170,23 +173,29 @@ def fingerprint(dataset: Dataset, featurizer: Featurizer, extra: tuple[Any, ...]
     return digest.hexdigest()[:32]
 
 
-def _output_features(dataset: Dataset, featurizer: Featurizer, source: str, bad_rows: BadRows,
-                     paths: list[JsonPath]) -> Features:
+def _output_features(
+    dataset: Dataset, featurizer: Featurizer, source: str, bad_rows: BadRows, paths: list[JsonPath]
+) -> Features:
     """Arrow types of the output, from the first usable row, so every batch is written alike."""
     for index in range(len(dataset)):
         try:
             example, fit = _featurize_row(featurizer, dataset[index], paths)
         except RowError as exc:
             if bad_rows == BadRows.error:
-                raise DataError(source, with_hint(exc.reason), row=_source_row(dataset, index) + 1, field=exc.field) from None
+                raise DataError(
+                    source, with_hint(exc.reason), row=_source_row(dataset, index) + 1, field=exc.field
+                ) from None
             continue
-        return Dataset.from_list([{**example, ROW_COLUMN: index, FIT_COLUMN: int(fit), POSITION_COLUMN: index}]).features
+        return Dataset.from_list(
+            [{**example, ROW_COLUMN: index, FIT_COLUMN: int(fit), POSITION_COLUMN: index}]
+        ).features
     first = _first_errors(dataset, featurizer, source, range(len(dataset)), paths)
     raise DataError(source, f"no usable rows: all {len(dataset)} rows are malformed (first: {first[0]})")
 
 
-def _first_errors(dataset: Dataset, featurizer: Featurizer, source: str, positions: Any,
-                  paths: list[JsonPath]) -> list[str]:
+def _first_errors(
+    dataset: Dataset, featurizer: Featurizer, source: str, positions: Any, paths: list[JsonPath]
+) -> list[str]:
     """The first few errors among rows at ``positions`` (the map drops bad rows without a word)."""
     errors: list[str] = []
     for index in positions:
@@ -261,7 +270,10 @@ def featurize_split(
     if report["dropped_overlength"]:
         featurized = featurized.filter(lambda fit: fit != Fit.too_long, input_columns=[FIT_COLUMN])
         if len(featurized) == 0:
-            raise DataError(source, f"every row is longer than model.max_length and data.overlength=drop "
-                                    f"removed all {total}; raise model.max_length or use data.overlength=truncate")
+            raise DataError(
+                source,
+                f"every row is longer than model.max_length and data.overlength=drop "
+                f"removed all {total}; raise model.max_length or use data.overlength=truncate",
+            )
     report["used"] = len(featurized)
     return featurized.remove_columns([FIT_COLUMN]), report

@@ -27,8 +27,9 @@ def source_name(source: str, split: str) -> str:
 def load_split(data: DataConfig, source: str, split: str, *, mapping_required: bool = True) -> tuple[Dataset, str]:
     """Rows of one split with ``data.columns`` applied, and the split's name. Eval of other data than
     the run's (``mapping_required=False``) applies the mapping only where its columns exist."""
-    rows = load_rows(source, split=split, subset=data.subset, revision=data.revision, layout=data.layout,
-                     bad_rows=data.bad_rows)
+    rows = load_rows(
+        source, split=split, subset=data.subset, revision=data.revision, layout=data.layout, bad_rows=data.bad_rows
+    )
     if data.columns and (mapping_required or all(c in rows.column_names for c in data.columns.values())):
         rows = rename_columns(rows, data.columns, source)
     return rows, source_name(source, split)
@@ -40,7 +41,9 @@ def load_raw_splits(data: DataConfig, seed: int) -> tuple[tuple[Dataset, str], t
     if data.eval:
         eval_pair = load_split(data, data.eval, data.eval_split)
     elif data.holdout_fraction > 0:
-        train_rows = train_rows.add_column(SOURCE_ROW_COLUMN, list(range(len(train_rows))))  # file rows survive the shuffle
+        train_rows = train_rows.add_column(
+            SOURCE_ROW_COLUMN, list(range(len(train_rows)))
+        )  # file rows survive the shuffle
         parts = train_rows.train_test_split(test_size=data.holdout_fraction, seed=seed)
         train_rows = parts["train"]
         eval_pair = (parts["test"], f"{train_name} (held-out {data.holdout_fraction:.0%})")

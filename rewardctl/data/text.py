@@ -40,7 +40,7 @@ _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|inf
 def describe_value(value: Any, limit: int = 40) -> str:
     """A value as an error message shows it: its repr, cut to ``limit`` characters (one line)."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_kind(value: Any) -> str:
@@ -70,8 +70,9 @@ def check_messages(value: Any, field: str) -> list[dict[str, Any]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RowError(field, f"message {index} must be an object with a string 'role'")
         if message["role"] not in CHAT_ROLES:
-            raise RowError(field, f"message {index} has role {describe_value(message['role'])}; roles are "
-                                  f"{', '.join(CHAT_ROLES)}")
+            raise RowError(
+                field, f"message {index} has role {describe_value(message['role'])}; roles are {', '.join(CHAT_ROLES)}"
+            )
         if not isinstance(message.get("content"), str):
             raise RowError(field, f"message {index} must have a string 'content'")
     return value
@@ -89,8 +90,9 @@ def check_response_messages(value: Any, field: str) -> list[dict[str, Any]]:
     return messages
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], field: str,
-                        **kwargs: Any) -> list[int]:
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], field: str, **kwargs: Any
+) -> list[int]:
     """Token ids of ``messages``; a template that refuses the conversation (e.g. roles out of order)
     becomes a RowError naming the field, not a Jinja traceback."""
     try:
@@ -146,7 +148,12 @@ def describe_number(value: Any) -> str:
         return "null (missing)"
     if isinstance(value, (list, dict)):
         return f"a {'list' if isinstance(value, list) else 'JSON object'} ({describe_value(value)})"
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and abs(value) < 1e15:
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and float(value).is_integer()
+        and abs(value) < 1e15
+    ):
         return str(int(value))  # 1 and 1.0 alike: Arrow may widen a column's ints to floats
     return describe_value(value)
 
@@ -169,7 +176,9 @@ def check_token_ids(value: Any, field: str, vocab_size: int) -> list[int]:
         ids.append(token)
     low, high = min(ids), max(ids)
     if low < 0 or high >= vocab_size:
-        raise RowError(field, f"holds id {high if high >= vocab_size else low}, outside the vocabulary [0, {vocab_size})")
+        raise RowError(
+            field, f"holds id {high if high >= vocab_size else low}, outside the vocabulary [0, {vocab_size})"
+        )
     return ids
 
 
@@ -190,13 +199,17 @@ class SequenceEncoder:
             messages = check_response_messages(response, response_field)
             if prompt is not None and prompt != "":
                 if not is_conversational(prompt):
-                    raise RowError(prompt_field, f"is a string but '{response_field}' is a message list; use one format per row")
+                    raise RowError(
+                        prompt_field, f"is a string but '{response_field}' is a message list; use one format per row"
+                    )
                 messages = check_messages(prompt, prompt_field) + messages
             return self._apply_template(messages, response_field)
         text = check_text(response, response_field)
         if prompt is not None:
             if is_conversational(prompt):
-                raise RowError(prompt_field, f"is a message list but '{response_field}' is a string; use one format per row")
+                raise RowError(
+                    prompt_field, f"is a message list but '{response_field}' is a string; use one format per row"
+                )
             text = check_text(prompt, prompt_field, allow_empty=True) + text
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
@@ -205,8 +218,11 @@ class SequenceEncoder:
 
     def _apply_template(self, messages: list[dict[str, Any]], field: str) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise RowError(field, "is a chat message list but the tokenizer has no chat template "
-                                  "(set model.chat_template to a .jinja file)")
+            raise RowError(
+                field,
+                "is a chat message list but the tokenizer has no chat template "
+                "(set model.chat_template to a .jinja file)",
+            )
         return apply_chat_template(self.tokenizer, messages, field)
 
     def fit(self, ids: list[int]) -> tuple[list[int], Fit]:
@@ -216,7 +232,7 @@ class SequenceEncoder:
         if self.overlength == Overlength.drop:
             return ids, Fit.too_long
         keep = 1 if ids[0] in self.keep_first else 0
-        return ids[:keep] + ids[len(ids) - (self.max_length - keep):], Fit.truncated
+        return ids[:keep] + ids[len(ids) - (self.max_length - keep) :], Fit.truncated
 
     def fit_group(self, sequences: list[list[int]], rule: Truncation) -> tuple[list[list[int]], Fit]:
         """Fit the responses of one row (a pair, a list) into the budget together.
@@ -238,9 +254,9 @@ class SequenceEncoder:
         room = min(shared, max(self.max_length - max(len(t) for t in tails), self.max_length // 2))
         if room < shared:
             lead = 1 if prefix[0] in self.keep_first else 0
-            prefix = prefix[:lead] + prefix[len(prefix) - max(room - lead, 0):] if room > lead else prefix[:lead]
+            prefix = prefix[:lead] + prefix[len(prefix) - max(room - lead, 0) :] if room > lead else prefix[:lead]
         room = self.max_length - len(prefix)
-        return [prefix + (t if len(t) <= room else t[:room - 1] + t[-1:]) for t in tails], Fit.truncated
+        return [prefix + (t if len(t) <= room else t[: room - 1] + t[-1:]) for t in tails], Fit.truncated
 
 
 def fit_prompt_completion(
@@ -265,7 +281,8 @@ def fit_prompt_completion(
     """
     over = len(prompt) + len(completion) > max_length or bool(
         (max_completion_length and len(completion) > max_completion_length)
-        or (max_prompt_length and len(prompt) > max_prompt_length))
+        or (max_prompt_length and len(prompt) > max_prompt_length)
+    )
     if not over:
         return prompt, completion, Fit.fits
     if overlength == Overlength.drop:
@@ -276,7 +293,7 @@ def fit_prompt_completion(
             return ids
         keep_bos = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
         room = max(size - keep_bos, 0)
-        kept = ids[len(ids) - room:] if keep_prompt_end else ids[keep_bos:keep_bos + room]
+        kept = ids[len(ids) - room :] if keep_prompt_end else ids[keep_bos : keep_bos + room]
         return ids[:keep_bos] + (kept if room else [])
 
     if max_completion_length:
@@ -287,6 +304,9 @@ def fit_prompt_completion(
         prompt = cut_prompt(prompt, max(max_length - len(completion), max_length // 2))
     room = max_length - len(prompt)
     if room < 1:
-        raise RowError("prompt", f"fills the whole budget ({len(prompt)} tokens of max_length {max_length}); "
-                                 "set method.max_prompt_length below the max_length")
+        raise RowError(
+            "prompt",
+            f"fills the whole budget ({len(prompt)} tokens of max_length {max_length}); "
+            "set method.max_prompt_length below the max_length",
+        )
     return prompt, completion[:room], Fit.truncated

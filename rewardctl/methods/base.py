@@ -124,8 +124,10 @@ class Method(ABC):
             if blocker is not None:
                 from rewardctl.errors import ConfigError
 
-                raise ConfigError("data.padding_free", f"true cannot work for {run.model.name_or_path!r} ({blocker}); "
-                                  "use data.padding_free=auto or false")
+                raise ConfigError(
+                    "data.padding_free",
+                    f"true cannot work for {run.model.name_or_path!r} ({blocker}); use data.padding_free=auto or false",
+                )
 
     @classmethod
     def _padding_free_blocker(cls, run: RunConfig, *, forced: bool) -> str | None:
@@ -136,8 +138,9 @@ class Method(ABC):
         from rewardctl.config.validate import wants_gpu
         from rewardctl.modeling.common import padding_free_blocker
 
-        return padding_free_blocker(run.model, getattr(transformers, cls.padding_free_model),
-                                    on_gpu=wants_gpu(run.hardware), forced=forced)
+        return padding_free_blocker(
+            run.model, getattr(transformers, cls.padding_free_model), on_gpu=wants_gpu(run.hardware), forced=forced
+        )
 
     @cached_property
     def padding_free(self) -> bool:
@@ -265,7 +268,9 @@ def check_token_budget(method_cfg: Any, run: RunConfig) -> None:
     if method_cfg.max_length is not None and method_cfg.max_length < 8:
         raise ConfigError("method.max_length", f"must be >= 8 or null (got {method_cfg.max_length})")
     if method_cfg.max_prompt_length is not None and not 1 <= method_cfg.max_prompt_length < budget:
-        raise ConfigError("method.max_prompt_length",
-                          f"must be in [1, {budget}) so a completion fits (got {method_cfg.max_prompt_length})")
+        raise ConfigError(
+            "method.max_prompt_length",
+            f"must be in [1, {budget}) so a completion fits (got {method_cfg.max_prompt_length})",
+        )
     if method_cfg.max_completion_length is not None and method_cfg.max_completion_length < 1:
         raise ConfigError("method.max_completion_length", "must be >= 1 or null")

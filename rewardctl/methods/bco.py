@@ -143,7 +143,9 @@ class PromptCompletionEncoder:
     ``truncation_mode``, BOS kept), then the completion to the room left; never to nothing.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: BcoConfig, max_length: int, overlength: Overlength) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, cfg: BcoConfig, max_length: int, overlength: Overlength
+    ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_length = max_length
@@ -181,9 +183,14 @@ class PromptCompletionEncoder:
     def fit(self, prompt: list[int], completion: list[int]) -> tuple[list[int], list[int], Fit]:
         cfg = self.cfg
         return fit_prompt_completion(
-            prompt, completion, max_length=self.max_length, max_prompt_length=cfg.max_prompt_length,
-            max_completion_length=cfg.max_completion_length, overlength=self.overlength,
-            keep_prompt_end=cfg.truncation_mode == TruncationMode.keep_end, bos_id=self.bos,
+            prompt,
+            completion,
+            max_length=self.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            max_completion_length=cfg.max_completion_length,
+            overlength=self.overlength,
+            keep_prompt_end=cfg.truncation_mode == TruncationMode.keep_end,
+            bos_id=self.bos,
         )
 
 
@@ -207,8 +214,11 @@ def unpair(dataset: Dataset) -> Dataset:
             source_row = row[SOURCE_ROW_COLUMN] if has_source else index
             error = row[ROW_ERROR_COLUMN] if has_error else None
             if error is None and row["chosen"] is not None and row["chosen"] == row["rejected"]:
-                error = row_error_marker("is identical to 'chosen', so one completion would be both desirable and "
-                                         "undesirable; data.bad_rows=skip leaves such rows out", "rejected")
+                error = row_error_marker(
+                    "is identical to 'chosen', so one completion would be both desirable and "
+                    "undesirable; data.bad_rows=skip leaves such rows out",
+                    "rejected",
+                )
             if error is not None:
                 for name, value in zip(columns, (None, None, None, source_row, None, error), strict=True):
                     out[name].append(value)
@@ -223,11 +233,19 @@ def unpair(dataset: Dataset) -> Dataset:
                     out[name].append(value)
         return out
 
-    features = Features({"prompt": Json(decode=False), "completion": Json(decode=False), "label": Value("bool"),
-                         SOURCE_ROW_COLUMN: Value("int64"), SIDE_COLUMN: Value("string"),
-                         ROW_ERROR_COLUMN: Value("string")})
-    return dataset.map(split, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                       features=features, desc="unpairing")
+    features = Features(
+        {
+            "prompt": Json(decode=False),
+            "completion": Json(decode=False),
+            "label": Value("bool"),
+            SOURCE_ROW_COLUMN: Value("int64"),
+            SIDE_COLUMN: Value("string"),
+            ROW_ERROR_COLUMN: Value("string"),
+        }
+    )
+    return dataset.map(
+        split, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features, desc="unpairing"
+    )
 
 
 def _json_text(value: Any) -> str | None:
@@ -242,7 +260,7 @@ def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
             n += 1
         return chosen[:n], chosen[n:], rejected[n:]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        n = len(chosen[:len(rejected)])
+        n = len(chosen[: len(rejected)])
         for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)):
             if a != b:
                 n = i
@@ -282,8 +300,10 @@ class BcoMethod(Method):
         if m.beta <= 0:
             raise ConfigError("method.beta", f"must be > 0 (got {m.beta})")
         if not 0 < m.min_density_ratio <= m.max_density_ratio:
-            raise ConfigError("method.min_density_ratio", "need 0 < min_density_ratio <= max_density_ratio "
-                              f"(got {m.min_density_ratio}, {m.max_density_ratio})")
+            raise ConfigError(
+                "method.min_density_ratio",
+                f"need 0 < min_density_ratio <= max_density_ratio (got {m.min_density_ratio}, {m.max_density_ratio})",
+            )
         if m.prompt_sample_size < 2:
             raise ConfigError("method.prompt_sample_size", f"must be >= 2 (got {m.prompt_sample_size})")
         if m.udm.l2 <= 0:
@@ -296,8 +316,13 @@ class BcoMethod(Method):
         return tokenizer
 
     def build_model(self) -> nn.Module:
-        model = build_causal_lm(self.run.model, self.tokenizer, self.run.train, disable_dropout=self.cfg.disable_dropout,
-                                quantization=quantization_config(self.run.peft))
+        model = build_causal_lm(
+            self.run.model,
+            self.tokenizer,
+            self.run.train,
+            disable_dropout=self.cfg.disable_dropout,
+            quantization=quantization_config(self.run.peft),
+        )
         return wrap_with_adapter(model, self.run.peft, head=[], task_type="CAUSAL_LM")
 
     def load_trained(self, path: Path) -> nn.Module:
@@ -309,10 +334,22 @@ class BcoMethod(Method):
         return model
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        meta = {"method": self.cfg.name, "beta": self.cfg.beta, "delta": self.delta.value,
-                "delta_total": float(self.delta.total), "delta_count": float(self.delta.count)}
-        save_model_dir(model, self.tokenizer, path, self.run.model, meta=meta, state_dict=state_dict,
-                       save_merged=wants_merged_copy(self.run.peft))
+        meta = {
+            "method": self.cfg.name,
+            "beta": self.cfg.beta,
+            "delta": self.delta.value,
+            "delta_total": float(self.delta.total),
+            "delta_count": float(self.delta.count),
+        }
+        save_model_dir(
+            model,
+            self.tokenizer,
+            path,
+            self.run.model,
+            meta=meta,
+            state_dict=state_dict,
+            save_merged=wants_merged_copy(self.run.peft),
+        )
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:
@@ -338,7 +375,11 @@ class BcoMethod(Method):
             return {"input_ids": prompt + completion, "prompt_length": len(prompt), "label": label}, fit
 
         featurized, report = featurize_split(
-            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
+            dataset,
+            featurize,
+            source=source,
+            bad_rows=self.run.data.bad_rows,
+            num_proc=self.run.data.num_proc,
             cache_key=self.feature_cache_key(),
         )
         featurized = featurized.add_column(INDEX_COLUMN, list(range(len(featurized))))
@@ -349,10 +390,14 @@ class BcoMethod(Method):
         report["budget"] = budget_label(self.cfg, self.run)
         report["truncation_note"] = f"prompt {self.cfg.truncation_mode.value}, completion start kept"
         report["details"] = f"{report['desirable']} desirable, {report['undesirable']} undesirable" + (
-            ", unpaired from chosen/rejected" if paired else "")
+            ", unpaired from chosen/rejected" if paired else ""
+        )
         if training and not (report["desirable"] and report["undesirable"]):
-            raise DataError(source, "BCO needs both desirable (label true) and undesirable (label false) rows; "
-                                    f"found {report['desirable']} and {report['undesirable']}")
+            raise DataError(
+                source,
+                "BCO needs both desirable (label true) and undesirable (label false) rows; "
+                f"found {report['desirable']} and {report['undesirable']}",
+            )
         self.splits["train" if training else "eval"] = featurized
         return PreparedSplit(featurized, report)
 
@@ -360,8 +405,12 @@ class BcoMethod(Method):
         """What shapes the features (``PromptCompletionEncoder``): the truncation settings, the
         effective budget, ``data.overlength`` and the tokenizer. Loss settings (``beta``, delta, UDM,
         the reference) are left out, so a sweep over them tokenises once."""
-        return (feature_key(self.cfg, "max_prompt_length", "max_completion_length", "truncation_mode"),
-                self.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer))
+        return (
+            feature_key(self.cfg, "max_prompt_length", "max_completion_length", "truncation_mode"),
+            self.max_length,
+            self.run.data.overlength,
+            tokenizer_identity(self.tokenizer),
+        )
 
     def lengths(self, dataset: Any) -> list[int]:
         return list_lengths(dataset, "input_ids")
@@ -369,13 +418,19 @@ class BcoMethod(Method):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Right-padded ``input_ids``; ``completion_mask`` marks the tokens whose log-probs count."""
         sequences = [f["input_ids"] for f in features]
-        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, side="right",
-                                                  multiple_of=self.run.data.pad_to_multiple_of)
+        input_ids, attention_mask = pad_sequences(
+            sequences, self.tokenizer.pad_token_id, side="right", multiple_of=self.run.data.pad_to_multiple_of
+        )
         positions = torch.arange(input_ids.shape[1])
         prompt_lengths = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
         completion_mask = (positions[None, :] >= prompt_lengths[:, None]).long() * attention_mask
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-                 "prompt_length": prompt_lengths, "label": torch.tensor([f["label"] for f in features], dtype=torch.bool)}
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "prompt_length": prompt_lengths,
+            "label": torch.tensor([f["label"] for f in features], dtype=torch.bool),
+        }
         if self.padding_free:
             batch.update(unpad_index(attention_mask))
         for column, key in ((ROW_COLUMN, "row"), (INDEX_COLUMN, "index")):
@@ -396,7 +451,10 @@ class BcoMethod(Method):
                 with eval_mode(model):
                     for split, dataset in self.splits.items():
                         self.ref_tables[split] = self._table(dataset, lambda b: self._logps(model, b)[0])
-                log.info("reference log-probs precomputed for %s", ", ".join(f"{len(d)} {s} rows" for s, d in self.splits.items()))
+                log.info(
+                    "reference log-probs precomputed for %s",
+                    ", ".join(f"{len(d)} {s} rows" for s, d in self.splits.items()),
+                )
         else:
             self.reference = runtime.prepare_frozen(frozen_copy(base))
         if self.cfg.udm.enabled and not resuming:
@@ -447,13 +505,13 @@ class BcoMethod(Method):
         size = self.run.train.per_device_eval_batch_size or self.run.train.per_device_batch_size
         runtime = self.runtime
         table = torch.zeros((len(rows), width) if width else (len(rows),), dtype=torch.float32, device=runtime.device)
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         for number, chunk in enumerate(chunks):
             if number % runtime.num_processes != runtime.process_index:
                 continue
             batch = {k: v.to(runtime.device) for k, v in self.collate([dataset[i] for i in chunk]).items()}
             start = number * size
-            table[start:start + len(chunk)] = compute(batch).float()
+            table[start : start + len(chunk)] = compute(batch).float()
         return runtime.all_reduce_sum(table).cpu()
 
     def _fit_udm(self, model: nn.Module) -> None:
@@ -468,17 +526,24 @@ class BcoMethod(Method):
         embed = self._prompt_embedder(model)
         probe = embed({k: v.to(self.runtime.device) for k, v in self.collate([dataset[sample[0]]]).items()})
         features = self._table(dataset, embed, rows=sample, width=probe.shape[-1])
-        self.udm = fit_balanced_logistic_regression(features, labels[sample].double(), l2=self.cfg.udm.l2,
-                                                    standardize=self.cfg.udm.standardize)
+        self.udm = fit_balanced_logistic_regression(
+            features, labels[sample].double(), l2=self.cfg.udm.l2, standardize=self.cfg.udm.standardize
+        )
         predicted = self.udm.prob_desirable(features) > 0.5
         truth = labels[sample]
-        log.info("UDM prompt classifier on %d + %d prompts: accuracy %.3f on desirable, %.3f on undesirable",
-                 int(truth.sum()), int((~truth).sum()), float((predicted[truth]).double().mean()),
-                 float((~predicted[~truth]).double().mean()))
+        log.info(
+            "UDM prompt classifier on %d + %d prompts: accuracy %.3f on desirable, %.3f on undesirable",
+            int(truth.sum()),
+            int((~truth).sum()),
+            float((predicted[truth]).double().mean()),
+            float((~predicted[~truth]).double().mean()),
+        )
         undesirable = torch.nonzero(~labels).flatten().tolist()
         embeddings = self._table(dataset, embed, rows=undesirable, width=probe.shape[-1])
         weights = torch.ones(len(dataset))
-        weights[undesirable] = self.udm.density_ratio(embeddings, self.cfg.min_density_ratio, self.cfg.max_density_ratio)
+        weights[undesirable] = self.udm.density_ratio(
+            embeddings, self.cfg.min_density_ratio, self.cfg.max_density_ratio
+        )
         self.udm_weights = weights
 
     def _prompt_embedder(self, model: nn.Module) -> Any:
@@ -492,9 +557,13 @@ class BcoMethod(Method):
             embed_tokenizer = AutoTokenizer.from_pretrained(name)
 
             def embed_other(batch: dict[str, Tensor]) -> Tensor:
-                texts = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                         for ids, n in zip(batch["input_ids"].tolist(), batch["prompt_length"].tolist(), strict=True)]
-                encoded = embed_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.runtime.device)
+                texts = [
+                    self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                    for ids, n in zip(batch["input_ids"].tolist(), batch["prompt_length"].tolist(), strict=True)
+                ]
+                encoded = embed_tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(
+                    self.runtime.device
+                )
                 return mean_pooled_prompt(encoder, encoded["input_ids"], encoded["attention_mask"])
 
             return embed_other
@@ -513,7 +582,9 @@ class BcoMethod(Method):
         labels = batch["label"]
         return torch.full((), float(labels.shape[0]), device=labels.device)
 
-    def _rewards(self, model: nn.Module, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _rewards(
+        self, model: nn.Module, batch: dict[str, Tensor], split: str
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         logps, aux = self._logps(model, batch)
         ref = self._reference_logps(model, batch, split).to(logps.dtype)
         return self.cfg.beta * (logps - ref), logps, ref, aux
@@ -562,8 +633,13 @@ class BcoMethod(Method):
 
     def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         rewards, logps, ref, _ = self._rewards(model, batch, "eval")
-        out = {"reward": rewards.float(), "logps": logps.float(), "ref_logps": ref.float(), "label": batch["label"].long(),
-               "loss": self._losses(rewards, batch["label"], self.delta.tensor, None).float()}
+        out = {
+            "reward": rewards.float(),
+            "logps": logps.float(),
+            "ref_logps": ref.float(),
+            "label": batch["label"].long(),
+            "loss": self._losses(rewards, batch["label"], self.delta.tensor, None).float(),
+        }
         if "row" in batch:
             out["row"] = batch["row"]
         return out
@@ -580,25 +656,41 @@ class BcoMethod(Method):
             "rows": float(labels.numel()),
         }
         if chosen.numel() and rejected.numel():
-            metrics.update({
-                "rewards/chosen": chosen.mean().item(),
-                "rewards/rejected": rejected.mean().item(),
-                "rewards/margin": (chosen.mean() - rejected.mean()).item(),
-                "logps/chosen": outputs["logps"].double()[labels].mean().item(),
-                "logps/rejected": outputs["logps"].double()[~labels].mean().item(),
-                "auc": _auc(chosen, rejected),
-            })
+            metrics.update(
+                {
+                    "rewards/chosen": chosen.mean().item(),
+                    "rewards/rejected": rejected.mean().item(),
+                    "rewards/margin": (chosen.mean() - rejected.mean()).item(),
+                    "logps/chosen": outputs["logps"].double()[labels].mean().item(),
+                    "logps/rejected": outputs["logps"].double()[~labels].mean().item(),
+                    "auc": _auc(chosen, rejected),
+                }
+            )
         return metrics
 
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         rows = outputs.get("row")
         delta = self.delta.value
         records = []
-        for i, (reward, logp, ref, label) in enumerate(zip(outputs["reward"].tolist(), outputs["logps"].tolist(),
-                                                           outputs["ref_logps"].tolist(), outputs["label"].tolist(), strict=True)):
-            records.append({"row": int(rows[i]) + 1 if rows is not None else i + 1, "label": bool(label),
-                            "reward": reward, "logp": logp, "ref_logp": ref,
-                            "correct": (reward > delta) if label else (reward < delta)})
+        for i, (reward, logp, ref, label) in enumerate(
+            zip(
+                outputs["reward"].tolist(),
+                outputs["logps"].tolist(),
+                outputs["ref_logps"].tolist(),
+                outputs["label"].tolist(),
+                strict=True,
+            )
+        ):
+            records.append(
+                {
+                    "row": int(rows[i]) + 1 if rows is not None else i + 1,
+                    "label": bool(label),
+                    "reward": reward,
+                    "logp": logp,
+                    "ref_logp": ref,
+                    "correct": (reward > delta) if label else (reward < delta),
+                }
+            )
         return sorted(records, key=lambda record: (record["row"], not record["label"]))
 
     # ---- state carried in checkpoints ---------------------------------------------------------

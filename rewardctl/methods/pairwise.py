@@ -32,7 +32,9 @@ def bradley_terry_loss(
     and silently mix every margin with every pair (the bug of TRL before v0.24).
     """
     if chosen.ndim != 1 or rejected.shape != chosen.shape:
-        raise ValueError(f"rewards must both have shape (B,); got chosen {tuple(chosen.shape)}, rejected {tuple(rejected.shape)}")
+        raise ValueError(
+            f"rewards must both have shape (B,); got chosen {tuple(chosen.shape)}, rejected {tuple(rejected.shape)}"
+        )
     if margin is not None and margin.shape != chosen.shape:
         raise ValueError(f"margin must have shape {tuple(chosen.shape)}; got {tuple(margin.shape)}")
     diff = chosen - rejected
@@ -55,8 +57,11 @@ class PairwiseMethod(ScalarRewardMethod):
         super().check_config(run)
         coefficient = run.method.center_rewards_coefficient
         if coefficient is not None and coefficient < 0:
-            raise ConfigError("method.center_rewards_coefficient", f"must be >= 0 or null (got {coefficient}); a "
-                              "negative centering term rewards pushing every reward apart without bound")
+            raise ConfigError(
+                "method.center_rewards_coefficient",
+                f"must be >= 0 or null (got {coefficient}); a "
+                "negative centering term rewards pushing every reward apart without bound",
+            )
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare(self, dataset: Any, source: str, *, training: bool) -> PreparedSplit:  # noqa: ARG002 - same for both splits
@@ -73,8 +78,11 @@ class PairwiseMethod(ScalarRewardMethod):
                 if has_prompt and prompt is None:
                     raise RowError("prompt", "is missing (null) in a dataset with a prompt column")
                 if is_conversational(row["chosen"]) != is_conversational(row["rejected"]):
-                    raise RowError("rejected", "is not in the same format as 'chosen' (one is a message list, "
-                                               "the other a string); a pair must use one format")
+                    raise RowError(
+                        "rejected",
+                        "is not in the same format as 'chosen' (one is a message list, "
+                        "the other a string); a pair must use one format",
+                    )
                 chosen = encoder.encode(prompt, row["chosen"], response_field="chosen")
                 rejected = encoder.encode(prompt, row["rejected"], response_field="rejected")
             else:
@@ -83,16 +91,23 @@ class PairwiseMethod(ScalarRewardMethod):
             (chosen, rejected), fit = encoder.fit_group([chosen, rejected], truncation)
             if chosen == rejected:
                 _refuse_identical(columns[1], truncation)
-            features: dict[str, Any] = {"chosen_ids": chosen, "rejected_ids": rejected,
-                                        PREFIX_COLUMN: shared_prefix_length([chosen, rejected])}
+            features: dict[str, Any] = {
+                "chosen_ids": chosen,
+                "rejected_ids": rejected,
+                PREFIX_COLUMN: shared_prefix_length([chosen, rejected]),
+            }
             if use_margin:
                 features["margin"] = check_number(row["margin"], "margin", text_cells=text_cells)
             return features, fit
 
         featurized, report = featurize_split(
-            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=feature_key(self.cfg, "use_margin") + (self.run.model.max_length, self.run.data.overlength,
-                                                             truncation, tokenizer_identity(self.tokenizer)),
+            dataset,
+            featurize,
+            source=source,
+            bad_rows=self.run.data.bad_rows,
+            num_proc=self.run.data.num_proc,
+            cache_key=feature_key(self.cfg, "use_margin")
+            + (self.run.model.max_length, self.run.data.overlength, truncation, tokenizer_identity(self.tokenizer)),
         )
         report["margin"] = use_margin
         self.report_sharing(featurized, report, ("chosen_ids", "rejected_ids"))
@@ -159,20 +174,31 @@ class PairwiseMethod(ScalarRewardMethod):
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         rows = outputs.get("row")
         records = []
-        for i, (c, r) in enumerate(zip(outputs["chosen_reward"].tolist(), outputs["rejected_reward"].tolist(), strict=True)):
-            records.append({
-                "row": int(rows[i]) + 1 if rows is not None else i + 1,
-                "chosen_reward": c,
-                "rejected_reward": r,
-                "correct": c > r,
-            })
+        for i, (c, r) in enumerate(
+            zip(outputs["chosen_reward"].tolist(), outputs["rejected_reward"].tolist(), strict=True)
+        ):
+            records.append(
+                {
+                    "row": int(rows[i]) + 1 if rows is not None else i + 1,
+                    "chosen_reward": c,
+                    "rejected_reward": r,
+                    "correct": c > r,
+                }
+            )
         return sorted(records, key=lambda record: record["row"])
 
 
 def _refuse_identical(field: str, truncation: Truncation) -> None:
     """A pair whose two sides are one token sequence asks for r > r: refuse it, as ranklist refuses
     identical responses at different ranks."""
-    hint = (" (or became so when data.truncation=sequence_end cut their starts; data.truncation=prompt_end keeps "
-            "them apart)" if truncation == Truncation.sequence_end else "")
-    raise RowError(field, f"is identical to the chosen response after tokenisation{hint}, so the pair teaches "
-                          "nothing; data.bad_rows=skip leaves such pairs out")
+    hint = (
+        " (or became so when data.truncation=sequence_end cut their starts; data.truncation=prompt_end keeps "
+        "them apart)"
+        if truncation == Truncation.sequence_end
+        else ""
+    )
+    raise RowError(
+        field,
+        f"is identical to the chosen response after tokenisation{hint}, so the pair teaches "
+        "nothing; data.bad_rows=skip leaves such pairs out",
+    )

@@ -65,26 +65,37 @@ def check_step_label(value: Any, index: int) -> float:
 class StepEncoder:
     """(input_ids, labels, targets) for a row, identical for training, eval and ``score_steps``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: PrmConfig, max_length: int, overlength: Overlength) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, cfg: PrmConfig, max_length: int, overlength: Overlength
+    ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_length = max_length
         self.overlength = overlength
         # Encoders (BERT family) have no BOS but were pretrained with [CLS] first: it takes BOS's place.
-        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+        self.bos = (
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+        )
         self.separator = list(tokenizer.encode(cfg.step_separator, add_special_tokens=False))
         if not self.separator:
-            raise ConfigError("method.step_separator", f"{cfg.step_separator!r} tokenises to nothing with this tokenizer "
-                              "(BERT-style tokenizers drop whitespace); choose a visible one, e.g. '[SEP]' or ' ; '")
+            raise ConfigError(
+                "method.step_separator",
+                f"{cfg.step_separator!r} tokenises to nothing with this tokenizer "
+                "(BERT-style tokenizers drop whitespace); choose a visible one, e.g. '[SEP]' or ' ; '",
+            )
 
     def prompt_ids(self, prompt: Any) -> list[int]:
         if is_conversational(prompt):
             messages = check_messages(prompt, "prompt")
             return apply_chat_template(self.tokenizer, messages, "prompt", add_generation_prompt=True)
-        ids = list(self.tokenizer(check_text(prompt, "prompt", allow_empty=True), add_special_tokens=False)["input_ids"])
+        ids = list(
+            self.tokenizer(check_text(prompt, "prompt", allow_empty=True), add_special_tokens=False)["input_ids"]
+        )
         return [self.bos, *ids] if self.bos is not None else ids
 
-    def encode(self, prompt: Any, steps: Any, labels: Any, *, training: bool) -> tuple[list[int], list[int], list[float], Fit]:
+    def encode(
+        self, prompt: Any, steps: Any, labels: Any, *, training: bool
+    ) -> tuple[list[int], list[int], list[float], Fit]:
         if not isinstance(steps, list) or not steps:
             raise RowError("completions", "must be a non-empty list of steps")
         if not isinstance(labels, list) or len(labels) != len(steps):
@@ -95,22 +106,32 @@ class StepEncoder:
         completion: list[int] = []
         label_at: dict[int, float] = {}
         for k, step in enumerate(steps):
-            completion += list(self.tokenizer(check_text(step, f"completions[{k}]"), add_special_tokens=False)["input_ids"])
+            completion += list(
+                self.tokenizer(check_text(step, f"completions[{k}]"), add_special_tokens=False)["input_ids"]
+            )
             completion += self.separator
             if not last_only or k == len(steps) - 1:
                 label_at[len(completion) - 1] = targets[k]
         prompt = self.prompt_ids(prompt)
         prompt, completion, fit = fit_prompt_completion(
-            prompt, completion, max_length=self.max_length, max_prompt_length=self.cfg.max_prompt_length,
-            max_completion_length=self.cfg.max_completion_length, overlength=self.overlength, bos_id=self.bos,
+            prompt,
+            completion,
+            max_length=self.max_length,
+            max_prompt_length=self.cfg.max_prompt_length,
+            max_completion_length=self.cfg.max_completion_length,
+            overlength=self.overlength,
+            bos_id=self.bos,
         )
         kept = {i: t for i, t in label_at.items() if i < len(completion)}
         if not kept:
             first_step = min(label_at) + 1
-            raise RowError("completions", f"no step label survives truncation to {self.max_length} tokens: the first "
-                                          f"labelled step ends at token {first_step} of the steps, {len(completion)} are "
-                                          f"left after the {len(prompt)}-token prompt; raise the budget or skip such rows "
-                                          "(data.bad_rows=skip)")
+            raise RowError(
+                "completions",
+                f"no step label survives truncation to {self.max_length} tokens: the first "
+                f"labelled step ends at token {first_step} of the steps, {len(completion)} are "
+                f"left after the {len(prompt)}-token prompt; raise the budget or skip such rows "
+                "(data.bad_rows=skip)",
+            )
         offset = len(prompt)
         hard = [IGNORE] * (offset + len(completion))
         soft = [0.0] * (offset + len(completion))
@@ -147,7 +168,9 @@ class PrmMethod(Method):
         return tokenizer
 
     def build_model(self) -> nn.Module:
-        model = build_token_classifier(self.run.model, self.tokenizer, self.run.train, quantization_config(self.run.peft))
+        model = build_token_classifier(
+            self.run.model, self.tokenizer, self.run.train, quantization_config(self.run.peft)
+        )
         return wrap_with_adapter(model, self.run.peft, head=[head_name(model)], task_type="TOKEN_CLS")
 
     def load_trained(self, path: Path) -> nn.Module:
@@ -155,8 +178,15 @@ class PrmMethod(Method):
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         meta = {"method": self.cfg.name, "step_separator": self.cfg.step_separator}
-        save_token_classifier(model, self.tokenizer, path, self.run.model, meta=meta, state_dict=state_dict,
-                              save_merged=wants_merged_copy(self.run.peft))
+        save_token_classifier(
+            model,
+            self.tokenizer,
+            path,
+            self.run.model,
+            meta=meta,
+            state_dict=state_dict,
+            save_merged=wants_merged_copy(self.run.peft),
+        )
 
     # ---- data -----------------------------------------------------------------------------------
     def encoder(self) -> StepEncoder:
@@ -170,13 +200,19 @@ class PrmMethod(Method):
             if columns[0] == "prompt":
                 if row["prompt"] is None:
                     raise RowError("prompt", "is missing (null)")
-                ids, hard, soft, fit = encoder.encode(row["prompt"], row["completions"], row["labels"], training=training)
+                ids, hard, soft, fit = encoder.encode(
+                    row["prompt"], row["completions"], row["labels"], training=training
+                )
             else:
                 ids, hard, soft, fit = self._pretokenised(row, encoder)
             return {"input_ids": ids, "labels": hard, "targets": soft}, fit
 
         featurized, report = featurize_split(
-            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
+            dataset,
+            featurize,
+            source=source,
+            bad_rows=self.run.data.bad_rows,
+            num_proc=self.run.data.num_proc,
             cache_key=self.feature_cache_key(training=training),
         )
         labels = featurized.with_format("arrow")[:]["labels"].combine_chunks().flatten().to_numpy()
@@ -194,17 +230,25 @@ class PrmMethod(Method):
         truncation settings, the effective budget, ``data.overlength`` and the tokenizer.
         ``train_on_last_step_only`` moves labels in training splits only, so it enters the key as
         whether the last-step rule applies here; eval splits are shared across its values."""
-        return (feature_key(self.cfg, "step_separator", "max_prompt_length", "max_completion_length"),
-                self.cfg.train_on_last_step_only and training, self.max_length, self.run.data.overlength,
-                tokenizer_identity(self.tokenizer))
+        return (
+            feature_key(self.cfg, "step_separator", "max_prompt_length", "max_completion_length"),
+            self.cfg.train_on_last_step_only and training,
+            self.max_length,
+            self.run.data.overlength,
+            tokenizer_identity(self.tokenizer),
+        )
 
     def _pretokenised(self, row: dict[str, Any], encoder: StepEncoder) -> tuple[list[int], list[int], list[float], Fit]:
         ids = check_token_ids(row["input_ids"], "input_ids", len(self.tokenizer))
         labels = row["labels"]
         if not isinstance(labels, list) or len(labels) != len(ids):
-            raise RowError("labels", f"pre-tokenised rows need one label per token ({len(ids)}), with -100 where unlabelled")
+            raise RowError(
+                "labels", f"pre-tokenised rows need one label per token ({len(ids)}), with -100 where unlabelled"
+            )
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (IGNORE, 0, 1) for v in labels):
-            bad = next(v for v in labels if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (IGNORE, 0, 1))
+            bad = next(
+                v for v in labels if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in (IGNORE, 0, 1)
+            )
             raise RowError("labels", f"pre-tokenised labels must be -100, 0 or 1, got {describe_number(bad)}")
         labels = [int(v) for v in labels]  # a float column (one odd row widens it) holds -100.0 for -100
         fit = Fit.fits
@@ -212,7 +256,7 @@ class PrmMethod(Method):
             if encoder.overlength == Overlength.drop:
                 fit = Fit.too_long
             else:
-                ids, labels, fit = ids[:self.max_length], labels[:self.max_length], Fit.truncated
+                ids, labels, fit = ids[: self.max_length], labels[: self.max_length], Fit.truncated
         if all(v == IGNORE for v in labels):
             raise RowError("labels", "no labelled token (every label is -100)")
         return ids, list(labels), [float(max(v, 0)) for v in labels], fit
@@ -221,14 +265,18 @@ class PrmMethod(Method):
         return list_lengths(dataset, "input_ids")
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
-        input_ids, attention_mask = pad_sequences([f["input_ids"] for f in features], self.tokenizer.pad_token_id,
-                                                  side="right", multiple_of=self.run.data.pad_to_multiple_of)
+        input_ids, attention_mask = pad_sequences(
+            [f["input_ids"] for f in features],
+            self.tokenizer.pad_token_id,
+            side="right",
+            multiple_of=self.run.data.pad_to_multiple_of,
+        )
         width = input_ids.shape[1]
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
         targets = torch.zeros((len(features), width), dtype=torch.float32)
         for b, f in enumerate(features):
-            labels[b, :len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
-            targets[b, :len(f["targets"])] = torch.tensor(f["targets"], dtype=torch.float32)
+            labels[b, : len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
+            targets[b, : len(f["targets"])] = torch.tensor(f["targets"], dtype=torch.float32)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets}
         if self.padding_free:
             batch.update(unpad_index(attention_mask))
@@ -272,10 +320,17 @@ class PrmMethod(Method):
         present = torch.arange(int(counts.max()), device=mask.device)[None, :] < counts[:, None]
 
         def pack(values: Tensor) -> Tensor:
-            return torch.zeros(present.shape, dtype=values.dtype, device=values.device).masked_scatter(present, values[mask])
+            return torch.zeros(present.shape, dtype=values.dtype, device=values.device).masked_scatter(
+                present, values[mask]
+            )
 
-        out = {"step_prob": pack(log_correct.exp()), "step_label": pack(batch["labels"]),
-               "step_target": pack(batch["targets"]), "present": present.long(), "loss_sum": losses.sum(1)}
+        out = {
+            "step_prob": pack(log_correct.exp()),
+            "step_label": pack(batch["labels"]),
+            "step_target": pack(batch["targets"]),
+            "present": present.long(),
+            "loss_sum": losses.sum(1),
+        }
         if "row" in batch:
             out["row"] = batch["row"]
         return out
@@ -290,13 +345,15 @@ class PrmMethod(Method):
         records = []
         for b in range(present.shape[0]):
             n = int(present[b].sum())
-            records.append({
-                "row": int(rows[b]) + 1 if rows is not None else b + 1,
-                "step_probs": [float(p) for p in outputs["step_prob"][b, :n]],
-                "labels": [float(t) for t in outputs["step_target"][b, :n]],
-                "first_error": _one_based(first_gold[b]),
-                "predicted_first_error": _one_based(first_pred[b]),
-            })
+            records.append(
+                {
+                    "row": int(rows[b]) + 1 if rows is not None else b + 1,
+                    "step_probs": [float(p) for p in outputs["step_prob"][b, :n]],
+                    "labels": [float(t) for t in outputs["step_target"][b, :n]],
+                    "first_error": _one_based(first_gold[b]),
+                    "predicted_first_error": _one_based(first_pred[b]),
+                }
+            )
         return sorted(records, key=lambda record: record["row"])
 
 
@@ -312,7 +369,11 @@ def first_errors(outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
     def first(flags: Tensor) -> Tensor:
         positions = torch.arange(flags.shape[1]).expand_as(flags)
-        return torch.where(flags.any(1), positions.masked_fill(~flags, flags.shape[1]).min(1).values, torch.full_like(flags[:, 0], -1, dtype=torch.long))
+        return torch.where(
+            flags.any(1),
+            positions.masked_fill(~flags, flags.shape[1]).min(1).values,
+            torch.full_like(flags[:, 0], -1, dtype=torch.long),
+        )
 
     return first(wrong_gold), first(wrong_pred)
 
@@ -344,15 +405,24 @@ def step_metrics(outputs: dict[str, Tensor]) -> dict[str, float]:
         "error_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "first_error_accuracy": found.double().mean().item(),
         # ProcessBench's score: harmonic mean of the accuracy on rows with and without a wrong step.
-        "processbench_f1": 2 * on_erroneous * on_correct / (on_erroneous + on_correct) if on_erroneous + on_correct else 0.0,
+        "processbench_f1": 2 * on_erroneous * on_correct / (on_erroneous + on_correct)
+        if on_erroneous + on_correct
+        else 0.0,
         "majority_baseline": max(share_correct, 1 - share_correct),
         "steps": float(steps),
         "rows": float(present.shape[0]),
     }
 
 
-def score_steps(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: Any, steps: list[str], *,
-                step_separator: str | None = None, max_length: int | None = None) -> list[float]:
+def score_steps(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Any,
+    steps: list[str],
+    *,
+    step_separator: str | None = None,
+    max_length: int | None = None,
+) -> list[float]:
     """P(step correct) for each step of one row, with the sequence built exactly as in training.
 
     ``model`` is a stock ``AutoModelForTokenClassification`` (e.g. from a run's ``model/``); the step
@@ -361,10 +431,12 @@ def score_steps(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: An
     saved = getattr(model.config, "rewardctl", None) or {}
     separator = step_separator if step_separator is not None else saved.get("step_separator")
     if separator is None:
-        raise ValueError("the model's config does not record its step separator (an adapter over a hub base keeps it "
-                         "in rewardctl.json); pass step_separator= as trained")
+        raise ValueError(
+            "the model's config does not record its step separator (an adapter over a hub base keeps it "
+            "in rewardctl.json); pass step_separator= as trained"
+        )
     cfg = PrmConfig(step_separator=separator)
-    budget = max_length or getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    budget = max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
     encoder = StepEncoder(tokenizer, cfg, budget, Overlength.truncate)
     ids, labels, _, _ = encoder.encode(prompt, steps, [True] * len(steps), training=False)
     device = next(model.parameters()).device

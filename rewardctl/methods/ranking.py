@@ -17,7 +17,9 @@ PAD_RANK = -1
 
 def _check(rewards: Tensor, ranks: Tensor) -> Tensor:
     if rewards.ndim != 2 or ranks.shape != rewards.shape:
-        raise ValueError(f"rewards and ranks must both be (lists, K); got {tuple(rewards.shape)} and {tuple(ranks.shape)}")
+        raise ValueError(
+            f"rewards and ranks must both be (lists, K); got {tuple(rewards.shape)} and {tuple(ranks.shape)}"
+        )
     return ranks != PAD_RANK
 
 

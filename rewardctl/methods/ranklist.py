@@ -101,15 +101,21 @@ class RanklistMethod(ScalarRewardMethod):
             return features, fit
 
         featurized, report = featurize_split(
-            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=feature_key(self.cfg, "score_margin") + (self.run.model.max_length, self.run.data.overlength,
-                                                               truncation, tokenizer_identity(self.tokenizer)),
+            dataset,
+            featurize,
+            source=source,
+            bad_rows=self.run.data.bad_rows,
+            num_proc=self.run.data.num_proc,
+            cache_key=feature_key(self.cfg, "score_margin")
+            + (self.run.model.max_length, self.run.data.overlength, truncation, tokenizer_identity(self.tokenizer)),
         )
         sizes = featurized.with_format("arrow")[:]["ranks"].combine_chunks().value_lengths().to_pylist()
         histogram = {k: sizes.count(k) for k in sorted(set(sizes))}
         report["responses"] = sum(sizes)
         report["list_sizes"] = histogram
-        report["details"] = f"{sum(sizes)} responses; lists by size: " + ", ".join(f"K={k}: {n}" for k, n in histogram.items())
+        report["details"] = f"{sum(sizes)} responses; lists by size: " + ", ".join(
+            f"K={k}: {n}" for k, n in histogram.items()
+        )
         self.report_sharing(featurized, report, ("responses_ids",))
         return PreparedSplit(featurized, report)
 
@@ -135,8 +141,11 @@ class RanklistMethod(ScalarRewardMethod):
         for b, f in enumerate(features):
             ranks[b, : len(f["ranks"])] = torch.tensor(f["ranks"], dtype=torch.long)
             order[b, : len(f["order"])] = torch.tensor(f["order"], dtype=torch.long)
-        batch = {**self.response_batch([f["responses_ids"] for f in features], response_major=False),
-                 "ranks": ranks, "order": order}
+        batch = {
+            **self.response_batch([f["responses_ids"] for f in features], response_major=False),
+            "ranks": ranks,
+            "order": order,
+        }
         if "scores" in features[0]:
             scores = torch.zeros((len(features), width), dtype=torch.float32)
             for b, f in enumerate(features):
@@ -190,8 +199,14 @@ class RanklistMethod(ScalarRewardMethod):
         rewards, losses, weights = self._forward(model, batch)
         ranks = batch["ranks"]
         # Zero padding marks absent responses after gathering (processes pad with zeros too).
-        out = {"rewards": rewards, "present": (ranks != PAD_RANK).long(), "ranks": ranks,
-               "order": batch["order"], "loss_sum": losses, "loss_weight": weights.float()}
+        out = {
+            "rewards": rewards,
+            "present": (ranks != PAD_RANK).long(),
+            "ranks": ranks,
+            "order": batch["order"],
+            "loss_sum": losses,
+            "loss_weight": weights.float(),
+        }
         if "row" in batch:
             out["row"] = batch["row"]
         return out
@@ -233,27 +248,37 @@ class RanklistMethod(ScalarRewardMethod):
             for slot, index in enumerate(order):
                 rewards[index] = float(outputs["rewards"][b, slot])
                 gold[index] = int(ranks[b, slot])
-            records.append({
-                "row": int(rows[b]) + 1 if rows is not None else b + 1,
-                "rewards": rewards,
-                "ranks": gold,
-                "pairwise_accuracy": float(quality["correct_pairs"][b] / quality["pairs"][b]),
-                "top1": bool(quality["top1"][b]),
-                "exact_order": bool(quality["exact"][b]),
-                "kendall_tau": float(quality["kendall_tau"][b]),
-            })
+            records.append(
+                {
+                    "row": int(rows[b]) + 1 if rows is not None else b + 1,
+                    "rewards": rewards,
+                    "ranks": gold,
+                    "pairwise_accuracy": float(quality["correct_pairs"][b] / quality["pairs"][b]),
+                    "top1": bool(quality["top1"][b]),
+                    "exact_order": bool(quality["exact"][b]),
+                    "kendall_tau": float(quality["kendall_tau"][b]),
+                }
+            )
         return sorted(records, key=lambda record: record["row"])
 
 
-def _refuse_contradictions(encoded: dict[int, list[int]], order: list[int], ranks: list[int], field: str,
-                           truncation: Truncation) -> None:
+def _refuse_contradictions(
+    encoded: dict[int, list[int]], order: list[int], ranks: list[int], field: str, truncation: Truncation
+) -> None:
     """The same text at two different ranks asks the model for r > r: refuse it by name."""
     seen: dict[tuple[int, ...], tuple[int, int]] = {}
     for slot, index in enumerate(order):
         key = tuple(encoded[index])
         if key in seen and seen[key][1] != ranks[slot]:
-            hint = (" (or became so when data.truncation=sequence_end cut their starts; data.truncation=prompt_end "
-                    "keeps them)" if truncation == Truncation.sequence_end else "")
-            raise RowError(field, f"responses {seen[key][0]} and {index} are identical but ranked differently{hint}; "
-                                  "data.bad_rows=skip leaves such lists out")
+            hint = (
+                " (or became so when data.truncation=sequence_end cut their starts; data.truncation=prompt_end "
+                "keeps them)"
+                if truncation == Truncation.sequence_end
+                else ""
+            )
+            raise RowError(
+                field,
+                f"responses {seen[key][0]} and {index} are identical but ranked differently{hint}; "
+                "data.bad_rows=skip leaves such lists out",
+            )
         seen.setdefault(key, (index, ranks[slot]))

@@ -53,8 +53,10 @@ def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     cls = _typed_method(cfg)
     run = check_run_config(cfg, for_training=for_training)
     if getattr(run.peft, "name", None) is not None and run.peft.name.value != "none" and not cls.supports_adapters:
-        raise ConfigError("peft", f"method {run.method.name} does not support adapters yet (peft={run.peft.name.value}); "
-                                  "use peft=none")
+        raise ConfigError(
+            "peft",
+            f"method {run.method.name} does not support adapters yet (peft={run.peft.name.value}); use peft=none",
+        )
     cls.check_config(run)
     return run
 

@@ -73,8 +73,14 @@ class RegressionConfig(MethodConfig):
 
 
 # ---- the loss and the metrics: pure functions ---------------------------------------------------
-def regression_loss(predictions: Tensor, targets: Tensor, *, kind: RegressionLoss | str = RegressionLoss.mse,
-                    huber_delta: float = 1.0, weights: Tensor | None = None) -> Tensor:
+def regression_loss(
+    predictions: Tensor,
+    targets: Tensor,
+    *,
+    kind: RegressionLoss | str = RegressionLoss.mse,
+    huber_delta: float = 1.0,
+    weights: Tensor | None = None,
+) -> Tensor:
     """Per-row loss, shape (N,), from predictions and targets of shape (N, A):
 
         l_i = sum_a w_a * rho(p_ia - y_ia) / sum_a w_a
@@ -86,8 +92,9 @@ def regression_loss(predictions: Tensor, targets: Tensor, *, kind: RegressionLos
     ``d``, so a few mislabelled rows pull less on the fit.
     """
     if predictions.shape != targets.shape or predictions.ndim != 2:
-        raise ValueError(f"predictions and targets must both be (N, A); got {tuple(predictions.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"predictions and targets must both be (N, A); got {tuple(predictions.shape)} and {tuple(targets.shape)}"
+        )
     error = predictions.float() - targets.float()
     if RegressionLoss(kind) == RegressionLoss.huber:
         per = nn.functional.huber_loss(predictions.float(), targets.float(), reduction="none", delta=huber_delta)
@@ -132,7 +139,7 @@ def same_prompt_pair_accuracy(predictions: Tensor, targets: Tensor, groups: Tens
     for start, count in zip((counts.cumsum(0) - counts).tolist(), counts.tolist(), strict=True):
         if count < 2 or groups[start] < 0:
             continue
-        p, t = predictions[start:start + count], targets[start:start + count]
+        p, t = predictions[start : start + count], targets[start : start + count]
         upper = torch.triu(torch.ones(count, count, dtype=torch.bool), diagonal=1)
         t_diff, p_diff = (t[:, None] - t[None, :])[upper], (p[:, None] - p[None, :])[upper]
         ranked = t_diff != 0
@@ -167,14 +174,19 @@ class RegressionMethod(ScalarRewardMethod):
         super().check_config(run)
         cfg = run.method
         if run.data.share_prefix == "true":
-            raise ConfigError("data.share_prefix", "regression scores one response per row: there is no prefix to "
-                              "share; use auto or false")
+            raise ConfigError(
+                "data.share_prefix",
+                "regression scores one response per row: there is no prefix to share; use auto or false",
+            )
         if cfg.attributes is not None and (not cfg.attributes or len(set(cfg.attributes)) != len(cfg.attributes)):
-            raise ConfigError("method.attributes", f"must be distinct names, at least one, or null (got {cfg.attributes})")
+            raise ConfigError(
+                "method.attributes", f"must be distinct names, at least one, or null (got {cfg.attributes})"
+            )
         if cfg.huber_delta <= 0:
             raise ConfigError("method.huber_delta", f"must be > 0 (got {cfg.huber_delta})")
-        if any(w < 0 or not math.isfinite(w) for w in cfg.weights.values()) or (cfg.weights and not any(
-                cfg.weights.values())):
+        if any(w < 0 or not math.isfinite(w) for w in cfg.weights.values()) or (
+            cfg.weights and not any(cfg.weights.values())
+        ):
             raise ConfigError("method.weights", f"must be finite, >= 0 and not all 0 (got {dict(cfg.weights)})")
         unknown = set(cfg.weights) - set(cfg.attributes or cfg.weights)
         if unknown:
@@ -192,11 +204,18 @@ class RegressionMethod(ScalarRewardMethod):
             return self.attributes
         if "scores" in dataset.column_names:
             feature = dataset.features["scores"]
-            keys = list(feature) if isinstance(feature, dict) else next(
-                (list(v) for v in dataset["scores"] if isinstance(v, dict) and v), [])
+            keys = (
+                list(feature)
+                if isinstance(feature, dict)
+                else next((list(v) for v in dataset["scores"] if isinstance(v, dict) and v), [])
+            )
             if not keys:
-                raise DataError(source, "column 'scores' holds no attribute names; write objects such as "
-                                "{\"helpfulness\": 3} or set method.attributes", field="scores")
+                raise DataError(
+                    source,
+                    "column 'scores' holds no attribute names; write objects such as "
+                    '{"helpfulness": 3} or set method.attributes',
+                    field="scores",
+                )
             return tuple(sorted(keys))
         require_columns(dataset, source, ("response", "score"), ("response", "scores"))
         return ("score",)
@@ -206,10 +225,13 @@ class RegressionMethod(ScalarRewardMethod):
         if self._loss_weights is None:
             unknown = set(self.cfg.weights) - set(self.output_labels)
             if unknown:
-                raise ConfigError("method.weights", f"names no attribute of the data ({', '.join(self.output_labels)}): "
-                                  f"{sorted(unknown)}")
-            self._loss_weights = torch.tensor([self.cfg.weights.get(a, 1.0) for a in self.output_labels],
-                                              dtype=torch.float32)
+                raise ConfigError(
+                    "method.weights",
+                    f"names no attribute of the data ({', '.join(self.output_labels)}): {sorted(unknown)}",
+                )
+            self._loss_weights = torch.tensor(
+                [self.cfg.weights.get(a, 1.0) for a in self.output_labels], dtype=torch.float32
+            )
         return self._loss_weights
 
     # ---- data ---------------------------------------------------------------------------------------
@@ -239,13 +261,16 @@ class RegressionMethod(ScalarRewardMethod):
                 raise RowError("prompt", "is missing (null) in a dataset with a prompt column")
             values = targets(row)
             ids, fit = encoder.fit(encoder.encode(prompt, row["response"], response_field="response"))
-            return {"input_ids": ids, "targets": values,
-                    "group": prompt_group(prompt) if has_prompt else NO_GROUP}, fit
+            return {"input_ids": ids, "targets": values, "group": prompt_group(prompt) if has_prompt else NO_GROUP}, fit
 
         featurized, report = featurize_split(
-            dataset, featurize, source=source, bad_rows=self.run.data.bad_rows, num_proc=self.run.data.num_proc,
-            cache_key=feature_key(self.cfg, "attributes") + (attributes, self.run.model.max_length,
-                                                            self.run.data.overlength, tokenizer_identity(self.tokenizer)),
+            dataset,
+            featurize,
+            source=source,
+            bad_rows=self.run.data.bad_rows,
+            num_proc=self.run.data.num_proc,
+            cache_key=feature_key(self.cfg, "attributes")
+            + (attributes, self.run.model.max_length, self.run.data.overlength, tokenizer_identity(self.tokenizer)),
         )
         values = torch.tensor(featurized["targets"], dtype=torch.float64).reshape(len(featurized), len(attributes))
         if training and self.cfg.standardize:
@@ -258,8 +283,9 @@ class RegressionMethod(ScalarRewardMethod):
         report["score_mean"] = [round(v, 4) for v in values.mean(0).tolist()]
         report["score_std"] = [round(v, 4) for v in values.std(0, unbiased=False).tolist()]
         report["details"] = "attributes " + ", ".join(
-            f"{a} (mean {m:.3g}, std {s:.3g})" for a, m, s in zip(attributes, report["score_mean"], report["score_std"],
-                                                                  strict=True))
+            f"{a} (mean {m:.3g}, std {s:.3g})"
+            for a, m, s in zip(attributes, report["score_mean"], report["score_std"], strict=True)
+        )
         return PreparedSplit(featurized, report)
 
     def lengths(self, dataset: Any) -> list[int]:
@@ -294,8 +320,13 @@ class RegressionMethod(ScalarRewardMethod):
         outputs = self.rewards(model, batch).reshape(batch["targets"].shape)
         if self._weights().device != outputs.device:
             self._loss_weights = self._loss_weights.to(outputs.device)
-        losses = regression_loss(outputs, self._scaled(batch["targets"]), kind=self.cfg.loss,
-                                 huber_delta=self.cfg.huber_delta, weights=self._loss_weights)
+        losses = regression_loss(
+            outputs,
+            self._scaled(batch["targets"]),
+            kind=self.cfg.loss,
+            huber_delta=self.cfg.huber_delta,
+            weights=self._loss_weights,
+        )
         return outputs, losses
 
     def train_step(self, model: nn.Module, batch: dict[str, Tensor]) -> StepOutput:
@@ -312,23 +343,37 @@ class RegressionMethod(ScalarRewardMethod):
 
     def eval_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         outputs, losses = self._forward(model, batch)
-        out = {"prediction": self._unscaled(outputs), "target": batch["targets"], "group": batch["group"],
-               "loss": losses}
+        out = {
+            "prediction": self._unscaled(outputs),
+            "target": batch["targets"],
+            "group": batch["group"],
+            "loss": losses,
+        }
         if "row" in batch:
             out["row"] = batch["row"]
         return out
 
     def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
         predictions, targets, groups = outputs["prediction"].double(), outputs["target"].double(), outputs["group"]
-        per_attribute: dict[str, list[float]] = {"mse": [], "mae": [], "pearson": [], "spearman": [],
-                                                 "pairwise_accuracy": []}
+        per_attribute: dict[str, list[float]] = {
+            "mse": [],
+            "mae": [],
+            "pearson": [],
+            "spearman": [],
+            "pairwise_accuracy": [],
+        }
         metrics: dict[str, float] = {"loss": outputs["loss"].double().mean().item()}
         pairs = 0
         for a, name in enumerate(self.output_labels):
             p, t = predictions[:, a], targets[:, a]
             accuracy, pairs = same_prompt_pair_accuracy(p, t, groups)
-            values = {"mse": (p - t).pow(2).mean().item(), "mae": (p - t).abs().mean().item(),
-                      "pearson": pearson(p, t), "spearman": spearman(p, t), "pairwise_accuracy": accuracy}
+            values = {
+                "mse": (p - t).pow(2).mean().item(),
+                "mae": (p - t).abs().mean().item(),
+                "pearson": pearson(p, t),
+                "spearman": spearman(p, t),
+                "pairwise_accuracy": accuracy,
+            }
             for key, value in values.items():
                 per_attribute[key].append(value)
                 if len(self.output_labels) > 1:
@@ -347,9 +392,13 @@ class RegressionMethod(ScalarRewardMethod):
         rows = outputs.get("row")
         records = []
         for i, (p, t) in enumerate(zip(outputs["prediction"].tolist(), outputs["target"].tolist(), strict=True)):
-            records.append({"row": int(rows[i]) + 1 if rows is not None else i + 1,
-                            "prediction": dict(zip(self.output_labels, p, strict=True)),
-                            "target": dict(zip(self.output_labels, t, strict=True))})
+            records.append(
+                {
+                    "row": int(rows[i]) + 1 if rows is not None else i + 1,
+                    "prediction": dict(zip(self.output_labels, p, strict=True)),
+                    "target": dict(zip(self.output_labels, t, strict=True)),
+                }
+            )
         return sorted(records, key=lambda record: record["row"])
 
     # ---- what travels with the model and the checkpoints ------------------------------------------------
@@ -373,7 +422,9 @@ class RegressionMethod(ScalarRewardMethod):
     def state_dict(self) -> dict[str, Tensor]:
         # The attribute names as UTF-8 bytes of a JSON list: a checkpoint rebuilds the model's outputs
         # (rewardctl export checkpoint=step-N) without reading any data.
-        state = {"attributes_json": torch.tensor(list(json.dumps(list(self.output_labels)).encode()), dtype=torch.uint8)}
+        state = {
+            "attributes_json": torch.tensor(list(json.dumps(list(self.output_labels)).encode()), dtype=torch.uint8)
+        }
         if self.target_mean is not None:
             state.update(target_mean=self.target_mean, target_std=self.target_std)
         return state

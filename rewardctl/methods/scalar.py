@@ -49,14 +49,19 @@ class ScalarRewardMethod(Method):
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
         if run.data.padding_free == "true" and run.data.share_prefix == "true":
-            raise ConfigError("data.padding_free", "true and data.share_prefix=true exclude each other (a padding-"
-                              "free row holds no 4-D mask); choose one")
+            raise ConfigError(
+                "data.padding_free",
+                "true and data.share_prefix=true exclude each other (a padding-free row holds no 4-D mask); choose one",
+            )
         super().check_config(run)
         if run.data.share_prefix == "true":
             blocker = prefix_sharing_blocker(run.model)
             if blocker is not None:
-                raise ConfigError("data.share_prefix", f"true cannot be exact for {run.model.name_or_path!r} "
-                                  f"({blocker}); use data.share_prefix=auto or false")
+                raise ConfigError(
+                    "data.share_prefix",
+                    f"true cannot be exact for {run.model.name_or_path!r} "
+                    f"({blocker}); use data.share_prefix=auto or false",
+                )
 
     @cached_property
     def shares_prefix(self) -> bool:
@@ -86,9 +91,12 @@ class ScalarRewardMethod(Method):
             sequences = [row[k] for k in range(len(rows[0])) for row in rows]
         else:
             sequences = [sequence for row in rows for sequence in row]
-        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id,
-                                                  side=self.tokenizer.padding_side,
-                                                  multiple_of=self.run.data.pad_to_multiple_of)
+        input_ids, attention_mask = pad_sequences(
+            sequences,
+            self.tokenizer.pad_token_id,
+            side=self.tokenizer.padding_side,
+            multiple_of=self.run.data.pad_to_multiple_of,
+        )
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def packed_lengths(self, dataset: Any, columns: tuple[str, ...]) -> list[int]:
@@ -100,8 +108,11 @@ class ScalarRewardMethod(Method):
         """Add the truncation rule and, with shared-prefix batches, the tokens the prefix saves."""
         rule = self.run.data.truncation
         report["truncation"] = rule.value
-        report["truncation_note"] = ("prompt end, response starts and final tokens kept" if rule == Truncation.prompt_end
-                                     else "sequence ends kept")
+        report["truncation_note"] = (
+            "prompt end, response starts and final tokens kept"
+            if rule == Truncation.prompt_end
+            else "sequence ends kept"
+        )
         report["share_prefix"] = self.shares_prefix
         if not self.shares_prefix:
             return
@@ -146,8 +157,13 @@ class ScalarRewardMethod(Method):
         return REWARD_LABELS
 
     def build_model(self) -> nn.Module:
-        classifier = build_sequence_classifier(self.run.model, self.tokenizer, self.run.train,
-                                               quantization_config(self.run.peft), labels=self.output_labels)
+        classifier = build_sequence_classifier(
+            self.run.model,
+            self.tokenizer,
+            self.run.train,
+            quantization_config(self.run.peft),
+            labels=self.output_labels,
+        )
         # With LoRA the head trains in full and is saved with the adapter (modules_to_save).
         classifier = wrap_with_adapter(classifier, self.run.peft, head=[head_name(classifier)], task_type="SEQ_CLS")
         return self._wrap(classifier)
@@ -158,8 +174,16 @@ class ScalarRewardMethod(Method):
         return self._wrap(classifier)
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        save_sequence_classifier(model, self.tokenizer, path, self.run.model, method=self.cfg.name, state_dict=state_dict,
-                                 save_merged=wants_merged_copy(self.run.peft), facts=self.saved_facts())
+        save_sequence_classifier(
+            model,
+            self.tokenizer,
+            path,
+            self.run.model,
+            method=self.cfg.name,
+            state_dict=state_dict,
+            save_merged=wants_merged_copy(self.run.peft),
+            facts=self.saved_facts(),
+        )
 
     def saved_facts(self) -> dict[str, Any]:
         """JSON facts a scorer needs besides the weights (e.g. how outputs map back to the data's

@@ -37,7 +37,9 @@ class PromptClassifier:
         return self.logits(embeddings).exp().clamp(low, high).float()
 
     def state_dict(self, prefix: str) -> dict[str, Tensor]:
-        return {f"{prefix}{k}": getattr(self, k).detach().cpu().contiguous() for k in ("weight", "bias", "mean", "scale")}
+        return {
+            f"{prefix}{k}": getattr(self, k).detach().cpu().contiguous() for k in ("weight", "bias", "mean", "scale")
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str) -> PromptClassifier | None:
@@ -46,8 +48,9 @@ class PromptClassifier:
         return cls(**{k: state[f"{prefix}{k}"].double() for k in ("weight", "bias", "mean", "scale")})
 
 
-def fit_balanced_logistic_regression(features: Tensor, labels: Tensor, *, l2: float = 1.0, max_iter: int = 200,
-                                     standardize: bool = True) -> PromptClassifier:
+def fit_balanced_logistic_regression(
+    features: Tensor, labels: Tensor, *, l2: float = 1.0, max_iter: int = 200, standardize: bool = True
+) -> PromptClassifier:
     """Minimise sum_i c_i * logloss_i + l2/2 |w|^2 with c_i = n / (2 n_class(i)) (sklearn's 'balanced'),
     on standardised features (``standardize``, our default: the penalty is then scale-free) or on the
     raw ones (TRL's fit: sklearn's ``LogisticRegression(class_weight="balanced")`` on the embeddings)."""
@@ -66,8 +69,14 @@ def fit_balanced_logistic_regression(features: Tensor, labels: Tensor, *, l2: fl
     class_weight = torch.where(y == 1, n / (2 * positives), n / (2 * (n - positives)))
     weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-10, tolerance_change=1e-12)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()

@@ -38,9 +38,12 @@ def quantization_config(peft_cfg: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=peft_cfg.quant_type,
-                              bnb_4bit_use_double_quant=peft_cfg.double_quant,
-                              bnb_4bit_compute_dtype=dtypes.get(peft_cfg.compute_dtype.value, torch.bfloat16))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft_cfg.quant_type,
+        bnb_4bit_use_double_quant=peft_cfg.double_quant,
+        bnb_4bit_compute_dtype=dtypes.get(peft_cfg.compute_dtype.value, torch.bfloat16),
+    )
 
 
 def wrap_with_adapter(model: nn.Module, peft_cfg: Any, *, head: list[str], task_type: str) -> nn.Module:
@@ -58,8 +61,14 @@ def wrap_with_adapter(model: nn.Module, peft_cfg: Any, *, head: list[str], task_
         targets = "all-linear"
     keep = list(dict.fromkeys([*head, *peft_cfg.modules_to_save]))
     config = PeftLoraConfig(
-        r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout, target_modules=targets,
-        modules_to_save=keep or None, exclude_modules=keep or None, task_type=task_type, bias="none",
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        modules_to_save=keep or None,
+        exclude_modules=keep or None,
+        task_type=task_type,
+        bias="none",
     )
     return get_peft_model(model, config)
 
@@ -108,8 +117,14 @@ def has_adapter(path: Path) -> bool:
 
 
 def save_model_dir(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, model_cfg: ModelConfig, *,
-    meta: dict[str, Any], state_dict: dict[str, Tensor] | None = None, save_merged: bool = False,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    model_cfg: ModelConfig,
+    *,
+    meta: dict[str, Any],
+    state_dict: dict[str, Tensor] | None = None,
+    save_merged: bool = False,
 ) -> None:
     """Write ``path`` atomically: a stock transformers directory (rewardctl's facts under ``rewardctl``
     in config.json) or a PEFT adapter directory (facts in rewardctl.json), plus the tokenizer. With
@@ -125,8 +140,11 @@ def save_model_dir(
             model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
     if save_merged and is_adapter_model(model) and state_dict is not None:
-        log.warning("the weights were gathered from FSDP / DeepSpeed: no model-merged/ copy is written during "
-                    "training; write it with: rewardctl export run_dir=%s", path.parent)
+        log.warning(
+            "the weights were gathered from FSDP / DeepSpeed: no model-merged/ copy is written during "
+            "training; write it with: rewardctl export run_dir=%s",
+            path.parent,
+        )
     elif save_merged and is_adapter_model(model):
         merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
         save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)

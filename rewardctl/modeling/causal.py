@@ -19,7 +19,11 @@ from rewardctl.modeling.common import instantiate, load_config, load_kwargs, tok
 
 
 def build_causal_lm(
-    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None, *, disable_dropout: bool,
+    model_cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_cfg: TrainConfig | None,
+    *,
+    disable_dropout: bool,
     quantization: Any = None,
 ) -> PreTrainedModel:
     """The policy from a checkpoint, or randomly initialised from a config alone (``from_scratch``)."""
@@ -84,4 +88,3 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
-

@@ -22,7 +22,9 @@ def load_config(model_cfg: ModelConfig, **updates: Any) -> PretrainedConfig:
         )
     except (OSError, ValueError) as exc:
         detail = str(exc).strip().splitlines()[0]
-        raise ConfigError("model.name_or_path", f"cannot load a model config from {model_cfg.name_or_path!r}: {detail}") from None
+        raise ConfigError(
+            "model.name_or_path", f"cannot load a model config from {model_cfg.name_or_path!r}: {detail}"
+        ) from None
     for key, value in model_cfg.config_overrides.items():
         if not hasattr(config, key):
             raise ConfigError(f"model.config_overrides.{key}", f"{type(config).__name__} has no attribute {key!r}")
@@ -63,7 +65,9 @@ def load_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-def finish_model(model: PreTrainedModel, model_cfg: ModelConfig, train_cfg: TrainConfig | None, vocab_size: int) -> None:
+def finish_model(
+    model: PreTrainedModel, model_cfg: ModelConfig, train_cfg: TrainConfig | None, vocab_size: int
+) -> None:
     """Steps after construction: embeddings for added tokens, dropout off, activation checkpointing."""
     if vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
@@ -79,8 +83,14 @@ def finish_model(model: PreTrainedModel, model_cfg: ModelConfig, train_cfg: Trai
             model.enable_input_require_grads()
 
 
-def instantiate(auto_class: Any, config: PretrainedConfig, model_cfg: ModelConfig, tokenizer: Any,
-                train_cfg: TrainConfig | None, quantization: Any = None) -> PreTrainedModel:
+def instantiate(
+    auto_class: Any,
+    config: PretrainedConfig,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    train_cfg: TrainConfig | None,
+    quantization: Any = None,
+) -> PreTrainedModel:
     """``auto_class`` from a checkpoint, or randomly initialised from ``config`` alone (``from_scratch``),
     with the tokenizer's pad token and the shared finishing steps."""
     vocab_size = getattr(config, "vocab_size", None)
@@ -89,14 +99,19 @@ def instantiate(auto_class: Any, config: PretrainedConfig, model_cfg: ModelConfi
     kwargs = load_kwargs(model_cfg)
     if quantization is not None:
         if model_cfg.from_scratch:
-            raise ConfigError("peft", "qlora quantises pretrained weights; a from-scratch model has none (use peft=lora)")
+            raise ConfigError(
+                "peft", "qlora quantises pretrained weights; a from-scratch model has none (use peft=lora)"
+            )
         kwargs["quantization_config"] = quantization
     if model_cfg.from_scratch:
         model = auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     else:
         model = auto_class.from_pretrained(
-            model_cfg.name_or_path, config=config, revision=model_cfg.revision,
-            trust_remote_code=model_cfg.trust_remote_code, **kwargs,
+            model_cfg.name_or_path,
+            config=config,
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+            **kwargs,
         )
     finish_model(model, model_cfg, train_cfg, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -115,8 +130,10 @@ def parameter_count(param: torch.Tensor) -> int:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     params = list(model.parameters())
-    return {"total": sum(parameter_count(p) for p in params),
-            "trainable": sum(parameter_count(p) for p in params if p.requires_grad)}
+    return {
+        "total": sum(parameter_count(p) for p in params),
+        "trainable": sum(parameter_count(p) for p in params if p.requires_grad),
+    }
 
 
 # The attention implementations whose cost follows the real tokens of a padding-free row (sdpa and

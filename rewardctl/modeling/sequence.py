@@ -48,7 +48,9 @@ class SequenceRewardModel(nn.Module):
         self.classifier = classifier
         hf = _unwrap_hf(classifier)
         backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
-        self.pooling = "last_token" if isinstance(getattr(hf, "score", None), nn.Module) and backbone is not None else "native"
+        self.pooling = (
+            "last_token" if isinstance(getattr(hf, "score", None), nn.Module) and backbone is not None else "native"
+        )
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -57,8 +59,15 @@ class SequenceRewardModel(nn.Module):
         parameter gathered at once) instead of one decoder layer at a time."""
         return list(getattr(_unwrap_hf(self.classifier), "_no_split_modules", None) or [])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, segment_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, reward_index: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        segment_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        reward_index: Tensor | None = None,
+    ) -> Tensor:
         """Rewards of shape (N,). Stacked: one sequence per response, ``attention_mask`` 2-D. Packed
         (``rewardctl.data.packing``): ``segment_ids``, ``position_ids`` and ``reward_index``, shape (N,):
         the flat position (row * L + column) of each response's last token, in output order."""
@@ -77,7 +86,9 @@ class SequenceRewardModel(nn.Module):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return hf.score(pooled).squeeze(-1).float()
 
-    def _packed(self, input_ids: Tensor, segment_ids: Tensor | None, position_ids: Tensor, reward_index: Tensor) -> Tensor:
+    def _packed(
+        self, input_ids: Tensor, segment_ids: Tensor | None, position_ids: Tensor, reward_index: Tensor
+    ) -> Tensor:
         """Shared-prefix rows (``segment_ids`` given: a 4-D mask) or padding-free rows (no mask: the
         position ids' restarts mark the sequences); the reward is read at each ``reward_index``."""
         if self.pooling != "last_token":
@@ -89,7 +100,8 @@ class SequenceRewardModel(nn.Module):
             mask = segment_attention_mask(segment_ids)
             if hf.config._attn_implementation == "eager":  # eager adds the mask to the scores
                 mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(torch.float32).min)
+                    ~mask, torch.finfo(torch.float32).min
+                )
         hidden = backbone(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
@@ -126,23 +138,34 @@ def check_output_count(num_labels: int, architectures: list[str] | None, name: s
     """A starting checkpoint that already has a classification head must have the outputs we train."""
     heads = [a for a in (architectures or []) if a.endswith("ForSequenceClassification")]
     if heads and num_labels != expected:
-        raise ConfigError("model.name_or_path", f"{name!r} has a {num_labels}-output classification head ({heads[0]}); "
-                          f"this reward model needs {_outputs(expected)}. Start from a base or causal-LM checkpoint "
-                          "instead")
+        raise ConfigError(
+            "model.name_or_path",
+            f"{name!r} has a {num_labels}-output classification head ({heads[0]}); "
+            f"this reward model needs {_outputs(expected)}. Start from a base or causal-LM checkpoint "
+            "instead",
+        )
 
 
-def build_sequence_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None,
-                              quantization: Any = None, labels: tuple[str, ...] = REWARD_LABELS) -> PreTrainedModel:
+def build_sequence_classifier(
+    model_cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_cfg: TrainConfig | None,
+    quantization: Any = None,
+    labels: tuple[str, ...] = REWARD_LABELS,
+) -> PreTrainedModel:
     """A classifier with one output per name in ``labels`` (a reward, or a regression model's
     attributes), from a checkpoint (head newly initialised) or from a config alone. The names are
     saved as ``id2label``, so a stock reload knows what each output means."""
     count = len(labels)
     if model_cfg.config_overrides.get("num_labels", count) != count:
-        raise ConfigError("model.config_overrides.num_labels", f"this reward model has {_outputs(count)} "
-                          f"({', '.join(labels)}); leave num_labels out")
+        raise ConfigError(
+            "model.config_overrides.num_labels",
+            f"this reward model has {_outputs(count)} ({', '.join(labels)}); leave num_labels out",
+        )
     config = load_config(model_cfg)
-    check_output_count(getattr(config, "num_labels", 1), getattr(config, "architectures", None), model_cfg.name_or_path,
-                       count)
+    check_output_count(
+        getattr(config, "num_labels", 1), getattr(config, "architectures", None), model_cfg.name_or_path, count
+    )
     config.num_labels = count
     config.problem_type = "regression"  # pipeline() then returns the raw reward, not sigmoid(reward)
     config.id2label = dict(enumerate(labels))
@@ -169,8 +192,9 @@ def load_saved_classifier(path: Path, model_cfg: ModelConfig, labels: tuple[str,
     config = _unwrap_hf(model).config
     saved = tuple(config.id2label[i] for i in range(config.num_labels))
     if config.num_labels != len(labels) or (len(labels) > 1 and saved != tuple(labels)):
-        raise ModelMismatchError(f"{path} holds a classifier with outputs {list(saved)}, not the expected "
-                          f"{list(labels)}")
+        raise ModelMismatchError(
+            f"{path} holds a classifier with outputs {list(saved)}, not the expected {list(labels)}"
+        )
     return model
 
 
@@ -189,6 +213,12 @@ def save_sequence_classifier(
     join the method and pooling under ``rewardctl`` in config.json."""
     if state_dict is not None:
         state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
-    save_model_dir(model.classifier, tokenizer, path, model_cfg,
-                   meta={"method": method, "pooling": model.pooling, **(facts or {})},
-                   state_dict=state_dict, save_merged=save_merged)
+    save_model_dir(
+        model.classifier,
+        tokenizer,
+        path,
+        model_cfg,
+        meta={"method": method, "pooling": model.pooling, **(facts or {})},
+        state_dict=state_dict,
+        save_merged=save_merged,
+    )

@@ -21,8 +21,9 @@ from rewardctl.modeling.common import instantiate, load_config, load_kwargs
 LABELS = {0: "incorrect", 1: "correct"}
 
 
-def build_token_classifier(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None,
-                           quantization: Any = None) -> PreTrainedModel:
+def build_token_classifier(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, train_cfg: TrainConfig | None, quantization: Any = None
+) -> PreTrainedModel:
     if model_cfg.config_overrides.get("num_labels", 2) != 2:
         raise ConfigError("model.config_overrides.num_labels", "a process reward model has exactly 2 labels")
     config = load_config(model_cfg)
@@ -43,6 +44,14 @@ def load_token_classifier(path: Path, model_cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def save_token_classifier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path, model_cfg: ModelConfig, *,
-                          meta: dict[str, Any], state_dict: dict[str, Tensor] | None = None, save_merged: bool = False) -> None:
+def save_token_classifier(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    model_cfg: ModelConfig,
+    *,
+    meta: dict[str, Any],
+    state_dict: dict[str, Tensor] | None = None,
+    save_merged: bool = False,
+) -> None:
     save_model_dir(model, tokenizer, path, model_cfg, meta=meta, state_dict=state_dict, save_merged=save_merged)

@@ -30,7 +30,9 @@ def ensure_distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     for candidate in PAD_CANDIDATES:
         if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
             tokenizer.pad_token = candidate
-            log.info("using %s as the pad token (it was %s)", candidate, "missing" if tokenizer.pad_token is None else "EOS")
+            log.info(
+                "using %s as the pad token (it was %s)", candidate, "missing" if tokenizer.pad_token is None else "EOS"
+            )
             return False
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     log.info("added a dedicated <|pad|> token: the tokenizer had none distinct from EOS")
@@ -67,6 +69,11 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> tuple[Any, ...]:
     """What about a tokenizer changes token ids (origin, size, special tokens, template): part of the
     tokenisation cache key of every method."""
     return (
-        tokenizer.name_or_path, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-        tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None), type(tokenizer).__name__,
+        tokenizer.name_or_path,
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        getattr(tokenizer, "chat_template", None),
+        type(tokenizer).__name__,
     )

@@ -55,14 +55,20 @@ def _fact_pair(rng: random.Random, split: str) -> tuple[str, str, str]:
         wrong = rng.choice([c for _, c in world.CAPITALS if c != city])
         question = rng.choice(world.CAPITAL_QUESTIONS_TRAIN if split == "train" else world.CAPITAL_QUESTIONS_EVAL)
         answer = rng.choice(world.CAPITAL_ANSWERS)
-        return (question.format(country=country), answer.format(country=country, city=city),
-                answer.format(country=country, city=wrong))
+        return (
+            question.format(country=country),
+            answer.format(country=country, city=city),
+            answer.format(country=country, city=wrong),
+        )
     animal, legs = rng.choice(world.LEGS)
     wrong = rng.choice([n for n in world.NUMBER_WORDS if n != legs])
     question = rng.choice(world.LEG_QUESTIONS_TRAIN if split == "train" else world.LEG_QUESTIONS_EVAL)
     answer = rng.choice(world.LEG_ANSWERS)
-    return (question.format(animal=animal), answer.format(animal=animal, n=world.NUMBER_WORDS[legs]),
-            answer.format(animal=animal, n=world.NUMBER_WORDS[wrong]))
+    return (
+        question.format(animal=animal),
+        answer.format(animal=animal, n=world.NUMBER_WORDS[legs]),
+        answer.format(animal=animal, n=world.NUMBER_WORDS[wrong]),
+    )
 
 
 def preference_examples(split: str) -> Iterator[dict[str, Any]]:
@@ -93,16 +99,22 @@ def preference_examples(split: str) -> Iterator[dict[str, Any]]:
 
 def pairwise_rows(split: str) -> list[dict[str, Any]]:
     """Standard format, explicit prompt: prompt + response is the text the model reads."""
-    return [{"prompt": f"User: {e['question']}\nAssistant:", "chosen": " " + e["good"], "rejected": " " + e["bad"]}
-            for e in preference_examples(split)]
+    return [
+        {"prompt": f"User: {e['question']}\nAssistant:", "chosen": " " + e["good"], "rejected": " " + e["bad"]}
+        for e in preference_examples(split)
+    ]
 
 
 def pairwise_chat_rows(split: str) -> list[dict[str, Any]]:
     """Conversational format, explicit prompt: the chat template renders prompt + response."""
-    return [{"prompt": [{"role": "user", "content": e["question"]}],
-             "chosen": [{"role": "assistant", "content": e["good"]}],
-             "rejected": [{"role": "assistant", "content": e["bad"]}]}
-            for e in preference_examples(split)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": e["question"]}],
+            "chosen": [{"role": "assistant", "content": e["good"]}],
+            "rejected": [{"role": "assistant", "content": e["bad"]}],
+        }
+        for e in preference_examples(split)
+    ]
 
 
 def _rude(rng: random.Random, split: str, subject: str) -> str:
@@ -120,15 +132,25 @@ def _ladder_answers(rng: random.Random, split: str) -> tuple[str, dict[str, str]
     if rng.random() < 0.25:
         question, good, wrong = _fact_pair(rng, split)
         thorough = f"{rng.choice(world.OPENERS[2:])}{good}{rng.choice(world.CLOSERS[2:])}"
-        return question, {"thorough": thorough, "brief": good, "off_topic": wrong,
-                          "evasive": _evasive(rng, split), "rude": _rude(rng, split, "questions")}
+        return question, {
+            "thorough": thorough,
+            "brief": good,
+            "off_topic": wrong,
+            "evasive": _evasive(rng, split),
+            "rude": _rude(rng, split, "questions"),
+        }
     topic = rng.choice(world.TOPICS)
     question = rng.choice(topic.train_questions if split == "train" else topic.eval_questions)
     advice = rng.sample(topic.advice, rng.choice((2, 3)))
     thorough = f"{rng.choice(world.OPENERS[2:])}{' '.join(advice)}{rng.choice(world.CLOSERS[2:])}"
     other = rng.choice([t for t in world.TOPICS if t.name != topic.name])
-    return question, {"thorough": thorough, "brief": rng.choice(topic.advice), "off_topic": _polite(rng, _advice(rng, other)),
-                      "evasive": _evasive(rng, split), "rude": _rude(rng, split, topic.subject)}
+    return question, {
+        "thorough": thorough,
+        "brief": rng.choice(topic.advice),
+        "off_topic": _polite(rng, _advice(rng, other)),
+        "evasive": _evasive(rng, split),
+        "rude": _rude(rng, split, topic.subject),
+    }
 
 
 def ranked_examples(split: str) -> Iterator[dict[str, Any]]:
@@ -139,27 +161,42 @@ def ranked_examples(split: str) -> Iterator[dict[str, Any]]:
         size = 2 + index % 4
         question, answers = _ladder_answers(rng, split)
         rungs = sorted(rng.sample(range(len(LADDER)), size))
-        yield {"question": question, "responses": [answers[LADDER[r]] for r in rungs], "rungs": [LADDER[r] for r in rungs]}
+        yield {
+            "question": question,
+            "responses": [answers[LADDER[r]] for r in rungs],
+            "rungs": [LADDER[r] for r in rungs],
+        }
 
 
 def ranklist_rows(split: str) -> list[dict[str, Any]]:
     """Standard format, explicit prompt, responses best first."""
-    return [{"prompt": f"User: {e['question']}\nAssistant:", "responses": [" " + r for r in e["responses"]]}
-            for e in ranked_examples(split)]
+    return [
+        {"prompt": f"User: {e['question']}\nAssistant:", "responses": [" " + r for r in e["responses"]]}
+        for e in ranked_examples(split)
+    ]
 
 
 def ranklist_chat_rows(split: str) -> list[dict[str, Any]]:
     """Conversational format: each response is an assistant message list."""
-    return [{"prompt": [{"role": "user", "content": e["question"]}],
-             "responses": [[{"role": "assistant", "content": r}] for r in e["responses"]]}
-            for e in ranked_examples(split)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": e["question"]}],
+            "responses": [[{"role": "assistant", "content": r}] for r in e["responses"]],
+        }
+        for e in ranked_examples(split)
+    ]
 
 
 def bco_rows(split: str) -> list[dict[str, Any]]:
     """Unpaired thumbs-up / thumbs-down rows: each question gets either its good or its bad answer."""
-    return [{"prompt": f"User: {e['question']}\nAssistant:", "completion": " " + (e["good"] if i % 2 == 0 else e["bad"]),
-             "label": i % 2 == 0}
-            for i, e in enumerate(preference_examples(split))]
+    return [
+        {
+            "prompt": f"User: {e['question']}\nAssistant:",
+            "completion": " " + (e["good"] if i % 2 == 0 else e["bad"]),
+            "label": i % 2 == 0,
+        }
+        for i, e in enumerate(preference_examples(split))
+    ]
 
 
 PRM_SIZES = {"train": (8000, 2468), "eval": (500, 1357)}
@@ -175,7 +212,9 @@ def _chain(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
     value = rng.randint(1, 9)
     start, operations = value, []
     for _ in range(rng.randint(2, 4)):
-        choices = [("+", n) for n in range(1, 10) if value + n <= 9] + [("-", n) for n in range(1, 10) if value - n >= 0]
+        choices = [("+", n) for n in range(1, 10) if value + n <= 9] + [
+            ("-", n) for n in range(1, 10) if value - n >= 0
+        ]
         op, operand = rng.choice(choices)
         operations.append((op, operand))
         value = value + operand if op == "+" else value - operand
@@ -231,16 +270,30 @@ def regression_rows(split: str) -> list[dict[str, Any]]:
     helpfulness = the answer's rung (thorough 4 ... rude 0, whatever else the list held) and
     verbosity = its word count // 8, at most 4 (a second, independent scale)."""
     rows = []
-    for example in list(ranked_examples(split))[:REGRESSION_LISTS[split]]:
+    for example in list(ranked_examples(split))[: REGRESSION_LISTS[split]]:
         for answer, rung in zip(example["responses"], example["rungs"], strict=True):
-            rows.append({"prompt": f"User: {example['question']}\nAssistant:", "response": " " + answer,
-                         "scores": {"helpfulness": len(LADDER) - 1 - LADDER.index(rung),
-                                    "verbosity": min(4, len(answer.split()) // 8)}})
+            rows.append(
+                {
+                    "prompt": f"User: {example['question']}\nAssistant:",
+                    "response": " " + answer,
+                    "scores": {
+                        "helpfulness": len(LADDER) - 1 - LADDER.index(rung),
+                        "verbosity": min(4, len(answer.split()) // 8),
+                    },
+                }
+            )
     return rows
 
 
-BUILDERS = {"pairwise": pairwise_rows, "prm": prm_rows, "pairwise_chat": pairwise_chat_rows, "bco": bco_rows,
-            "ranklist": ranklist_rows, "ranklist_chat": ranklist_chat_rows, "regression": regression_rows}
+BUILDERS = {
+    "pairwise": pairwise_rows,
+    "prm": prm_rows,
+    "pairwise_chat": pairwise_chat_rows,
+    "bco": bco_rows,
+    "ranklist": ranklist_rows,
+    "ranklist_chat": ranklist_chat_rows,
+    "regression": regression_rows,
+}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -248,7 +301,9 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def expected_files() -> dict[Path, str]:
-    return {DATA_DIR / name / f"{split}.jsonl": render(build(split)) for name, build in BUILDERS.items() for split in SIZES}
+    return {
+        DATA_DIR / name / f"{split}.jsonl": render(build(split)) for name, build in BUILDERS.items() for split in SIZES
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

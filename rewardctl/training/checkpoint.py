@@ -93,8 +93,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def newest_intact_checkpoint(root: Path, below: int | None = None,
-                             on_damaged: Callable[[Path, str], None] | None = None) -> Path | None:
+def newest_intact_checkpoint(
+    root: Path, below: int | None = None, on_damaged: Callable[[Path, str], None] | None = None
+) -> Path | None:
     """The newest checkpoint under ``root`` (before step ``below``) that validates; each damaged one
     passed over goes to ``on_damaged`` with its reason."""
     for step, path in reversed(list_checkpoints(root)):
@@ -136,8 +137,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         hint = f" (pickled state such as {pickled[0]}, from an older rewardctl, is never loaded)" if pickled else ""
         raise _Damaged(f"{MANIFEST} is missing{hint}")
     manifest = _read_json(path, MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise _Damaged(f"{MANIFEST} is not a format-{FORMAT} rewardctl checkpoint manifest")
     return manifest
 
@@ -301,8 +305,11 @@ def _save_rng(accelerator: Accelerator, path: Path) -> None:
     if torch.cuda.is_available():
         tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss_next = random.getstate()
-    scalars = {"python": [version, list(internal), gauss_next], "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
-               "accelerator_step": accelerator.step}
+    scalars = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "accelerator_step": accelerator.step,
+    }
     save_file(tensors, str(path), metadata={RNG_META: _dumps(scalars)})
 
 
@@ -358,8 +365,11 @@ def load_checkpoint(
         raise ConfigError("train.resume", f"{path} is damaged: {reason}")
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     if manifest["layout"] != _layout(accelerator):
-        raise ConfigError("train.resume", f"{path} holds {manifest['layout']} weights, this run needs "
-                          f"{_layout(accelerator)} (the distribution strategy changed)")
+        raise ConfigError(
+            "train.resume",
+            f"{path} holds {manifest['layout']} weights, this run needs "
+            f"{_layout(accelerator)} (the distribution strategy changed)",
+        )
     unknown = _unknown_files(path)
     if unknown and accelerator.is_main_process:
         log.warning("%s: ignoring files rewardctl did not write (never loaded): %s", path, ", ".join(unknown))
@@ -409,8 +419,11 @@ def _load_model_and_optimizer(accelerator: Accelerator, path: Path) -> None:
             if "Error(s) in loading state_dict" not in str(exc):  # e.g. out of memory: not a mismatch
                 raise
             first = str(exc).strip().splitlines()[0]
-            raise ConfigError("train.resume", f"{path} holds weights of another model ({first}); resume with the "
-                              "model.* settings it was written with, or choose another output_dir") from None
+            raise ConfigError(
+                "train.resume",
+                f"{path} holds weights of another model ({first}); resume with the "
+                "model.* settings it was written with, or choose another output_dir",
+            ) from None
     for i, optimizer in enumerate(accelerator._optimizers):
         optimizer.load_state_dict(_read_optimizer(path, i, optimizer.state_dict()["param_groups"]))
 
@@ -433,8 +446,10 @@ def _load_schedulers(accelerator: Accelerator, path: Path) -> None:
     states = json.loads((path / SCHEDULER).read_text(encoding="utf-8"))
     schedulers = _SCHEDULERS.get(accelerator, [])
     if len(states) != len(schedulers):
-        raise ConfigError("train.resume", f"{path / SCHEDULER} holds {len(states)} scheduler states, "
-                          f"this run has {len(schedulers)} schedulers")
+        raise ConfigError(
+            "train.resume",
+            f"{path / SCHEDULER} holds {len(states)} scheduler states, this run has {len(schedulers)} schedulers",
+        )
     for scheduler, state in zip(schedulers, states, strict=True):
         scheduler.load_state_dict(state)
 

@@ -55,14 +55,23 @@ def check_disk_room(run_dir: Path, footprint: RunFootprint, free: int | None = N
     """Refuse a run that cannot finish for lack of space; warn when its kept checkpoints may not fit."""
     free = shutil.disk_usage(run_dir).free if free is None else free
     if free < footprint.minimum:
-        raise ConfigError("output_dir", f"{run_dir} has {gib(free)} free, but this run writes about "
-                          f"{gib(footprint.minimum)} (the model {gib(footprint.model_bytes)} and one checkpoint of "
-                          f"weights and optimizer state {gib(footprint.checkpoint_bytes)}); free space or "
-                          "choose another output_dir")
+        raise ConfigError(
+            "output_dir",
+            f"{run_dir} has {gib(free)} free, but this run writes about "
+            f"{gib(footprint.minimum)} (the model {gib(footprint.model_bytes)} and one checkpoint of "
+            f"weights and optimizer state {gib(footprint.checkpoint_bytes)}); free space or "
+            "choose another output_dir",
+        )
     if free < footprint.full:
-        log.warning("%s has %s free; with train.keep_checkpoints the run may write up to %s (%d checkpoints of %s "
-                    "and the model): lower train.keep_checkpoints or free space", run_dir, gib(free),
-                    gib(footprint.full), footprint.checkpoints, gib(footprint.checkpoint_bytes))
+        log.warning(
+            "%s has %s free; with train.keep_checkpoints the run may write up to %s (%d checkpoints of %s "
+            "and the model): lower train.keep_checkpoints or free space",
+            run_dir,
+            gib(free),
+            gib(footprint.full),
+            footprint.checkpoints,
+            gib(footprint.checkpoint_bytes),
+        )
 
 
 def check_room_on_every_process(accelerator: Any, run_dir: Path, footprint: RunFootprint) -> None:

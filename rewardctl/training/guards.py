@@ -20,8 +20,10 @@ from typing import Any
 MEDIAN_WARMUP = 10
 MEDIAN_WINDOW = 20
 
-ADVICE = ("try a lower train.lr, a longer warmup (train.warmup_steps / train.warmup_ratio), gradient clipping "
-          "(train.max_grad_norm=1.0), or hardware.mixed_precision=bf16 instead of fp16")
+ADVICE = (
+    "try a lower train.lr, a longer warmup (train.warmup_steps / train.warmup_ratio), gradient clipping "
+    "(train.max_grad_norm=1.0), or hardware.mixed_precision=bf16 instead of fp16"
+)
 
 
 @dataclass
@@ -68,8 +70,10 @@ class DivergenceGuard:
         if self.factor > 0 and len(self.recent) >= MEDIAN_WARMUP:
             median = statistics.median(self.recent)
             if median > 0 and loss > self.factor * median:
-                return (f"train loss {loss:.4g} is over {self.factor:g}x the median {median:.4g} of the last "
-                        f"{len(self.recent)} logged losses")
+                return (
+                    f"train loss {loss:.4g} is over {self.factor:g}x the median {median:.4g} of the last "
+                    f"{len(self.recent)} logged losses"
+                )
         self.recent = [*self.recent, loss][-MEDIAN_WINDOW:]
         return None
 

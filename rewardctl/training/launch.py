@@ -55,21 +55,46 @@ def launcher_arguments(hardware: HardwareConfig) -> tuple[list[str], dict[str, s
     on_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
     # One machine: a free port, so concurrent runs and parallel sweep jobs never collide.
     port = hardware.main_process_port if hardware.num_machines > 1 else free_port()
-    args = ["--num_processes", str(per_machine * hardware.num_machines), "--num_machines", str(hardware.num_machines),
-            "--machine_rank", str(hardware.machine_rank), "--main_process_port", str(port),
-            "--mixed_precision", hardware.mixed_precision.value, "--dynamo_backend", "no"]
+    args = [
+        "--num_processes",
+        str(per_machine * hardware.num_machines),
+        "--num_machines",
+        str(hardware.num_machines),
+        "--machine_rank",
+        str(hardware.machine_rank),
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        hardware.mixed_precision.value,
+        "--dynamo_backend",
+        "no",
+    ]
     if hardware.main_process_ip:
         args += ["--main_process_ip", hardware.main_process_ip]
-    env: dict[str, str] = {SELF_LAUNCHED_ENV: "1",
-                           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-                                                                            SHUTDOWN_TIMEOUT_S)}
+    env: dict[str, str] = {
+        SELF_LAUNCHED_ENV: "1",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S),
+    }
     if hardware.strategy == Strategy.fsdp:
-        args += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                 "--fsdp_reshard_after_forward", RESHARD_AFTER_FORWARD[hardware.fsdp_sharding_strategy],
-                 "--fsdp_offload_params", str(hardware.fsdp_cpu_offload).lower()]
+        args += [
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_reshard_after_forward",
+            RESHARD_AFTER_FORWARD[hardware.fsdp_sharding_strategy],
+            "--fsdp_offload_params",
+            str(hardware.fsdp_cpu_offload).lower(),
+        ]
     elif hardware.strategy == Strategy.deepspeed:
-        args += ["--use_deepspeed", "--zero_stage", str(hardware.zero_stage),
-                 "--offload_optimizer_device", "cpu" if hardware.offload_optimizer else "none"]
+        args += [
+            "--use_deepspeed",
+            "--zero_stage",
+            str(hardware.zero_stage),
+            "--offload_optimizer_device",
+            "cpu" if hardware.offload_optimizer else "none",
+        ]
         if hardware.zero_stage == 3:  # the final model is gathered into one 16-bit state dict
             args += ["--zero3_save_16bit_model", "true"]
     else:
@@ -85,8 +110,17 @@ def launch_workers(hardware: HardwareConfig, overrides: list[str], run_dir: Path
     """Run the workers to completion; returns their exit status and the signal this process passed
     on to them (None when none came)."""
     args, env = launcher_arguments(hardware)
-    command = [sys.executable, "-m", "rewardctl.training.agent", *args, "-m", "rewardctl", "train",
-               *[o for o in overrides if not o.startswith("output_dir=")], f"output_dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "rewardctl.training.agent",
+        *args,
+        "-m",
+        "rewardctl",
+        "train",
+        *[o for o in overrides if not o.startswith("output_dir=")],
+        f"output_dir={run_dir}",
+    ]
     log.info("starting %s processes through accelerate launch into %s", args[1], run_dir)
     # A session of its own: the terminal's Ctrl-C reaches this process only, which passes each signal
     # on exactly once (a copy from the terminal and one from us would read as a second signal). The

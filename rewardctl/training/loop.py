@@ -172,13 +172,21 @@ class TrainingLoop:
 
     def _process_state(self) -> dict[str, Any]:
         """What this process has seen since the last log: a resumed run must log the same numbers."""
-        return {"window": self.tracker.window_state(), "grad_norms": [g.item() for g in self._grad_norms],
-                "window_seconds": self._window_seconds}
+        return {
+            "window": self.tracker.window_state(),
+            "grad_norms": [g.item() for g in self._grad_norms],
+            "window_seconds": self._window_seconds,
+        }
 
     def save(self) -> Path:
         path = save_checkpoint(
-            self.accelerator, self.checkpoint_root, self.step, self._trainer_state(),
-            self.method.state_dict(), self.cfg.keep_checkpoints, process_state=self._process_state(),
+            self.accelerator,
+            self.checkpoint_root,
+            self.step,
+            self._trainer_state(),
+            self.method.state_dict(),
+            self.cfg.keep_checkpoints,
+            process_state=self._process_state(),
         )
         log.info("checkpoint saved: %s", path)
         return path
@@ -206,15 +214,25 @@ class TrainingLoop:
             self.metrics_log.write(record)
         if self.accelerator.trackers:
             prefix = record["split"]
-            self.accelerator.log({f"{prefix}/{k}": v for k, v in record.items()
-                                  if k not in ("step", "split") and isinstance(v, (int, float))}, step=record["step"])
+            self.accelerator.log(
+                {
+                    f"{prefix}/{k}": v
+                    for k, v in record.items()
+                    if k not in ("step", "split") and isinstance(v, (int, float))
+                },
+                step=record["step"],
+            )
 
     def _log_train(self) -> None:
         values, window_sums = self.tracker.reduce(self.accelerator)  # synchronises: the clock is now honest
         self._clock()
         seconds, self._window_seconds = self._window_seconds, 0.0
-        record: dict[str, Any] = {"step": self.step, "split": "train", "epoch": round(self.epoch, 4),
-                                  "lr": self.scheduler.get_last_lr()[0]}
+        record: dict[str, Any] = {
+            "step": self.step,
+            "split": "train",
+            "epoch": round(self.epoch, 4),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         if self._grad_norms:
             record["grad_norm"] = torch.stack([g.float().cpu() for g in self._grad_norms]).mean().item()
             self._grad_norms = []
@@ -230,8 +248,13 @@ class TrainingLoop:
     def evaluate(self) -> dict[str, Any]:
         start = time.perf_counter()
         metrics, _ = run_evaluation(self.accelerator, self.method, self.model, self.eval_loader)
-        record = {"step": self.step, "split": "eval", "epoch": round(self.epoch, 4), **metrics,
-                  "eval_seconds": round(time.perf_counter() - start, 3)}
+        record = {
+            "step": self.step,
+            "split": "eval",
+            "epoch": round(self.epoch, 4),
+            **metrics,
+            "eval_seconds": round(time.perf_counter() - start, 3),
+        }
         self.evals.append(record)
         self._emit(record)
         if self.on_eval is not None and self.accelerator.is_main_process:
@@ -346,8 +369,13 @@ class TrainingLoop:
             log.debug("step %d: the fp16 loss scaler skipped an overflowing update", self.step)
             return
         what = "loss" if health.loss_bad else "gradient norm"
-        log.warning("step %d: non-finite %s, update skipped (%d in a row, %d skipped in all)", self.step, what,
-                    self.guard.bad_streak, self.guard.skipped_steps)
+        log.warning(
+            "step %d: non-finite %s, update skipped (%d in a row, %d skipped in all)",
+            self.step,
+            what,
+            self.guard.bad_streak,
+            self.guard.skipped_steps,
+        )
 
     def _weights_finite(self) -> bool:
         """Collective: whether every process's weights (its shard, under FSDP / ZeRO-3) are finite."""
@@ -388,8 +416,13 @@ class TrainingLoop:
             self.evaluate()
         stream = self._micro_batches()
         self.model.train()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc=f"{self.method.cfg.name}",
-                   disable=not (self.accelerator.is_main_process and self.cfg.progress_bar), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            desc=f"{self.method.cfg.name}",
+            disable=not (self.accelerator.is_main_process and self.cfg.progress_bar),
+            dynamic_ncols=True,
+        )
         self._start_step = self.step
         self._restart_clock()
         self._last_eval = self.step if (self.step == 0 and self.cfg.eval_at_start) else self._restored_last_eval
@@ -438,11 +471,16 @@ class TrainingLoop:
             return "diverged"
         if status == "interrupted":
             withheld = "" if self._last_save == self.step else " (no checkpoint written at this step)"
-            log.warning("%s received: stopped at step %d after finishing the step%s", self._signal_name(), self.step,
-                        withheld)
+            log.warning(
+                "%s received: stopped at step %d after finishing the step%s", self._signal_name(), self.step, withheld
+            )
         else:
-            log.info("stopping at step %d after %d steps as asked (train.stop_after_steps); rerun the same command "
-                     "(same output_dir, train.resume=auto) to continue", self.step, self.step - self._start_step)
+            log.info(
+                "stopping at step %d after %d steps as asked (train.stop_after_steps); rerun the same command "
+                "(same output_dir, train.resume=auto) to continue",
+                self.step,
+                self.step - self._start_step,
+            )
         return status
 
     def _finish(self, status: str) -> LoopResult:
@@ -463,9 +501,17 @@ class TrainingLoop:
     def _result(self, status: str, message: str | None = None) -> LoopResult:
         if message:
             log.error(message)
-        return LoopResult(status, self.step, self.last_train, self.evals, self.train_seconds, dict(self.tracker.totals),
-                          skipped_steps=self.guard.skipped_steps, message=message,
-                          signal=self._signal_name() if status == "interrupted" else None)
+        return LoopResult(
+            status,
+            self.step,
+            self.last_train,
+            self.evals,
+            self.train_seconds,
+            dict(self.tracker.totals),
+            skipped_steps=self.guard.skipped_steps,
+            message=message,
+            signal=self._signal_name() if status == "interrupted" else None,
+        )
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

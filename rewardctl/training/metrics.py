@@ -46,15 +46,19 @@ class MetricTracker:
             else:
                 slot[1] = slot[1] + value
                 # A Python count is a kernel argument; a tensor count is added on the device.
-                slot[2] = slot[2] + (metric.count.detach().double() if torch.is_tensor(metric.count) else float(metric.count))
+                slot[2] = slot[2] + (
+                    metric.count.detach().double() if torch.is_tensor(metric.count) else float(metric.count)
+                )
 
     def window_state(self) -> dict[str, list[Any]]:
         """This process's not-yet-logged window, JSON-able, for checkpoints (restored per process)."""
         return {name: [kind.value, value.item(), count.item()] for name, (kind, value, count) in self.window.items()}
 
     def load_window_state(self, state: dict[str, list[Any]]) -> None:
-        self.window = {name: [Reduce(kind), torch.tensor(value, dtype=torch.float64), torch.tensor(count, dtype=torch.float64)]
-                       for name, (kind, value, count) in state.items()}
+        self.window = {
+            name: [Reduce(kind), torch.tensor(value, dtype=torch.float64), torch.tensor(count, dtype=torch.float64)]
+            for name, (kind, value, count) in state.items()
+        }
 
     def reduce(self, accelerator: Accelerator) -> tuple[dict[str, float], dict[str, float]]:
         """Collective: call on every process. Returns (values to log, window sums of sum-metrics).

@@ -24,7 +24,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, *, fused: bool = False) 
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
         fused=fused or None,
     )
 
@@ -35,5 +38,8 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return get_scheduler(
-        SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=warmup_steps(cfg, total_steps), num_training_steps=total_steps
+        SCHEDULES[cfg.scheduler],
+        optimizer,
+        num_warmup_steps=warmup_steps(cfg, total_steps),
+        num_training_steps=total_steps,
     )

@@ -79,8 +79,11 @@ class RunDirectory:
     def _resume_point(self, resume: str) -> Path | None:
         if resume == "off":
             if latest_checkpoint(self.checkpoints) or self.model_dir.exists():
-                raise ConfigError("train.resume", f"{self.path} already holds a run (checkpoints/ or model/); "
-                                  "continue it with train.resume=auto or choose another output_dir")
+                raise ConfigError(
+                    "train.resume",
+                    f"{self.path} already holds a run (checkpoints/ or model/); "
+                    "continue it with train.resume=auto or choose another output_dir",
+                )
             return None
         if resume == "auto":
             return newest_intact_resume(self.checkpoints)
@@ -102,8 +105,11 @@ class RunDirectory:
             log.info("%s already completed %d steps; nothing to do (%s)", self.path, finished["step"], hint)
             return finished
         if finished is not None and resume_from is None:
-            raise ConfigError("train.resume", f"{self.path} holds a finished {finished['step']}-step run and no "
-                              "checkpoint to continue from (it ran with train.save_every=0); use a new output_dir")
+            raise ConfigError(
+                "train.resume",
+                f"{self.path} holds a finished {finished['step']}-step run and no "
+                "checkpoint to continue from (it ran with train.save_every=0); use a new output_dir",
+            )
         return None
 
     # Files, written by the main process only.
@@ -119,8 +125,9 @@ class RunDirectory:
         if not resuming and self.metrics_path.exists():
             backup = self.metrics_path.with_name(f"metrics.{int(time.time())}.jsonl.bak")
             self.metrics_path.rename(backup)
-            log.warning("no checkpoint to resume in %s; the previous metrics.jsonl was kept as %s", self.path,
-                        backup.name)
+            log.warning(
+                "no checkpoint to resume in %s; the previous metrics.jsonl was kept as %s", self.path, backup.name
+            )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.main:
@@ -148,8 +155,10 @@ def newest_intact_resume(root: Path) -> Path | None:
 
     found = newest_intact_checkpoint(root, on_damaged=passed_over)
     if found is None and damaged:  # starting over would silently discard the run: a person should look
-        raise ConfigError("train.resume", f"no checkpoint in {root} is intact ({'; '.join(damaged)}); "
-                          "move checkpoints/ aside to start the run over")
+        raise ConfigError(
+            "train.resume",
+            f"no checkpoint in {root} is intact ({'; '.join(damaged)}); move checkpoints/ aside to start the run over",
+        )
     return found
 
 
@@ -168,8 +177,11 @@ def check_same_method(path: Path, method: str) -> None:
     """Another method's checkpoint is refused by name before any data loads (its heads and state differ)."""
     written_by = read_trainer_state(path).get("method")
     if written_by is not None and written_by != method:
-        raise ConfigError("train.resume", f"{path} was written by method={written_by}, this run is method={method}; "
-                          f"resume it with method={written_by} or choose another output_dir")
+        raise ConfigError(
+            "train.resume",
+            f"{path} was written by method={written_by}, this run is method={method}; "
+            f"resume it with method={written_by} or choose another output_dir",
+        )
 
 
 def check_resume(path: Path, guard: dict[str, Any], max_steps: int) -> None:
@@ -177,7 +189,10 @@ def check_resume(path: Path, guard: dict[str, Any], max_steps: int) -> None:
     state = read_trainer_state(path)
     for key, now in guard.items():
         if key in state and state[key] != now:
-            raise ConfigError("train.resume", f"{path} was written with {key}={state[key]}, this run has {now}; "
-                              "resuming would replay a different data order (start a new output_dir instead)")
+            raise ConfigError(
+                "train.resume",
+                f"{path} was written with {key}={state[key]}, this run has {now}; "
+                "resuming would replay a different data order (start a new output_dir instead)",
+            )
     if state["step"] > max_steps:
         raise ConfigError("train.resume", f"{path} is at step {state['step']}, beyond this run's {max_steps} steps")

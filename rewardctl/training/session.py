@@ -72,8 +72,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: RunDirectory) -> dict[str, Any]:
     """The recipe, once the directory is this job's: decide, read the data, build, train, finish."""
-    log.info("run directory: %s (%d process%s, device %s)", run_dir.path, accelerator.num_processes,
-             "es" if accelerator.num_processes > 1 else "", accelerator.device)
+    log.info(
+        "run directory: %s (%d process%s, device %s)",
+        run_dir.path,
+        accelerator.num_processes,
+        "es" if accelerator.num_processes > 1 else "",
+        accelerator.device,
+    )
     method = build_method(run)
     resume_from = run_dir.resume_point(run)
     check_max_length(run.model)  # a config read: cheap, and before any data work
@@ -92,17 +97,34 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: RunDir
     parts = build_parts(method, run, accelerator, run_dir, data, sampler, max_steps)
     method.on_train_start(parts.model, AccelerateRuntime(accelerator), resuming=resume_from is not None)
     metrics_log = MetricsLog(run_dir.metrics_path, enabled=run_dir.main)
-    loop = TrainingLoop(accelerator=accelerator, method=method, model=parts.trained, optimizer=parts.optimizer,
-                        scheduler=parts.scheduler, train_loader=parts.train_loader, batch_sampler=sampler,
-                        eval_loader=parts.eval_loader, cfg=run.train, max_steps=max_steps, run_dir=run_dir.path,
-                        metrics_log=metrics_log, on_eval=lambda: draw_curves(metrics_log, method, run, run_dir),
-                        resume_guard=guard)
+    loop = TrainingLoop(
+        accelerator=accelerator,
+        method=method,
+        model=parts.trained,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+        train_loader=parts.train_loader,
+        batch_sampler=sampler,
+        eval_loader=parts.eval_loader,
+        cfg=run.train,
+        max_steps=max_steps,
+        run_dir=run_dir.path,
+        metrics_log=metrics_log,
+        on_eval=lambda: draw_curves(metrics_log, method, run, run_dir),
+        resume_guard=guard,
+    )
     if resume_from is not None:
         loop.restore(resume_from)
     start_trackers(accelerator, run.train.report_to, run_dir, cfg)
-    log.info("training %d steps (%d micro-batches of %d per process per epoch, grad_accum=%d, %d process%s)",
-             max_steps, len(sampler), run.train.per_device_batch_size, run.train.grad_accum,
-             accelerator.num_processes, "es" if accelerator.num_processes > 1 else "")
+    log.info(
+        "training %d steps (%d micro-batches of %d per process per epoch, grad_accum=%d, %d process%s)",
+        max_steps,
+        len(sampler),
+        run.train.per_device_batch_size,
+        run.train.grad_accum,
+        accelerator.num_processes,
+        "es" if accelerator.num_processes > 1 else "",
+    )
     result = loop.run()
     return finish(result, method, run, accelerator, run_dir, parts, max_steps, metrics_log)
 
@@ -143,56 +165,92 @@ def read_data(method: Method, run: RunConfig, accelerator: Any) -> RunData:
 
 def train_sampler(method: Method, run: RunConfig, data: RunData, accelerator: Any) -> EpochBatchSampler:
     return EpochBatchSampler(
-        len(data.train.dataset), run.train.per_device_batch_size, seed=run.train.seed,
+        len(data.train.dataset),
+        run.train.per_device_batch_size,
+        seed=run.train.seed,
         lengths=method.lengths(data.train.dataset) if run.data.group_by_length else None,
-        group_batches=run.data.length_group_batches, num_replicas=accelerator.num_processes,
+        group_batches=run.data.length_group_batches,
+        num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
     )
 
 
 def resume_guard(run: RunConfig, processes: int, train_rows: int) -> dict[str, Any]:
     """What a checkpoint must share with this run to resume it: the data order depends on all of it."""
-    return {"method": run.method.name, "world_size": processes, "per_device_batch_size": run.train.per_device_batch_size,
-            "grad_accum": run.train.grad_accum, "seed": run.train.seed, "train_rows": train_rows,
-            "group_by_length": run.data.group_by_length, "length_group_batches": run.data.length_group_batches}
+    return {
+        "method": run.method.name,
+        "world_size": processes,
+        "per_device_batch_size": run.train.per_device_batch_size,
+        "grad_accum": run.train.grad_accum,
+        "seed": run.train.seed,
+        "train_rows": train_rows,
+        "group_by_length": run.data.group_by_length,
+        "length_group_batches": run.data.length_group_batches,
+    }
 
 
-def build_parts(method: Method, run: RunConfig, accelerator: Any, run_dir: RunDirectory, data: RunData,
-                sampler: EpochBatchSampler, max_steps: int) -> TrainingParts:
+def build_parts(
+    method: Method,
+    run: RunConfig,
+    accelerator: Any,
+    run_dir: RunDirectory,
+    data: RunData,
+    sampler: EpochBatchSampler,
+    max_steps: int,
+) -> TrainingParts:
     """The model (checked for room on disk), optimizer, schedule and loaders, prepared by accelerate."""
     model = method.build_model()
     parameters = count_parameters(model)
     log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
-    check_room_on_every_process(accelerator, run_dir.path, run_footprint(model, run.train.save_every,
-                                                                         run.train.keep_checkpoints))
+    check_room_on_every_process(
+        accelerator, run_dir.path, run_footprint(model, run.train.save_every, run.train.keep_checkpoints)
+    )
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     optimizer = build_optimizer(model, run.train, fused=not sharded)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     register_scheduler(accelerator, scheduler)  # saved as JSON by our checkpoints, never pickled
-    train_loader = DataLoader(data.train.dataset, batch_sampler=sampler, collate_fn=method.collate,
-                              num_workers=run.train.num_workers, generator=torch.Generator().manual_seed(run.train.seed))
+    train_loader = DataLoader(
+        data.train.dataset,
+        batch_sampler=sampler,
+        collate_fn=method.collate,
+        num_workers=run.train.num_workers,
+        generator=torch.Generator().manual_seed(run.train.seed),
+    )
     eval_loader = None
     if data.eval is not None:
         eval_batch = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
         eval_rows = by_length(data.eval.dataset, method.lengths(data.eval.dataset))
-        eval_loader = accelerator.prepare(DataLoader(eval_rows, batch_size=eval_batch, shuffle=False,
-                                                     collate_fn=method.collate, num_workers=run.train.num_workers))
+        eval_loader = accelerator.prepare(
+            DataLoader(
+                eval_rows,
+                batch_size=eval_batch,
+                shuffle=False,
+                collate_fn=method.collate,
+                num_workers=run.train.num_workers,
+            )
+        )
     # Only the loop runs the compiled wrapper; ``model`` stays the prepared module that accelerate's
     # checkpoints hold and that is saved, so no state-dict key gains ``_orig_mod.``; the method's
     # start hook sees it too (BCO deep-copies it into its reference).
     trained = model
     if run.train.compile:
-        log.info("train.compile: torch.compile (inductor, dynamic shapes); the first train and eval "
-                 "batches include compilation time")
+        log.info(
+            "train.compile: torch.compile (inductor, dynamic shapes); the first train and eval "
+            "batches include compilation time"
+        )
         trained = compile_for_training(model)
     return TrainingParts(model, trained, optimizer, scheduler, train_loader, eval_loader, parameters, sharded)
 
 
 def draw_curves(metrics_log: MetricsLog, method: Method, run: RunConfig, run_dir: RunDirectory) -> None:
     """curves.png: the loss and the method's primary metric, train and eval, against the step."""
-    plot_curves(metrics_log.records(), ("loss", method.primary_metric), run_dir.curves_path,
-                f"rewardctl {run.method.name} - {Path(run.model.name_or_path).name}")
+    plot_curves(
+        metrics_log.records(),
+        ("loss", method.primary_metric),
+        run_dir.curves_path,
+        f"rewardctl {run.method.name} - {Path(run.model.name_or_path).name}",
+    )
 
 
 def start_trackers(accelerator: Any, report_to: list[str], run_dir: RunDirectory, cfg: DictConfig) -> None:
@@ -204,8 +262,16 @@ def start_trackers(accelerator: Any, report_to: list[str], run_dir: RunDirectory
     accelerator.init_trackers("rewardctl", config=flat_config(cfg))
 
 
-def finish(result: LoopResult, method: Method, run: RunConfig, accelerator: Any, run_dir: RunDirectory,
-           parts: TrainingParts, max_steps: int, metrics_log: MetricsLog) -> dict[str, Any]:
+def finish(
+    result: LoopResult,
+    method: Method,
+    run: RunConfig,
+    accelerator: Any,
+    run_dir: RunDirectory,
+    parts: TrainingParts,
+    max_steps: int,
+    metrics_log: MetricsLog,
+) -> dict[str, Any]:
     """Save the model of a completed run, then summary.json, the final curves and the console report."""
     peak_memory = peak_gpu_memory_gib(accelerator)  # training's peak, before gathering weights to save
     if result.status == "completed":  # never for diverged (possibly non-finite) or interrupted runs
@@ -213,8 +279,16 @@ def finish(result: LoopResult, method: Method, run: RunConfig, accelerator: Any,
         if run_dir.main:
             method.save_model(accelerator.unwrap_model(parts.model), run_dir.model_dir, state_dict=state_dict)
     accelerator.wait_for_everyone()
-    summary = summarize(result, run, method, run_dir.path, max_steps, accelerator.num_processes,
-                        peak_memory=peak_memory, parameters=parts.parameters)
+    summary = summarize(
+        result,
+        run,
+        method,
+        run_dir.path,
+        max_steps,
+        accelerator.num_processes,
+        peak_memory=peak_memory,
+        parameters=parts.parameters,
+    )
     if run_dir.main:
         run_dir.write_summary(summary)
         if metrics_log.records():
@@ -256,8 +330,11 @@ def launch(run: RunConfig) -> dict[str, Any]:
 
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
-        raise ConfigError("hardware.num_processes", "starting several processes needs the command line "
-                          "(rewardctl train ...); from Python, run under accelerate launch or torchrun") from None
+        raise ConfigError(
+            "hardware.num_processes",
+            "starting several processes needs the command line "
+            "(rewardctl train ...); from Python, run under accelerate launch or torchrun",
+        ) from None
     run_dir = RunDirectory(hydra_output_dir(run.output_dir).resolve())
     started = time.time()
     status, signum = launch_workers(run.hardware, overrides, run_dir.path)

@@ -13,8 +13,16 @@ from rewardctl.training.checkpoint import latest_checkpoint
 from rewardctl.training.loop import LoopResult
 
 
-def summarize(result: LoopResult, run: RunConfig, method: Method, run_dir: Path, max_steps: int, processes: int,
-              peak_memory: float | None = None, parameters: dict[str, int] | None = None) -> dict[str, Any]:
+def summarize(
+    result: LoopResult,
+    run: RunConfig,
+    method: Method,
+    run_dir: Path,
+    max_steps: int,
+    processes: int,
+    peak_memory: float | None = None,
+    parameters: dict[str, int] | None = None,
+) -> dict[str, Any]:
     items = result.totals.get(method.item_name)
     return {
         "status": result.status,
@@ -58,8 +66,10 @@ def peak_gpu_memory_gib(accelerator: Any) -> float | None:
 def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
     """The end-of-run report on the console: status and speed, the eval metrics before -> after."""
     rate = summary.get(f"{method.item_name}_per_sec")
-    lines = [f"{summary['status']}: {summary['method']} run, {summary['step']}/{summary['max_steps']} steps in "
-             f"{summary['train_seconds']:.1f} s of training" + (f" ({rate:.1f} {method.item_name}/s)" if rate else "")]
+    lines = [
+        f"{summary['status']}: {summary['method']} run, {summary['step']}/{summary['max_steps']} steps in "
+        f"{summary['train_seconds']:.1f} s of training" + (f" ({rate:.1f} {method.item_name}/s)" if rate else "")
+    ]
     first, final = summary.get("first_eval"), summary.get("final_eval")
     if final:
         for key in (method.primary_metric, "loss"):

@@ -41,9 +41,17 @@ def is_saved_model(path: Path) -> bool:
         return True
     if not (path / "model.safetensors").is_file():
         sharded = any(path.glob("pytorch_model_fsdp_*")) or any(path.glob("pytorch_model/*"))
-        hint = (": it is a sharded FSDP / DeepSpeed checkpoint; use the run's final model/, or merge the shards "
-                "first (accelerate merge-weights, DeepSpeed's zero_to_fp32.py)") if sharded else ""
-        raise ConfigError("checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights{hint}")
+        hint = (
+            (
+                ": it is a sharded FSDP / DeepSpeed checkpoint; use the run's final model/, or merge the shards "
+                "first (accelerate merge-weights, DeepSpeed's zero_to_fp32.py)"
+            )
+            if sharded
+            else ""
+        )
+        raise ConfigError(
+            "checkpoint", f"{path} holds neither a saved model (config.json) nor checkpoint weights{hint}"
+        )
     return False
 
 

@@ -55,8 +55,13 @@ def _pid_alive(pid: int) -> bool:
 
 def _owner_record() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "process_start": _process_start(pid), "token": uuid.uuid4().hex}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "process_start": _process_start(pid),
+        "token": uuid.uuid4().hex,
+    }
 
 
 def _read(path: Path) -> tuple[bytes, dict[str, Any] | None]:
@@ -90,8 +95,10 @@ def holder_is_alive(record: dict[str, Any]) -> bool:
 
 
 def _refusal(run_dir: Path, record: dict[str, Any]) -> ConfigError:
-    message = (f"{run_dir} is in use by pid {record['pid']} on host {record['host']} since "
-               f"{record.get('started', '?')}; wait for it or choose another output_dir")
+    message = (
+        f"{run_dir} is in use by pid {record['pid']} on host {record['host']} since "
+        f"{record.get('started', '?')}; wait for it or choose another output_dir"
+    )
     if record["host"] != socket.gethostname():
         message += f" (if no run is left on {record['host']}, delete {run_dir / LOCK_NAME})"
     return ConfigError("output_dir", message)
@@ -104,7 +111,9 @@ def _create(lock: Path, record: dict[str, Any]) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        raise ConfigError("output_dir", f"cannot create {lock} ({exc.strerror}); choose a writable output_dir") from None
+        raise ConfigError(
+            "output_dir", f"cannot create {lock} ({exc.strerror}); choose a writable output_dir"
+        ) from None
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
     return True
@@ -167,7 +176,9 @@ def lock_run_dir(run_dir: Path | str) -> RunLock:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError("output_dir", f"cannot create {run_dir} ({exc.strerror}); choose a writable output_dir") from None
+        raise ConfigError(
+            "output_dir", f"cannot create {run_dir} ({exc.strerror}); choose a writable output_dir"
+        ) from None
     lock = run_dir / LOCK_NAME
     record = _owner_record()
     for _ in range(_ATTEMPTS):
@@ -181,12 +192,18 @@ def lock_run_dir(run_dir: Path | str) -> RunLock:
             continue  # released between our create and read: try again
         if holder is not None and holder_is_alive(holder):
             raise _refusal(run_dir, holder)
-        what = (f"pid {holder['pid']} on {holder['host']} (started {holder.get('started', '?')}) is gone"
-                if holder is not None else "its content is unreadable (a run died while writing it)")
+        what = (
+            f"pid {holder['pid']} on {holder['host']} (started {holder.get('started', '?')}) is gone"
+            if holder is not None
+            else "its content is unreadable (a run died while writing it)"
+        )
         log.warning("%s was left by a run that no longer runs (%s); taking it over", lock, what)
         _take_over(lock, seen)
-    raise ConfigError("output_dir", f"{run_dir}: could not take {lock} after {_ATTEMPTS} attempts "
-                      "(other runs keep racing for it); wait for them or choose another output_dir")
+    raise ConfigError(
+        "output_dir",
+        f"{run_dir}: could not take {lock} after {_ATTEMPTS} attempts "
+        "(other runs keep racing for it); wait for them or choose another output_dir",
+    )
 
 
 @contextmanager
