@@ -190,7 +190,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    from rewardctl.config.validate import cpu_has_native_bf16
+    from rewardctl.machine import cpu_has_native_bf16
 
     return {
         "torch": torch.__version__,

@@ -18,10 +18,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from rewardctl.config.schema import EvalConfig, MixedPrecision, RunConfig
-from rewardctl.config.validate import check_precision, model_hidden_size, to_eval_config
+from rewardctl.config.validate import to_eval_config
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
+from rewardctl.machine import check_precision, model_hidden_size
 from rewardctl.methods.registry import build_method, load_run_config
 from rewardctl.training.evaluation import run_evaluation
 from rewardctl.training.runtime import AccelerateRuntime, build_accelerator, quiet_other_processes

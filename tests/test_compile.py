@@ -11,8 +11,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from rewardctl.config.schema import Strategy
-from rewardctl.config.validate import check_compile
 from rewardctl.errors import ConfigError
+from rewardctl.machine import check_compile
 from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.methods.registry import to_run_config
 

@@ -206,7 +206,7 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_for_a_wide_enough_mode
     from transformers import LlamaConfig
 
     from rewardctl.config.schema import MixedPrecision
-    from rewardctl.config.validate import cpu_has_native_bf16
+    from rewardctl.machine import cpu_has_native_bf16
     from rewardctl.training.run_directory import resolved_config_yaml
 
     if not cpu_has_native_bf16():
@@ -226,14 +226,14 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_for_a_wide_enough_mode
 
 
 def test_auto_precision_is_no_without_native_bf16(monkeypatch):
-    from rewardctl.config import validate
+    from rewardctl import machine
     from rewardctl.config.schema import Device, MixedPrecision
 
-    monkeypatch.setattr(validate, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: False)
     cfg = compose_train(["hardware.mixed_precision=auto"])
     assert to_run_config(cfg).hardware.mixed_precision == MixedPrecision.no
     assert cfg.hardware.mixed_precision == MixedPrecision.no
-    assert validate.check_precision(Device.cpu, MixedPrecision.auto, "mixed_precision") == MixedPrecision.no
+    assert machine.check_precision(Device.cpu, MixedPrecision.auto, "mixed_precision") == MixedPrecision.no
 
 
 def test_the_commented_loop_block_of_train_yaml_shows_every_loop_setting_with_its_schema_default():

@@ -329,9 +329,9 @@ def test_padding_free_token_methods_equal_padded(cls):
 def test_auto_picks_padding_free_on_a_gpu_with_varlen_attention_and_sharing_elsewhere(monkeypatch, tmp_path: Path):
     """The layout decision on a (pretended) GPU: flex_attention / flash_attention_2 take padding-free
     rows (and no 4-D mask); sdpa keeps shared-prefix rows; an encoder gets neither."""
-    import rewardctl.config.validate as validate
+    import rewardctl.machine as machine
 
-    monkeypatch.setattr(validate, "wants_gpu", lambda hardware: True)
+    monkeypatch.setattr(machine, "wants_gpu", lambda hardware: True)
     for attention, free, shared in (("flex_attention", True, False), ("sdpa", False, True)):
         run = to_run_config(compose_train([f"model.attn_implementation={attention}"]))
         method = PairwiseMethod(run.method, run)

@@ -6,18 +6,14 @@ Everything here runs before any model or dataset is loaded, so a bad value costs
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
-import shutil
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from rewardctl.config.schema import Device, DType, EvalConfig, ExportConfig, MixedPrecision, RunConfig
+from rewardctl.config.schema import DType, EvalConfig, ExportConfig, RunConfig
 from rewardctl.errors import ConfigError
 
 SWITCH_VALUES = ("auto", "true", "false")
@@ -63,89 +59,11 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-# Below this hidden size bf16 autocast costs more in casts than it saves in matmuls on a CPU: the
-# bundled 64-wide model trains 1.4-1.8x slower under it, the 384-wide MiniLM-L6 1.4-1.5x faster with
-# the same held-out accuracy (docs/benchmarks.md, "CPU precision and compilation").
-CPU_BF16_MIN_HIDDEN = 256
-
-
-def model_hidden_size(model: Any) -> int | None:
-    """The backbone's width from its config (a cheap read), or None when it cannot be read here."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    width = text.to_dict().get("hidden_size") or text.to_dict().get("d_model")
-    return width if isinstance(width, int) else None
-
-
-def resolve_precision(device: Device, precision: MixedPrecision, hidden_size: int | None = None) -> MixedPrecision:
-    """The one place ``auto`` gets its meaning: bf16 autocast where this machine computes bf16
-    natively (emulated bf16 on a CPU is slower than fp32) and, on a CPU, where the model is wide
-    enough for bf16 matmuls to repay the casts (``CPU_BF16_MIN_HIDDEN``); else no. Other values
-    pass through."""
-    if precision != MixedPrecision.auto:
-        return precision
-    if device == Device.cpu or not torch.cuda.is_available():
-        native = cpu_has_native_bf16() and (hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN)
-    else:
-        native = torch.cuda.is_bf16_supported()
-    return MixedPrecision.bf16 if native else MixedPrecision.no
-
-
-def check_precision(
-    device: Device, precision: MixedPrecision, key: str, hidden_size: int | None = None
-) -> MixedPrecision:
-    """Refuses what this machine cannot run; returns the precision to use (``auto`` resolved)."""
-    has_cuda = torch.cuda.is_available()
-    _require(
-        not (device == Device.gpu and not has_cuda),
-        key.replace("mixed_precision", "device"),
-        "gpu requested but torch sees no CUDA device (use hardware=cpu)",
-    )
-    on_cpu = device == Device.cpu or not has_cuda
-    if precision == MixedPrecision.auto:
-        precision = resolve_precision(device, precision, hidden_size)
-        reason = f"{'this CPU' if on_cpu else 'this GPU'} {'has' if cpu_has_native_bf16() or not on_cpu else 'lacks'} native bf16"
-        if on_cpu and hidden_size is not None:
-            reason += f"; hidden size {hidden_size} {'>=' if hidden_size >= CPU_BF16_MIN_HIDDEN else '<'} {CPU_BF16_MIN_HIDDEN}"
-        logging.getLogger(__name__).info("%s=auto: using %s (%s)", key, precision.value, reason)
-    _require(
-        not (precision == MixedPrecision.fp16 and on_cpu),
-        key,
-        "fp16 mixed precision needs a GPU; use bf16 or no on CPU",
-    )
-    if precision == MixedPrecision.bf16 and on_cpu and not cpu_has_native_bf16():
-        logging.getLogger(__name__).warning(
-            "%s=bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); autocast "
-            "will emulate it and run slower than fp32 (use %s=no)",
-            key,
-            key,
-        )
-    if precision == MixedPrecision.bf16 and not on_cpu:
-        _require(torch.cuda.is_bf16_supported(), key, "this GPU has no bf16 support; use fp16 (loss-scaled) or no")
-    return precision
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 
-def check_hardware(hw: Any, *, for_training: bool, peft_name: str = "none") -> None:
-    """Process counts, strategy and its optional dependency: refused before any model loads."""
-    from rewardctl.config.schema import Strategy
-
+def check_hardware(hw: Any) -> None:
+    """Process counts, machines and sharding values (what this machine has: ``rewardctl.machine``)."""
     _require(
         hw.num_processes >= 0,
         "hardware.num_processes",
@@ -168,92 +86,6 @@ def check_hardware(hw: Any, *, for_training: bool, peft_name: str = "none") -> N
         "hardware.main_process_ip",
         "a multi-machine run needs rank 0's address",
     )
-    if not for_training:
-        return
-    has_cuda = torch.cuda.is_available()
-    if peft_name == "qlora":
-        _require(
-            has_cuda and hw.device != Device.cpu,
-            "peft",
-            "qlora loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU; on CPU use peft=lora",
-        )
-        _require(
-            importlib.util.find_spec("bitsandbytes") is not None,
-            "peft",
-            "qlora needs bitsandbytes (pip install bitsandbytes)",
-        )
-    gpus = torch.cuda.device_count() if has_cuda else 0
-    if hw.strategy == Strategy.deepspeed:
-        _require(
-            importlib.util.find_spec("deepspeed") is not None,
-            "hardware.strategy",
-            "deepspeed is not installed (pip install deepspeed), or choose hardware=fsdp",
-        )
-    if hw.strategy in (Strategy.fsdp, Strategy.deepspeed):
-        _require(
-            has_cuda and hw.device != Device.cpu,
-            "hardware.strategy",
-            f"{hw.strategy.value} shards over CUDA GPUs and torch sees none; use hardware=ddp hardware.device=cpu on CPU",
-        )
-    _require(
-        hw.num_processes > 0 or gpus > 0,
-        "hardware.num_processes",
-        "0 means one process per visible GPU and torch sees none; give a number (CPU processes use gloo)",
-    )
-    if hw.device != Device.cpu and hw.num_processes > 1 and has_cuda:
-        _require(
-            hw.num_processes <= gpus,
-            "hardware.num_processes",
-            f"{hw.num_processes} processes but only {gpus} GPUs are visible",
-        )
-
-
-def use_precision(run: RunConfig, cfg: DictConfig, precision: MixedPrecision) -> None:
-    """Every later reader (the accelerator, the launcher's workers' flags, config.yaml written from
-    ``cfg``, trackers, the summary) sees the resolved precision, never ``auto``."""
-    run.hardware.mixed_precision = precision
-    cfg.hardware.mixed_precision = precision
-
-
-def has_cxx_compiler() -> bool:
-    """Inductor builds CPU kernels with the C++ compiler named by $CXX (default g++)."""
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
-
-
-def check_compile(run: RunConfig) -> None:
-    """train.compile combinations refused before anything loads (they would fail at the first step)."""
-    from rewardctl.config.schema import Strategy
-
-    if not run.train.compile:
-        return
-    _require(
-        run.hardware.strategy != Strategy.deepspeed,
-        "train.compile",
-        "not supported with hardware.strategy=deepspeed (its engine compiles only through its own "
-        "engine.compile(), which rewardctl does not drive); use hardware=ddp or hardware=fsdp",
-    )
-    try:
-        supported = torch._dynamo.is_dynamo_supported()
-    except AttributeError:  # a torch without this probe: let torch.compile speak for itself
-        supported = True
-    _require(supported, "train.compile", f"torch.compile does not support this Python/torch ({torch.__version__})")
-    on_cpu = run.hardware.device == Device.cpu or not torch.cuda.is_available()
-    _require(
-        not on_cpu or has_cxx_compiler(),
-        "train.compile",
-        f"inductor needs a C++ compiler on CPU and {os.environ.get('CXX', 'g++')} is not on PATH (set $CXX)",
-    )
-
-
-def check_weights_dtype(run: RunConfig) -> None:
-    """float16 master weights on a CPU: no loss scaler guards them there, so a run overflows to NaN
-    (and CPU float16 kernels are slow); refused like ``mixed_precision=fp16`` on CPU."""
-    on_cpu = run.hardware.device == Device.cpu or not torch.cuda.is_available()
-    _require(
-        not (run.model.dtype == DType.float16 and on_cpu),
-        "model.dtype",
-        "float16 weights need a GPU; use float32 (with hardware.mixed_precision=bf16 if you want) on CPU",
-    )
 
 
 def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
@@ -262,8 +94,8 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
     ``cfg.method`` against the method's schema before calling this).
 
     ``for_training=False`` (re-reading a finished run for eval) skips what only matters to start
-    training on this machine: the resume path, installed trackers, the device and precision, compile.
-    With ``for_training`` a ``hardware.mixed_precision=auto`` is resolved here, in ``cfg`` too.
+    training here: the resume path and installed trackers. What this machine can run (devices,
+    precision, compile) is ``rewardctl.machine.check_machine``'s, not this module's.
     """
     _typed_peft(cfg)
     run: RunConfig = _to_object(cfg)
@@ -331,18 +163,7 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
         value = str(getattr(d, key)).lower()
         _require(value in SWITCH_VALUES, f"data.{key}", f"must be auto, true or false (got {getattr(d, key)!r})")
         setattr(d, key, value)
-    check_hardware(
-        run.hardware, for_training=for_training, peft_name=getattr(getattr(run.peft, "name", None), "value", "none")
-    )
-    if for_training:
-        width = model_hidden_size(run.model) if run.hardware.mixed_precision == MixedPrecision.auto else None
-        use_precision(
-            run,
-            cfg,
-            check_precision(run.hardware.device, run.hardware.mixed_precision, "hardware.mixed_precision", width),
-        )
-        check_weights_dtype(run)
-        check_compile(run)
+    check_hardware(run.hardware)
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")
     return run
@@ -362,8 +183,6 @@ def to_eval_config(cfg: DictConfig) -> EvalConfig:
         _require(ev.batch_size >= 1, "batch_size", "must be >= 1")
     if ev.max_rows is not None:
         _require(ev.max_rows >= 1, "max_rows", "must be >= 1")
-    if ev.device is not None and ev.mixed_precision is not None:
-        check_precision(ev.device, ev.mixed_precision, "mixed_precision")
     return ev
 
 
@@ -391,8 +210,3 @@ def read_run_config(path: Path) -> DictConfig:
     merged.method = raw.method
     merged.peft = raw.peft
     return merged
-
-
-def wants_gpu(hardware: Any) -> bool:
-    """Whether this run computes on a CUDA device (``hardware.device`` gpu, or auto with one present)."""
-    return hardware.device != Device.cpu and torch.cuda.is_available()

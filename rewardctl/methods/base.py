@@ -135,7 +135,7 @@ class Method(ABC):
             return f"method {run.method.name} has no padding-free layout"
         import transformers
 
-        from rewardctl.config.validate import wants_gpu
+        from rewardctl.machine import wants_gpu
         from rewardctl.modeling.common import padding_free_blocker
 
         return padding_free_blocker(

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rewardctl.config.schema import RunConfig
 from rewardctl.config.validate import check_run_config, read_run_config
 from rewardctl.errors import ConfigError
+from rewardctl.machine import check_machine
 from rewardctl.methods.base import Method
 
 
@@ -49,9 +50,13 @@ def _typed_method(cfg: DictConfig) -> Any:
 
 def to_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig:
     """The typed, checked run config of a composed ``cfg`` (see ``check_run_config``), with the
-    method's schema applied to ``method`` and the method's own ``check_config`` run."""
+    method's schema applied to ``method`` and the method's own ``check_config`` run. A run about to
+    train here (``for_training``) is also checked against this machine (``check_machine``: devices,
+    precision, compile), which resolves ``hardware.mixed_precision=auto``."""
     cls = _typed_method(cfg)
     run = check_run_config(cfg, for_training=for_training)
+    if for_training:
+        check_machine(run, cfg)
     if getattr(run.peft, "name", None) is not None and run.peft.name.value != "none" and not cls.supports_adapters:
         raise ConfigError(
             "peft",
