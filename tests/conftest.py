@@ -97,6 +97,7 @@ def shared_data() -> Path:
         pytest.skip(
             f"acceptance data not found at {SHARED_DATA} (../shared/data is absent; set REWARDCTL_SHARED_DATA to its path)"
         )
+    os.environ.setdefault("REWARDCTL_SHARED_DATA", str(SHARED_DATA))  # what conf/experiment/ recipes read
     return SHARED_DATA
 
 

@@ -22,22 +22,9 @@ def test_pairwise_hh_rlhf_with_minilm(tmp_path: Path, shared_data: Path, minilm_
     `make bench`), 8 pairs per batch, lr 5e-5, at most 256 tokens, 200 held-out pairs. HH-RLHF is hard
     for a 22M-parameter encoder at this budget (TRL's RewardTrainer is at chance too): what this run
     proves is the pipeline on real rows (every pair kept, gradients flowing, eval reproduced)."""
-    data = shared_data / "hh_rlhf_pairwise"
     summary, run_dir = run_training(
         tmp_path,
-        [
-            "model=minilm",
-            f"model.name_or_path={minilm_path}",
-            f"data.train={data / 'train.jsonl'}",
-            f"data.eval={data / 'test.jsonl'}",
-            "data.max_train_rows=400",
-            "data.max_eval_rows=200",
-            "train.epochs=1",
-            "train.per_device_batch_size=8",
-            "train.lr=5e-5",
-            "model.max_length=256",
-            "train.log_every=10",
-        ],
+        ["experiment=hh_rlhf_minilm", f"model.name_or_path={minilm_path}"],
     )
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
@@ -63,23 +50,9 @@ def test_ranklist_rlhf_glm_sentiment_with_minilm(tmp_path: Path, shared_data: Pa
 
     Budget: 800 train lists (3,200 responses), 1 epoch, 8 lists per batch, lr 5e-5, 128 tokens (the
     article's max_seq_len); held-out pairwise accuracy on 300 lists (1,800 ordered pairs)."""
-    data = shared_data / "rlhf_glm_sentiment_ranklist"
     summary, run_dir = run_training(
         tmp_path,
-        [
-            "method=ranklist",
-            "model=minilm",
-            f"model.name_or_path={minilm_path}",
-            f"data.train={data / 'train.jsonl'}",
-            f"data.eval={data / 'test.jsonl'}",
-            "data.max_train_rows=800",
-            "data.max_eval_rows=300",
-            "train.epochs=1",
-            "train.per_device_batch_size=8",
-            "train.lr=5e-5",
-            "model.max_length=128",
-            "train.log_every=25",
-        ],
+        ["experiment=rlhf_glm_ranklist_minilm", f"model.name_or_path={minilm_path}"],
     )
     first, final = summary["first_eval"], summary["final_eval"]
     print(
@@ -100,24 +73,9 @@ def test_bco_hh_rlhf_unpaired_end_to_end(tmp_path: Path, shared_data: Path):
 
     from rewardctl.evaluate import evaluate_run
 
-    data = shared_data / "hh_rlhf_unpaired"
     summary, run_dir = run_training(
         tmp_path,
-        [
-            "method=bco",
-            f"data.train={data / 'train.jsonl'}",
-            f"data.eval={data / 'test.jsonl'}",
-            "data.max_train_rows=800",
-            "data.max_eval_rows=200",
-            "model.max_length=256",
-            "train.epochs=1",
-            "train.per_device_batch_size=8",
-            "method.precompute_ref_log_probs=true",
-            "method.udm.enabled=true",
-            "method.prompt_sample_size=200",
-            "train.log_every=25",
-            "train.save_every=100",
-        ],
+        ["experiment=hh_rlhf_unpaired_bco"],
     )
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
@@ -143,25 +101,9 @@ def test_prm_prm800k_with_minilm(tmp_path: Path, shared_data: Path, minilm_path:
     Budget: 800 train rows, 1 epoch, 8 rows per batch, lr 5e-5, 256 tokens (so truncation matters:
     rows whose first step no longer fits are skipped and counted), [SEP] between steps (BERT's
     tokenizer drops a newline). Step accuracy is judged against the majority-class baseline."""
-    data = shared_data / "prm800k_stepwise"
     summary, run_dir = run_training(
         tmp_path,
-        [
-            "method=prm",
-            "model=minilm",
-            f"model.name_or_path={minilm_path}",
-            f"data.train={data / 'train.jsonl'}",
-            f"data.eval={data / 'test.jsonl'}",
-            "data.max_train_rows=800",
-            "data.max_eval_rows=200",
-            "data.bad_rows=skip",
-            "train.epochs=1",
-            "train.per_device_batch_size=8",
-            "train.lr=5e-5",
-            "model.max_length=256",
-            "method.step_separator='[SEP]'",
-            "train.log_every=25",
-        ],
+        ["experiment=prm800k_minilm", f"model.name_or_path={minilm_path}"],
     )
     report = json.loads((run_dir / "data_report.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
@@ -202,17 +144,10 @@ def test_regression_on_scores_derived_from_the_ranked_sentiment_lists(
     summary, run_dir = run_training(
         tmp_path,
         [
-            "method=regression",
-            "model=minilm",
+            "experiment=regression_minilm",
             f"model.name_or_path={minilm_path}",
             f"data.train={scored('train', 800)}",
             f"data.eval={scored('test', 200)}",
-            "train.epochs=1",
-            "train.per_device_batch_size=32",
-            "train.lr=1e-4",
-            "method.standardize=true",
-            "model.max_length=128",
-            "train.log_every=10",
         ],
     )
     first, final = summary["first_eval"], summary["final_eval"]

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from rewardctl.data.loading import load_rows
 from rewardctl.errors import ConfigError, DataError
+from rewardctl.methods.api import bco_loss, implicit_rewards
 from rewardctl.methods.bco import BcoMethod, LocalRuntime, RunningMean
 from rewardctl.methods.registry import to_run_config
 from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regression
@@ -232,6 +233,49 @@ def test_loss_and_delta_over_three_micro_batches_by_hand():
     frozen = method.eval_step(model, batch)
     assert method.delta.count.item() == 6  # eval never moves delta
     assert frozen["loss"].item() == pytest.approx(nll_sigmoid(0.5 - 1 / 3), abs=1e-5)
+
+
+def test_bco_loss_by_hand_on_exact_tensors():
+    """The pure loss: -log sigma(r - delta) for a desirable row, -w * log sigma(-(r - delta)) for an
+    undesirable one (its UDM weight; a desirable row's weight is ignored)."""
+
+    def sigma(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    rewards, labels = torch.tensor([0.3, -0.2]), torch.tensor([True, False])
+    desirable = -math.log(sigma(0.3 - 0.05))  # -log sigma(0.25) = 0.575939...
+    undesirable = -math.log(sigma(-(-0.2 - 0.05)))  # -log sigma(0.25) as well
+    assert desirable == pytest.approx(0.5759394, abs=1e-7)
+    torch.testing.assert_close(
+        bco_loss(rewards, labels, 0.05, torch.tensor([1.0, 2.0])), torch.tensor([desirable, 2 * undesirable])
+    )
+    torch.testing.assert_close(
+        bco_loss(rewards, labels, 0.05, torch.tensor([7.0, 2.0])), torch.tensor([desirable, 2 * undesirable])
+    )  # a desirable row's weight is never used
+    torch.testing.assert_close(bco_loss(rewards, labels, 0.05), torch.tensor([desirable, undesirable]))
+    # delta as the running mean's 0-dim float64 tensor leaves the losses in the rewards' dtype
+    same = bco_loss(rewards, labels, torch.tensor(0.05, dtype=torch.float64))
+    assert same.dtype == torch.float32
+    torch.testing.assert_close(same, torch.tensor([desirable, undesirable]))
+    # the wrong side of delta costs about |r - delta|, the right side tends to 0; log 2 at r = delta
+    far = bco_loss(torch.tensor([-10.0, -10.0, 0.0]), torch.tensor([True, False, True]), 0.0)
+    torch.testing.assert_close(
+        far, torch.tensor([10.0 + math.log1p(math.exp(-10)), math.log1p(math.exp(-10)), math.log(2)])
+    )
+
+
+def test_bco_loss_refuses_mismatched_shapes_and_non_bool_labels():
+    with pytest.raises(ValueError, match="shape"):
+        bco_loss(torch.zeros(2, 1), torch.tensor([True, False]), 0.0)
+    with pytest.raises(ValueError, match="bool"):
+        bco_loss(torch.zeros(2), torch.tensor([1, 0]), 0.0)
+    with pytest.raises(ValueError, match="undesirable_weights"):
+        bco_loss(torch.zeros(2), torch.tensor([True, False]), 0.0, torch.ones(3))
+
+
+def test_implicit_rewards_are_beta_times_the_log_ratio():
+    rewards = implicit_rewards(torch.tensor([-12.0, -30.0]), torch.tensor([-14.0, -25.0]), 0.1)
+    torch.testing.assert_close(rewards, torch.tensor([0.2, -0.5]))
 
 
 def test_running_mean_is_count_weighted_and_reduced_across_processes():
