@@ -9,8 +9,9 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from rewardctl.config.schema import DType, PairwiseConfig, RunConfig
+from rewardctl.config.schema import DType, RunConfig
 from rewardctl.errors import ConfigError
+from rewardctl.methods.pairwise import PairwiseConfig
 from rewardctl.methods.registry import load_run_config, to_run_config
 
 from .conftest import REPO, compose_train

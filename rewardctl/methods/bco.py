@@ -11,18 +11,20 @@ the final model's config), UDM weights (``udm.py``), ``bco_loss`` and BCO's metr
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from rewardctl.config.schema import BcoConfig, RunConfig
+from rewardctl.config.schema import MethodConfig, RunConfig
 from rewardctl.errors import ConfigError, DataError
 from rewardctl.methods.base import Metric, Runtime, StepOutput
 from rewardctl.methods.policy import (
     LocalRuntime,
     PolicyMethod,
     PromptCompletionEncoder,
+    TruncationMode,
     eval_mode,
     implicit_rewards,
     masked_sum,
@@ -31,8 +33,57 @@ from rewardctl.methods.udm import PromptClassifier, fit_balanced_logistic_regres
 from rewardctl.modeling.causal import mean_pooled_prompt
 
 # LocalRuntime and PromptCompletionEncoder moved to policy.py; still importable from here.
-__all__ = ["BcoMethod", "LocalRuntime", "PromptCompletionEncoder", "RunningMean", "bco_loss"]
+__all__ = ["BcoConfig", "BcoMethod", "LocalRuntime", "PromptCompletionEncoder", "RunningMean", "UdmConfig", "bco_loss"]
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class UdmConfig:
+    """Underlying distribution matching: reweight undesirable rows whose prompts look desirable."""
+
+    enabled: bool = False
+    # null: mean-pooled last hidden states of the reference model; else an AutoModel path or hub id.
+    embedding_model: Optional[str] = None
+    # L2 penalty of the logistic regression (sklearn's C = 1 / l2).
+    l2: float = 1.0
+    # Standardise each embedding dimension (train-sample mean and std) before the fit. TRL fits the raw
+    # embeddings; there a fixed l2 means something different for every model's hidden-state scale
+    # (mean-pooled states range from ~0.1 to ~100 across models), so the same l2 over- or
+    # under-regularises; standardised, it is scale-free. false: TRL's fit exactly.
+    standardize: bool = True
+
+
+@dataclass
+class BcoConfig(MethodConfig):
+    """Binary Classifier Optimization (arXiv 2404.04656) on unpaired thumbs-up / thumbs-down rows.
+
+    r = beta * (log pi(y|x) - log pi_ref(y|x)) summed over completion tokens; delta is the running
+    count-weighted mean of all training rewards; L = -log sigma(r - delta) for desirable rows,
+    -log sigma(-(r - delta)) (times the UDM weight) for undesirable ones.
+    """
+
+    _target_: str = "rewardctl.methods.bco.BcoMethod"
+    name: str = "bco"
+    beta: float = 0.1
+    # Token budget of prompt + completion; null: model.max_length.
+    max_length: Optional[int] = None
+    # An over-long row's prompt is cut to this many tokens first (by truncation_mode), the completion
+    # then to what is left; null: half of max_length.
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+    truncation_mode: TruncationMode = TruncationMode.keep_end
+    # An explicit reference model (path or hub id); null: adapter disabled with LoRA, else
+    # precomputed log-probs or a frozen copy of the starting weights.
+    ref_model: Optional[str] = None
+    # One no-grad pass over train and eval rows before training, kept in checkpoints; frees the copy.
+    precompute_ref_log_probs: bool = False
+    udm: UdmConfig = field(default_factory=UdmConfig)
+    # Prompts sampled per side (desirable / undesirable) to fit the UDM classifier.
+    prompt_sample_size: int = 1024
+    min_density_ratio: float = 0.5
+    max_density_ratio: float = 10.0
+    # Dropout off in policy and reference, so log-prob ratios are not noise (as TRL does).
+    disable_dropout: bool = True
 
 
 def bco_loss(

@@ -6,12 +6,13 @@ pre-tokenised ``chosen_ids``/``rejected_ids``. One forward over chosen and rejec
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from rewardctl.config.schema import PairwiseConfig, RunConfig, Truncation
+from rewardctl.config.schema import MethodConfig, RunConfig, Truncation
 from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, cells_are_text, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational
@@ -21,6 +22,18 @@ from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
 
 PRETOKENIZED = (("chosen_ids", "rejected_ids"), ("chosen_input_ids", "rejected_input_ids"))
+
+
+@dataclass
+class PairwiseConfig(MethodConfig):
+    """Bradley-Terry: L = -mean log sigma(r_c - r_r - m) + c * mean((r_c + r_r)^2)."""
+
+    _target_: str = "rewardctl.methods.pairwise.PairwiseMethod"
+    name: str = "pairwise"
+    # c in the centering term (arXiv 2312.09244 recommends 0.01); null disables it.
+    center_rewards_coefficient: Optional[float] = None
+    # Use the per-row `margin` column when the data has one.
+    use_margin: bool = True
 
 
 def bradley_terry_loss(

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -31,7 +32,7 @@ from datasets import Dataset, Features, Json, Value
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from rewardctl.config.schema import Overlength, RunConfig, TruncationMode
+from rewardctl.config.schema import Overlength, RunConfig
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.packing import unpad_index
 from rewardctl.data.prepare import (
@@ -80,6 +81,13 @@ from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 log = logging.getLogger(__name__)
 INDEX_COLUMN = "_index"  # position in the prepared split: the key of per-row tables (reference log-probs, UDM weights)
 SIDE_COLUMN = "_side"  # which field of a paired row an unpaired row came from, so errors name it
+
+
+class TruncationMode(str, Enum):
+    """Which part of an over-long prompt survives (a leading BOS always does)."""
+
+    keep_end = "keep_end"  # the question, right before the completion
+    keep_start = "keep_start"
 
 
 class PolicyConfig(Protocol):

@@ -12,14 +12,15 @@ labelled-token count of the whole accumulation window (``batch_weight``), across
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from rewardctl.config.schema import Overlength, PrmConfig, RunConfig
+from rewardctl.config.schema import MethodConfig, Overlength, RunConfig
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.packing import unpad_index
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
@@ -52,6 +53,24 @@ from rewardctl.modeling.token import build_token_classifier, load_token_classifi
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
 IGNORE = -100
+
+
+@dataclass
+class PrmConfig(MethodConfig):
+    """Process reward model: token classification with each step's label on its separator's last token."""
+
+    _target_: str = "rewardctl.methods.prm.PrmMethod"
+    name: str = "prm"
+    # Appended after every step (the last one too); multi-token separators work.
+    step_separator: str = "\n"
+    # Training labels only the last step (eval always labels every step).
+    train_on_last_step_only: bool = False
+    # Token budget of prompt + steps; null: model.max_length.
+    max_length: Optional[int] = None
+    # An over-long row's prompt is cut to this (keeping its end; null: half of max_length), the steps
+    # to max_completion_length and then to what is left (keeping their start; later steps' labels go).
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
 
 
 def check_step_label(value: Any, index: int) -> float:

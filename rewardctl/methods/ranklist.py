@@ -9,12 +9,14 @@ into sum(K) rows); losses and metrics run on padded (B, K) tensors with a rank o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rewardctl.config.schema import RanklistConfig, RankLoss, RunConfig, Truncation
+from rewardctl.config.schema import MethodConfig, RunConfig, Truncation
 from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational, json_kind
@@ -23,6 +25,24 @@ from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_ke
 from rewardctl.methods.ranking import PAD_RANK, list_metrics, listmle_loss, pair_count, ranked_pair_loss
 from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
+
+
+class RankLoss(str, Enum):
+    pairwise = "pairwise"  # mean over every ordered pair i above j of -log sigma(r_i - r_j)
+    listmle = "listmle"  # Plackett-Luce negative log-likelihood of the given order
+
+
+@dataclass
+class RanklistConfig(MethodConfig):
+    """Listwise: K >= 2 responses per prompt ranked best first; one forward over all of them."""
+
+    _target_: str = "rewardctl.methods.ranklist.RanklistMethod"
+    name: str = "ranklist"
+    loss: RankLoss = RankLoss.pairwise
+    # With a `scores` column, subtract margin_scale * (s_i - s_j) inside each pair's sigmoid
+    # (loss=pairwise only): pairs far apart in score must be separated further.
+    score_margin: bool = False
+    margin_scale: float = 1.0
 
 
 def rank_by_scores(scores: Any, size: int) -> tuple[list[int], list[int]]:
