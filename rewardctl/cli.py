@@ -204,6 +204,69 @@ def worker_overrides(args: list[str]) -> list[str]:
     return [*args, "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+SWEEP_FLAGS = ("-m", "--multirun")
+
+
+def preflight(command: str, args: list[str]) -> None:
+    """The overrides composed once before Hydra runs the command, so a mistake is one line naming
+    the key (``rewardctl.config.overrides``). Left to Hydra: its own flags (``--cfg``, ``--help``, ...,
+    some of which take values), ``--debug`` (the full report), and workers (their parent checked)."""
+    if full_stack_wanted() or os.environ.get("RANK") is not None or self_launched_worker():
+        return
+    if any(a.startswith("-") and a not in SWEEP_FLAGS for a in args):
+        return
+    from rewardctl.config.overrides import check_overrides
+
+    overrides = [a for a in args if a not in SWEEP_FLAGS]
+    check_overrides(command, overrides, sweep=len(overrides) != len(args))
+
+
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
+
+
+def shell_completion(args: list[str]) -> int:
+    """Hydra's shell completion through the subcommand. ``rewardctl [train] -sc install=bash`` prints
+    a script registered for ``rewardctl``, which calls ``rewardctl -sc query=bash`` with the line
+    typed so far in $COMP_LINE; the command word decides which app answers (the line passed on
+    without it), and while the command word itself is typed the commands are the answers."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    query = any(a.startswith("query=") for a in args)
+    if query and (len(words) < 2 or (len(words) == 2 and not line.endswith(" "))):
+        typed = words[1] if len(words) == 2 else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(typed)))
+        return 0
+    command = words[1] if query else next((a for a in args if a in COMMANDS), "train")
+    if command not in COMMANDS:
+        return 0
+    if query:
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
+    register()
+    sys.argv = ["rewardctl", *[a for a in args if a not in COMMANDS]]  # the script completes `rewardctl`
+    COMMANDS[command]()
+    return 0
+
+
+def key_docs(method_target: str) -> str:
+    """``rewardctl train --help``'s key list: every schema key with its default and one-line doc,
+    the chosen method's from its own schema, read without importing it (the ``rewardctl.key_docs``
+    resolver of conf/train.yaml's help template)."""
+    from rewardctl.config.describe import describe_keys, describe_method_keys
+    from rewardctl.config.schema import DataConfig, HardwareConfig, ModelConfig, TrainConfig
+
+    sections = [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("hardware", HardwareConfig)]
+    return "\n".join(
+        [*(describe_keys(prefix, schema) for prefix, schema in sections), describe_method_keys(method_target)]
+    )
+
+
+def register_help() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("rewardctl.key_docs"):
+        OmegaConf.register_new_resolver("rewardctl.key_docs", key_docs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:  # every error with its full stack, ours and Hydra's (workers inherit it)
@@ -218,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("-V", "--version"):
         print(f"rewardctl {__version__}")
         return 0
+    if any(a in COMPLETION_FLAGS for a in args[:2]):
+        return shell_completion(args)
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"rewardctl: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -228,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewardctl: error: {exc}", file=sys.stderr)
         return 2
     register()
+    register_help()
+    try:
+        preflight(command, rest)
+    except RewardctlError as exc:
+        print(f"rewardctl: error: {exc}", file=sys.stderr)
+        return 2
     _invocation.update(args=list(args[1:]), status=0)
     sys.argv = [f"rewardctl {command}", *rest]
     try:

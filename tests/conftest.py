@@ -1,9 +1,11 @@
-"""Shared fixtures: offline environment, config composition, in-process training runs."""
+"""Shared fixtures for tests/unit, tests/e2e and tests/acceptance: offline environment, config
+composition, in-process training runs, and the packed-batch helpers."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -18,10 +20,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from rewardctl.config.store import register  # noqa: E402
+from rewardctl.methods.ranklist import RanklistMethod  # noqa: E402
+from rewardctl.methods.registry import to_run_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The real datasets of the acceptance tests: ../shared/data beside the checkout, or wherever
@@ -177,3 +182,46 @@ def assert_eval_reproduces(
     for key in keys:
         assert result["metrics"][key] == pytest.approx(final[key], rel=rel, abs=1e-6), key
     return result
+
+
+# ---- packed against stacked batches: tests/unit/test_packing.py, tests/e2e/test_packing_flex.py ----
+def _methods(cls, model_dir: Path, *overrides: str, layout: str = "data.share_prefix=true"):
+    base = [f"model.name_or_path={model_dir}", "model.from_scratch=true", *overrides]
+    prefix = ["method=ranklist"] if cls is RanklistMethod else []
+    runs = [
+        to_run_config(compose_train([*prefix, *base, *extra]))
+        for extra in ([layout], ["data.share_prefix=false", "data.padding_free=false"])
+    ]
+    packed, stacked = (cls(run.method, run) for run in runs)
+    assert (packed.shares_prefix or packed.padding_free) and not (stacked.shares_prefix or stacked.padding_free)
+    stacked.use_tokenizer(packed.tokenizer)
+    return packed, stacked
+
+
+def _words(rng: random.Random, n: int) -> str:
+    vocab = ["the", "sky", "is", "blue", "water", "cat", "dog", "runs", "fast", "slow", "yes", "no", "maybe", "why"]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def _pair_rows(rng: random.Random, n: int, conversational: bool) -> list[dict]:
+    rows = []
+    for i in range(n):
+        prompt = f"User: {_words(rng, rng.randint(3, 30))}?\nAssistant:"
+        chosen, rejected = " " + _words(rng, rng.randint(1, 15)), " " + _words(rng, rng.randint(1, 15))
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "margin": i / 10,
+                }
+            )
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": i / 10})
+    return rows
+
+
+def _features(method, rows: list[dict]) -> list[dict]:
+    prepared = method.prepare(Dataset.from_list(rows), "rows.jsonl", training=True).dataset
+    return [prepared[i] for i in range(len(prepared))]

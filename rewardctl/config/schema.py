@@ -103,7 +103,9 @@ class ModelConfig:
     from_scratch: bool = False
     # Tokenizer location when it differs from name_or_path.
     tokenizer: Optional[str] = None
+    # Hub revision (branch, tag or commit) of the model.
     revision: Optional[str] = None
+    # Run the model repository's own Python code (only for repositories you trust).
     trust_remote_code: bool = False
     # Weights dtype at load time; float32 master weights + hardware.mixed_precision is the safe default.
     dtype: DType = DType.float32
@@ -131,9 +133,11 @@ class DataConfig:
     eval: Optional[str] = None
     # Split names used for folders and hub datasets (slices such as "train[:1000]" work).
     train_split: str = "train"
+    # Split name of the eval set (folders and hub datasets).
     eval_split: str = "test"
     # Hub dataset configuration name (the second argument of datasets.load_dataset).
     subset: Optional[str] = None
+    # Hub revision of the dataset.
     revision: Optional[str] = None
     # auto reads files by suffix; ranked_tsv reads the tab-separated ranked-list text form.
     layout: Layout = Layout.auto
@@ -141,8 +145,10 @@ class DataConfig:
     columns: Dict[str, str] = field(default_factory=dict)
     # Fraction of train rows held out for eval when data.eval is null.
     holdout_fraction: float = 0.0
+    # Use only the first N rows of each split (null: all).
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
+    # Over-long rows: truncate (counted in the data report) or drop.
     overlength: Overlength = Overlength.truncate
     # pairwise/ranklist: how an over-long row is cut (prompt_end or sequence_end, see Truncation).
     truncation: Truncation = Truncation.prompt_end
@@ -155,6 +161,7 @@ class DataConfig:
     # flash_attention_2 / flex_attention. auto: on where the device and attention support it; CPU
     # always keeps length-grouped padded batches (dense masks would grow with the packed length).
     padding_free: str = "auto"
+    # A malformed row: error (one line naming file, row, field) or skip (counted in the data report).
     bad_rows: BadRows = BadRows.error
     # Processes for tokenisation (datasets.map num_proc); null tokenises in-process.
     num_proc: Optional[int] = None
@@ -172,22 +179,30 @@ class TrainConfig:
 
     # > 0 fixes the number of optimizer steps and overrides epochs.
     max_steps: int = -1
+    # Passes over the train set (fractions work) when max_steps is not set.
     epochs: float = 1.0
+    # Rows (pairs, lists, ...) per micro-batch on each process.
     per_device_batch_size: int = 8
     # null: same as per_device_batch_size.
     per_device_eval_batch_size: Optional[int] = None
+    # Micro-batches per optimizer step; the loss is normalised over the whole window.
     grad_accum: int = 1
+    # Peak learning rate of AdamW.
     lr: float = 1e-5
+    # AdamW weight decay (not on biases and norms).
     weight_decay: float = 0.01
+    # AdamW betas and epsilon.
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    # Learning-rate schedule after warmup: linear, cosine or constant.
     scheduler: Scheduler = Scheduler.linear
     # warmup_steps > 0 wins over warmup_ratio.
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     # 0 disables clipping (the norm is still logged).
     max_grad_norm: float = 1.0
+    # Seeds the head's initialisation, the data order and dropout.
     seed: int = 42
     # Evaluate every N optimizer steps (0: only at the end); eval_at_start gives the baseline.
     eval_every: int = 0
@@ -196,6 +211,7 @@ class TrainConfig:
     save_every: int = 0
     # How many checkpoints to keep (oldest deleted first); <= 0 keeps all.
     keep_checkpoints: int = 2
+    # Log train metrics (metrics.jsonl, trackers, the console) every N optimizer steps.
     log_every: int = 10
     # auto: continue from the run directory's latest checkpoint; off; or a checkpoint path.
     resume: str = "auto"
@@ -210,11 +226,14 @@ class TrainConfig:
     # Stop as `diverged` when a logged train loss exceeds this many times the median of the recent
     # logged losses (the last 20, once 10 were logged; only while that median is > 0). 0 disables.
     divergence_factor: float = 100.0
+    # Recompute activations in the backward pass: less memory, about 30% more compute.
     gradient_checkpointing: bool = False
     gradient_checkpointing_reentrant: bool = False
     # accelerate trackers, e.g. [tensorboard] or [wandb]; metrics.jsonl is always written.
     report_to: List[str] = field(default_factory=list)
+    # DataLoader worker processes (0: collate in the training process).
     num_workers: int = 0
+    # A tqdm bar on a terminal; elsewhere a plain line per logged step either way.
     progress_bar: bool = True
     # torch.compile the model (inductor). Shapes vary per batch, so it compiles with dynamic shapes.
     compile: bool = False
@@ -234,14 +253,19 @@ class HardwareConfig:
     """Device, precision and distribution. ``rewardctl train`` with num_processes x num_machines > 1
     starts its workers itself through accelerate's launcher, on one run directory."""
 
+    # The preset's name (cpu, gpu, ddp, fsdp, deepspeed, ...).
     name: str = MISSING
+    # cpu, gpu or auto (a GPU when torch sees one).
     device: Device = Device.auto
+    # no, bf16, fp16 or auto (bf16 where this machine computes it natively and it pays off).
     mixed_precision: MixedPrecision = MixedPrecision.no
     # Allow TF32 matmuls on Ampere+ GPUs.
     tf32: bool = False
+    # How several processes share the work: none (DDP when there are several), fsdp, deepspeed.
     strategy: Strategy = Strategy.none
     # Processes per machine; 0: one per visible GPU.
     num_processes: int = 1
+    # Machines of a multi-node run, and this machine's rank among them.
     num_machines: int = 1
     machine_rank: int = 0
     # Rendezvous of multi-machine runs (rank 0's address).

@@ -28,6 +28,18 @@ KNOWN_TRACKERS = {
 }
 
 
+def explain_value_error(key: str, text: str) -> str:
+    """OmegaConf's conversion error, with the fix when a list reached a text key: on the command line
+    Hydra reads ``[SEP]`` as a list, so text in brackets is quoted twice (shell, then Hydra)."""
+    if any(f"Cannot convert '{kind}' to string" in text for kind in ("ListConfig", "DictConfig", "list", "dict")):
+        example = "[SEP]" if "separator" in key else "<text>"
+        return (
+            f"a list or mapping was given where text is expected ({text.split(': ', 1)[-1]}); Hydra reads "
+            f"[...] as a list: quote the text for the shell and for Hydra, e.g. {key}='\"{example}\"'"
+        )
+    return text
+
+
 def _to_object(cfg: DictConfig) -> Any:
     try:
         return OmegaConf.to_object(cfg)
@@ -35,7 +47,7 @@ def _to_object(cfg: DictConfig) -> Any:
         raise ConfigError(exc.full_key, "a value is required but none was given (set it on the command line)") from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(key, str(exc).splitlines()[0]) from None
+        raise ConfigError(key, explain_value_error(key, str(exc).splitlines()[0])) from None
 
 
 def _typed_peft(cfg: DictConfig) -> None:

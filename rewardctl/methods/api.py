@@ -27,7 +27,16 @@ from rewardctl.config.schema import MethodConfig, RunConfig, Truncation
 from rewardctl.data.prepare import ROW_COLUMN, cells_are_text, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_text, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, DataError, RowError
-from rewardctl.methods.base import Method, Metric, PreparedSplit, Reduce, Runtime, StepOutput, feature_key
+from rewardctl.methods.base import (
+    Method,
+    Metric,
+    PreparedSplit,
+    Reduce,
+    Runtime,
+    StepOutput,
+    feature_key,
+    within_chance,
+)
 from rewardctl.methods.bco import bco_loss
 from rewardctl.methods.policy import LocalRuntime, PolicyMethod, implicit_rewards, masked_sum
 from rewardctl.methods.scalar import ScalarRewardMethod
@@ -67,4 +76,5 @@ __all__ = [
     "read_saved_meta",
     "require_columns",
     "tokenizer_identity",
+    "within_chance",
 ]

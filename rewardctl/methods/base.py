@@ -95,6 +95,14 @@ class PreparedSplit:
     report: dict[str, Any]
 
 
+def within_chance(value: float, chance: float, count: float) -> bool:
+    """Whether a rate measured on ``count`` independent items is within two standard errors of what
+    guessing gives (``chance``): a binomial test at about 95%."""
+    if count <= 0:
+        return True
+    return abs(value - chance) <= 2 * (chance * (1 - chance) / count) ** 0.5
+
+
 class Method(ABC):
     """Base class of pairwise, ranklist, bco and prm (and of a user's own method)."""
 
@@ -109,6 +117,14 @@ class Method(ABC):
     #: Name of the transformers Auto class of the trainable model, when the method's collator offers a
     #: padding-free layout for it (``data.padding_free``); None: always padded.
     padding_free_model: ClassVar[str | None] = None
+    #: Eval metrics the end-of-run report shows beside the primary metric and the loss: those that tell
+    #: a useful model from a degenerate one (e.g. prm's wrong-step F1 next to its step accuracy).
+    report_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def verdict(self, final: dict[str, Any]) -> str | None:  # noqa: ARG002 - a hook: methods read it
+        """In words, when the final eval shows a degenerate model (at chance, the majority class only):
+        the end-of-run report says so instead of a reassuring "0.48 -> 0.93". None: nothing to say."""
+        return None
 
     def __init__(self, cfg: MethodConfig, run: RunConfig) -> None:
         self.cfg = cfg

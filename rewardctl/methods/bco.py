@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from rewardctl.config.schema import MethodConfig, RunConfig
 from rewardctl.errors import ConfigError, DataError
-from rewardctl.methods.base import Metric, Runtime, StepOutput
+from rewardctl.methods.base import Metric, Runtime, StepOutput, within_chance
 from rewardctl.methods.policy import (
     LocalRuntime,
     PolicyMethod,
@@ -162,6 +162,17 @@ class RunningMean:
 class BcoMethod(PolicyMethod):
     config_class = BcoConfig
     primary_metric = "accuracy"
+    report_metrics = ("auc", "delta")
+
+    def verdict(self, final: dict[str, Any]) -> str | None:
+        auc, rows = final.get("auc"), final.get("rows", 0)
+        if auc is not None and within_chance(auc, 0.5, rows):
+            return (
+                f"the implicit reward separates desirable from undesirable rows no better than chance (AUC {auc:.3f} "
+                f"on {rows:.0f} rows)"
+            )
+        return None
+
     cfg: BcoConfig
 
     def __init__(self, cfg: BcoConfig, run: RunConfig) -> None:

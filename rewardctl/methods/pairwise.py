@@ -17,7 +17,7 @@ from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, cells_are_text, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, RowError
-from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key
+from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key, within_chance
 from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
 
@@ -63,6 +63,17 @@ class PairwiseMethod(ScalarRewardMethod):
     config_class = PairwiseConfig
     primary_metric = "accuracy"
     item_name = "pairs"
+    report_metrics = ("margin",)
+
+    def verdict(self, final: dict[str, Any]) -> str | None:
+        accuracy, pairs = final.get("accuracy"), final.get("pairs", 0)
+        if accuracy is not None and within_chance(accuracy, 0.5, pairs):
+            return (
+                f"held-out accuracy {accuracy:.3f} on {pairs:.0f} pairs is within chance (0.5): the model does not "
+                "yet prefer the chosen answers (more steps, a higher train.lr, or a stronger model)"
+            )
+        return None
+
     cfg: PairwiseConfig
 
     @classmethod

@@ -100,7 +100,8 @@ class StepEncoder:
             raise ConfigError(
                 "method.step_separator",
                 f"{cfg.step_separator!r} tokenises to nothing with this tokenizer "
-                "(BERT-style tokenizers drop whitespace); choose a visible one, e.g. '[SEP]' or ' ; '",
+                "(BERT-style tokenizers drop whitespace); choose a visible one, e.g. method.step_separator='\"[SEP]\"' "
+                "or method.step_separator='\" ; \"' (quoted twice: once for the shell, once for Hydra)",
             )
 
     def prompt_ids(self, prompt: Any) -> list[int]:
@@ -164,6 +165,21 @@ class PrmMethod(Method):
     config_class = PrmConfig
     primary_metric = "step_accuracy"
     item_name = "steps"
+    report_metrics = ("majority_baseline", "error_f1", "first_error_accuracy")
+
+    def verdict(self, final: dict[str, Any]) -> str | None:
+        accuracy, majority = final.get("step_accuracy"), final.get("majority_baseline")
+        if accuracy is None or majority is None:
+            return None
+        if final.get("error_f1", 0.0) == 0.0:
+            return (
+                f"no wrong step is found (wrong-step F1 0): step accuracy {accuracy:.4f} is the majority class "
+                f"alone (baseline {majority:.4f}), every step called correct"
+            )
+        if accuracy <= majority:
+            return f"step accuracy {accuracy:.4f} does not beat the majority baseline {majority:.4f}"
+        return None
+
     supports_adapters = True
     padding_free_model = "AutoModelForTokenClassification"
     cfg: PrmConfig

@@ -21,7 +21,7 @@ from rewardctl.data.packing import shared_prefix_length
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, require_columns
 from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational, json_kind
 from rewardctl.errors import ConfigError, DataError, RowError
-from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key
+from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key, within_chance
 from rewardctl.methods.ranking import PAD_RANK, list_metrics, listmle_loss, pair_count, ranked_pair_loss
 from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
@@ -65,6 +65,17 @@ class RanklistMethod(ScalarRewardMethod):
     config_class = RanklistConfig
     primary_metric = "accuracy"
     item_name = "lists"
+    report_metrics = ("kendall_tau", "top1_accuracy")
+
+    def verdict(self, final: dict[str, Any]) -> str | None:
+        accuracy, pairs = final.get("accuracy"), final.get("pairs", 0)
+        if accuracy is not None and within_chance(accuracy, 0.5, pairs):
+            return (
+                f"held-out pairwise accuracy {accuracy:.3f} on {pairs:.0f} ordered pairs is within chance (0.5), "
+                f"Kendall's tau {final.get('kendall_tau', 0.0):.3f}: the model does not yet order the lists"
+            )
+        return None
+
     cfg: RanklistConfig
 
     @classmethod

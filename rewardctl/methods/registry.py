@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rewardctl.config.schema import RunConfig
-from rewardctl.config.validate import check_run_config, read_run_config
+from rewardctl.config.validate import check_run_config, explain_value_error, read_run_config
 from rewardctl.errors import ConfigError
 from rewardctl.machine import check_machine
 from rewardctl.methods.base import Method
@@ -43,7 +43,8 @@ def _typed_method(cfg: DictConfig) -> Any:
         try:
             merged = OmegaConf.merge(OmegaConf.structured(cls.config_class), node)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"method.{getattr(exc, 'key', '')}".rstrip("."), str(exc).splitlines()[0]) from None
+            key = f"method.{getattr(exc, 'key', '')}".rstrip(".")
+            raise ConfigError(key, explain_value_error(key, str(exc).splitlines()[0])) from None
         cfg.method = merged
     return cls
 

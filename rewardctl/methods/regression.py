@@ -159,6 +159,18 @@ class RegressionMethod(ScalarRewardMethod):
     config_class = RegressionConfig
     primary_metric = "spearman"
     item_name = "responses"
+    report_metrics = ("pearson", "mae", "pairwise_accuracy")
+
+    def verdict(self, final: dict[str, Any]) -> str | None:
+        spearman, responses = final.get("spearman"), final.get("responses", 0)
+        # Spearman's rho under independence has a standard error of about 1 / sqrt(n - 1).
+        if spearman is not None and responses > 1 and abs(spearman) <= 2 / (responses - 1) ** 0.5:
+            return (
+                f"held-out Spearman {spearman:.3f} on {responses:.0f} responses is within chance (0): the "
+                "predictions do not yet order the scores"
+            )
+        return None
+
     shares_prefix = False  # one response per row: no prefix to share
     cfg: RegressionConfig
 

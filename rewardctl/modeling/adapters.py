@@ -139,6 +139,7 @@ def save_model_dir(
             model.config.rewardctl = meta
             model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
+        truncate_as_trained(tmp, model_cfg.max_length)
     if save_merged and is_adapter_model(model) and state_dict is not None:
         log.warning(
             "the weights were gathered from FSDP / DeepSpeed: no model-merged/ copy is written during "
@@ -148,6 +149,18 @@ def save_model_dir(
     elif save_merged and is_adapter_model(model):
         merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
         save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)
+
+
+def truncate_as_trained(path: Path, max_length: int) -> None:
+    """The saved tokenizer cuts an over-long text as training did: to ``model.max_length`` tokens,
+    keeping its end (training keeps the prompt's end and the response, where the reward is read), so
+    a stock ``tokenizer(text, truncation=True)`` or ``pipeline`` scores the text training would."""
+    config_path = Path(path) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(truncation_side="left", model_max_length=max_length)
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -34,7 +34,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rewardctl import __version__
 from rewardctl.config.schema import TrainConfig
@@ -44,6 +43,7 @@ from rewardctl.training.checkpoint import load_checkpoint, save_checkpoint
 from rewardctl.training.evaluation import run_evaluation
 from rewardctl.training.guards import DivergenceGuard, SignalStop
 from rewardctl.training.metrics import MetricsLog, MetricTracker
+from rewardctl.training.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -416,12 +416,13 @@ class TrainingLoop:
             self.evaluate()
         stream = self._micro_batches()
         self.model.train()
-        bar = tqdm(
-            total=self.max_steps,
-            initial=self.step,
+        progress = Progress(
+            main=self.accelerator.is_main_process,
+            wanted=self.cfg.progress_bar,
+            max_steps=self.max_steps,
+            start=self.step,
+            item_name=self.method.item_name,
             desc=f"{self.method.cfg.name}",
-            disable=not (self.accelerator.is_main_process and self.cfg.progress_bar),
-            dynamic_ncols=True,
         )
         self._start_step = self.step
         self._restart_clock()
@@ -430,20 +431,19 @@ class TrainingLoop:
         status = None
         while status is None and self.step < self.max_steps:
             bad = self._optimizer_step(stream)
-            bar.update(1)
-            status = self._after_step(bad, bar)
-        bar.close()
+            progress.step()
+            status = self._after_step(bad, progress)
+        progress.close()
         return self._finish(status or "completed")
 
-    def _after_step(self, bad: bool, bar: Any) -> str | None:
+    def _after_step(self, bad: bool, progress: Progress) -> str | None:
         """Cadence (log, eval, save) and the early stops; the status to end with, or None to go on.
         A diverged run writes nothing more: no eval, no checkpoint."""
         cfg = self.cfg
         final = self.step == self.max_steps
         if self.step % cfg.log_every == 0 or final:
             self._log_train()
-            if "loss" in self.last_train:
-                bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.last_train['lr']:.2e}")
+            progress.logged(self.last_train)
         if self._diverged:
             return "diverged"
         if self.eval_loader is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):

@@ -72,10 +72,17 @@ def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
     ]
     first, final = summary.get("first_eval"), summary.get("final_eval")
     if final:
-        for key in (method.primary_metric, "loss"):
-            if key in final:
-                before = f"{first[key]:.4f} (step {first['step']}) -> " if first and first is not final else ""
+        for key in (method.primary_metric, "loss", *method.report_metrics):
+            if isinstance(final.get(key), (int, float)):
+                before = (
+                    f"{first[key]:.4f} (step {first['step']}) -> "
+                    if first and first is not final and key in first
+                    else ""
+                )
                 lines.append(f"  eval {key}: {before}{final[key]:.4f} (step {final['step']})")
+        verdict = method.verdict(final)
+        if verdict:
+            lines.append(f"  WARNING: {verdict}")
     if summary.get("peak_gpu_memory_gib") is not None:
         lines.append(f"  peak GPU memory: {summary['peak_gpu_memory_gib']:.2f} GiB per process")
     train = summary.get("last_train") or {}
