@@ -69,6 +69,7 @@ def _guarded(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except RewardctlError as exc:
+        _invocation["error"] = exc
         if full_stack_wanted():
             raise
         print(f"rewardctl: error: {exc}", file=sys.stderr)
@@ -115,15 +116,24 @@ def discard_unused_run_dir() -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
-    if os.environ.get("RANK", "0") != "0":
-        return
+    if os.environ.get("RANK", "0") != "0" or getattr(_invocation.get("error"), "key", None) == "hardware":
+        return  # workers that ran and failed: what they logged stays
     try:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     except (ValueError, AttributeError):
         return
+    if run_dir in _invocation.get("existing_dirs", ()):
+        return  # the directory was there before this command (e.g. output_dir=.)
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= BOOKKEEPING_ONLY:
         logging.shutdown()  # Hydra's file handler holds train.log open
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def existing_output_dirs(args: list[str]) -> set[Path]:
+    """The directories an ``output_dir=`` argument names that exist before the command runs: never
+    removed by ``discard_unused_run_dir`` (in a sweep, the jobs' subdirectories are new)."""
+    named = [Path(a.partition("=")[2]).resolve() for a in args if a.startswith("output_dir=") and "${" not in a]
+    return {path for path in named if path.exists()}
 
 
 def report_early_stop(summary: dict[str, Any]) -> None:
@@ -287,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"rewardctl: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    if command == "eval":  # `data` is also a config group: Hydra would read data=<path> as choosing one
+        rest = [f"dataset={a[len('data=') :]}" if a.startswith("data=") else a for a in rest]
     try:
         rest = worker_overrides(rest) if command == "train" else rest
     except RewardctlError as exc:
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except RewardctlError as exc:
         print(f"rewardctl: error: {exc}", file=sys.stderr)
         return 2
-    _invocation.update(args=list(args[1:]), status=0)
+    _invocation.update(args=list(args[1:]), status=0, error=None, existing_dirs=existing_output_dirs(rest))
     sys.argv = [f"rewardctl {command}", *rest]
     try:
         COMMANDS[command]()

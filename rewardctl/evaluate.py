@@ -33,14 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def eval_rows(ev: EvalConfig, run: RunConfig) -> tuple[Dataset, str, str, str]:
-    """The rows to score: ``data=`` if given, else exactly the run's own eval set (same split, same
+    """The rows to score: ``dataset=`` (``data=`` on the command line) if given, else exactly the run's own eval set (same split, same
     row limit, same held-out fraction), through the code path training used."""
-    if ev.data is None:
+    if ev.dataset is None:
         _, pair = load_raw_splits(run.data, run.train.seed)
         rows, name = pair
         source, split = run.data.eval or run.data.train, run.data.eval_split if run.data.eval else "holdout"
     else:
-        source, split = ev.data, ev.split or run.data.eval_split
+        source, split = ev.dataset, ev.split or run.data.eval_split
         data = replace(run.data, layout=ev.layout) if ev.layout is not None else run.data
         rows, name = load_split(data, source, split, mapping_required=False)
     if ev.max_rows:
@@ -58,7 +58,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     run = load_run_config(run_dir / "config.yaml")
     if ev.batch_size:
         run.train.per_device_eval_batch_size = ev.batch_size
-    if not (ev.data or run.data.eval or run.data.holdout_fraction > 0):
+    if not (ev.dataset or run.data.eval or run.data.holdout_fraction > 0):
         raise ConfigError("data", "the run had no eval set; pass data=<file, folder or hub id>")
     model_path = resolve_checkpoint(run_dir, ev.checkpoint)
 

@@ -29,12 +29,40 @@ LATE_TYPED = ("method", "peft")
 
 def check_overrides(config_name: str, overrides: list[str], *, sweep: bool = False) -> None:
     """Raises ``ConfigError`` for the first bad override. In a sweep (``sweep``) a swept value
-    (``a,b``, ``range(...)``) is left to each job's own composition; the fixed ones are checked here."""
-    fixed = [o for o in overrides if not (sweep and is_swept(o))]
+    (``a,b``, ``range(...)``) is left to each job's own composition; the fixed ones are checked here,
+    unless a config group is swept (its options' keys differ: each job checks its own)."""
+    swept = [o for o in overrides if sweep and is_swept(o)]
+    if any("." not in o.partition("=")[0] for o in swept):
+        return
+    fixed = [o for o in overrides if o not in swept]
     _compose_or_explain(config_name, fixed)
+    _check_group_choices(fixed)
     base = _compose_quietly(config_name, [o for o in fixed if not o.startswith("+")])
     for addition in (o for o in fixed if o.startswith("+")):
         _check_addition(addition, base)
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    """``data=ultrafeedbak``: an optional group (``data``, ``experiment``) drops an option that does not
+    exist without a word, so every ``group=option`` is checked against the group's options here.
+    Skipped when ``hydra.searchpath`` adds folders (their options are not listed here)."""
+    if any(o.startswith("hydra.searchpath") for o in overrides):
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for override in overrides:
+            group, _, option = override.partition("=")
+            group = group.lstrip("+~")
+            if "." in group or group.startswith("hydra") or not option or option == "null":
+                continue
+            options = loader.get_group_options(group)
+            if options and option not in options:
+                hint = _did_you_mean(option, options, group + "=")
+                raise ConfigError(
+                    override, f"{group} has no option {option!r}{hint} (options: {', '.join(sorted(options))})"
+                )
 
 
 def is_swept(override: str) -> bool:
@@ -97,21 +125,27 @@ def _explained(exc: Exception, config_name: str, overrides: list[str]) -> Config
 
 
 def _check_addition(addition: str, base: DictConfig | None) -> None:
-    """``+key=value`` adds a key: only where keys are free-form, never a typo'd setting."""
+    """``+key=value`` adds a key: only where keys are free-form, never a typo'd setting. A key
+    without a dot adds a config group (e.g. one from ``hydra.searchpath``): Hydra checks those."""
     key = addition.lstrip("+").split("=", 1)[0]
-    if base is None or key.startswith("hydra.") or key.split(".")[0] in LATE_TYPED:
+    if base is None or "." not in key or key.startswith("hydra.") or key.split(".")[0] in LATE_TYPED:
         return
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):  # the nearest existing ancestor decides
+        node = OmegaConf.select(base, ".".join(parts[:depth]))
+        if node is None:
+            continue
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
+            return  # inside a Dict[str, ...] field such as data.columns or model.config_overrides
+        if isinstance(node, DictConfig) and depth == len(parts) - 1 and parts[-1] in node:
+            return  # `+` over an existing key: Hydra's own message covers it
+        break
     parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(base, parent) if parent else base
-    if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict and parent:
-        return  # a Dict[str, ...] field such as data.columns: any key is a value
-    if isinstance(node, DictConfig) and leaf in node:
-        return  # `+` over an existing key: Hydra's own message covers it
     hint = _did_you_mean(leaf, _keys_at(base, parent), f"{parent}." if parent else "")
     raise ConfigError(
         addition.split("=", 1)[0],
-        f"adds a key no setting reads{hint}; `+` adds keys only inside "
-        "free-form mappings such as data.columns (drop the `+` to set a key)",
+        f"adds a key no setting reads{hint}; `+` adds keys only inside free-form mappings such as data.columns "
+        "(drop the `+` to set a key)",
     )
 
 

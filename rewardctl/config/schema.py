@@ -360,8 +360,10 @@ class SavedModelRef:
 class EvalConfig(SavedModelRef):
     """`rewardctl eval`: score a finished (or checkpointed) run on a dataset."""
 
-    # null: the run's data.eval; else a file, folder or hub id.
-    data: Optional[str] = None
+    # null: the run's data.eval; else a file, folder or hub id. On the command line `data=` works too
+    # (the CLI passes it on as dataset=: `data` is also the name of a config group, which Hydra would
+    # read `data=<path>` as).
+    dataset: Optional[str] = None
     split: Optional[str] = None
     # How to read ``data``: null keeps the run's data.layout (e.g. ranked_tsv for RLHF_GLM files).
     layout: Optional[Layout] = None

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from rewardctl.config.schema import MethodConfig, RunConfig
 from rewardctl.errors import ConfigError, DataError
-from rewardctl.methods.base import Metric, Runtime, StepOutput, within_chance
+from rewardctl.methods.base import Metric, Runtime, StepOutput
 from rewardctl.methods.policy import (
     LocalRuntime,
     PolicyMethod,
@@ -166,10 +166,15 @@ class BcoMethod(PolicyMethod):
 
     def verdict(self, final: dict[str, Any]) -> str | None:
         auc, rows = final.get("auc"), final.get("rows", 0)
-        if auc is not None and within_chance(auc, 0.5, rows):
+        good = final.get("desirable", rows / 2)
+        bad = rows - good
+        if auc is None or good <= 0 or bad <= 0:
+            return None
+        # AUC under "no separation" has standard error sqrt((n1 + n2 + 1) / (12 n1 n2)) (Hanley & McNeil).
+        if abs(auc - 0.5) <= 2 * ((good + bad + 1) / (12 * good * bad)) ** 0.5:
             return (
                 f"the implicit reward separates desirable from undesirable rows no better than chance (AUC {auc:.3f} "
-                f"on {rows:.0f} rows)"
+                f"on {good:.0f} desirable and {bad:.0f} undesirable rows)"
             )
         return None
 
@@ -360,6 +365,7 @@ class BcoMethod(PolicyMethod):
             "accuracy": correct.double().mean().item(),
             "delta": delta,
             "rows": float(labels.numel()),
+            "desirable": float(labels.sum().item()),
         }
         if chosen.numel() and rejected.numel():
             metrics.update(

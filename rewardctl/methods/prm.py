@@ -171,12 +171,13 @@ class PrmMethod(Method):
         accuracy, majority = final.get("step_accuracy"), final.get("majority_baseline")
         if accuracy is None or majority is None:
             return None
-        if final.get("error_f1", 0.0) == 0.0:
+        if final.get("error_f1", 0.0) == 0.0 and final.get("wrong_steps", 1.0) > 0:
+            called = " (every step called correct)" if abs(accuracy - majority) < 1e-9 else ""
             return (
-                f"no wrong step is found (wrong-step F1 0): step accuracy {accuracy:.4f} is the majority class "
-                f"alone (baseline {majority:.4f}), every step called correct"
+                f"no wrong step is found (wrong-step F1 0): step accuracy {accuracy:.4f} against the majority "
+                f"baseline {majority:.4f}{called}"
             )
-        if accuracy <= majority:
+        if accuracy <= majority and accuracy < 1.0:
             return f"step accuracy {accuracy:.4f} does not beat the majority baseline {majority:.4f}"
         return None
 
@@ -444,6 +445,7 @@ def step_metrics(outputs: dict[str, Tensor]) -> dict[str, float]:
         if on_erroneous + on_correct
         else 0.0,
         "majority_baseline": max(share_correct, 1 - share_correct),
+        "wrong_steps": float(tp + fn),
         "steps": float(steps),
         "rows": float(present.shape[0]),
     }

@@ -163,6 +163,8 @@ class RegressionMethod(ScalarRewardMethod):
 
     def verdict(self, final: dict[str, Any]) -> str | None:
         spearman, responses = final.get("spearman"), final.get("responses", 0)
+        if spearman is not None and math.isnan(spearman):
+            return "the predictions are constant (Spearman undefined): the head has collapsed to one value"
         # Spearman's rho under independence has a standard error of about 1 / sqrt(n - 1).
         if spearman is not None and responses > 1 and abs(spearman) <= 2 / (responses - 1) ** 0.5:
             return (

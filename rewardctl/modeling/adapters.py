@@ -125,10 +125,13 @@ def save_model_dir(
     meta: dict[str, Any],
     state_dict: dict[str, Tensor] | None = None,
     save_merged: bool = False,
+    truncate_end: bool = False,
 ) -> None:
     """Write ``path`` atomically: a stock transformers directory (rewardctl's facts under ``rewardctl``
     in config.json) or a PEFT adapter directory (facts in rewardctl.json), plus the tokenizer. With
-    ``save_merged`` an adapter is also merged into its base and written to ``<path>-merged``."""
+    ``save_merged`` an adapter is also merged into its base and written to ``<path>-merged``.
+    ``truncate_end``: the tokenizer is saved to cut over-long text as a sequence classifier trained on
+    it (``truncate_as_trained``); token classifiers and policies keep the tokenizer's own setting."""
     meta = {"version": __version__, **meta}
     with atomic_directory(path) as tmp:
         if is_adapter_model(model):
@@ -139,7 +142,8 @@ def save_model_dir(
             model.config.rewardctl = meta
             model.save_pretrained(str(tmp), state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
-        truncate_as_trained(tmp, model_cfg.max_length)
+        if truncate_end:
+            truncate_as_trained(tmp, model_cfg.max_length)
     if save_merged and is_adapter_model(model) and state_dict is not None:
         log.warning(
             "the weights were gathered from FSDP / DeepSpeed: no model-merged/ copy is written during "
@@ -148,7 +152,9 @@ def save_model_dir(
         )
     elif save_merged and is_adapter_model(model):
         merged = model.merge_and_unload()  # the last use of the model: merging in place saves a copy
-        save_model_dir(merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta)
+        save_model_dir(
+            merged, tokenizer, path.with_name(f"{path.name}-merged"), model_cfg, meta=meta, truncate_end=truncate_end
+        )
 
 
 def truncate_as_trained(path: Path, max_length: int) -> None:

@@ -221,4 +221,5 @@ def save_sequence_classifier(
         meta={"method": method, "pooling": model.pooling, **(facts or {})},
         state_dict=state_dict,
         save_merged=save_merged,
+        truncate_end=True,
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..conftest import cli
+from ..conftest import SAMPLES, cli
 
 
 def test_hydra_level_mistakes_are_one_line_with_exit_2_and_leave_no_run_directory(tmp_path: Path):
@@ -21,6 +21,11 @@ def test_hydra_level_mistakes_are_one_line_with_exit_2_and_leave_no_run_director
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert result.stderr.strip().splitlines() == [result.stderr.strip()] and expected in result.stderr, args
         assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+    # a refused run removes only the directory Hydra made for it, never one that was there before
+    here = tmp_path / "here"
+    here.mkdir()
+    refused = cli("train", "output_dir=.", f"data.train={tmp_path / 'missing.jsonl'}", cwd=here)
+    assert refused.returncode == 2 and "missing.jsonl" in refused.stderr and here.is_dir()
 
 
 def test_help_documents_every_key_with_its_default_and_the_chosen_methods_keys(tmp_path: Path):
@@ -59,3 +64,9 @@ def test_a_piped_run_logs_a_plain_progress_line_per_logged_step(tmp_path: Path):
     assert [s.split(" (")[0] for s in shown] == ["step 2/6", "step 4/6", "step 6/6"]
     assert all("loss " in s and " pairs/s" in s and "ETA " in s for s in shown)
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    # `rewardctl eval data=<file>`: `data` is also a config group, which Hydra alone would refuse here
+    rows = SAMPLES / "pairwise" / "eval.jsonl"
+    scored = cli("eval", f"run_dir={out}", f"data={rows}", "max_rows=8", f"output_dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["data"] == str(rows) and metrics["metrics"]["pairs"] == 8

@@ -52,3 +52,9 @@ def test_stock_truncation_of_over_long_texts_scores_like_training(tmp_path: Path
         stock = model(**encoded).logits.squeeze(-1)
     ours = torch.tensor([predictions[i + 1] for i in comparable])  # predictions.jsonl rows are 1-based
     torch.testing.assert_close(stock, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_a_token_classifier_keeps_its_tokenizers_truncation(tmp_path: Path):
+    """prm keeps the start of its steps (and bco its completion's): no left truncation is saved for them."""
+    _, run_dir = run_training(tmp_path, ["method=prm", "experiment=smoke"])
+    assert AutoTokenizer.from_pretrained(run_dir / "model").truncation_side == "right"

@@ -38,6 +38,13 @@ register()
             "quote the text for the shell and for Hydra, e.g. data.train='\"<text>\"'",
         ),
         (["data.share_prefix=[1"], "data.share_prefix=[1", "no viable alternative"),
+        # optional groups (data, experiment) would drop an unknown option without a word
+        (
+            ["data=ultrafeedbak"],
+            "data=ultrafeedbak",
+            "data has no option 'ultrafeedbak' (did you mean data=ultrafeedback?)",
+        ),
+        (["experiment=smok"], "experiment=smok", "(did you mean experiment=smoke?)"),
     ],
 )
 def test_a_bad_override_is_one_error_naming_its_key(overrides: list[str], key: str, message: str):
@@ -53,6 +60,8 @@ def test_a_bad_override_is_one_error_naming_its_key(overrides: list[str], key: s
         [],
         ["train.lr=3e-5", "method=ranklist", "method.loss=listmle"],
         ["+data.columns.chosen=response_a"],  # a Dict[str, str] field: any key is a value
+        ["+model.config_overrides.rope_scaling.factor=8"],  # nested inside a free-form mapping
+        ["+mygroup=option"],  # adds a config group (e.g. from hydra.searchpath): Hydra checks it
         ["method=regression", "+method.weights.helpfulness=2"],
         ["++train.lr=1e-4"],  # over an existing key
         ["+hydra.job.env_set.FOO=1"],
@@ -68,6 +77,8 @@ def test_in_a_sweep_swept_values_are_left_to_each_job_and_the_fixed_ones_are_che
     check_overrides("train", ["train.lr=1e-5,3e-5", "method=pairwise,ranklist"], sweep=True)
     with pytest.raises(ConfigError, match="did you mean train.lr"):
         check_overrides("train", ["train.lr=1e-5,3e-5", "train.lrr=2"], sweep=True)
+    # a swept group changes which keys exist (peft.r is lora's): each job composes and checks its own
+    check_overrides("train", ["peft=lora,none", "peft.r=8"], sweep=True)
 
 
 def test_eval_and_export_overrides_are_checked_against_their_own_configs():

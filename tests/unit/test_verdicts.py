@@ -30,6 +30,20 @@ def test_the_prm800k_run_that_only_called_steps_correct_is_named_for_what_it_is(
         PrmMethod, {"step_accuracy": 0.91, "majority_baseline": 0.92, "error_f1": 0.2}
     )
     assert verdict(PrmMethod, {"step_accuracy": 0.95, "majority_baseline": 0.92, "error_f1": 0.4}) is None
+    # an eval set without a wrong step: F1 0 says nothing about the model
+    assert (
+        verdict(PrmMethod, {"step_accuracy": 1.0, "majority_baseline": 1.0, "error_f1": 0.0, "wrong_steps": 0}) is None
+    )
+    # steps flagged, all wrongly: not "every step called correct"
+    flagged = verdict(PrmMethod, {"step_accuracy": 0.8, "majority_baseline": 0.9, "error_f1": 0.0, "wrong_steps": 10})
+    assert flagged.startswith("no wrong step is found") and "every step called correct" not in flagged
+
+
+def test_a_collapsed_regression_head_and_an_imbalanced_bco_auc_are_judged_right():
+    assert "constant" in verdict(RegressionMethod, {"spearman": float("nan"), "responses": 800})
+    # 180 desirable, 20 undesirable: AUC's null standard error is sqrt(201 / 43200) = 0.068, not 0.035
+    assert verdict(BcoMethod, {"auc": 0.6, "rows": 200, "desirable": 180}) is not None
+    assert verdict(BcoMethod, {"auc": 0.6, "rows": 200, "desirable": 100}) is None
 
 
 @pytest.mark.parametrize(
