@@ -37,8 +37,11 @@ def check_overrides(config_name: str, overrides: list[str], *, sweep: bool = Fal
     fixed = [o for o in overrides if o not in swept]
     _compose_or_explain(config_name, fixed)
     _check_group_choices(fixed)
-    base = _compose_quietly(config_name, [o for o in fixed if not o.startswith("+")])
-    for addition in (o for o in fixed if o.startswith("+")):
+    additions = [o for o in fixed if o.startswith("+")]
+    if not additions:  # the common case: one composition at start-up, not two
+        return
+    base = _compose_quietly(config_name, [o for o in fixed if o not in additions])
+    for addition in additions:
         _check_addition(addition, base)
 
 
