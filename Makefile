@@ -23,7 +23,7 @@ $(BIN)/python:
 # acceptance encoder, TRL 0.29.1 (the last with BCO and PRM, for the parity tests) and tensorboard.
 $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance,parity,tensorboard]"
+	$(BIN)/pip install $(PIP_C) -e ".[dev,acceptance,parity,tensorboard,serve]"
 	touch $@
 
 # The benchmarks measure TRL 1.16's RewardTrainer, which cannot share a venv with the parity tests'

@@ -46,6 +46,9 @@ commands:
   train   train a reward model: rewardctl train method=pairwise model=tiny data=pairwise_sample
           (sweeps: rewardctl train -m train.lr=1e-5,3e-5; config: rewardctl train --cfg job)
   eval    evaluate a finished run on a dataset: rewardctl eval run_dir=<run directory> [data=<path>]
+  score   score rows with a trained model, every input column kept:
+          rewardctl score run_dir=<run directory> data=<file|folder|hub id|-> [output=<.jsonl|.parquet|->] [normalize=true]
+  serve   an HTTP scoring server (POST /score, OpenRLHF's /get_reward): rewardctl serve run_dir=<run directory> [port=8000]
   export  write a run's model with its adapter merged, as a stock transformers directory:
           rewardctl export run_dir=<run directory> [checkpoint=step-N] [dtype=bfloat16] [output_dir=<dir>]
 
@@ -63,44 +66,82 @@ def full_stack_wanted() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
-def _guarded(action: Callable[[], Any]) -> Any:
+def _guarded(action: Callable[[], Any], *, sweep_job: bool = False) -> Any:
     """User errors (config, data, environment) and full or read-only disks end as one clear line and
-    exit status 2; with ``full_stack_wanted()`` they propagate with their stack instead."""
+    exit status 2; with ``full_stack_wanted()`` they propagate with their stack instead. In a job of a
+    sweep (``sweep_job``) any other error is one line too: the job becomes a failed row of the sweep
+    report and the next job runs (``train_app``)."""
     try:
         return action()
-    except RewardctlError as exc:
-        _invocation["error"] = exc
-        if full_stack_wanted():
+    except Exception as exc:  # noqa: BLE001 - sorted by _error_line: one line, or re-raised with its stack
+        if isinstance(exc, RewardctlError):
+            _invocation["error"] = exc
+        line = _error_line(exc, sweep_job=sweep_job)
+        if line is None:
             raise
-        print(f"rewardctl: error: {exc}", file=sys.stderr)
+        print(f"rewardctl: error: {line}", file=sys.stderr)
+        _invocation["error_line"] = line
         raise SystemExit(2) from None
-    except OSError as exc:
-        if exc.errno not in DISK_ERRNOS or full_stack_wanted():
-            raise
+
+
+def _error_line(exc: Exception, *, sweep_job: bool) -> str | None:
+    """The one line an error ends a command with, or None: it propagates with its stack (a bug, or
+    ``full_stack_wanted()``). A bug in a job of a sweep is one line too, its stack logged (the job's
+    train.log and the console), so that it does not end the sweep."""
+    if full_stack_wanted():
+        return None
+    if isinstance(exc, RewardctlError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
         line = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             line += (
                 "; every file written before (checkpoints included) is intact: free space and rerun the same "
                 "command to resume"
             )
-        print(f"rewardctl: error: {line}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return line
+    if not sweep_job:
+        return None
+    from rewardctl.sweep import first_line
+
+    log.error("the job failed", exc_info=exc)
+    return first_line(exc)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def train_app(cfg: DictConfig) -> Any:
     from rewardctl.training.session import train
 
+    sweep_job = _in_sweep()
+    _invocation.update(error=None, error_line=None)  # not an earlier job's of the same sweep
     try:
-        summary = _guarded(lambda: train(cfg)) or {}
+        summary = _guarded(lambda: train(cfg), sweep_job=sweep_job) or {}
     except SystemExit:
         discard_unused_run_dir()
-        raise
+        if not (sweep_job and _invocation["error_line"]):
+            raise
+        return failed_sweep_job(_invocation["error_line"])
     report_early_stop(summary)
     if summary.get("status") == "diverged":  # not its last (possibly baseline) eval: sweepers fail the trial
-        return float("nan")
+        return None
     final = summary.get("final_eval") or {}
     return final.get(summary.get("primary_metric", ""), None)  # the objective for sweepers
+
+
+def failed_sweep_job(error: str) -> None:
+    """A job of a sweep that failed: a row of the sweep report with its ``error``, exit status 2 once
+    the sweep is done, and no objective (None) for the sweeper, so that the next job runs.
+
+    Hydra's own handling of a failed job would end the sweep: ``SystemExit`` passes through
+    ``run_job`` (which catches ``Exception`` only), so no later job runs and no callback sees it; an
+    exception is kept in the job's ``JobReturn`` (status FAILED), but the basic sweeper re-raises the
+    first one after its batch, before ``on_multirun_end``, and the Optuna sweeper as soon as failures
+    exceed ``max_failure_rate`` (0 by default). A job without objective is a failed trial to Optuna
+    (a NaN makes its sweeper crash: diverged jobs return None too) and nothing to the basic sweeper."""
+    from rewardctl.sweep import note_job_failure
+
+    _invocation["status"] = max(_invocation["status"], 2)
+    note_job_failure(error)
 
 
 # What Hydra puts in a run directory before rewardctl writes anything (a .lock present means a run
@@ -157,7 +198,23 @@ def report_early_stop(summary: dict[str, Any]) -> None:
                 f"resume with: {launcher}{command}",
                 file=sys.stderr,
             )
+            if _in_sweep():
+                report_stopped_sweep()
         raise SystemExit(128 + signal.Signals[name].value)
+
+
+def report_stopped_sweep() -> None:
+    """A signal ends the whole sweep (no later job, no Hydra callback after this point): the sweep
+    report of the jobs run so far, this one included, is written and printed now."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from rewardctl import sweep
+
+    hydra_cfg = HydraConfig.get()
+    if sweep.enabled(hydra_cfg):
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        sweep.append_record(sweep_dir, sweep.job_record(hydra_cfg))
+        sweep.report(sweep_dir)
 
 
 def resume_command(args: list[str], run_dir: str, *, sweep: bool) -> str:
@@ -197,7 +254,27 @@ def export_app(cfg: DictConfig) -> Any:
     return _guarded(lambda: export_run(cfg))
 
 
-COMMANDS: dict[str, Callable[[], Any]] = {"train": train_app, "eval": eval_app, "export": export_app}
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
+def score_app(cfg: DictConfig) -> Any:
+    from rewardctl.score import score_rows
+
+    return _guarded(lambda: score_rows(cfg))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
+def serve_app(cfg: DictConfig) -> Any:
+    from rewardctl.serve import serve
+
+    return _guarded(lambda: serve(cfg))
+
+
+COMMANDS: dict[str, Callable[[], Any]] = {
+    "train": train_app,
+    "eval": eval_app,
+    "score": score_app,
+    "serve": serve_app,
+    "export": export_app,
+}
 
 
 def worker_overrides(args: list[str]) -> list[str]:
@@ -297,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"rewardctl: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if command == "eval":  # `data` is also a config group: Hydra would read data=<path> as choosing one
+    if command in ("eval", "score"):  # `data` is also a config group: Hydra would read data=<path> as choosing one
         rest = [f"dataset={a[len('data=') :]}" if a.startswith("data=") else a for a in rest]
     try:
         rest = worker_overrides(rest) if command == "train" else rest

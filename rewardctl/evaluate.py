@@ -17,16 +17,17 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rewardctl.config.schema import EvalConfig, MixedPrecision, RunConfig
+from rewardctl.config.schema import EvalConfig, RunConfig
 from rewardctl.config.validate import to_eval_config
 from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
-from rewardctl.machine import check_precision, model_hidden_size
-from rewardctl.methods.registry import build_method, load_run_config
+from rewardctl.eval_groups import apply_benchmark, grouped_results, plan_groups, write_group_report
+from rewardctl.methods.registry import load_run_config
 from rewardctl.training.evaluation import run_evaluation
-from rewardctl.training.runtime import AccelerateRuntime, build_accelerator, quiet_other_processes
-from rewardctl.training.trained_run import load_model, resolve_checkpoint, use_saved_tokenizer
+from rewardctl.training.figures import write_figures
+from rewardctl.training.scorer import open_run
+from rewardctl.training.trained_run import resolve_checkpoint
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -56,34 +57,24 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     ev: EvalConfig = to_eval_config(cfg)
     run_dir = Path(ev.run_dir).resolve()
     run = load_run_config(run_dir / "config.yaml")
+    ev, run = apply_benchmark(ev, run)  # benchmark=reward_bench: its data, read in its format
     if ev.batch_size:
         run.train.per_device_eval_batch_size = ev.batch_size
     if not (ev.dataset or run.data.eval or run.data.holdout_fraction > 0):
         raise ConfigError("data", "the run had no eval set; pass data=<file, folder or hub id>")
     model_path = resolve_checkpoint(run_dir, ev.checkpoint)
 
-    device = ev.device or run.hardware.device
-    # A run's config.yaml holds the precision it resolved; ``auto`` (given here, or in an older or
-    # hand-written config) is resolved for this machine. train.compile is ignored: one no-grad pass
-    # rarely repays the compile time, and eager scores match the compiled ones to rounding.
-    wanted = ev.mixed_precision or run.hardware.mixed_precision
-    width = model_hidden_size(run.model) if wanted == MixedPrecision.auto else None
-    precision = check_precision(device, wanted, "mixed_precision", width)
-    # The same construction as training (TF32 and precision from the run's hardware settings).
-    accelerator = build_accelerator(replace(run.hardware, device=device, mixed_precision=precision), report_to=[])
-    quiet_other_processes(accelerator)
-    method = build_method(run)
-    use_saved_tokenizer(method, run, model_path)
+    opened = open_run(run, model_path, ev.device, ev.mixed_precision)
+    accelerator, method = opened.accelerator, opened.method
 
     rows, name, source, split = eval_rows(ev, run)  # data problems surface before the weights load
+    grouping = plan_groups(ev, rows)  # (group_by / subset) read from the raw rows, which keep every column
     with accelerator.main_process_first():
         prepared = method.prepare(rows, name, training=False)
-    model = load_model(method, run, model_path)
+    model = opened.load().model
     batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
     ordered = by_length(prepared.dataset, method.lengths(prepared.dataset))
     loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=method.collate))
-    model = accelerator.prepare_model(model, evaluation_mode=True)
-    method.on_eval_start(model, AccelerateRuntime(accelerator))
     metrics, outputs = run_evaluation(accelerator, method, model, loader)
 
     is_file = Path(source).expanduser().is_file()
@@ -91,8 +82,14 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     label = f"{label}-holdout" if split == "holdout" and is_file else label
     out_dir = Path(ev.output_dir) if ev.output_dir else run_dir / "eval" / _slug(label)
     result = {"metrics": metrics, "data": source, "split": split, "model": str(model_path), "report": prepared.report}
+    if grouping is not None:
+        result.update(grouped_results(method, outputs, grouping))
+    calibration = method.figure_data(outputs).get("calibration") if outputs else None
+    if calibration:  # the reliability table behind the ECE: predicted against observed win rate per bin
+        result["calibration"] = calibration["bins"]
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        result["figures"] = [p.name for p in write_figures(out_dir, method, outputs)]
         write_json_atomic(out_dir / "metrics.json", result)
         if ev.write_predictions:
             records = method.predictions(outputs)
@@ -100,5 +97,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         log.info("eval of %s on %s: %d %s", model_path, name, prepared.report["used"], method.item_name)
         for key, value in metrics.items():
             log.info("  %-14s %.6g", key, value)
+        if grouping is not None:
+            write_group_report(out_dir, result, method)
         log.info("written to %s", out_dir)
     return result

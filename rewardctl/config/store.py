@@ -40,6 +40,8 @@ def register() -> None:
     store.store(name="run_schema", node=schema.RunConfig)
     store.store(name="eval_schema", node=schema.EvalConfig)
     store.store(name="export_schema", node=schema.ExportConfig)
+    store.store(name="score_schema", node=schema.ScoreConfig)
+    store.store(name="serve_schema", node=schema.ServeConfig)
     if not OmegaConf.has_resolver("rewardctl.asset"):
         OmegaConf.register_new_resolver("rewardctl.asset", asset_path)
     if not OmegaConf.has_resolver("rewardctl.sample"):

@@ -13,7 +13,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from rewardctl.config.schema import DType, EvalConfig, ExportConfig, RunConfig
+from rewardctl.config.schema import (
+    DType,
+    EvalConfig,
+    ExportConfig,
+    RunConfig,
+    ScoreConfig,
+    ServeConfig,
+    TrainedModelSource,
+)
 from rewardctl.errors import ConfigError
 
 SWITCH_VALUES = ("auto", "true", "false")
@@ -198,6 +206,43 @@ def to_eval_config(cfg: DictConfig) -> EvalConfig:
     return ev
 
 
+def _check_model_source(source: TrainedModelSource) -> None:
+    _require(
+        (source.run_dir is None) != (source.model_dir is None),
+        "run_dir",
+        "name one of run_dir=<run directory> or model_dir=<saved model directory>",
+    )
+    if source.run_dir is not None:
+        _check_run_dir(source.run_dir)
+    _require(
+        source.checkpoint is None or source.run_dir is not None,
+        "checkpoint",
+        "needs run_dir= (a model_dir is one model)",
+    )
+    _require(source.max_length is None or source.max_length >= 1, "max_length", "must be >= 1")
+
+
+def to_score_config(cfg: DictConfig) -> ScoreConfig:
+    sc: ScoreConfig = _to_object(cfg)
+    _check_model_source(sc)
+    for key in ("batch_size", "max_rows"):
+        value = getattr(sc, key)
+        _require(value is None or value >= 1, key, "must be >= 1")
+    if sc.output not in (None, "-"):
+        _require(Path(sc.output).suffix in (".jsonl", ".parquet"), "output", "must end in .jsonl or .parquet (or be -)")
+    return sc
+
+
+def to_serve_config(cfg: DictConfig) -> ServeConfig:
+    sv: ServeConfig = _to_object(cfg)
+    _check_model_source(sv)
+    _require(0 <= sv.port <= 65535, "port", f"must be in [0, 65535] (got {sv.port})")
+    for key in ("max_batch_rows", "max_request_rows", "max_body_bytes"):
+        _require(getattr(sv, key) >= 1, key, "must be >= 1")
+    _require(sv.max_wait_ms >= 0, "max_wait_ms", "must be >= 0")
+    return sv
+
+
 def to_export_config(cfg: DictConfig) -> ExportConfig:
     ex: ExportConfig = _to_object(cfg)
     _check_run_dir(ex.run_dir)
@@ -211,14 +256,18 @@ def read_run_config(path: Path) -> DictConfig:
     from rewardctl.config.store import register
 
     register()
-    raw = OmegaConf.load(path)
+    return run_config_node(OmegaConf.load(path), str(path))
+
+
+def run_config_node(raw: DictConfig, origin: str) -> DictConfig:
+    """``raw`` (a saved or synthesized run config) merged onto the schema, as ``read_run_config``."""
     base = OmegaConf.structured(RunConfig)
     try:
         merged = OmegaConf.merge(
             base, OmegaConf.masked_copy(raw, [k for k in raw.keys() if k not in ("method", "peft")])
         )
     except OmegaConfBaseException as exc:
-        raise ConfigError(str(getattr(exc, "full_key", path)), str(exc).splitlines()[0]) from None
+        raise ConfigError(str(getattr(exc, "full_key", origin)), str(exc).splitlines()[0]) from None
     merged.method = raw.method
     merged.peft = raw.peft
     return merged

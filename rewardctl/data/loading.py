@@ -307,10 +307,10 @@ def load_json_in_python(files: list[Path], source: str, bad_rows: BadRows) -> Da
         first = json.loads(rows[0][ROW_ERROR_COLUMN])
         named = DataError(source, first["reason"], row=1, field=first["field"])
         raise DataError(source, f"no usable rows: all {len(rows)} rows are malformed (first: {named})")
-    return _dataset_from_records(rows)
+    return dataset_from_records(rows)
 
 
-def _dataset_from_records(rows: list[dict[str, Any]]) -> Dataset:
+def dataset_from_records(rows: list[dict[str, Any]]) -> Dataset:
     """Columns typed by Arrow where every value has one JSON shape; a column whose shape varies (a
     string here, a chat list there; true next to 1.5) is kept as exact JSON text (a Json column):
     Arrow would cast true to 1.0, and datasets would read the string "1" as the number 1."""

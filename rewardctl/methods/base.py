@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from rewardctl.config.schema import MethodConfig, RunConfig
 
 
+#: The checkpoint key of the reward statistics (``Method.checkpoint_state``).
+REWARD_STATS_KEY = "reward_stats.mean_std"
+
+
 class Reduce(str, Enum):
     """How the loop combines a metric over micro-batches, log windows and processes."""
 
@@ -110,6 +114,9 @@ class Method(ABC):
     config_class: ClassVar[type]
     #: Metric drawn next to the loss in curves.png and shown in the end-of-run summary.
     primary_metric: ClassVar[str] = "accuracy"
+    #: Whether a larger ``primary_metric`` is better (accuracy, Spearman); False for a loss-like one.
+    #: The sweep report ranks the jobs of a sweep by it.
+    primary_metric_higher_is_better: ClassVar[bool] = True
     #: What ``batch_weight`` counts, used to name throughput (e.g. pairs_per_sec).
     item_name: ClassVar[str] = "items"
     #: Whether ``build_model``/``save_model``/``load_trained`` handle PEFT adapters (peft=lora).
@@ -130,6 +137,8 @@ class Method(ABC):
         self.cfg = cfg
         self.run = run
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        #: ``reward_mean`` / ``reward_std`` of the last eval (``record_reward_stats``), or None.
+        self.reward_normalization: dict[str, float] | None = None
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
@@ -230,9 +239,68 @@ class Method(ABC):
     def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
         """Aggregate metrics from all gathered per-item outputs of the eval set."""
 
+    def figure_data(self, outputs: dict[str, Tensor]) -> dict[str, Any]:  # noqa: ARG002 - the hook's signature
+        """The series behind the end-of-run and ``rewardctl eval`` pictures, from the gathered eval
+        outputs: plain numbers and lists keyed by picture, so the method decides what is worth drawing
+        while all plotting stays in ``rewardctl.training.figures`` (methods import no matplotlib).
+
+        - ``reward_histogram``: ``{"title", "panels": [{"title"?, "xlabel", "series": {label: [x]},
+          "markers"?: {label: x}}]}``: distributions overlaid per panel, a vertical line per marker.
+        - ``calibration``: ``{"title"?, "bins": calibration_table(...), "ece": float, "pairs": int}``.
+        - ``step_accuracy``: ``{"title", "steps": [tick labels], "accuracy": [...], "count": [...],
+          "majority": [...]}``: per step index, over the rows that have that step.
+        - ``prediction_scatter``: ``{"title", "panels": [{"title", "target": [...], "prediction": [...]}]}``.
+
+        ``{}`` (the default, e.g. a user's own method): no pictures."""
+        return {}
+
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:  # noqa: ARG002 - the hook's signature
         """One JSON-able record per eval row for ``rewardctl eval``'s predictions.jsonl."""
         return []
+
+    # ---- scoring new rows (rewardctl score / serve) --------------------------------------------
+    #: Output columns of ``score_records`` holding rewards: ``normalize=true`` rescales them by the
+    #: saved ``reward_mean`` / ``reward_std`` (numbers, or lists of numbers).
+    reward_columns: ClassVar[tuple[str, ...]] = ()
+
+    def score_prepare(self, dataset: Any, source: str) -> PreparedSplit:  # noqa: ARG002 - the hook's signature
+        """Tokenise rows to score, labelled or not, exactly as training built its sequences; raise
+        DataError / RowError as ``prepare`` does. Every feature row keeps ``ROW_COLUMN``."""
+        from rewardctl.errors import ConfigError
+
+        raise ConfigError("method", f"{self.cfg.name} models do not score new rows (no score_prepare)")
+
+    def score_lengths(self, dataset: Any) -> list[int] | None:
+        """Per-row padded cost of ``score_prepare``'s features, for length-grouped batches."""
+        return self.lengths(dataset)
+
+    def score_collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """A batch of ``score_prepare``'s features (default: the training collator)."""
+        return self.collate(features)
+
+    def score_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-row outputs (first dimension = rows, with ``row``), gathered like ``eval_step``'s."""
+        return self.eval_step(model, batch)
+
+    def score_records(self, outputs: dict[str, Tensor]) -> dict[int, dict[str, Any]]:  # noqa: ARG002 - the hook's signature
+        """The score columns of each scored row, keyed by its 0-based position in the scored rows."""
+        return {}
+
+    def reward_stats(self, outputs: dict[str, Tensor]) -> tuple[float, float] | None:  # noqa: ARG002 - a hook
+        """Mean and standard deviation of the reward ``score_records`` reports, over eval outputs:
+        saved with the model so scores can be normalised. None: the method has no scalar reward."""
+        return None
+
+    def record_reward_stats(self, outputs: dict[str, Tensor]) -> None:
+        """Keep the latest eval's reward statistics; they travel in checkpoints and the saved model."""
+        stats = self.reward_stats(outputs)
+        if stats is not None and all(v == v for v in stats):  # NaN-free
+            self.reward_normalization = {"reward_mean": float(stats[0]), "reward_std": float(stats[1])}
+
+    def adopt_reward_stats(self, facts: dict[str, Any]) -> None:
+        """Take back ``reward_mean`` / ``reward_std`` from a saved model's metadata."""
+        if facts.get("reward_mean") is not None and facts.get("reward_std") is not None:
+            self.reward_normalization = {"reward_mean": facts["reward_mean"], "reward_std": facts["reward_std"]}
 
     # ---- state carried in checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
@@ -241,6 +309,22 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what ``state_dict`` returned."""
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """What a checkpoint holds of the method: its ``state_dict`` plus the reward statistics."""
+        state = dict(self.state_dict())
+        if self.reward_normalization is not None:
+            stats = self.reward_normalization
+            state[REWARD_STATS_KEY] = torch.tensor([stats["reward_mean"], stats["reward_std"]], dtype=torch.float64)
+        return state
+
+    def restore_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        """Take back what ``checkpoint_state`` wrote."""
+        state = dict(state)
+        stats = state.pop(REWARD_STATS_KEY, None)
+        if stats is not None:
+            self.reward_normalization = {"reward_mean": float(stats[0]), "reward_std": float(stats[1])}
+        self.load_state_dict(state)
 
     def on_train_start(self, model: nn.Module, runtime: Runtime, *, resuming: bool) -> None:
         """Hook after the model is placed and before the first step, while ``model`` still holds the

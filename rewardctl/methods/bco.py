@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from rewardctl.config.schema import MethodConfig, RunConfig
+from rewardctl.data.prepare import require_columns
 from rewardctl.errors import ConfigError, DataError
-from rewardctl.methods.base import Metric, Runtime, StepOutput
+from rewardctl.methods.base import Metric, PreparedSplit, Runtime, StepOutput
 from rewardctl.methods.policy import (
     LocalRuntime,
     PolicyMethod,
@@ -380,6 +381,27 @@ class BcoMethod(PolicyMethod):
             )
         return metrics
 
+    def figure_data(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
+        """Desirable against undesirable implicit rewards with delta, the classifier's threshold, drawn
+        in: a row is called desirable when its reward lies right of the line."""
+        rewards, labels = outputs["reward"].double(), outputs["label"].bool()
+        if rewards.numel() == 0:
+            return {}
+        delta = self.delta.value
+        correct = torch.where(labels, rewards > delta, rewards < delta).double().mean().item()
+        return {
+            "reward_histogram": {
+                "title": f"Eval implicit rewards, {rewards.numel()} rows: on their side of δ in {correct:.1%}",
+                "panels": [
+                    {
+                        "xlabel": "implicit reward r = β·(log π − log π_ref)",
+                        "series": {"desirable": rewards[labels].tolist(), "undesirable": rewards[~labels].tolist()},
+                        "markers": {f"δ = {delta:.4g}": delta},
+                    }
+                ],
+            }
+        }
+
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         rows = outputs.get("row")
         delta = self.delta.value
@@ -404,6 +426,36 @@ class BcoMethod(PolicyMethod):
                 }
             )
         return sorted(records, key=lambda record: (record["row"], not record["label"]))
+
+    # ---- scoring new rows ----------------------------------------------------------------------
+    reward_columns = ("reward",)
+
+    def score_prepare(self, dataset: Any, source: str) -> PreparedSplit:
+        """Rows of ``prompt`` + ``completion`` (a ``label`` is optional and ignored for the scores)."""
+        require_columns(dataset, source, ("prompt", "completion"))
+        if "label" not in dataset.column_names:
+            dataset = dataset.add_column("label", [True] * len(dataset))
+        return self.prepare(dataset, source, training=False)
+
+    def score_records(self, outputs: dict[str, Tensor]) -> dict[int, dict[str, Any]]:
+        """``reward = beta * log(pi / pi_ref) - delta`` and the classifier's P(desirable) = sigma(reward)."""
+        delta = self.delta.value
+        records = {}
+        for i, row in enumerate(outputs["row"].tolist()):
+            implicit = float(outputs["reward"][i])
+            shifted = torch.tensor(implicit - delta, dtype=torch.float64)
+            records[int(row)] = {
+                "reward": float(shifted),
+                "probability": float(torch.sigmoid(shifted)),
+                "implicit_reward": implicit,
+                "logp": float(outputs["logps"][i]),
+                "ref_logp": float(outputs["ref_logps"][i]),
+            }
+        return records
+
+    def reward_stats(self, outputs: dict[str, Tensor]) -> tuple[float, float]:
+        rewards = outputs["reward"].double() - self.delta.value
+        return rewards.mean().item(), rewards.std(unbiased=False).item()
 
     # ---- state carried in checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

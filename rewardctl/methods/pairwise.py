@@ -18,6 +18,7 @@ from rewardctl.data.prepare import ROW_COLUMN, cells_are_text, featurize_split, 
 from rewardctl.data.text import Fit, SequenceEncoder, check_number, check_token_ids, is_conversational
 from rewardctl.errors import ConfigError, RowError
 from rewardctl.methods.base import Metric, PreparedSplit, StepOutput, feature_key, within_chance
+from rewardctl.methods.calibration import calibration_table, expected_calibration_error
 from rewardctl.methods.scalar import PREFIX_COLUMN, ScalarRewardMethod
 from rewardctl.modeling.tokenizer import tokenizer_identity
 
@@ -192,7 +193,29 @@ class PairwiseMethod(ScalarRewardMethod):
             "reward_std": rewards.std(unbiased=False).item(),
             "reward_min": rewards.min().item(),
             "reward_max": rewards.max().item(),
+            # How far P(chosen wins) = sigma(r_c - r_r) is from the observed win rate (0: calibrated).
+            "ece": expected_calibration_error(chosen, rejected),
             "pairs": float(chosen.numel()),
+        }
+
+    def figure_data(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
+        """Chosen against rejected rewards (how far apart the two sides sit, not only how often they
+        are ordered right) and the reliability of sigma(r_c - r_r) as a win probability."""
+        chosen, rejected = outputs["chosen_reward"].double(), outputs["rejected_reward"].double()
+        pairs = chosen.numel()
+        if pairs == 0:
+            return {}
+        won = (chosen > rejected).double().mean().item()
+        return {
+            "reward_histogram": {
+                "title": f"Eval rewards, {pairs} pairs: chosen above rejected in {won:.1%}",
+                "panels": [{"xlabel": "reward", "series": {"chosen": chosen.tolist(), "rejected": rejected.tolist()}}],
+            },
+            "calibration": {
+                "bins": calibration_table(chosen, rejected),
+                "ece": expected_calibration_error(chosen, rejected),
+                "pairs": pairs,
+            },
         }
 
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
@@ -210,6 +233,10 @@ class PairwiseMethod(ScalarRewardMethod):
                 }
             )
         return sorted(records, key=lambda record: record["row"])
+
+    def reward_stats(self, outputs: dict[str, Tensor]) -> tuple[float, float]:
+        rewards = torch.cat([outputs["chosen_reward"], outputs["rejected_reward"]]).double()
+        return rewards.mean().item(), rewards.std(unbiased=False).item()
 
 
 def _refuse_identical(field: str, truncation: Truncation) -> None:

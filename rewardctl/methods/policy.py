@@ -384,7 +384,9 @@ class PolicyMethod(Method):
 
     def load_trained(self, path: Path) -> nn.Module:
         model = load_causal_lm(path, self.run.model, disable_dropout=self.cfg.disable_dropout)
-        self.restore_saved_meta(read_saved_meta(path))
+        saved = read_saved_meta(path)
+        self.restore_saved_meta(saved)
+        self.adopt_reward_stats(saved)
         return model
 
     def saved_meta(self) -> dict[str, Any]:
@@ -401,7 +403,7 @@ class PolicyMethod(Method):
             self.tokenizer,
             path,
             self.run.model,
-            meta=self.saved_meta(),
+            meta={**self.saved_meta(), **(self.reward_normalization or {})},
             state_dict=state_dict,
             save_merged=wants_merged_copy(self.run.peft),
         )

@@ -374,6 +374,38 @@ class PrmMethod(Method):
     def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
         return step_metrics(outputs)
 
+    #: Step indices drawn one by one in step_accuracy.png; later steps share the last point (readable).
+    figure_steps = 30
+
+    def figure_data(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
+        """Accuracy of step k over the rows that have a step k, beside how many do and the majority
+        baseline at k: where in a chain the model stops telling right from wrong, which one overall
+        step accuracy hides (later steps are rarer and more often wrong)."""
+        present = outputs["present"].bool()
+        if not present.any():
+            return {}
+        gold = (outputs["step_label"] == 1) & present
+        right = ((outputs["step_prob"] > 0.5) == (outputs["step_label"] == 1)) & present
+        width = int(present.sum(1).max())
+        shown = min(width, self.figure_steps)
+        series: dict[str, list[Any]] = {"steps": [], "accuracy": [], "count": [], "majority": []}
+        for k in range(shown):
+            last = k == shown - 1 and width > shown
+            columns = slice(k, None) if last else slice(k, k + 1)
+            steps = int(present[:, columns].sum())
+            share = int(gold[:, columns].sum()) / steps
+            series["steps"].append(f"{k + 1}+" if last else str(k + 1))
+            series["accuracy"].append(int(right[:, columns].sum()) / steps)
+            series["count"].append(int(present[:, k].sum()))  # rows that have this step (1-based k + 1)
+            series["majority"].append(max(share, 1 - share))
+        total = int(present.sum())
+        share = int(gold.sum()) / total
+        title = (
+            f"Per-step eval accuracy, {present.shape[0]} rows / {total} steps: {int(right.sum()) / total:.1%} "
+            f"overall (majority baseline {max(share, 1 - share):.1%})"
+        )
+        return {"step_accuracy": {"title": title, **series}}
+
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         present = outputs["present"].bool()
         first_gold, first_pred = first_errors(outputs)
@@ -391,6 +423,27 @@ class PrmMethod(Method):
                 }
             )
         return sorted(records, key=lambda record: record["row"])
+
+    def score_prepare(self, dataset: Any, source: str) -> PreparedSplit:
+        """Rows of ``prompt`` + ``completions`` (steps), labels optional: unlabelled steps are scored
+        with placeholder labels, which only mark where each step ends."""
+        if "labels" not in dataset.column_names and {"prompt", "completions"} <= set(dataset.column_names):
+            placeholders = [[True] * len(c) if isinstance(c, list) else None for c in dataset["completions"]]
+            dataset = dataset.add_column("labels", placeholders)
+        return self.prepare(dataset, source, training=False)
+
+    def score_records(self, outputs: dict[str, Tensor]) -> dict[int, dict[str, Any]]:
+        """P(step correct) of every step within the budget, and the first step the model calls wrong
+        (1-based; null: none)."""
+        present = outputs["present"].bool()
+        _, first_pred = first_errors(outputs)
+        return {
+            int(outputs["row"][b]): {
+                "step_probs": [float(p) for p in outputs["step_prob"][b, : int(present[b].sum())]],
+                "predicted_first_error": _one_based(first_pred[b]),
+            }
+            for b in range(present.shape[0])
+        }
 
 
 def _one_based(index: Tensor) -> int | None:

@@ -265,6 +265,33 @@ class RanklistMethod(ScalarRewardMethod):
             "pairs": float(quality["pairs"].sum().item()),
         }
 
+    #: Ranks drawn one by one in reward_histogram.png; lower ranks share the last series (readable).
+    figure_ranks = 5
+
+    def figure_data(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
+        """Rewards per gold rank (1 = best): well-ranked lists show the series stacked left to right."""
+        ranks = self._ranks(outputs)
+        rewards = outputs["rewards"].double()
+        lowest = int(ranks.max()) if ranks.numel() else PAD_RANK
+        if lowest == PAD_RANK:
+            return {}
+        series = {}
+        for rank in range(min(lowest + 1, self.figure_ranks)):
+            merged = rank == self.figure_ranks - 1 and lowest > rank
+            members = ranks >= rank if merged else ranks == rank
+            label = (
+                f"ranks {rank + 1}-{lowest + 1}" if merged else f"rank {rank + 1}" + (" (best)" if rank == 0 else "")
+            )
+            series[label] = rewards[members].tolist()
+        quality = list_metrics(rewards, ranks)
+        accuracy = (quality["correct_pairs"].sum().double() / quality["pairs"].sum().clamp(min=1)).item()
+        return {
+            "reward_histogram": {
+                "title": f"Eval rewards by gold rank, {ranks.shape[0]} lists: pairs ordered right {accuracy:.1%}",
+                "panels": [{"xlabel": "reward", "series": series}],
+            }
+        }
+
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         """Per list: rewards in the file's response order, and how well they rank the list."""
         ranks = self._ranks(outputs)
@@ -291,6 +318,10 @@ class RanklistMethod(ScalarRewardMethod):
                 }
             )
         return sorted(records, key=lambda record: record["row"])
+
+    def reward_stats(self, outputs: dict[str, Tensor]) -> tuple[float, float]:
+        flat = outputs["rewards"].double()[self._ranks(outputs) != PAD_RANK]
+        return flat.mean().item(), flat.std(unbiased=False).item()
 
 
 def _refuse_contradictions(

@@ -402,6 +402,37 @@ class RegressionMethod(ScalarRewardMethod):
         metrics["pairs"] = float(pairs)  # of the last attribute (each one's count: pairs_<name>)
         return metrics
 
+    def figure_data(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
+        """Per attribute, predicted against target scores on the data's scale: their distributions
+        (a head squeezed to the mean shows as a narrow spike) and each response as a point."""
+        predictions, targets = outputs["prediction"].double(), outputs["target"].double()
+        responses = predictions.shape[0]
+        if responses == 0:
+            return {}
+        histograms, scatters = [], []
+        for a, name in enumerate(self.output_labels):
+            p, t = predictions[:, a], targets[:, a]
+            histograms.append(
+                {"title": name, "xlabel": "score", "series": {"target": t.tolist(), "prediction": p.tolist()}}
+            )
+            scatters.append(
+                {
+                    "title": f"{name}: Spearman {spearman(p, t):.3f}, MAE {(p - t).abs().mean().item():.3g}",
+                    "target": t.tolist(),
+                    "prediction": p.tolist(),
+                }
+            )
+        return {
+            "reward_histogram": {
+                "title": f"Eval predictions against targets, {responses} responses",
+                "panels": histograms,
+            },
+            "prediction_scatter": {
+                "title": f"Predicted against target scores, {responses} responses",
+                "panels": scatters,
+            },
+        }
+
     def predictions(self, outputs: dict[str, Tensor]) -> list[dict[str, Any]]:
         rows = outputs.get("row")
         records = []
@@ -414,6 +445,17 @@ class RegressionMethod(ScalarRewardMethod):
                 }
             )
         return sorted(records, key=lambda record: record["row"])
+
+    def scored_values(self, rewards: Tensor) -> Tensor:
+        """Scores on the data's scale, one column per attribute."""
+        return self._unscaled(rewards.double()).float()
+
+    def reward_stats(self, outputs: dict[str, Tensor]) -> tuple[float, float] | None:
+        """Of the one predicted attribute; None with several (each keeps its own scale)."""
+        predictions = outputs["prediction"].double().reshape(outputs["prediction"].shape[0], -1)
+        if predictions.shape[1] != 1:
+            return None
+        return predictions.mean().item(), predictions.std(unbiased=False).item()
 
     # ---- what travels with the model and the checkpoints ------------------------------------------------
     def load_trained(self, path: Any) -> nn.Module:

@@ -19,8 +19,17 @@ from transformers import PreTrainedTokenizerBase
 from rewardctl.config.schema import RunConfig, Truncation
 from rewardctl.data.collate import pad_sequences
 from rewardctl.data.packing import PAD_SEGMENT, concat_sequences, pack_rows
+from rewardctl.data.prepare import ROW_COLUMN
 from rewardctl.errors import ConfigError
-from rewardctl.methods.base import Method
+from rewardctl.methods.base import Method, PreparedSplit
+from rewardctl.methods.scoring import (
+    REWARD_COLUMNS,
+    SCORE_IDS,
+    prepare_responses,
+    records_from_outputs,
+    response_layout,
+    rows_of_rewards,
+)
 from rewardctl.modeling.adapters import quantization_config, read_saved_meta, wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.sequence import (
     REWARD_LABELS,
@@ -170,7 +179,9 @@ class ScalarRewardMethod(Method):
 
     def load_trained(self, path: Path) -> nn.Module:
         classifier = load_saved_classifier(path, self.run.model, labels=self.output_labels)
-        self.restore_facts(read_saved_meta(path))
+        saved = read_saved_meta(path)
+        self.restore_facts(saved)
+        self.adopt_reward_stats(saved)
         return self._wrap(classifier)
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
@@ -182,7 +193,7 @@ class ScalarRewardMethod(Method):
             method=self.cfg.name,
             state_dict=state_dict,
             save_merged=wants_merged_copy(self.run.peft),
-            facts=self.saved_facts(),
+            facts={**self.saved_facts(), **(self.reward_normalization or {})},
         )
 
     def saved_facts(self) -> dict[str, Any]:
@@ -192,6 +203,52 @@ class ScalarRewardMethod(Method):
 
     def restore_facts(self, facts: dict[str, Any]) -> None:
         """Take back what ``saved_facts`` wrote, when a saved model is loaded (``rewardctl eval``)."""
+
+    # ---- scoring new rows (rewardctl score / serve) --------------------------------------------
+    reward_columns = REWARD_COLUMNS
+
+    def score_prepare(self, dataset: Any, source: str) -> PreparedSplit:
+        self._score_layout = response_layout(dataset, source)
+        return prepare_responses(dataset, source, self._score_layout, self.tokenizer, self.run)
+
+    def score_lengths(self, dataset: Any) -> list[int]:
+        """A row's cost in a batch: its packed length with a shared prefix, else its longest response."""
+        if self.shares_prefix:
+            return self.packed_lengths(dataset, (SCORE_IDS,))
+        totals = dataset.with_format("arrow")[:][SCORE_IDS].combine_chunks()
+        import pyarrow.compute as pc
+
+        tokens = pc.list_value_length(totals.flatten()).to_numpy(zero_copy_only=False)
+        return np.maximum.reduceat(tokens, totals.offsets.to_numpy()[:-1]).tolist()
+
+    def score_collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
+        batch = self.response_batch([f[SCORE_IDS] for f in features], response_major=False)
+        batch["score_counts"] = torch.tensor([len(f[SCORE_IDS]) for f in features], dtype=torch.long)
+        batch["row"] = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
+        return batch
+
+    def scored_values(self, rewards: Tensor) -> Tensor:
+        """The model's outputs (responses, outputs) as the values to report; a method whose outputs
+        are on another scale (regression's standardised targets) maps them back."""
+        return rewards
+
+    def score_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        counts = batch["score_counts"]
+        rewards = self.rewards(model, batch).float().reshape(int(counts.sum()), -1)
+        values = self.scored_values(rewards)
+        values = values.squeeze(-1) if values.shape[-1] == 1 else values
+        scores, present = rows_of_rewards(values, counts)
+        return {"scores": scores, "present": present.long(), "row": batch["row"]}
+
+    def score_records(self, outputs: dict[str, Tensor]) -> dict[int, dict[str, Any]]:
+        labels = self.output_labels
+
+        def convert(value: Tensor) -> Any:
+            if value.ndim == 0:
+                return float(value)
+            return dict(zip(labels, (float(v) for v in value), strict=True))
+
+        return records_from_outputs(outputs, self._score_layout, convert)
 
 
 def _row_token_counts(dataset: Any, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

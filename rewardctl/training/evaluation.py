@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -30,17 +30,28 @@ def concat_ragged(chunks: list[Tensor]) -> Tensor:
     return torch.cat(padded)
 
 
-def run_evaluation(
-    accelerator: Accelerator, method: Method, model: nn.Module, loader: Iterable
-) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Collective: gathers per-item outputs from every process (duplicates from uneven sharding
-    removed by ``gather_for_metrics``) and lets the method aggregate them."""
+def gather_outputs(
+    accelerator: Accelerator,
+    step: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]],
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Collective: ``step``'s per-item outputs of every batch from every process, on the CPU, with
+    the duplicates of uneven sharding removed by ``gather_for_metrics``. ``progress``: a bar on the
+    main process (``rewardctl score``)."""
     was_training = model.training
     model.eval()
     chunks: dict[str, list[Tensor]] = defaultdict(list)
+    batches = loader
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="scoring", unit="batch", disable=None)
     with torch.no_grad(), preserved_rng(accelerator):
-        for batch in loader:
-            out = {k: v.detach() for k, v in method.eval_step(model, batch).items()}
+        for batch in batches:
+            out = {k: v.detach() for k, v in step(model, batch).items()}
             if accelerator.num_processes > 1:
                 out = {k: accelerator.pad_across_processes(v, dim=1) if v.ndim > 1 else v for k, v in out.items()}
             out = accelerator.gather_for_metrics(out)
@@ -48,5 +59,12 @@ def run_evaluation(
                 chunks[key].append(value.cpu())
     if was_training:
         model.train()
-    outputs = {key: concat_ragged(values) for key, values in chunks.items()}
+    return {key: concat_ragged(values) for key, values in chunks.items()}
+
+
+def run_evaluation(
+    accelerator: Accelerator, method: Method, model: nn.Module, loader: Iterable
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Collective: the method's eval outputs of every item (``gather_outputs``) and its metrics."""
+    outputs = gather_outputs(accelerator, method.eval_step, model, loader)
     return method.eval_metrics(outputs), outputs

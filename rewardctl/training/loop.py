@@ -60,6 +60,7 @@ class LoopResult:
     skipped_steps: int = 0
     message: str | None = None  # why a diverged run stopped: one line with what to try
     signal: str | None = None  # the signal that interrupted the run, e.g. "SIGTERM"
+    eval_outputs: dict[str, Any] | None = None  # per-item outputs of the last eval (pictures)
 
 
 @dataclass
@@ -114,6 +115,8 @@ class TrainingLoop:
         self.micro_batches = 0
         self.train_seconds = 0.0
         self.evals: list[dict[str, Any]] = []
+        #: The per-item outputs of the latest eval (the end-of-run pictures are drawn from them).
+        self.last_eval_outputs: dict[str, torch.Tensor] | None = None
         self.last_train: dict[str, Any] = {}
         self._mark = time.perf_counter()
         self._window_seconds = 0.0
@@ -184,7 +187,7 @@ class TrainingLoop:
             self.checkpoint_root,
             self.step,
             self._trainer_state(),
-            self.method.state_dict(),
+            self.method.checkpoint_state(),
             self.cfg.keep_checkpoints,
             process_state=self._process_state(),
         )
@@ -203,7 +206,7 @@ class TrainingLoop:
         self.tracker.load_window_state(process_state.get("window", {}))
         self._grad_norms = [torch.tensor(g) for g in process_state.get("grad_norms", [])]
         self._window_seconds = process_state.get("window_seconds", 0.0)
-        self.method.load_state_dict(method_state)
+        self.method.restore_checkpoint_state(method_state)
         self.metrics_log.keep_until(self.step)
         self.evals = [r for r in self.metrics_log.records() if r.get("split") == "eval"]
         log.info("resumed from %s at step %d (epoch %.2f)", path, self.step, self.epoch)
@@ -247,7 +250,9 @@ class TrainingLoop:
 
     def evaluate(self) -> dict[str, Any]:
         start = time.perf_counter()
-        metrics, _ = run_evaluation(self.accelerator, self.method, self.model, self.eval_loader)
+        metrics, outputs = run_evaluation(self.accelerator, self.method, self.model, self.eval_loader)
+        self.method.record_reward_stats(outputs)  # saved with the model: scores can be normalised
+        self.last_eval_outputs = outputs
         record = {
             "step": self.step,
             "split": "eval",
@@ -511,6 +516,7 @@ class TrainingLoop:
             skipped_steps=self.guard.skipped_steps,
             message=message,
             signal=self._signal_name() if status == "interrupted" else None,
+            eval_outputs=self.last_eval_outputs,
         )
 
 

@@ -34,12 +34,14 @@ from rewardctl.methods.registry import build_method, to_run_config
 from rewardctl.modeling.common import check_max_length, count_parameters
 from rewardctl.training.checkpoint import register_scheduler
 from rewardctl.training.disk import check_room_on_every_process, run_footprint
+from rewardctl.training.figures import write_figures
 from rewardctl.training.guards import StoppedBeforeTraining
 from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
 from rewardctl.training.optim import build_optimizer, build_scheduler
 from rewardctl.training.plot import plot_curves
+from rewardctl.training.reward_stats import stats_from_train_sample
 from rewardctl.training.run_directory import RunDirectory, check_resume
 from rewardctl.training.runtime import (
     AccelerateRuntime,
@@ -126,7 +128,7 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: RunDir
         "es" if accelerator.num_processes > 1 else "",
     )
     result = loop.run()
-    return finish(result, method, run, accelerator, run_dir, parts, max_steps, metrics_log)
+    return finish(result, method, run, accelerator, run_dir, parts, max_steps, metrics_log, data)
 
 
 @dataclass
@@ -271,10 +273,13 @@ def finish(
     parts: TrainingParts,
     max_steps: int,
     metrics_log: MetricsLog,
+    data: RunData,
 ) -> dict[str, Any]:
     """Save the model of a completed run, then summary.json, the final curves and the console report."""
     peak_memory = peak_gpu_memory_gib(accelerator)  # training's peak, before gathering weights to save
     if result.status == "completed":  # never for diverged (possibly non-finite) or interrupted runs
+        if parts.eval_loader is None:  # the reward statistics saved with the model
+            stats_from_train_sample(method, run, accelerator, parts.model, data.train.dataset)
         state_dict = accelerator.get_state_dict(parts.model) if parts.sharded else None
         if run_dir.main:
             method.save_model(accelerator.unwrap_model(parts.model), run_dir.model_dir, state_dict=state_dict)
@@ -290,6 +295,8 @@ def finish(
         parameters=parts.parameters,
     )
     if run_dir.main:
+        if result.eval_outputs:  # the last eval's reward histogram, calibration, per-step accuracy
+            summary["figures"] = [p.name for p in write_figures(run_dir.path, method, result.eval_outputs)]
         run_dir.write_summary(summary)
         if metrics_log.records():
             draw_curves(metrics_log, method, run, run_dir)

@@ -96,4 +96,6 @@ def summary_lines(summary: dict[str, Any], method: Method) -> list[str]:
         kept = summary.get("checkpoint")
         lines.append(f"  no model saved; newest checkpoint: {kept}" if kept else "  no model and no checkpoint saved")
     lines.append(f"  metrics: {summary['run_dir']}/metrics.jsonl, curves: {summary['run_dir']}/curves.png")
+    if summary.get("figures"):
+        lines.append(f"  pictures of the last eval: {', '.join(summary['figures'])}")
     return lines

@@ -71,7 +71,7 @@ def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
             raise ConfigError("run_dir", str(exc)) from None
     weights = path / "model.safetensors"
     if (path / METHOD_STATE).is_file():  # e.g. BCO's delta; first, as it may shape the model (outputs)
-        method.load_state_dict(load_file(str(path / METHOD_STATE)))
+        method.restore_checkpoint_state(load_file(str(path / METHOD_STATE)))
     set_seed(run.train.seed)
     model = method.build_model()
     state = {re.sub(r"^(module\.)+", "", k): v for k, v in load_file(str(weights)).items()}

@@ -1,0 +1,191 @@
+"""`rewardctl score`: a trained model's scores for new rows equal `rewardctl eval`'s for the same rows,
+in every row shape; normalisation by the statistics saved with the model; stdin/stdout; bad rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from rewardctl.errors import ConfigError, DataError
+from rewardctl.evaluate import evaluate_run
+from rewardctl.export import export_run
+from rewardctl.score import score_rows
+
+from ..conftest import SAMPLES, cli, compose_eval, compose_export, compose_score, read_jsonl, run_training, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def pairwise_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _, run_dir = run_training(tmp_path_factory.mktemp("score"), ["train.max_steps=3", "data.max_eval_rows=48"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def eval_predictions(pairwise_run: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("eval")
+    evaluate_run(compose_eval([f"run_dir={pairwise_run}", f"output_dir={out}"]))
+    return read_jsonl(out / "predictions.jsonl")
+
+
+def eval_rows(predictions: list[dict]) -> list[dict]:
+    rows = read_jsonl(SAMPLES / "pairwise" / "eval.jsonl")
+    return [rows[p["row"] - 1] for p in predictions]
+
+
+def test_pairs_score_as_eval_and_the_saved_statistics_are_the_eval_sets(
+    pairwise_run: Path, eval_predictions: list[dict], tmp_path: Path
+):
+    rows = eval_rows(eval_predictions)
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    result = score_rows(compose_score([f"run_dir={pairwise_run}", f"dataset={source}"]))
+    out = pairwise_run / "scores" / "pairs.jsonl"
+    assert result == {"rows": 48, "scored": 48, "seconds": result["seconds"], "output": str(out)}
+    scored = read_jsonl(out)
+    for row, got, want in zip(rows, scored, eval_predictions, strict=True):
+        assert {k: got[k] for k in row} == row  # every input column kept as it was
+        assert got["chosen_reward"] == pytest.approx(want["chosen_reward"], abs=1e-5)
+        assert got["rejected_reward"] == pytest.approx(want["rejected_reward"], abs=1e-5)
+    rewards = torch.tensor([r[k] for r in scored for k in ("chosen_reward", "rejected_reward")], dtype=torch.float64)
+    saved = json.loads((pairwise_run / "model" / "config.json").read_text())["rewardctl"]
+    assert saved["reward_mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    assert saved["reward_std"] == pytest.approx(rewards.std(unbiased=False).item(), abs=1e-6)
+
+
+def test_single_responses_and_lists_score_like_the_pairs_and_normalize(
+    pairwise_run: Path, eval_predictions: list[dict], tmp_path: Path
+):
+    rows = eval_rows(eval_predictions)[:6]
+    singles = [{"prompt": r["prompt"], "response": r["chosen"], "id": i} for i, r in enumerate(rows)]
+    lists = [{"prompt": r["prompt"], "responses": [r["rejected"], r["chosen"]]} for r in rows]
+    out = tmp_path / "single.parquet"
+    score_rows(
+        compose_score(
+            [f"run_dir={pairwise_run}", f"dataset={write_jsonl(tmp_path / 's.jsonl', singles)}", f"output={out}"]
+        )
+    )
+    single = Dataset.from_parquet(str(out)).to_list()
+    assert [r["id"] for r in single] == list(range(6))
+    assert [r["reward"] for r in single] == pytest.approx([p["chosen_reward"] for p in eval_predictions[:6]], abs=1e-5)
+
+    score_rows(
+        compose_score(
+            [
+                f"run_dir={pairwise_run}",
+                f"dataset={write_jsonl(tmp_path / 'l.jsonl', lists)}",
+                f"output={tmp_path / 'l-out.jsonl'}",
+                "normalize=true",
+            ]
+        )
+    )
+    saved = json.loads((pairwise_run / "model" / "config.json").read_text())["rewardctl"]
+    for record, want in zip(read_jsonl(tmp_path / "l-out.jsonl"), eval_predictions, strict=False):
+        expected = [
+            (want[k] - saved["reward_mean"]) / saved["reward_std"] for k in ("rejected_reward", "chosen_reward")
+        ]
+        assert record["rewards"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_model_directory_alone_scores_as_its_run(pairwise_run: Path, eval_predictions: list[dict], tmp_path: Path):
+    """A copy of model/ outside any run: the method and budget come from its own config files."""
+    alone = tmp_path / "rm"
+    shutil.copytree(pairwise_run / "model", alone)
+    source = write_jsonl(tmp_path / "pairs.jsonl", eval_rows(eval_predictions)[:8])
+    score_rows(compose_score([f"model_dir={alone}", f"dataset={source}", f"output={tmp_path / 'o.jsonl'}"]))
+    got = read_jsonl(tmp_path / "o.jsonl")
+    assert [r["chosen_reward"] for r in got] == pytest.approx(
+        [p["chosen_reward"] for p in eval_predictions[:8]], abs=1e-5
+    )
+
+
+def test_an_export_scores_as_its_run_wherever_it_is_moved(
+    pairwise_run: Path, eval_predictions: list[dict], tmp_path: Path
+):
+    """An export carries the run's config (rewardctl_run.yaml) and its reward statistics."""
+    export_run(compose_export([f"run_dir={pairwise_run}", f"output_dir={tmp_path / 'exported'}"]))
+    moved = shutil.move(str(tmp_path / "exported"), str(tmp_path / "elsewhere"))
+    saved = json.loads((Path(moved) / "config.json").read_text())["rewardctl"]
+    assert (
+        saved["reward_std"]
+        == json.loads((pairwise_run / "model" / "config.json").read_text())["rewardctl"]["reward_std"]
+    )
+    source = write_jsonl(tmp_path / "pairs.jsonl", eval_rows(eval_predictions)[:8])
+    score_rows(compose_score([f"model_dir={moved}", f"dataset={source}", f"output={tmp_path / 'o.jsonl'}"]))
+    got = read_jsonl(tmp_path / "o.jsonl")
+    assert [r["rejected_reward"] for r in got] == pytest.approx(
+        [p["rejected_reward"] for p in eval_predictions[:8]], abs=1e-5
+    )
+
+
+def test_bad_rows_are_named_or_kept_with_null_scores(pairwise_run: Path, tmp_path: Path):
+    rows = [{"prompt": "Q", "response": " fine"}, {"prompt": "Q", "response": 7}, {"prompt": "Q", "response": " ok"}]
+    source = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl, row 2, field 'response'"):
+        score_rows(compose_score([f"run_dir={pairwise_run}", f"dataset={source}"]))
+    out = tmp_path / "kept.jsonl"
+    score_rows(compose_score([f"run_dir={pairwise_run}", f"dataset={source}", "bad_rows=skip", f"output={out}"]))
+    got = read_jsonl(out)
+    assert [r["response"] for r in got] == [" fine", 7, " ok"]
+    assert got[1]["reward"] is None and isinstance(got[0]["reward"], float) and isinstance(got[2]["reward"], float)
+    with pytest.raises(DataError, match="missing column 'responses'"):
+        score_rows(
+            compose_score([f"run_dir={pairwise_run}", f"dataset={write_jsonl(tmp_path / 'x.jsonl', [{'text': 'a'}])}"])
+        )
+    with pytest.raises(ConfigError, match="one of run_dir"):
+        score_rows(compose_score([f"dataset={source}"]))
+
+
+def test_stdin_to_stdout_through_the_command(pairwise_run: Path, eval_predictions: list[dict]):
+    rows = eval_rows(eval_predictions)[:3]
+    text = "".join(json.dumps({"prompt": r["prompt"], "response": r["chosen"]}) + "\n" for r in rows)
+    done = cli("score", f"run_dir={pairwise_run}", "data=-", "output=-", stdin=text)
+    assert done.returncode == 0, done.stderr
+    got = [json.loads(line) for line in done.stdout.splitlines()]  # stdout holds the scores only
+    assert [r["reward"] for r in got] == pytest.approx([p["chosen_reward"] for p in eval_predictions[:3]], abs=1e-5)
+    assert "scored 3 of 3 rows" in done.stderr
+    bad = cli("score", f"run_dir={pairwise_run}", "data=-", "output=-", stdin='{"response": "a"}\nnot json\n')
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "rewardctl: error: <stdin>, row 2: is not valid JSON"
+    )
+
+
+@pytest.mark.parametrize("method", ["prm", "bco"])
+def test_prm_and_bco_rows_score_as_eval(method: str, tmp_path: Path):
+    _, run_dir = run_training(tmp_path, [f"method={method}", "train.max_steps=2", "data.max_eval_rows=12"])
+    evaluate_run(compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}"]))
+    predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    raw = read_jsonl(SAMPLES / method / "eval.jsonl")
+    rows = [raw[p["row"] - 1] for p in predictions]
+    unlabelled = [{k: v for k, v in r.items() if k not in ("labels", "label")} for r in rows]
+    source = write_jsonl(tmp_path / "rows.jsonl", unlabelled)
+    score_rows(compose_score([f"run_dir={run_dir}", f"dataset={source}", f"output={tmp_path / 'o.jsonl'}"]))
+    got = read_jsonl(tmp_path / "o.jsonl")
+    if method == "prm":
+        for record, want in zip(got, predictions, strict=True):
+            assert record["step_probs"] == pytest.approx(want["step_probs"], abs=1e-5)
+            assert record["predicted_first_error"] == want["predicted_first_error"]
+    else:
+        delta = json.loads((run_dir / "model" / "config.json").read_text())["rewardctl"]["delta"]
+        for record, want in zip(got, predictions, strict=True):
+            assert record["reward"] == pytest.approx(want["reward"] - delta, abs=1e-5)
+            assert record["probability"] == pytest.approx(
+                1 / (1 + torch.exp(torch.tensor(delta - want["reward"])).item()), abs=1e-6
+            )
+
+
+def test_a_run_without_an_eval_set_saves_statistics_of_its_train_rows(tmp_path: Path):
+    """With data.max_train_rows under the sample size, the sample is every train row: the saved mean
+    and std are exactly those of the train rows' scores."""
+    overrides = ["train.max_steps=1", "data.eval=null", "data.max_train_rows=40", "train.per_device_batch_size=8"]
+    _, run_dir = run_training(tmp_path, overrides)
+    saved = json.loads((run_dir / "model" / "config.json").read_text())["rewardctl"]
+    rows = read_jsonl(SAMPLES / "pairwise" / "train.jsonl")[:40]
+    score_rows(compose_score([f"run_dir={run_dir}", f"dataset={write_jsonl(tmp_path / 't.jsonl', rows)}"]))
+    scored = read_jsonl(run_dir / "scores" / "t.jsonl")
+    rewards = torch.tensor([r[k] for r in scored for k in ("chosen_reward", "rejected_reward")], dtype=torch.float64)
+    assert saved["reward_mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    assert saved["reward_std"] == pytest.approx(rewards.std(unbiased=False).item(), abs=1e-6)
