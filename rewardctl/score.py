@@ -20,11 +20,11 @@ from typing import IO, Any
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from rewardctl.config.schema import RunConfig, ScoreConfig
+from rewardctl.config.schema import Layout, RunConfig, ScoreConfig
 from rewardctl.config.validate import to_score_config
-from rewardctl.data.loading import dataset_from_records
+from rewardctl.data.loading import dataset_from_records, rename_columns
 from rewardctl.data.splits import load_split
-from rewardctl.errors import DataError
+from rewardctl.errors import ConfigError, DataError
 from rewardctl.training.scorer import ScoredRows, has_reward_stats, no_reward_stats, open_model_source, prepare_rows
 from rewardctl.utils.fs import write_text_atomic
 
@@ -56,10 +56,26 @@ def read_stdin(stream: IO[bytes]) -> Dataset:
 
 def read_rows(sc: ScoreConfig, run: RunConfig) -> tuple[Dataset, str]:
     if sc.dataset == STDIN:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("data", "stdin (data=-) is read by one process; under torchrun name a file")
         rows, name = read_stdin(sys.stdin.buffer), "<stdin>"
     else:
-        data = run.data if sc.layout is None else replace(run.data, layout=sc.layout)
+        # New data: its format by its own suffix (not the run's layout), no hub config or revision of the
+        # training set; the run's column mapping is applied to the columns the rows have.
+        same = sc.dataset in (run.data.train, run.data.eval)
+        data = replace(
+            run.data,
+            layout=sc.layout or Layout.auto,
+            subset=run.data.subset if same else None,
+            revision=run.data.revision if same else None,
+            columns={},
+        )
         rows, name = load_split(data, sc.dataset, sc.split, mapping_required=False)
+    mapping = {
+        k: v for k, v in (run.data.columns or {}).items() if v in rows.column_names and k not in rows.column_names
+    }
+    if mapping:
+        rows = rename_columns(rows, mapping, name)
     if sc.max_rows:
         rows = rows.select(range(min(sc.max_rows, len(rows))))
     return rows, name
@@ -94,6 +110,23 @@ def merged_records(rows: Dataset, scored: ScoredRows) -> list[dict[str, Any]]:
     return records
 
 
+def parquet_ready(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Parquet wants one type per column: a column whose values differ in kind (a string here, a
+    number or a message list there, e.g. a bad row kept with bad_rows=skip) is written as JSON text."""
+    kinds: dict[str, set[type]] = {}
+    for record in records:
+        for key, value in record.items():
+            if value is not None:
+                kinds.setdefault(key, set()).add(type(value))
+    mixed = {key for key, seen in kinds.items() if len(seen) > 1 and not seen <= {int, float}}
+    if not mixed:
+        return records
+    return [
+        {k: json.dumps(v, ensure_ascii=False) if k in mixed and v is not None else v for k, v in r.items()}
+        for r in records
+    ]
+
+
 def write_records(records: list[dict[str, Any]], path: Path | None) -> None:
     if path is None:
         sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -102,7 +135,7 @@ def write_records(records: list[dict[str, Any]], path: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        Dataset.from_list(records).to_parquet(str(tmp))
+        Dataset.from_list(parquet_ready(records)).to_parquet(str(tmp))
         os.replace(tmp, path)
     else:
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from rewardctl.config.schema import BadRows
+from rewardctl.config.schema import BadRows, Overlength
 from rewardctl.config.validate import to_serve_config
 from rewardctl.data.loading import dataset_from_records
 from rewardctl.errors import ConfigError, RewardctlError
@@ -102,6 +102,18 @@ class MicroBatcher:
                         pending.future.set_exception(result)
                     else:
                         pending.future.set_result(result)
+
+    def stopped(self, task: asyncio.Task) -> None:
+        """The batching task ended (cancelled at shutdown, or a bug): say so, and fail what waits."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("the batching task failed: %r; requests can no longer be scored", error)
+        while not self.queue.empty():
+            pending = self.queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(BadRequest(503, "the server can no longer score; restart it"))
 
     def score_batch(self, batch: list[Pending]) -> list[Any]:
         """One pass over every request's rows; requests asking for normalisation get it per row."""
@@ -219,12 +231,27 @@ class ScoringService:
         columns = await self.scored(rows, bool(body.get("normalize", False)))
         return {"rewards": self.plain_rewards(columns)} if reply == "rewards" else {"scores": columns}
 
+    def plain_text(self, query: str) -> str:
+        """An OpenRLHF query is a decoded sequence with its special tokens: padding around it and a
+        leading BOS are removed (tokenising adds the BOS again; the EOS is appended as in training)."""
+        tokenizer = self.scorer.method.tokenizer
+        pad, bos = tokenizer.pad_token, tokenizer.bos_token
+        ends = [t for t in (pad, tokenizer.eos_token) if t]
+        while any(query.endswith(t) for t in ends):
+            query = query[: -len(next(t for t in ends if query.endswith(t)))]
+        while pad and query.startswith(pad):
+            query = query[len(pad) :]
+        if bos and query.startswith(bos):
+            query = query[len(bos) :]
+        return query
+
     async def get_reward(self, request: Any) -> dict[str, Any]:
         body = await self.body(request)
         queries = body.get("query") if isinstance(body, dict) else None
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
             raise BadRequest(400, "'query' must be a list of strings")
-        columns = await self.scored([{"response": q} for q in queries], bool(body.get("normalize", False)))
+        rows = [{"response": self.plain_text(q)} for q in queries]
+        columns = await self.scored(rows, bool(body.get("normalize", False)))
         return {"rewards": self.plain_rewards(columns)}
 
 
@@ -238,6 +265,7 @@ def build_app(scorer: Scorer, limits: Limits) -> Any:
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
         task = asyncio.create_task(service.batcher.run())
+        task.add_done_callback(service.batcher.stopped)
         yield
         task.cancel()
         service.batcher.worker.shutdown(wait=False)
@@ -280,6 +308,8 @@ def serve(cfg: DictConfig) -> None:
 
     disable_progress_bar()  # one tokenising bar per request would flood the server's log
     scorer.run.data.bad_rows = BadRows.error  # a bad row is the request's 400, never a silent null
+    scorer.run.data.overlength = Overlength.truncate  # a long text is truncated as in training, never dropped
+    scorer.run.data.num_proc = None  # tokenising a micro-batch in a process pool would cost more than it saves
     if scorer.accelerator.num_processes > 1:
         raise ConfigError("serve", "runs as one process; start one server per GPU behind a load balancer")
     app = build_app(scorer, Limits(sv.max_batch_rows, sv.max_wait_ms, sv.max_request_rows, sv.max_body_bytes))

@@ -310,10 +310,11 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what ``state_dict`` returned."""
 
-    def checkpoint_state(self) -> dict[str, Tensor]:
-        """What a checkpoint holds of the method: its ``state_dict`` plus the reward statistics."""
+    def checkpoint_state(self, *, with_reward_stats: bool = True) -> dict[str, Tensor]:
+        """What a checkpoint holds of the method: its ``state_dict`` plus the reward statistics, which
+        the loop includes only when they describe the weights saved (an eval at the checkpoint's step)."""
         state = dict(self.state_dict())
-        if self.reward_normalization is not None:
+        if with_reward_stats and self.reward_normalization is not None:
             stats = self.reward_normalization
             state[REWARD_STATS_KEY] = torch.tensor([stats["reward_mean"], stats["reward_std"]], dtype=torch.float64)
         return state

@@ -446,6 +446,8 @@ class RegressionMethod(ScalarRewardMethod):
             )
         return sorted(records, key=lambda record: record["row"])
 
+    scores_responses_alone = True  # trained on one response at a time, each fitted by itself
+
     def scored_values(self, rewards: Tensor) -> Tensor:
         """Scores on the data's scale, one column per attribute."""
         return self._unscaled(rewards.double()).float()

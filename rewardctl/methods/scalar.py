@@ -206,10 +206,14 @@ class ScalarRewardMethod(Method):
 
     # ---- scoring new rows (rewardctl score / serve) --------------------------------------------
     reward_columns = REWARD_COLUMNS
+    #: Fit each response of a scored row by itself (the method trains on single responses).
+    scores_responses_alone: bool = False
 
     def score_prepare(self, dataset: Any, source: str) -> PreparedSplit:
         self._score_layout = response_layout(dataset, source)
-        return prepare_responses(dataset, source, self._score_layout, self.tokenizer, self.run)
+        return prepare_responses(
+            dataset, source, self._score_layout, self.tokenizer, self.run, alone=self.scores_responses_alone
+        )
 
     def score_lengths(self, dataset: Any) -> list[int]:
         """A row's cost in a batch: its packed length with a shared prefix, else its longest response."""

@@ -72,9 +72,10 @@ def response_layout(dataset: Any, source: str) -> ResponseLayout:
 
 
 def prepare_responses(
-    dataset: Any, source: str, layout: ResponseLayout, tokenizer: Any, run: RunConfig
+    dataset: Any, source: str, layout: ResponseLayout, tokenizer: Any, run: RunConfig, *, alone: bool = False
 ) -> PreparedSplit:
-    """Tokenise and fit every row's responses as training does; bad rows by ``data.bad_rows``."""
+    """Tokenise and fit every row's responses as training does; bad rows by ``data.bad_rows``.
+    ``alone``: each response fitted by itself (a method that trains on single responses, regression)."""
     encoder = SequenceEncoder(tokenizer, run.model.max_length, run.data.overlength)
     has_prompt = "prompt" in dataset.column_names
     truncation = run.data.truncation
@@ -85,7 +86,11 @@ def prepare_responses(
         if len({is_conversational(r) for _, r in responses}) > 1:
             raise RowError(responses[-1][0], "mixes strings and chat message lists; a row must use one format")
         encoded = [encoder.encode(prompt, response, response_field=name) for name, response in responses]
-        fitted, fit = encoder.fit_group(encoded, truncation)
+        if alone:
+            fits = [encoder.fit(ids) for ids in encoded]
+            fitted, fit = [ids for ids, _ in fits], max((f for _, f in fits), key=int)
+        else:
+            fitted, fit = encoder.fit_group(encoded, truncation)
         return {SCORE_IDS: fitted, SCORE_PREFIX: shared_prefix_length(fitted)}, fit
 
     featurized, report = featurize_split(
@@ -94,7 +99,7 @@ def prepare_responses(
         source=source,
         bad_rows=run.data.bad_rows,
         num_proc=run.data.num_proc,
-        cache_key=("score", layout.fields, run.model.max_length, run.data.overlength, truncation)
+        cache_key=("score", layout.fields, alone, run.model.max_length, run.data.overlength, truncation)
         + (tokenizer_identity(tokenizer),),
     )
     report["layout"] = "/".join(layout.fields)

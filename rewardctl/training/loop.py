@@ -187,7 +187,7 @@ class TrainingLoop:
             self.checkpoint_root,
             self.step,
             self._trainer_state(),
-            self.method.checkpoint_state(),
+            self.method.checkpoint_state(with_reward_stats=self._last_eval == self.step),
             self.cfg.keep_checkpoints,
             process_state=self._process_state(),
         )

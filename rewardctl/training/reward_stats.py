@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,12 +29,16 @@ TRAIN_SAMPLE_ROWS = 512
 def stats_from_train_sample(method: Method, run: RunConfig, accelerator: Any, model: nn.Module, dataset: Any) -> None:
     """Collective (every process calls it): the final model scores a seeded sample of train rows and
     the method keeps the reward mean / std (``Method.record_reward_stats``)."""
+    if not method.reward_columns:  # no scalar reward to normalise (prm's step probabilities)
+        return
     sample = dataset.shuffle(seed=run.train.seed).select(range(min(len(dataset), TRAIN_SAMPLE_ROWS)))
     batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
     ordered = by_length(sample, method.lengths(sample))
     loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=method.collate))
     try:
         _, outputs = run_evaluation(accelerator, method, model, loader)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except RuntimeError as exc:  # e.g. BCO with precomputed reference tables and no eval split
         log.warning("no reward statistics saved with the model (%s); scores cannot be normalised", exc)
         return

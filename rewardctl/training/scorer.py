@@ -87,9 +87,11 @@ class Scorer:
         """Score features from ``prepare_rows`` (of ``rows`` input rows)."""
         batch_size = self.run.train.per_device_eval_batch_size or self.run.train.per_device_batch_size
         ordered = by_length(prepared.dataset, self.method.score_lengths(prepared.dataset))
-        loader = self.accelerator.prepare(
-            DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=self.method.score_collate)
-        )
+        loader = DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=self.method.score_collate)
+        if self.accelerator.num_processes > 1:
+            loader = self.accelerator.prepare(loader)  # sharded; accelerate keeps a reference (one-shot score)
+        else:  # never registered with the accelerator: a server scoring for days keeps no loader alive
+            loader = on_device(loader, self.accelerator.device)
         outputs = gather_outputs(self.accelerator, self.method.score_step, self.model, loader, progress=progress)
         records = self.method.score_records(outputs) if outputs else {}
         if normalize:
@@ -145,6 +147,12 @@ def open_run(
     method = build_method(run)
     use_saved_tokenizer(method, run, path)
     return OpenedRun(run, method, accelerator, path)
+
+
+def on_device(loader: Any, device: Any) -> Any:
+    """The batches of ``loader`` moved to ``device`` (what a prepared loader does on one process)."""
+    for batch in loader:
+        yield {key: value.to(device) for key, value in batch.items()}
 
 
 def no_reward_stats(path: Path) -> ConfigError:

@@ -15,6 +15,7 @@ from rewardctl.errors import ConfigError, DataError
 from rewardctl.evaluate import evaluate_run
 from rewardctl.export import export_run
 from rewardctl.score import score_rows
+from rewardctl.training.scorer import has_reward_stats
 
 from ..conftest import SAMPLES, cli, compose_eval, compose_export, compose_score, read_jsonl, run_training, write_jsonl
 
@@ -131,6 +132,11 @@ def test_bad_rows_are_named_or_kept_with_null_scores(pairwise_run: Path, tmp_pat
     got = read_jsonl(out)
     assert [r["response"] for r in got] == [" fine", 7, " ok"]
     assert got[1]["reward"] is None and isinstance(got[0]["reward"], float) and isinstance(got[2]["reward"], float)
+    table = tmp_path / "kept.parquet"  # one type per parquet column: the mixed column as JSON text
+    score_rows(compose_score([f"run_dir={pairwise_run}", f"dataset={source}", "bad_rows=skip", f"output={table}"]))
+    kept = Dataset.from_parquet(str(table)).to_list()
+    assert [r["response"] for r in kept] == ['" fine"', "7", '" ok"']
+    assert [r["reward"] for r in kept] == pytest.approx([got[0]["reward"], None, got[2]["reward"]], abs=1e-6)
     with pytest.raises(DataError, match="missing column 'responses'"):
         score_rows(
             compose_score([f"run_dir={pairwise_run}", f"dataset={write_jsonl(tmp_path / 'x.jsonl', [{'text': 'a'}])}"])
@@ -189,3 +195,15 @@ def test_a_run_without_an_eval_set_saves_statistics_of_its_train_rows(tmp_path: 
     rewards = torch.tensor([r[k] for r in scored for k in ("chosen_reward", "rejected_reward")], dtype=torch.float64)
     assert saved["reward_mean"] == pytest.approx(rewards.mean().item(), abs=1e-6)
     assert saved["reward_std"] == pytest.approx(rewards.std(unbiased=False).item(), abs=1e-6)
+
+
+def test_a_checkpoint_carries_reward_statistics_only_of_its_own_weights(tmp_path: Path):
+    """eval at step 0 and 4, checkpoints at 2 and 4: step-2's weights were never evaluated, so it holds
+    no statistics (normalize refuses) rather than the untrained model's; step-4's are the final eval's."""
+    overrides = ["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=0", "data.max_eval_rows=16"]
+    _, run_dir = run_training(tmp_path, overrides)
+    assert not has_reward_stats(run_dir / "checkpoints" / "step-2")
+    assert has_reward_stats(run_dir / "checkpoints" / "step-4") and has_reward_stats(run_dir / "model")
+    source = write_jsonl(tmp_path / "r.jsonl", [{"response": "hello"}])
+    with pytest.raises(ConfigError, match="no reward statistics"):
+        score_rows(compose_score([f"run_dir={run_dir}", "checkpoint=step-2", f"dataset={source}", "normalize=true"]))
