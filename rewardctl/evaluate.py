@@ -15,16 +15,14 @@ from typing import Any
 
 from datasets import Dataset
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from rewardctl.config.schema import EvalConfig, RunConfig
 from rewardctl.config.validate import to_eval_config
-from rewardctl.data.prepare import by_length
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
 from rewardctl.eval_groups import apply_benchmark, grouped_results, plan_groups, write_group_report
 from rewardctl.methods.registry import load_run_config
-from rewardctl.training.evaluation import run_evaluation
+from rewardctl.training.evaluation import eval_loader, run_evaluation
 from rewardctl.training.figures import write_figures
 from rewardctl.training.scorer import open_run
 from rewardctl.training.trained_run import resolve_checkpoint
@@ -72,9 +70,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     with accelerator.main_process_first():
         prepared = method.prepare(rows, name, training=False)
     model = opened.load().model
-    batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
-    ordered = by_length(prepared.dataset, method.lengths(prepared.dataset))
-    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=method.collate))
+    loader = eval_loader(method, run, accelerator, prepared.dataset)
     metrics, outputs = run_evaluation(accelerator, method, model, loader)
 
     is_file = Path(source).expanduser().is_file()

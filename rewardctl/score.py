@@ -127,9 +127,13 @@ def parquet_ready(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def as_json_lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_records(records: list[dict[str, Any]], path: Path | None) -> None:
     if path is None:
-        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        sys.stdout.write(as_json_lines(records))
         sys.stdout.flush()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,7 @@ def write_records(records: list[dict[str, Any]], path: Path | None) -> None:
         Dataset.from_list(parquet_ready(records)).to_parquet(str(tmp))
         os.replace(tmp, path)
     else:
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomic(path, as_json_lines(records))
 
 
 def reward_summary(scored: ScoredRows, reward_columns: tuple[str, ...]) -> str:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from rewardctl.config.schema import RunConfig
+from rewardctl.data.prepare import by_length
 from rewardctl.methods.base import Method
 
 
@@ -28,6 +32,14 @@ def concat_ragged(chunks: list[Tensor]) -> Tensor:
     width = max(c.shape[1] for c in chunks)
     padded = [torch.nn.functional.pad(c, (0, 0) * (c.ndim - 2) + (0, width - c.shape[1])) for c in chunks]
     return torch.cat(padded)
+
+
+def eval_loader(method: Method, run: RunConfig, accelerator: Accelerator, dataset: Any) -> Any:
+    """A prepared split's rows for one eval pass: length-grouped, in order, sharded across processes
+    (``rewardctl eval`` and the end-of-run statistics; the training loop adds its data workers)."""
+    batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
+    ordered = by_length(dataset, method.lengths(dataset))
+    return accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=method.collate))
 
 
 def gather_outputs(

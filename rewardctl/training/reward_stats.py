@@ -13,12 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from rewardctl.config.schema import RunConfig
-from rewardctl.data.prepare import by_length
 from rewardctl.methods.base import Method
-from rewardctl.training.evaluation import run_evaluation
+from rewardctl.training.evaluation import eval_loader, run_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +30,7 @@ def stats_from_train_sample(method: Method, run: RunConfig, accelerator: Any, mo
     if not method.reward_columns:  # no scalar reward to normalise (prm's step probabilities)
         return
     sample = dataset.shuffle(seed=run.train.seed).select(range(min(len(dataset), TRAIN_SAMPLE_ROWS)))
-    batch_size = run.train.per_device_eval_batch_size or run.train.per_device_batch_size
-    ordered = by_length(sample, method.lengths(sample))
-    loader = accelerator.prepare(DataLoader(ordered, batch_size=batch_size, shuffle=False, collate_fn=method.collate))
+    loader = eval_loader(method, run, accelerator, sample)
     try:
         _, outputs = run_evaluation(accelerator, method, model, loader)
     except torch.cuda.OutOfMemoryError:
