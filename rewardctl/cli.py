@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from rewardctl import __version__
 from rewardctl.config.store import register
 from rewardctl.errors import RewardctlError
+from rewardctl.sweep import sweep_outcome
 from rewardctl.utils.environment import self_launched_worker
 
 log = logging.getLogger("rewardctl")
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewardctl: error: {exc}", file=sys.stderr)
         return 2
     _invocation.update(args=list(args[1:]), status=0, error=None, existing_dirs=existing_output_dirs(rest))
+    sweep_outcome["status"] = 0  # main() may run several commands in one process (the tests)
     sys.argv = [f"rewardctl {command}", *rest]
     try:
         COMMANDS[command]()
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         how = getattr(exc, "how", "stopped")
         print(f"rewardctl: {signal.Signals(signum).name}: {how}", file=sys.stderr)
         return 128 + signum
-    return _invocation["status"]
+    return max(_invocation["status"], sweep_outcome["status"])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from rewardctl.errors import ConfigError
 from rewardctl.eval_groups import apply_benchmark, grouped_results, plan_groups, write_group_report
 from rewardctl.methods.registry import load_run_config
 from rewardctl.training.evaluation import eval_loader, run_evaluation
-from rewardctl.training.figures import write_figures
+from rewardctl.training.figures import draw_figures, figure_series
 from rewardctl.training.scorer import open_run
 from rewardctl.training.trained_run import resolve_checkpoint
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
@@ -80,12 +80,13 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     result = {"metrics": metrics, "data": source, "split": split, "model": str(model_path), "report": prepared.report}
     if grouping is not None:
         result.update(grouped_results(method, outputs, grouping))
-    calibration = method.figure_data(outputs).get("calibration") if outputs else None
+    series = figure_series(method, outputs)  # the pictures' data, computed once
+    calibration = series.get("calibration")
     if calibration:  # the reliability table behind the ECE: predicted against observed win rate per bin
         result["calibration"] = calibration["bins"]
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        result["figures"] = [p.name for p in write_figures(out_dir, method, outputs)]
+        result["figures"] = [p.name for p in draw_figures(out_dir, series)]
         write_json_atomic(out_dir / "metrics.json", result)
         if ev.write_predictions:
             records = method.predictions(outputs)

@@ -27,7 +27,7 @@ from rewardctl.model_card import CardFacts, looks_like_hub_id, render_model_card
 from rewardctl.modeling.adapters import contains_adapter, merge_adapters
 from rewardctl.modeling.common import DTYPES, count_parameters
 from rewardctl.training.checkpoint import STEP_DIR
-from rewardctl.training.scorer import RUN_CONFIG_FILE
+from rewardctl.training.run_directory import RUN_CONFIG_FILE
 from rewardctl.training.trained_run import load_model, resolve_checkpoint, use_saved_tokenizer
 from rewardctl.utils.fs import write_text_atomic
 

@@ -497,7 +497,21 @@ class SweepReport(Callback):
         write_report(sweep_dir)  # up to date after every job, also if the sweeper fails later
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: ARG002 - Hydra's callback signature
-        report(Path(config.hydra.sweep.dir))
+        rows = report(Path(config.hydra.sweep.dir))
+        sweep_outcome["status"] = exit_status(rows)
+
+
+#: The exit status the finished sweep asks for (read by the command in the launching process: jobs run
+#: by an out-of-process launcher, joblib or submitit, tell it only through their records on disk).
+sweep_outcome: dict[str, int] = {"status": 0}
+
+#: A job's status -> the exit status it gives the sweep (the worst one wins), as for one run.
+JOB_EXIT_STATUS = {"failed": 2, "diverged": 3}
+
+
+def exit_status(rows: list[JobRow]) -> int:
+    """2 when a job failed, 3 when one diverged (the higher when both), 0 otherwise."""
+    return max((JOB_EXIT_STATUS.get(row.status, 0) for row in rows), default=0)
 
 
 def first_line(exc: BaseException | None) -> str:

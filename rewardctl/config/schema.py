@@ -139,7 +139,8 @@ class DataConfig:
     subset: Optional[str] = None
     # Hub revision of the dataset.
     revision: Optional[str] = None
-    # auto reads files by suffix; ranked_tsv reads the tab-separated ranked-list text form.
+    # auto reads files by suffix; ranked_tsv reads .tsv/.txt files (and folders of <split>.tsv) as tab-separated
+    # ranked lists, best first; other files (e.g. a .jsonl eval set) are still read by their suffix.
     layout: Layout = Layout.auto
     # Canonical column name -> column name in the data, e.g. {chosen: response_a}.
     columns: Dict[str, str] = field(default_factory=dict)
@@ -261,6 +262,9 @@ class HardwareConfig:
     mixed_precision: MixedPrecision = MixedPrecision.no
     # Allow TF32 matmuls on Ampere+ GPUs.
     tf32: bool = False
+    # On CPU, compute bf16/fp16 sdpa attention in fp32: PyTorch's CPU flash-attention kernels are 1.5-7x
+    # slower in bf16 (rewardctl/modeling/cpu_attention.py); more precise too. No effect on GPUs or in fp32.
+    cpu_attention_fp32: bool = True
     # How several processes share the work: none (DDP when there are several), fsdp, deepspeed.
     strategy: Strategy = Strategy.none
     # Processes per machine; 0: one per visible GPU.

@@ -48,6 +48,8 @@ FILE_BUILDERS = {
 }
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+# The files data.layout=ranked_tsv reads (tab-separated responses, best first); others go by suffix.
+RANKED_TSV_SUFFIXES = (".tsv", ".txt")
 _CHUNK = 16 << 20
 
 
@@ -522,7 +524,7 @@ def parse_ranked_line(line: str) -> list[str]:
 
 def _ranked_tsv_file(source: str, path: Path, split: str) -> Path:
     if path.is_dir():
-        candidates = [path / f"{split}{suffix}" for suffix in (".tsv", ".txt")]
+        candidates = [path / f"{split}{suffix}" for suffix in RANKED_TSV_SUFFIXES]
         found = [c for c in candidates if c.is_file()]
         if not found:
             raise DataError(
@@ -532,6 +534,22 @@ def _ranked_tsv_file(source: str, path: Path, split: str) -> Path:
     if not path.is_file():
         raise DataError(source, "data.layout=ranked_tsv reads local files or folders only; no such file or directory")
     return path
+
+
+def _ranked_tsv_applies(path: Path, split: str) -> bool:
+    """``data.layout=ranked_tsv`` describes text files, so it applies per file: a ``.tsv``/``.txt`` file,
+    a folder with ``<split>.tsv``/``.txt`` (or no table of that split at all, which fails by name), or a
+    path that does not exist (failing by name). A ``.jsonl``/``.json``/``.csv``/``.parquet`` file, or a
+    folder holding only such files for the split, is read by its suffix, so a run may train on the
+    article's TSV lists and hold out a JSON-lines set (or score one)."""
+    if path.is_file():
+        return path.suffix.lower() in RANKED_TSV_SUFFIXES
+    if path.is_dir():
+        if any((path / f"{split}{suffix}").is_file() for suffix in RANKED_TSV_SUFFIXES):
+            return True
+        tables = [f for f in _split_files(path, split) if f.suffix.lower() not in RANKED_TSV_SUFFIXES]
+        return not any(f.is_file() and f.suffix.lower() in FILE_BUILDERS for f in tables)
+    return True
 
 
 def _load_ranked_tsv(source: str, path: Path, split: str, bad_rows: BadRows) -> Dataset:
@@ -589,7 +607,7 @@ def load_rows(
     placeholder the method's data report counts as skipped.
     """
     path = Path(source).expanduser()
-    if layout == Layout.ranked_tsv:
+    if layout == Layout.ranked_tsv and _ranked_tsv_applies(path, split):
         dataset = _load_ranked_tsv(source, path, split, bad_rows)
     elif path.is_file():
         dataset = _load_file(path, bad_rows)

@@ -190,16 +190,25 @@ DRAWERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
 }
 
 
+def figure_series(method: Method, outputs: dict[str, Tensor]) -> dict[str, Any]:
+    """The method's named picture series for these eval outputs ({} when it has none or fails)."""
+    if not outputs:
+        return {}
+    try:
+        return method.figure_data(outputs)
+    except Exception:  # noqa: BLE001 - pictures are extras: a method's bug here must not fail the run
+        log.warning("no eval pictures: %s.figure_data failed", type(method).__name__, exc_info=True)
+        return {}
+
+
 def write_figures(out_dir: Path, method: Method, outputs: dict[str, Tensor]) -> list[Path]:
     """Draw every picture the method names for these gathered eval outputs into ``out_dir`` as
     ``<name>.png``; returns the paths written (none for a method without ``figure_data``)."""
-    if not outputs:
-        return []
-    try:
-        data = method.figure_data(outputs)
-    except Exception:  # noqa: BLE001 - pictures are extras: a method's bug here must not fail the run
-        log.warning("no eval pictures: %s.figure_data failed", type(method).__name__, exc_info=True)
-        return []
+    return draw_figures(out_dir, figure_series(method, outputs))
+
+
+def draw_figures(out_dir: Path, data: dict[str, Any]) -> list[Path]:
+    """Draw the series of ``figure_series`` (computed once by a caller that also reads them)."""
     written = []
     for name, spec in data.items():
         drawer = DRAWERS.get(name)

@@ -29,6 +29,10 @@ from rewardctl.training.checkpoint import (
 )
 from rewardctl.utils.fs import write_json_atomic, write_text_atomic
 
+#: The run's config.yaml, written beside a run's final weights and by ``rewardctl export``: a model
+#: directory scores as its run wherever it is copied.
+RUN_CONFIG_FILE = "rewardctl_run.yaml"
+
 log = logging.getLogger(__name__)
 
 
@@ -128,6 +132,15 @@ class RunDirectory:
             log.warning(
                 "no checkpoint to resume in %s; the previous metrics.jsonl was kept as %s", self.path, backup.name
             )
+
+    def stamp_saved_models(self) -> None:
+        """The run's config.yaml beside the final weights (``model/``, ``model-merged/``), as
+        ``rewardctl export`` writes it: a model directory copied out of its run (a LoRA adapter
+        included) still scores with the run's tokenisation, truncation and method."""
+        config = (self.path / "config.yaml").read_text(encoding="utf-8")
+        for saved in (self.model_dir, self.model_dir.with_name(f"{self.model_dir.name}-merged")):
+            if saved.is_dir():
+                write_text_atomic(saved / RUN_CONFIG_FILE, config)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.main:

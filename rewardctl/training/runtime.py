@@ -14,6 +14,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from torch import nn
 
 from rewardctl.config.schema import Device, HardwareConfig, TrainConfig
+from rewardctl.modeling import cpu_attention
 
 
 class AccelerateRuntime:
@@ -61,6 +62,7 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: Tra
     ``gradient_accumulation_steps`` is the engine's count (the loop undoes accelerate's division by it).
     """
     use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
+    cpu_attention.configure(use_cpu and hardware.cpu_attention_fp32)
     if hardware.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -34,13 +34,12 @@ from rewardctl.methods.registry import build_method, load_run_config, to_run_con
 from rewardctl.modeling.adapters import read_saved_meta
 from rewardctl.training.checkpoint import METHOD_STATE
 from rewardctl.training.evaluation import gather_outputs
+from rewardctl.training.run_directory import RUN_CONFIG_FILE
 from rewardctl.training.runtime import AccelerateRuntime, build_accelerator, quiet_other_processes
 from rewardctl.training.trained_run import is_saved_model, load_model, resolve_checkpoint, use_saved_tokenizer
 
 log = logging.getLogger(__name__)
 
-#: Written by ``rewardctl export`` beside the weights: the run's config, so the export scores as the run.
-RUN_CONFIG_FILE = "rewardctl_run.yaml"
 #: Budget of a stock model whose tokenizer states no usable ``model_max_length``.
 FALLBACK_MAX_LENGTH = 512
 

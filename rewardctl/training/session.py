@@ -283,6 +283,7 @@ def finish(
         state_dict = accelerator.get_state_dict(parts.model) if parts.sharded else None
         if run_dir.main:
             method.save_model(accelerator.unwrap_model(parts.model), run_dir.model_dir, state_dict=state_dict)
+            run_dir.stamp_saved_models()
     accelerator.wait_for_everyone()
     summary = summarize(
         result,

@@ -10,7 +10,7 @@ import pytest
 
 from rewardctl.training.launch import free_port
 
-from ..conftest import cli, read_jsonl, write_jsonl
+from ..conftest import SAMPLES, cli, read_jsonl, write_jsonl
 
 SMOKE = ["experiment=smoke"]
 
@@ -309,3 +309,23 @@ def test_train_starts_its_own_workers_through_accelerate_into_one_run(tmp_path: 
     assert [(r["step"], r["split"], round(r["loss"], 5)) for r in ours] == [
         (r["step"], r["split"], round(r["loss"], 5)) for r in theirs
     ]
+
+
+@pytest.mark.slow
+def test_score_under_two_processes_writes_every_row_once_as_one_process_scores_it(tmp_path: Path):
+    """torchrun: each process scores its share (an odd row count, so the shares differ in size) and
+    the main process writes one file, every row once, in the input order, with one process's scores."""
+    out = tmp_path / "run"
+    assert cli("train", *SMOKE, "train.max_steps=2", f"output_dir={out}", cwd=tmp_path).returncode == 0
+    rows = read_jsonl(SAMPLES / "pairwise" / "eval.jsonl")[:37]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({**r, "id": i}) + "\n" for i, r in enumerate(rows)), encoding="utf-8")
+    one = cli("score", f"run_dir={out}", f"data={source}", f"output={tmp_path / 'one.jsonl'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("score", f"run_dir={out}", f"data={source}", f"output={tmp_path / 'two.jsonl'}", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    alone, shared = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
+    assert [r["id"] for r in shared] == list(range(37))
+    for a, b in zip(alone, shared, strict=True):
+        assert b["chosen_reward"] == pytest.approx(a["chosen_reward"], abs=1e-5)
+        assert b["rejected_reward"] == pytest.approx(a["rejected_reward"], abs=1e-5)

@@ -207,3 +207,56 @@ def test_a_checkpoint_carries_reward_statistics_only_of_its_own_weights(tmp_path
     source = write_jsonl(tmp_path / "r.jsonl", [{"response": "hello"}])
     with pytest.raises(ConfigError, match="no reward statistics"):
         score_rows(compose_score([f"run_dir={run_dir}", "checkpoint=step-2", f"dataset={source}", "normalize=true"]))
+
+
+def test_a_lora_adapter_copied_out_of_its_run_scores_as_its_run(tmp_path: Path):
+    """A run's model/ carries the run's config (rewardctl_run.yaml), so an adapter directory moved
+    anywhere scores with the run's method, tokenisation and base model, as ``rewardctl eval`` does."""
+    overrides = ["peft=lora", "peft.r=4", "experiment=smoke", "train.max_steps=3", "data.max_eval_rows=12"]
+    _, run_dir = run_training(tmp_path, overrides)
+    assert (run_dir / "model" / "rewardctl_run.yaml").is_file()
+    assert (run_dir / "model-merged" / "rewardctl_run.yaml").is_file()
+    evaluate_run(compose_eval([f"run_dir={run_dir}", f"output_dir={tmp_path / 'eval'}"]))
+    predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    adapter = Path(shutil.copytree(run_dir / "model", tmp_path / "elsewhere" / "adapter"))
+    assert (adapter / "adapter_config.json").is_file()
+    shutil.rmtree(run_dir)  # nothing of the run is left to read
+    source = write_jsonl(tmp_path / "pairs.jsonl", eval_rows(predictions))
+    score_rows(compose_score([f"model_dir={adapter}", f"dataset={source}", f"output={tmp_path / 'o.jsonl'}"]))
+    got = read_jsonl(tmp_path / "o.jsonl")
+    for record, want in zip(got, predictions, strict=True):
+        assert record["chosen_reward"] == pytest.approx(want["chosen_reward"], abs=1e-5)
+        assert record["rejected_reward"] == pytest.approx(want["rejected_reward"], abs=1e-5)
+
+
+def test_regression_scores_each_response_of_a_pair_or_list_alone(tmp_path: Path):
+    """A regression model is trained on single responses: a pair's or a list's rewards are each
+    response's own score, equal to scoring it as a single row with the same prompt."""
+    _, run_dir = run_training(tmp_path, ["method=regression", "experiment=smoke", "train.max_steps=2"])
+    rows = read_jsonl(SAMPLES / "regression" / "eval.jsonl")[:6]
+    prompt = rows[0]["prompt"]
+    singles = [{"prompt": prompt, "response": r["response"]} for r in rows]
+    pairs = [
+        {"prompt": prompt, "chosen": a["response"], "rejected": b["response"]}
+        for a, b in zip(rows[:-1], rows[1:], strict=True)
+    ]
+    lists = [{"prompt": prompt, "responses": [r["response"] for r in rows[:4]]}]
+
+    def scored(name: str, data: list[dict]) -> list[dict]:
+        out = tmp_path / f"{name}-out.jsonl"
+        source = write_jsonl(tmp_path / f"{name}.jsonl", data)
+        score_rows(compose_score([f"run_dir={run_dir}", f"dataset={source}", f"output={out}"]))
+        return read_jsonl(out)
+
+    def flat(values: list[dict[str, float]]) -> list[float]:
+        return [
+            score for per_attribute in values for score in (per_attribute["helpfulness"], per_attribute["verbosity"])
+        ]
+
+    single = [r["reward"] for r in scored("singles", singles)]  # one score per attribute
+    assert all(set(v) == {"helpfulness", "verbosity"} for v in single)
+    assert len({round(v["helpfulness"], 6) for v in single}) > 1  # the responses really score differently
+    pair = scored("pairs", pairs)
+    assert flat([r["chosen_reward"] for r in pair]) == pytest.approx(flat(single[:5]), abs=1e-5)
+    assert flat([r["rejected_reward"] for r in pair]) == pytest.approx(flat(single[1:6]), abs=1e-5)
+    assert flat(scored("lists", lists)[0]["rewards"]) == pytest.approx(flat(single[:4]), abs=1e-5)

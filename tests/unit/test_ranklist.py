@@ -299,3 +299,24 @@ def test_one_forward_over_all_responses_puts_rewards_back_in_their_lists():
     metrics = method.eval_metrics(out)
     assert metrics["accuracy"] == pytest.approx(2 / 4)  # (5>7) no; (8>11) no, (8>2) yes, (11>2) yes
     assert metrics["top1_accuracy"] == 0.0 and metrics["lists"] == 2 and metrics["pairs"] == 4
+
+
+def test_ranked_tsv_layout_applies_per_file_so_a_jsonl_eval_set_is_read_by_its_suffix(tmp_path: Path):
+    from rewardctl.config.schema import Layout
+
+    (tmp_path / "train.tsv").write_text("best\tworse\tworst\n", encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text('{"responses": ["good", "bad"]}\n', encoding="utf-8")
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "test.jsonl").write_text('{"responses": ["x", "y", "z"]}\n', encoding="utf-8")
+
+    assert load_rows(str(tmp_path / "train.tsv"), split="train", layout=Layout.ranked_tsv)["responses"] == [
+        ["best", "worse", "worst"]
+    ]
+    assert load_rows(str(tmp_path / "eval.jsonl"), split="test", layout=Layout.ranked_tsv)["responses"] == [
+        ["good", "bad"]
+    ]
+    # A folder whose split is a JSON-lines table is read as a table; one with <split>.tsv as lists.
+    assert load_rows(str(table), split="test", layout=Layout.ranked_tsv)["responses"] == [["x", "y", "z"]]
+    with pytest.raises(DataError, match="no train.tsv or train.txt"):
+        load_rows(str(table), split="train", layout=Layout.ranked_tsv)

@@ -257,3 +257,22 @@ def test_a_sweep_job_error_is_one_line_and_exit_status_2_while_a_single_run_keep
         "rewardctl: error: RuntimeError: boom",
         "rewardctl: error: train.lr: must be > 0 (got -1.0)",
     ]
+
+
+def test_the_sweeps_exit_status_comes_from_every_jobs_record_on_disk(tmp_path: Path, capsys):
+    """Jobs run by an out-of-process launcher (joblib, submitit) never touch the launching process's
+    memory: the status the command exits with is read from the records the jobs wrote."""
+    root = tmp_path / "sweep"
+    make_job(root, 0, ["train.lr=1e-5"], [(0, 0.5, 0.69), (10, 0.8, 0.4)])
+    callback = sweep.SweepReport()
+    callback.on_multirun_end(job_config(root, 0))
+    assert sweep.sweep_outcome["status"] == 0
+    make_job(root, 1, ["train.lr=1e3"], [(0, 0.5, 0.69), (2, 0.5, 9.0)], status="diverged", message="loss exploded")
+    callback.on_multirun_end(job_config(root, 0))
+    assert sweep.sweep_outcome["status"] == 3
+    failed_job(root, 2, ["train.lr=-1"], "train.lr: must be > 0 (got -1.0)")
+    callback.on_multirun_end(job_config(root, 0))
+    assert sweep.sweep_outcome["status"] == 3  # the worst wins: diverged (3) over failed (2)
+    assert sweep.exit_status([r for r in sweep.collect(root) if r.status != "diverged"]) == 2
+    sweep.sweep_outcome["status"] = 0
+    capsys.readouterr()
