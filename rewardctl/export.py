@@ -27,7 +27,7 @@ from rewardctl.model_card import CardFacts, looks_like_hub_id, render_model_card
 from rewardctl.modeling.adapters import contains_adapter, merge_adapters
 from rewardctl.modeling.common import DTYPES, count_parameters
 from rewardctl.training.checkpoint import STEP_DIR
-from rewardctl.training.run_directory import RUN_CONFIG_FILE
+from rewardctl.training.run_directory import stamp_run_config
 from rewardctl.training.trained_run import load_model, resolve_checkpoint, use_saved_tokenizer
 from rewardctl.utils.fs import write_text_atomic
 
@@ -76,7 +76,7 @@ def export_run(cfg: DictConfig | ExportConfig) -> dict[str, Any]:
     # The method's own writer: same layout and metadata as a run's model/, now without an adapter.
     method.save_model(model, output)
     # The run's config beside the weights: rewardctl score / serve model_dir=<export> score as the run.
-    write_text_atomic(output / RUN_CONFIG_FILE, (run_dir / "config.yaml").read_text(encoding="utf-8"))
+    stamp_run_config(output, run_dir)
     card = write_model_card(output, run, run_dir, ex, source)
     log.info("model card: %s", card)
     parameters = count_parameters(model)["total"]

@@ -8,10 +8,10 @@ with AVX-512 BF16/AMX, 16 rows x 12 heads of 32, forward + backward, boolean pad
     bf16              34 ms    82 ms   72 ms
     fp32               5 ms    25 ms   49 ms
 
-On MiniLM-L6 at 256 tokens that kernel was 48% of a bf16 training step (``make bench``'s profile),
+On MiniLM-L6 at 256 tokens that kernel was 43% of a bf16 training step (``make bench``'s profile),
 while every matmul around it runs in bf16. So on CPU the query, key, value (and a float mask) are
-cast to fp32, attention runs in fp32 with autocast off, and the output is cast back to the query's
-dtype: the same function computed with fp32 accumulation instead of bf16 rounding of its inputs.
+cast to fp32, attention runs in fp32 with autocast off, and the output is cast to the dtype stock
+sdpa would have returned (autocast's, else the query's): the same function computed with fp32 accumulation instead of bf16 rounding of its inputs.
 On GPUs (and for fp32 inputs) nothing changes.
 
 It is installed through transformers' own ``AttentionInterface`` for the name ``sdpa``, the default

@@ -36,6 +36,11 @@ RUN_CONFIG_FILE = "rewardctl_run.yaml"
 log = logging.getLogger(__name__)
 
 
+def stamp_run_config(model_dir: Path, run_dir: Path) -> None:
+    """The run's config.yaml as ``model_dir/rewardctl_run.yaml`` (a run's final models, an export)."""
+    write_text_atomic(model_dir / RUN_CONFIG_FILE, (run_dir / "config.yaml").read_text(encoding="utf-8"))
+
+
 def resolved_config_yaml(cfg: DictConfig, run_dir: Path) -> str:
     """The composed config with every interpolation resolved and ``output_dir`` fixed to this run."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -137,10 +142,9 @@ class RunDirectory:
         """The run's config.yaml beside the final weights (``model/``, ``model-merged/``), as
         ``rewardctl export`` writes it: a model directory copied out of its run (a LoRA adapter
         included) still scores with the run's tokenisation, truncation and method."""
-        config = (self.path / "config.yaml").read_text(encoding="utf-8")
         for saved in (self.model_dir, self.model_dir.with_name(f"{self.model_dir.name}-merged")):
             if saved.is_dir():
-                write_text_atomic(saved / RUN_CONFIG_FILE, config)
+                stamp_run_config(saved, self.path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.main:
