@@ -127,6 +127,37 @@ def apply_benchmark(ev: EvalConfig, run: RunConfig) -> tuple[EvalConfig, RunConf
     return ev, replace(run, data=data)
 
 
+def benchmark_uses_chat_template(ev: EvalConfig, tokenizer: Any) -> bool:
+    """Whether ``benchmark=reward_bench`` renders its rows through the chat template: RewardBench's
+    own script does whenever the model has one, so leaderboard-comparable numbers need it."""
+    if ev.benchmark is None or ev.chat_template is False:
+        return False
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if ev.chat_template and not has_template:
+        raise ConfigError(
+            "chat_template", "is true but the run's tokenizer has no chat template; leave it unset or set it false"
+        )
+    return has_template
+
+
+def as_chat_rows(rows: Dataset) -> Dataset:
+    """RewardBench rows as conversations: the ``prompt`` string as one user turn and each answer as one
+    assistant turn (what RewardBench's script hands the chat template); other columns kept."""
+
+    def to_messages(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in rows.column_names]
+    if missing:
+        present = ", ".join(c for c in rows.column_names if not c.startswith("_"))
+        raise ConfigError("benchmark", f"the data lacks {', '.join(missing)} (columns: {present})")
+    return rows.map(to_messages, desc="RewardBench rows as chat turns")
+
+
 def _group_name(value: Any) -> str:
     return "(none)" if value is None else str(value)
 

@@ -20,7 +20,14 @@ from rewardctl.config.schema import EvalConfig, RunConfig
 from rewardctl.config.validate import to_eval_config
 from rewardctl.data.splits import load_raw_splits, load_split
 from rewardctl.errors import ConfigError
-from rewardctl.eval_groups import apply_benchmark, grouped_results, plan_groups, write_group_report
+from rewardctl.eval_groups import (
+    apply_benchmark,
+    as_chat_rows,
+    benchmark_uses_chat_template,
+    grouped_results,
+    plan_groups,
+    write_group_report,
+)
 from rewardctl.methods.registry import load_run_config
 from rewardctl.training.evaluation import eval_loader, run_evaluation
 from rewardctl.training.figures import draw_figures, figure_series
@@ -66,6 +73,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     accelerator, method = opened.accelerator, opened.method
 
     rows, name, source, split = eval_rows(ev, run)  # data problems surface before the weights load
+    chat = benchmark_uses_chat_template(ev, method.tokenizer)
+    if chat:  # RewardBench rows through the chat template, as RewardBench's script renders them
+        rows = as_chat_rows(rows)
     grouping = plan_groups(ev, rows)  # (group_by / subset) read from the raw rows, which keep every column
     with accelerator.main_process_first():
         prepared = method.prepare(rows, name, training=False)
@@ -80,6 +90,8 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     result = {"metrics": metrics, "data": source, "split": split, "model": str(model_path), "report": prepared.report}
     if grouping is not None:
         result.update(grouped_results(method, outputs, grouping))
+    if ev.benchmark is not None:
+        result["chat_template"] = chat  # whether rows went through the chat template (RewardBench's way)
     series = figure_series(method, outputs)  # the pictures' data, computed once
     calibration = series.get("calibration")
     if calibration:  # the reliability table behind the ECE: predicted against observed win rate per bin

@@ -385,6 +385,10 @@ class EvalConfig(SavedModelRef):
     # reward_bench: the RewardBench format (prompt/chosen/rejected/subset; data defaults to the hub's
     # allenai/reward-bench, split filtered) with its section scores (Chat, Chat Hard, Safety, Reasoning).
     benchmark: Optional[str] = None
+    # With benchmark=reward_bench: render each row as a user turn (prompt) and an assistant turn
+    # (answer) through the tokenizer's chat template, as RewardBench's own script does. null: when
+    # the tokenizer has a chat template; false: the run's plain `prompt + answer` text.
+    chat_template: Optional[bool] = None
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from rewardctl.eval_groups import (
     REWARD_BENCH_SECTIONS,
     Grouping,
     apply_benchmark,
+    benchmark_uses_chat_template,
     group_metrics,
     grouped_results,
     groups_csv,
@@ -211,6 +214,12 @@ def test_benchmark_mistakes_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="^group_by: "):
         apply_benchmark(EvalConfig(run_dir="x", benchmark="reward_bench", group_by="lang"), run)
     ev, _ = apply_benchmark(EvalConfig(run_dir="x", benchmark="reward_bench", dataset="local.jsonl"), run)
+    no_template = SimpleNamespace(chat_template=None)
+    with pytest.raises(ConfigError, match="^chat_template: is true but the run's tokenizer has no chat template"):
+        benchmark_uses_chat_template(replace(ev, chat_template=True), no_template)
+    assert benchmark_uses_chat_template(ev, no_template) is False  # null: plain text when there is none
+    assert benchmark_uses_chat_template(ev, SimpleNamespace(chat_template="{{x}}")) is True
+    assert benchmark_uses_chat_template(replace(ev, benchmark=None), SimpleNamespace(chat_template="{{x}}")) is False
     rows = Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
     with pytest.raises(
         ConfigError, match=r"^benchmark: column 'subset' is not in the data \(columns: prompt, chosen, rejected\)$"
