@@ -178,6 +178,7 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
     for key in ("max_train_rows", "max_eval_rows", "num_proc", "pad_to_multiple_of", "length_group_batches"):
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
+    _require(d.pad_buckets >= 0, "data.pad_buckets", f"must be >= 0 (0: pad to the longest row; got {d.pad_buckets})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
     for key in ("share_prefix", "padding_free"):  # str fields: OmegaConf turns true/false into 'True'/'False'
         value = str(getattr(d, key)).lower()

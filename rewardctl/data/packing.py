@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from rewardctl.data.collate import padded_length
+
 PAD_SEGMENT = -1
 
 
@@ -49,6 +51,7 @@ def pack_rows(
     pad_value: int,
     *,
     multiple_of: int | None = None,
+    buckets: int = 0,
 ) -> dict[str, Tensor]:
     """Pack each row's sequences into one padded sequence (right padding).
 
@@ -61,8 +64,7 @@ def pack_rows(
         raise ValueError("cannot pack an empty batch")
     prefixes = [shared_prefix_length(seqs) for seqs in rows]
     length = max(packed_length([len(s) for s in seqs], p) for seqs, p in zip(rows, prefixes, strict=True))
-    if multiple_of:
-        length = -(-length // multiple_of) * multiple_of
+    length = padded_length(length, multiple_of=multiple_of, buckets=buckets)
     width = max(len(seqs) for seqs in rows)
     input_ids = torch.full((len(rows), length), pad_value, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)

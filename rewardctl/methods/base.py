@@ -140,6 +140,11 @@ class Method(ABC):
         #: ``reward_mean`` / ``reward_std`` of the last eval (``record_reward_stats``), or None.
         self.reward_normalization: dict[str, float] | None = None
 
+    @property
+    def padding(self) -> dict[str, Any]:
+        """How far a collator pads a batch beyond its longest row (``padded_length``'s settings)."""
+        return {"multiple_of": self.run.data.pad_to_multiple_of, "buckets": self.run.data.pad_buckets}
+
     @classmethod
     def check_config(cls, run: RunConfig) -> None:
         """Method-specific config checks that run before anything loads; raise ConfigError.

@@ -458,9 +458,7 @@ class PolicyMethod(Method):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Right-padded ``input_ids``; ``completion_mask`` marks the tokens whose log-probs count."""
         sequences = [f["input_ids"] for f in features]
-        input_ids, attention_mask = pad_sequences(
-            sequences, self.tokenizer.pad_token_id, side="right", multiple_of=self.run.data.pad_to_multiple_of
-        )
+        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, side="right", **self.padding)
         positions = torch.arange(input_ids.shape[1])
         prompt_lengths = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
         completion_mask = (positions[None, :] >= prompt_lengths[:, None]).long() * attention_mask

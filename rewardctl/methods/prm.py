@@ -305,7 +305,7 @@ class PrmMethod(Method):
             [f["input_ids"] for f in features],
             self.tokenizer.pad_token_id,
             side="right",
-            multiple_of=self.run.data.pad_to_multiple_of,
+            **self.padding,
         )
         width = input_ids.shape[1]
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)

@@ -91,7 +91,7 @@ class ScalarRewardMethod(Method):
             sequences = [row[k] for k in order for row in rows] if order else [s for row in rows for s in row]
             return concat_sequences(sequences)
         if self.shares_prefix:
-            packed = pack_rows(rows, self.tokenizer.pad_token_id, multiple_of=self.run.data.pad_to_multiple_of)
+            packed = pack_rows(rows, self.tokenizer.pad_token_id, **self.padding)
             index = packed["reward_index"].T if response_major else packed["reward_index"]
             index = index.flatten()
             packed["reward_index"] = index[index >= 0]
@@ -104,7 +104,7 @@ class ScalarRewardMethod(Method):
             sequences,
             self.tokenizer.pad_token_id,
             side=self.tokenizer.padding_side,
-            multiple_of=self.run.data.pad_to_multiple_of,
+            **self.padding,
         )
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 

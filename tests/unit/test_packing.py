@@ -13,6 +13,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, BertConfig, LlamaConfig, Qwen2Config
 
 from rewardctl.config.schema import Overlength, Truncation
+from rewardctl.data.collate import pad_sequences, padded_length
 from rewardctl.data.loading import load_rows
 from rewardctl.data.packing import (
     concat_sequences,
@@ -60,6 +61,39 @@ def test_pack_rows_exact_tensors_with_multiple_of():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]]
     assert packed["segment_ids"].tolist() == [[0, 0, 1, 2, 2, -1, -1, -1], [1, 2, 3, 3, -1, -1, -1, -1]]
     assert packed["reward_index"].tolist() == [[2, 4, -1], [8, 9, 11]]
+
+
+def test_padded_length_buckets_each_doubling_then_rounds_to_the_multiple():
+    widths = {n: padded_length(n, buckets=8) for n in (1, 8, 9, 15, 16, 17, 127, 128, 129, 180, 256, 257, 300)}
+    # steps of 1 up to 16, of 2 from 16, of 16 from 128, of 32 from 256: never more than 1/8 extra
+    assert widths == {
+        1: 1,
+        8: 8,
+        9: 9,
+        15: 15,
+        16: 16,
+        17: 18,
+        127: 128,
+        128: 128,
+        129: 144,
+        180: 192,
+        256: 256,
+        257: 288,
+        300: 320,
+    }
+    assert all(n <= w <= n * 9 / 8 for n, w in widths.items())
+    assert len({padded_length(n, buckets=8) for n in range(129, 257)}) == 8  # 128 widths -> 8 shapes
+    assert padded_length(180, buckets=0) == 180 and padded_length(180) == 180
+    assert padded_length(180, buckets=8, multiple_of=64) == 192 and padded_length(129, buckets=4, multiple_of=24) == 168
+
+
+def test_pack_rows_and_pad_sequences_pad_to_the_bucket_width():
+    rows = [[list(range(1, 10)), [1, 2, 3, 4, 5, 6, 7, 8, 10, 11]]]  # packed: 8 shared + 1 + 2 = 11 tokens
+    packed = pack_rows(rows, pad_value=0, buckets=4)  # 8 <= 11 < 16: steps of 2 -> 12
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0]]
+    assert packed["reward_index"].tolist() == [[8, 10]]
+    values, mask = pad_sequences([[5] * 17, [6] * 3], pad_value=0, buckets=8)  # 17 -> 18
+    assert values.shape == (2, 18) and mask.sum(dim=1).tolist() == [17, 3] and values[0, 17] == 0
 
 
 def test_segment_mask_by_hand():
