@@ -153,7 +153,10 @@ class ScalarRewardMethod(Method):
         return load_tokenizer(self.run.model)
 
     def _wrap(self, classifier: nn.Module) -> SequenceRewardModel:
-        model = SequenceRewardModel(classifier)
+        model = SequenceRewardModel(classifier, final_layer_at_reads=self.run.model.final_layer_at_reads)
+        if model.pooling == "last_token":
+            blocker = model.read_only_blocker()
+            log.info("last layer %s", f"at every token: {blocker}" if blocker else "at the reward tokens only")
         if model.pooling == "native" and self.tokenizer.padding_side != "right":
             log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
             self.tokenizer.padding_side = "right"

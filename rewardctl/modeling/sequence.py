@@ -23,6 +23,7 @@ from rewardctl.data.packing import segment_attention_mask
 from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
+from rewardctl.modeling.final_layer import hidden_at_reads, read_only_blocker
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ class SequenceRewardModel(nn.Module):
     """``forward(input_ids, attention_mask) -> rewards`` of shape (N,), float32; (N, L) for a head
     with L > 1 outputs (a regression model's attributes)."""
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, final_layer_at_reads: bool = True) -> None:
         super().__init__()
         self.classifier = classifier
+        # model.final_layer_at_reads: the last decoder layer at the read tokens only (final_layer.py)
+        self.final_layer_at_reads = final_layer_at_reads
         hf = _unwrap_hf(classifier)
         backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
         self.pooling = (
@@ -79,12 +82,26 @@ class SequenceRewardModel(nn.Module):
         hf = _unwrap_hf(self.classifier)
         backbone = getattr(hf, hf.base_model_prefix)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        last = last_attended_index(attention_mask)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        pooled = self._hidden_at(backbone, rows, last_attended_index(attention_mask), inputs)
         return hf.score(pooled).squeeze(-1).float()
+
+    def read_only_blocker(self) -> str | None:
+        """Why this model's last layer runs at every token (None: at the read tokens only)."""
+        if not self.final_layer_at_reads:
+            return "model.final_layer_at_reads=false"
+        if self.pooling != "last_token":
+            return "the model pools its first token"
+        hf = _unwrap_hf(self.classifier)
+        return read_only_blocker(getattr(hf, hf.base_model_prefix))
+
+    def _hidden_at(self, backbone: nn.Module, rows: Tensor, cols: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """Final hidden states at tokens (rows[n], cols[n]), the last layer computed there only
+        where that is exact for this model (``final_layer.py``), else from the full forward."""
+        if self.final_layer_at_reads and read_only_blocker(backbone) is None:
+            return hidden_at_reads(backbone, rows, cols, **inputs, use_cache=False)
+        return backbone(**inputs, use_cache=False).last_hidden_state[rows, cols]
 
     def _packed(
         self, input_ids: Tensor, segment_ids: Tensor | None, position_ids: Tensor, reward_index: Tensor
@@ -102,11 +119,10 @@ class SequenceRewardModel(nn.Module):
                 mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
                     ~mask, torch.finfo(torch.float32).min
                 )
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        pooled = hidden.flatten(0, 1)[reward_index]
-        return hf.score(pooled).squeeze(-1).float()
+        length = input_ids.shape[1]
+        rows, cols = reward_index // length, reward_index % length
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+        return hf.score(self._hidden_at(backbone, rows, cols, inputs)).squeeze(-1).float()
 
 
 PREFIX_SHARING_ATTENTION = ("eager", "sdpa")  # the implementations that take a 4-D mask as is

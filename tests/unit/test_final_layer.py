@@ -1,0 +1,172 @@
+"""The last decoder layer at the read tokens only (rewardctl/modeling/final_layer.py): the same rewards,
+losses and gradients as the full layer, for every batch layout, and the full layer where it cannot
+be recomputed."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, GPT2Config
+
+from rewardctl.data.packing import concat_sequences, pack_rows
+from rewardctl.methods.pairwise import PairwiseMethod
+from rewardctl.methods.ranklist import RanklistMethod
+from rewardctl.methods.registry import to_run_config
+from rewardctl.modeling.sequence import SequenceRewardModel
+
+from ..conftest import TINY, _features, _pair_rows, _words, compose_train
+from .test_packing import _model_dir
+
+
+def _tiny(attn_implementation: str = "sdpa"):
+    """The bundled tiny Llama as a one-output classifier, randomly initialised (it ships no weights)."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY, num_labels=1)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
+
+
+def _method(cls, model_dir: Path, *overrides: str):
+    prefix = ["method=ranklist"] if cls is RanklistMethod else []
+    run = to_run_config(
+        compose_train([*prefix, f"model.name_or_path={model_dir}", "model.from_scratch=true", *overrides])
+    )
+    return cls(run.method, run)
+
+
+def _step(method, model, batch):
+    model.zero_grad(set_to_none=True)
+    out = method.train_step(model, batch)
+    out.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return method.eval_step(model, batch), out.loss_sum.detach(), grads
+
+
+def _assert_read_only_equals_full(method, model, batch, keys):
+    """Same model, same batch: the read-only last layer against the full one, fp32."""
+    assert model.read_only_blocker() is None
+    fast = _step(method, model, batch)
+    model.final_layer_at_reads = False
+    full = _step(method, model, batch)
+    model.final_layer_at_reads = True
+    for key in keys:
+        torch.testing.assert_close(fast[0][key], full[0][key], atol=1e-5, rtol=0, msg=key)
+    torch.testing.assert_close(fast[1], full[1], atol=1e-5, rtol=0)
+    assert fast[2].keys() == full[2].keys() and len(fast[2]) > 5
+    for name in full[2]:
+        torch.testing.assert_close(fast[2][name], full[2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama", "qwen2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("data.share_prefix=true", "model.padding_side=right"),
+        ("data.share_prefix=false", "data.padding_free=false", "model.padding_side=right"),
+        ("data.share_prefix=false", "data.padding_free=false", "model.padding_side=left"),
+        ("data.share_prefix=false", "data.padding_free=true"),
+    ],
+    ids=["shared-prefix", "stacked-right", "stacked-left", "padding-free"],
+)
+def test_pairwise_rewards_loss_and_gradients_equal_the_full_last_layer(tmp_path: Path, kind: str, layout):
+    method = _method(PairwiseMethod, _model_dir(tmp_path, kind), *layout, "method.center_rewards_coefficient=0.01")
+    torch.manual_seed(0)
+    model = method.build_model()
+    features = _features(method, _pair_rows(random.Random(kind), 6, conversational=kind == "tiny"))
+    _assert_read_only_equals_full(method, model, method.collate(features), ("chosen_reward", "rejected_reward"))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_ranklist_k_2_to_9_equals_the_full_last_layer(tmp_path: Path, attention: str):
+    method = _method(RanklistMethod, _model_dir(tmp_path, "qwen2"), f"model.attn_implementation={attention}")
+    rng = random.Random(5)
+    rows = [
+        {
+            "prompt": f"Q: {_words(rng, rng.randint(2, 30))}?",
+            "responses": [" " + _words(rng, rng.randint(1, 20)) for _ in range(k)],
+        }
+        for k in range(2, 10)
+    ]
+    torch.manual_seed(0)
+    model = method.build_model()
+    _assert_read_only_equals_full(method, model, method.collate(_features(method, rows)), ("rewards",))
+
+
+def test_the_last_layer_computes_queries_and_mlp_at_the_read_tokens_only(tmp_path: Path):
+    """What makes it faster: the last layer's MLP and query projection see one token per reward, its
+    key projection every token; the layers before see every token."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    model = SequenceRewardModel(_tiny())
+    rows = [[[5, 6, 7, 8, 9], [5, 6, 7, 10]], [[5, 11, 12], [5, 13], [5, 14, 15, 16]]]
+    batch = pack_rows(rows, tokenizer.pad_token_id)
+    reads = batch.pop("reward_index").flatten()
+    reads = reads[reads >= 0]
+    seen: dict[str, list[int]] = {}
+    layers = model.classifier.model.layers
+    watched = {"first.mlp": layers[0].mlp, "last.mlp": layers[-1].mlp}
+    watched |= {"last.q_proj": layers[-1].self_attn.q_proj, "last.k_proj": layers[-1].self_attn.k_proj}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0].shape))
+    rewards = model(batch["input_ids"], reward_index=reads, **{k: batch[k] for k in ("segment_ids", "position_ids")})
+    tokens = batch["input_ids"].numel()
+    assert rewards.shape == (5,)
+    assert seen["last.mlp"][0][:-1].numel() == 5 and seen["last.q_proj"][0][:-1].numel() == 5
+    assert seen["last.k_proj"][0][:-1].numel() == tokens and seen["first.mlp"][0][:-1].numel() == tokens
+
+
+def test_stacked_rows_without_padding_read_the_causal_row_the_kernel_would_use():
+    """No padding: the model hands its layers no mask (sdpa's is_causal); the read row is rebuilt."""
+    model = SequenceRewardModel(_tiny())
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        fast = model(ids, mask)
+        model.final_layer_at_reads = False
+        full = model(ids, mask)
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+
+
+def test_gradient_checkpointing_and_lora_keep_the_read_only_layer_exact(tmp_path: Path):
+    method = _method(
+        PairwiseMethod,
+        TINY,
+        "peft=lora",
+        "peft.dropout=0.0",
+        "train.gradient_checkpointing=true",
+        "data.share_prefix=true",
+    )
+    torch.manual_seed(0)
+    model = method.build_model()
+    model.train()
+    features = _features(method, _pair_rows(random.Random(2), 4, False))
+    _assert_read_only_equals_full(method, model, method.collate(features), ("chosen_reward", "rejected_reward"))
+
+
+def test_the_full_last_layer_runs_where_it_cannot_be_recomputed(tmp_path: Path):
+    def blocker(classifier, **kwargs) -> str | None:
+        return SequenceRewardModel(classifier, **kwargs).read_only_blocker()
+
+    tiny = _tiny()
+    assert blocker(tiny) is None
+    assert blocker(tiny, final_layer_at_reads=False) == "model.final_layer_at_reads=false"
+    bert = AutoModelForSequenceClassification.from_config(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    assert blocker(bert) == "the model pools its first token"
+    gpt2 = AutoModelForSequenceClassification.from_config(
+        GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, pad_token_id=0, num_labels=1)
+    )
+    assert "no decoder layer list" in blocker(gpt2)
+    flex = _tiny(attn_implementation="flex_attention")
+    assert "flex_attention takes no dense mask" in blocker(flex)
+    # a GPT-2 reward model still scores (the full forward), padding-free rows included
+    ids = concat_sequences([[1, 2, 3], [4, 5]])
+    assert SequenceRewardModel(gpt2)(ids["input_ids"], torch.ones_like(ids["input_ids"])).shape == (1,)
+
+
+def test_the_switch_is_a_model_setting_that_defaults_on():
+    run = to_run_config(compose_train([]))
+    assert run.model.final_layer_at_reads is True
+    assert to_run_config(compose_train(["model.final_layer_at_reads=false"])).model.final_layer_at_reads is False
