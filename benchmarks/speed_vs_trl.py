@@ -1,7 +1,7 @@
 """rewardctl against TRL's RewardTrainer at its best CPU settings, every ratio measured in one run.
 
     python benchmarks/speed_vs_trl.py [--steps 60] [--batch 8] [--list-batch 8] [--eval-rows 500]
-                                      [--eval-lists 100] [--cases minilm,decoder,ranklist,default]
+                                      [--eval-lists 100] [--cases minilm,decoder,ranklist,default] [--repeat 1]
     # smoke test of every path (~5 min on a busy 2-core CPU; the numbers mean nothing at 2 steps):
     python benchmarks/speed_vs_trl.py --steps 2 --batch 2 --eval-rows 8 --list-batch 2 --eval-lists 4 \
         --default-extra train.max_steps=5
@@ -506,14 +506,53 @@ def fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _round(row: dict[str, Any]) -> int:
+    return row.get("round", 0)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per system, in first-seen order: medians over the rounds of every number (a ratio is
+    taken within its round first, against the TRL run right beside it), plus each ratio's range."""
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        systems.setdefault(row["system"], []).append(row)
+    table = []
+    for system, runs in systems.items():
+        merged: dict[str, Any] = {"system": system, "rounds": len(runs)}
+        for key in runs[0]:
+            values = [r.get(key) for r in runs]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
+            merged.setdefault(key, _median(values) if numeric and key != "round" else runs[0][key])
+        for key in ("x_trl_items", "x_trl_memory", "x_before_wall"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                merged[f"{key}_range"] = (min(values), max(values))
+        table.append(merged)
+    return table
+
+
 def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ratios of every run against the baseline of its own round, then the per-system medians in
+    ``results["table"]`` and the target checks on those medians."""
     checks = []
+    results["table"] = {}
     for case, rows in results["cases"].items():
         if case == "default":
-            before = next((r for r in rows if r["system"].startswith("before")), None)
-            now = next((r for r in rows if r["system"].startswith("now")), None)
-            if before and now:
-                now["x_before_wall"] = now["wall_seconds"] / before["wall_seconds"]
+            for now in (r for r in rows if r["system"].startswith("now")):
+                before = next((r for r in rows if r["system"].startswith("before") and _round(r) == _round(now)), None)
+                if before:
+                    now["x_before_wall"] = now["wall_seconds"] / before["wall_seconds"]
+            table = results["table"][case] = aggregate(rows)
+            now = next((r for r in table if r["system"].startswith("now") and "x_before_wall" in r), None)
+            if now:
                 checks.append(
                     {
                         "case": case,
@@ -524,13 +563,13 @@ def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                     }
                 )
             continue
-        trl = next((r for r in rows if r["system"].startswith("TRL")), None)
-        if trl is None:
-            continue
         for row in rows:
-            row["x_trl_items"] = row["items_per_sec"] / trl["items_per_sec"]
-            row["x_trl_memory"] = row["peak_rss_mib"] / trl["peak_rss_mib"]
-        main = next((r for r in rows if r["system"].startswith("rewardctl")), None)
+            trl = next((r for r in rows if r["system"].startswith("TRL") and _round(r) == _round(row)), None)
+            if trl is not None:
+                row["x_trl_items"] = row["items_per_sec"] / trl["items_per_sec"]
+                row["x_trl_memory"] = row["peak_rss_mib"] / trl["peak_rss_mib"]
+        table = results["table"][case] = aggregate(rows)
+        main = next((r for r in table if r["system"].startswith("rewardctl") and "x_trl_items" in r), None)
         if main is not None:
             checks.append(
                 {
@@ -554,13 +593,27 @@ def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def fmt_ratio(row: dict[str, Any], key: str) -> str:
+    """A median ratio, with its range over the rounds when there were several."""
+    span = row.get(f"{key}_range")
+    if span and row.get("rounds", 1) > 1:
+        return f"{fmt(row.get(key))} ({span[0]:.2f}-{span[1]:.2f})"
+    return fmt(row.get(key))
+
+
 def print_speed_table(results: dict[str, Any]) -> None:
-    cases = results["cases"]
+    cases = results["table"]
     settings = results["settings"]
     print(
         f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer (bf16, no gradient checkpointing, "
         f"group_by_length), CPU ({os.cpu_count()} cores); {settings['steps']} optimizer steps, {settings['batch']} pairs "
-        f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}\n"
+        f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}"
+        + (
+            f"; medians of {settings['repeat']} rounds (ratio ranges in brackets)"
+            if settings.get("repeat", 1) > 1
+            else ""
+        )
+        + "\n"
     )
     print(
         "| case | system | items/s | x TRL | target | tokens/s | tokens computed | peak RSS MiB | x TRL mem "
@@ -573,16 +626,16 @@ def print_speed_table(results: dict[str, Any]) -> None:
         for row in cases.get(case, []):
             main = row in mains  # the row the targets apply to
             print(
-                f"| {case} | {row['system']} | {fmt(row['items_per_sec'])} {unit[case]}/s | {fmt(row.get('x_trl_items'))} "
+                f"| {case} | {row['system']} | {fmt(row['items_per_sec'])} {unit[case]}/s | {fmt_ratio(row, 'x_trl_items')} "
                 f"| {f'>= {TARGETS[case]:.1f}' if main else ''} | {fmt(row['tokens_per_sec'], '.0f')} "
                 f"| {fmt(row['tokens_computed'], '.0f')} | {fmt(row['peak_rss_mib'], '.0f')} "
-                f"| {fmt(row.get('x_trl_memory'))}{' (<= 1.00)' if main else ''} "
+                f"| {fmt_ratio(row, 'x_trl_memory')}{' (<= 1.00)' if main else ''} "
                 f"| {fmt(row['eval_accuracy'], '.3f')} ({fmt(row['eval_pairs'], '.0f')}) | {fmt(row['train_seconds'], '.1f')} |"
             )
 
 
 def print_report(results: dict[str, Any]) -> None:
-    cases = results["cases"]
+    cases = results["table"]
     if any(cases.get(case) for case in TARGETS):
         print_speed_table(results)
     if cases.get("default"):
@@ -592,7 +645,7 @@ def print_report(results: dict[str, Any]) -> None:
         for row in cases["default"]:
             print(
                 f"| {row['system']} | {row.get('mixed_precision')} | {fmt(row['wall_seconds'], '.1f')} "
-                f"| {fmt(row.get('x_before_wall'))} | {fmt(row['train_seconds'], '.1f')} "
+                f"| {fmt_ratio(row, 'x_before_wall')} | {fmt(row['train_seconds'], '.1f')} "
                 f"| {fmt(row['eval_accuracy'], '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
             )
     print("\nTargets\n")
@@ -639,6 +692,13 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
         default="",
         help="overrides added to both default runs, for smoke tests only (e.g. 'train.max_steps=5')",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds: every case's systems run again, in turn, this many times; ratios are taken within a "
+        "round and the table shows their median and range (a noisy host moves single-run ratios by 0.1-0.2)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory (logs, run dirs)")
     parser.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
@@ -670,6 +730,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             "seed": args.seed,
             "max_length": MAX_LENGTH,
             "cases": cases,
+            "repeat": args.repeat,
             "decoder_shape": DECODER_SHAPE,
         },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
@@ -693,6 +754,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             results["warnings"].append(f"{case}: {row['system']} took {row['steps']} steps, not {args.steps}")
         if case != "default" and row["rows_used"] != row["rows_given"]:
             results["warnings"].append(f"{case}: {row['system']} kept {row['rows_used']} of {row['rows_given']} rows")
+        row["round"] = current_round
         results["cases"].setdefault(case, []).append(row)
         save()
         print(
@@ -703,6 +765,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             flush=True,
         )
 
+    current_round = 0
     work = Path(tempfile.mkdtemp(prefix="speed_vs_trl-"))
     try:
         data: dict[str, Any] = {}
@@ -732,18 +795,22 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
                     "eval": data["lists_eval_stats"],
                 }
             print(f"[{time.perf_counter() - started:6.0f} s] tokenised: {json.dumps(results['data'])}", flush=True)
-        for case in cases:
-            try:
-                if case in ("minilm", "decoder"):
-                    pairwise_case(case, args, work, data, record)
-                elif case == "ranklist":
-                    ranklist_case(args, work, data, record)
-                else:
-                    default_case(work, record, args.default_extra.split())
-            except ChildFailed as exc:
-                results["failures"].append({"case": case, "error": str(exc)})
-                print(f"{case} FAILED: {exc}", file=sys.stderr, flush=True)
-                save()
+        for current_round in range(args.repeat):
+            # Each round runs every system once more, in the same order, in a directory of its own.
+            runs = work / f"round-{current_round}"
+            runs.mkdir()
+            for case in cases:
+                try:
+                    if case in ("minilm", "decoder"):
+                        pairwise_case(case, args, runs, data, record)
+                    elif case == "ranklist":
+                        ranklist_case(args, runs, data, record)
+                    else:
+                        default_case(runs, record, args.default_extra.split())
+                except ChildFailed as exc:
+                    results["failures"].append({"case": case, "round": current_round, "error": str(exc)})
+                    print(f"{case} FAILED: {exc}", file=sys.stderr, flush=True)
+                    save()
         save()
         print_report(results)
         print(f"\nwritten: {result_path}" + (f"; work dir kept: {work}" if args.keep_work else ""))
