@@ -272,6 +272,9 @@ class HardwareConfig:
     # On CPU, compute bf16/fp16 sdpa attention in fp32: PyTorch's CPU flash-attention kernels are 1.5-7x
     # slower in bf16 (rewardctl/modeling/cpu_attention.py); more precise too. No effect on GPUs or in fp32.
     cpu_attention_fp32: bool = True
+    # Under bf16/fp16 autocast, rotary cos/sin tables in that dtype, so q/k rotate in bf16 as in a bf16
+    # model instead of being promoted to fp32 (rewardctl/modeling/rotary.py); 6-9% faster on CPU.
+    rotary_in_autocast_dtype: bool = True
     # How several processes share the work: none (DDP when there are several), fsdp, deepspeed.
     strategy: Strategy = Strategy.none
     # Processes per machine; 0: one per visible GPU.

@@ -14,7 +14,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from torch import nn
 
 from rewardctl.config.schema import Device, HardwareConfig, TrainConfig
-from rewardctl.modeling import cpu_attention
+from rewardctl.modeling import cpu_attention, rotary
 
 
 class AccelerateRuntime:
@@ -38,6 +38,7 @@ class AccelerateRuntime:
         module.requires_grad_(False)
         module.eval()
         module.to(self.device)
+        rotary.attach(module)
         precision = self.accelerator.mixed_precision
         if precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -63,6 +64,7 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: Tra
     """
     use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
     cpu_attention.configure(use_cpu and hardware.cpu_attention_fp32)
+    rotary.configure(hardware.rotary_in_autocast_dtype)
     if hardware.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

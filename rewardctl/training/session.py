@@ -31,6 +31,7 @@ from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.methods.registry import build_method, to_run_config
+from rewardctl.modeling import rotary
 from rewardctl.modeling.common import check_max_length, count_parameters
 from rewardctl.training.checkpoint import register_scheduler
 from rewardctl.training.disk import check_room_on_every_process, run_footprint
@@ -202,6 +203,7 @@ def build_parts(
 ) -> TrainingParts:
     """The model (checked for room on disk), optimizer, schedule and loaders, prepared by accelerate."""
     model = method.build_model()
+    rotary.attach(model)
     parameters = count_parameters(model)
     log.info("model: %.2fM parameters, %.2fM trainable", parameters["total"] / 1e6, parameters["trainable"] / 1e6)
     check_room_on_every_process(

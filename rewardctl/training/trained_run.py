@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from rewardctl.config.schema import RunConfig
 from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.methods.base import Method
+from rewardctl.modeling import rotary
 from rewardctl.modeling.adapters import has_adapter
 from rewardctl.training.checkpoint import METHOD_STATE, STEP_DIR
 
@@ -64,6 +65,13 @@ def use_saved_tokenizer(method: Method, run: RunConfig, path: Path) -> None:
 
 
 def load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
+    """A trained model as its run trained it (rotary tables in the autocast dtype, as in training)."""
+    model = _load_model(method, run, path)
+    rotary.attach(model)
+    return model
+
+
+def _load_model(method: Method, run: RunConfig, path: Path) -> nn.Module:
     if is_saved_model(path):
         try:
             return method.load_trained(path)
