@@ -46,6 +46,14 @@ class _LastLayerInputs(Exception):  # noqa: N818 (control flow, never an error a
         self.hidden, self.kwargs = hidden, kwargs
 
 
+def additive_mask(visible: Tensor) -> Tensor:
+    """A boolean mask (True: may attend) as eager attention wants it: added to the scores, 0 where
+    visible and the float32 minimum elsewhere."""
+    return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill(
+        ~visible, torch.finfo(torch.float32).min
+    )
+
+
 def read_only_blocker(backbone: nn.Module) -> str | None:
     """Why the last layer of ``backbone`` must run in full, or None when it can run at reads only."""
     layers = getattr(backbone, "layers", None)
@@ -121,10 +129,8 @@ def last_layer_at(
         row_mask = mask[rows, :, cols, :].unsqueeze(2)  # (N, 1, 1, L)
 
     implementation = attn.config._attn_implementation
-    if implementation == "eager" and row_mask.dtype == torch.bool:  # eager adds its mask to the scores
-        row_mask = torch.zeros(row_mask.shape, dtype=torch.float32, device=row_mask.device).masked_fill(
-            ~row_mask, torch.finfo(torch.float32).min
-        )
+    if implementation == "eager" and row_mask.dtype == torch.bool:
+        row_mask = additive_mask(row_mask)
     attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
     output, _ = attend(
         attn,

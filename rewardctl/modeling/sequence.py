@@ -23,7 +23,7 @@ from rewardctl.data.packing import segment_attention_mask
 from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
-from rewardctl.modeling.final_layer import hidden_at_reads, read_only_blocker
+from rewardctl.modeling.final_layer import additive_mask, hidden_at_reads, read_only_blocker
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,7 @@ class SequenceRewardModel(nn.Module):
         if segment_ids is not None:
             mask = segment_attention_mask(segment_ids)
             if hf.config._attn_implementation == "eager":  # eager adds the mask to the scores
-                mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(torch.float32).min
-                )
+                mask = additive_mask(mask)
         length = input_ids.shape[1]
         rows, cols = reward_index // length, reward_index % length
         inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
