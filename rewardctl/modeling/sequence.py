@@ -99,7 +99,7 @@ class SequenceRewardModel(nn.Module):
     def _hidden_at(self, backbone: nn.Module, rows: Tensor, cols: Tensor, inputs: dict[str, Any]) -> Tensor:
         """Final hidden states at tokens (rows[n], cols[n]), the last layer computed there only
         where that is exact for this model (``final_layer.py``), else from the full forward."""
-        if self.final_layer_at_reads and read_only_blocker(backbone) is None:
+        if self.read_only_blocker() is None:  # the same check that _wrap logs
             return hidden_at_reads(backbone, rows, cols, **inputs, use_cache=False)
         return backbone(**inputs, use_cache=False).last_hidden_state[rows, cols]
 
