@@ -27,7 +27,7 @@ and recomputation cannot inflate.
 
     python benchmarks/gpu_methods.py                               # hardware=gpu (bf16), every method
     python benchmarks/gpu_methods.py --peft lora --gradient-checkpointing
-    python benchmarks/gpu_methods.py --shape tiny --hardware cpu --steps 6 --padding-free-attention sdpa
+    python benchmarks/gpu_methods.py --shape tiny --hardware cpu --steps 8 --padding-free-attention sdpa
                                                                    # plumbing check on a CPU
 
 Writes <--out, default bench-results>/gpu_methods-<shape>-<hardware>-peft_<peft>[-gc].json.
