@@ -156,7 +156,10 @@ class ScalarRewardMethod(Method):
         model = SequenceRewardModel(classifier, final_layer_at_reads=self.run.model.final_layer_at_reads)
         if model.pooling == "last_token":
             blocker = model.read_only_blocker()
-            log.info("last layer %s", f"at every token: {blocker}" if blocker else "at the reward tokens only")
+            where = f"at every token: {blocker}" if blocker else "at the reward tokens only"
+            if not blocker and self.run.train.compile:
+                where += " in eval (train.compile traces the full last layer: no graph break)"
+            log.info("last layer %s", where)
         if model.pooling == "native" and self.tokenizer.padding_side != "right":
             log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
             self.tokenizer.padding_side = "right"

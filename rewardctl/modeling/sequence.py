@@ -98,8 +98,10 @@ class SequenceRewardModel(nn.Module):
 
     def _hidden_at(self, backbone: nn.Module, rows: Tensor, cols: Tensor, inputs: dict[str, Any]) -> Tensor:
         """Final hidden states at tokens (rows[n], cols[n]), the last layer computed there only
-        where that is exact for this model (``final_layer.py``), else from the full forward."""
-        if self.read_only_blocker() is None:  # the same check that _wrap logs
+        where that is exact for this model (``final_layer.py``), else from the full forward. Under
+        ``torch.compile`` the full forward is traced: the read-only path stops the model with a hook and
+        an exception, which would break the graph inside the layer loop and leave every layer eager."""
+        if self.read_only_blocker() is None and not torch.compiler.is_compiling():  # the check _wrap logs
             return hidden_at_reads(backbone, rows, cols, **inputs, use_cache=False)
         return backbone(**inputs, use_cache=False).last_hidden_state[rows, cols]
 

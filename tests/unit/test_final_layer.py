@@ -170,3 +170,29 @@ def test_the_switch_is_a_model_setting_that_defaults_on():
     run = to_run_config(compose_train([]))
     assert run.model.final_layer_at_reads is True
     assert to_run_config(compose_train(["model.final_layer_at_reads=false"])).model.final_layer_at_reads is False
+
+
+@pytest.mark.parametrize("layout", ["stacked", "shared_prefix"])
+def test_torch_compile_traces_the_whole_model_without_a_graph_break(layout: str):
+    """The read-only path stops the model with a hook and an exception: traced by dynamo, that broke
+    the graph inside the decoder's layer loop, so `train.compile` left every layer eager. Under
+    tracing the full forward is taken instead, and gives the same rewards."""
+    import torch._dynamo
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    model = SequenceRewardModel(_tiny())
+    if layout == "stacked":
+        ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    else:
+        batch = pack_rows([[[5, 6, 7, 8, 9], [5, 6, 7, 10]], [[5, 11, 12], [5, 13]]], tokenizer.pad_token_id)
+        reads = batch["reward_index"].flatten()
+        inputs = {k: batch[k] for k in ("input_ids", "segment_ids", "position_ids")} | {"reward_index": reads}
+    assert model.read_only_blocker() is None
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad():
+        eager = model(**inputs)
+        traced = torch.compile(model, backend="eager")(**inputs)
+    torch.testing.assert_close(traced, eager, atol=1e-5, rtol=0)
