@@ -58,7 +58,7 @@ QWEN25_05B_SHAPE = {
     "max_position_embeddings": 32768,
     "tie_word_embeddings": "true",
 }
-TINY_SHAPE = {"hidden_size": 64, "vocab_size": 1024}  # rewardctl/assets/tiny-llama/config.json
+TINY_CONFIG = REPO / "rewardctl" / "assets" / "tiny-llama" / "config.json"  # model=tiny, before the overrides
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a name torch.cuda.get_device_name() contains.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
 #: Layout name -> (overrides, the methods it applies to).
@@ -165,9 +165,9 @@ def run_method(method: str, layout: str, args: argparse.Namespace, out: Path) ->
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     item = next(k for k in summary if k.endswith("_per_sec") and k != "tokens_per_sec")
     parameters = summary.get("parameters") or {}
-    hidden = int(shape.get("hidden_size", TINY_SHAPE["hidden_size"]))
-    vocab = int(shape.get("vocab_size", TINY_SHAPE["vocab_size"]))
-    flops = train_flops_per_token(parameters.get("total", 0), parameters.get("trainable", 0), vocab * hidden)
+    config = {**json.loads(TINY_CONFIG.read_text()), **shape}
+    embedding = int(config["vocab_size"]) * int(config["hidden_size"])
+    flops = train_flops_per_token(parameters.get("total", 0), parameters.get("trainable", 0), embedding)
     tokens_steady = steady_rate(records, "tokens_per_sec")
     mfu = None
     if args.peak_tflops and tokens_steady:
