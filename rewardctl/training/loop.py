@@ -40,6 +40,7 @@ from rewardctl.config.schema import TrainConfig
 from rewardctl.data.batching import EpochBatchSampler
 from rewardctl.methods.base import Method
 from rewardctl.training.checkpoint import load_checkpoint, save_checkpoint
+from rewardctl.training.clipping import GradientClipper
 from rewardctl.training.evaluation import run_evaluation
 from rewardctl.training.guards import DivergenceGuard, SignalStop
 from rewardctl.training.metrics import MetricsLog, MetricTracker
@@ -100,6 +101,7 @@ class TrainingLoop:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.clip = GradientClipper(accelerator, optimizer)
         self.train_loader = train_loader
         self.batch_sampler = batch_sampler
         self.eval_loader = eval_loader
@@ -301,7 +303,7 @@ class TrainingLoop:
         finally:
             acc.sync_gradients = True  # process-wide state: never left mid-window
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = self._norm_tensor(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = self._norm_tensor(self.clip(self.model.parameters(), max_norm))
         health = self._health(grad_norm, torch.stack(losses).sum() / total.clamp(min=1.0))
         bad, skipped = self._update(health)
         if not skipped:
