@@ -275,6 +275,10 @@ class HardwareConfig:
     # Under bf16/fp16 autocast, rotary cos/sin tables in that dtype, so q/k rotate in bf16 as in a bf16
     # model instead of being promoted to fp32 (rewardctl/modeling/rotary.py); 6-9% faster on CPU.
     rotary_in_autocast_dtype: bool = True
+    # One-process CPU runs: the input embedding's gradient goes into one warm buffer, zeroed on the rows
+    # the last step touched, instead of a fresh zero-filled vocab x hidden tensor per step (15 ms a step
+    # for a 30522 x 384 vocabulary; rewardctl/modeling/embedding_grad.py). Same gradient, bit for bit.
+    cpu_warm_embedding_grad: bool = True
     # How several processes share the work: none (DDP when there are several), fsdp, deepspeed.
     strategy: Strategy = Strategy.none
     # Processes per machine; 0: one per visible GPU.

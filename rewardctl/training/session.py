@@ -31,7 +31,7 @@ from rewardctl.data.splits import describe, prepare_data
 from rewardctl.errors import ConfigError
 from rewardctl.methods.base import Method
 from rewardctl.methods.registry import build_method, to_run_config
-from rewardctl.modeling import rotary
+from rewardctl.modeling import embedding_grad, rotary
 from rewardctl.modeling.common import check_max_length, count_parameters
 from rewardctl.training.checkpoint import register_scheduler
 from rewardctl.training.disk import check_room_on_every_process, run_footprint
@@ -211,6 +211,9 @@ def build_parts(
     )
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
     optimizer = build_optimizer(model, run.train, fused=not sharded)
+    one_plain_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1 and not sharded
+    if run.hardware.cpu_warm_embedding_grad and one_plain_cpu_process and not run.train.compile:
+        embedding_grad.attach(model, optimizer)
     scheduler = build_scheduler(optimizer, run.train, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     register_scheduler(accelerator, scheduler)  # saved as JSON by our checkpoints, never pickled
