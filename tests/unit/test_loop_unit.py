@@ -127,6 +127,7 @@ def make_loop(
     *,
     rows: list[dict] = ROWS,
     optimizer: str = "sgd",
+    fused: bool = False,
     shuffle: bool = False,
     model: nn.Module | None = None,
     eval_rows: list[dict] | None = None,
@@ -140,7 +141,7 @@ def make_loop(
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     else:
-        opt = build_optimizer(model, cfg)
+        opt = build_optimizer(model, cfg, fused=fused)
     scheduler = build_scheduler(opt, cfg, max_steps)
     model, opt = accelerator.prepare(model, opt)
     register_scheduler(accelerator, scheduler)
@@ -474,6 +475,27 @@ class Tower(nn.Module):
         self.scale = nn.Parameter(torch.ones(4))  # a 1-D parameter that is neither a bias nor a norm
         self.frozen = nn.Linear(4, 4)
         self.frozen.requires_grad_(False)
+
+
+def test_clipping_folded_into_the_fused_adamw_trains_as_accelerates_clip_then_step(tmp_path: Path):
+    """The loop hands the clipping coefficient to a fused AdamW (``GradientClipper.folded``) and
+    clips through accelerate otherwise; with a threshold that clips every step, both runs log the
+    same gradient norms and end on the same weights (fp32 rounding apart)."""
+    cfg = train_cfg(max_grad_norm=0.05, weight_decay=0.1)
+    runs = {}
+    for fused in (True, False):
+        loop = make_loop(tmp_path / f"fused-{fused}", cfg, 6, optimizer="adamw", fused=fused)
+        assert loop.clip.folded is fused
+        result = loop.run()
+        assert result.status == "completed"
+        norms = [r["grad_norm"] for r in records(tmp_path / f"fused-{fused}", "train")]
+        runs[fused] = ([p.detach().clone() for p in loop.model.parameters()], norms)
+    (folded, folded_norms), (plain, plain_norms) = runs[True], runs[False]
+    assert len(folded_norms) == 6 and min(plain_norms) > 0.05  # every step was clipped
+    assert folded_norms == pytest.approx(plain_norms, rel=1e-5)
+    for a, b in zip(folded, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(folded[0], initial_model().weight)
 
 
 def test_build_optimizer_decays_matrices_only_and_leaves_frozen_parameters_out():
