@@ -16,9 +16,9 @@ another order (equal within fp32 rounding) and marks the whole buffer for zeroin
 
 It relies on the loop's ``zero_grad(set_to_none=True)``: a ``None`` gradient is how a new window is
 recognised. A window that ended without an optimizer step (its step post-hook did not run) is zeroed
-everywhere: a skipped non-finite update's clipping may have written NaN into every row. Only one process may use
-it (DDP reduces sparse gradients differently, FSDP and DeepSpeed own the gradients), and not under
-``torch.compile``; ``hardware.cpu_warm_embedding_grad`` turns it off.
+everywhere: a skipped non-finite update's clipping may have written NaN into every row. Only one
+process may use it (DDP reduces sparse gradients differently, FSDP and DeepSpeed own the
+gradients), and not under ``torch.compile``; ``hardware.cpu_warm_embedding_grad`` turns it off.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class WarmEmbeddingGradient:
     buffer: Tensor | None = None
     rows: list[Tensor] = field(default_factory=list)
     # Every row may be non-zero: a dense gradient was added, or the last window ended without an
-    # optimizer step (a skipped non-finite update: its clipping multiplied the whole buffer by NaN).
+    # optimizer step (a skipped non-finite update: accelerate's clipping, where the loop uses it,
+    # multiplies the whole buffer by NaN; the folded clipping writes nothing into it).
     dirty: bool = False
     stepped: bool = True
 
