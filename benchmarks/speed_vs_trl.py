@@ -405,7 +405,7 @@ def trl_worker(spec_path: Path) -> int:
 
 
 # ---- cases ---------------------------------------------------------------------------------------------
-def resolve_precision(requested: str) -> tuple[str, str]:
+def bench_precision(requested: str) -> tuple[str, str]:
     """``bf16`` or ``no`` for both systems, and why: ``auto`` is bf16 only where this CPU computes it
     natively (the same test rewardctl's ``hardware.mixed_precision=auto`` makes)."""
     if requested != "auto":
@@ -417,8 +417,9 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     return "no", "this CPU has no native bf16: emulated bf16 is slower than fp32 for both systems"
 
 
-def dtype_label(args: argparse.Namespace) -> str:
-    return "bf16" if args.precision == "bf16" else "fp32"
+def dtype_label(precision: str) -> str:
+    """How a table names the precision: ``bf16`` or ``fp32`` (``no``: no autocast)."""
+    return "bf16" if precision == "bf16" else "fp32"
 
 
 def common_overrides(args: argparse.Namespace, batch: int) -> list[str]:
@@ -459,12 +460,12 @@ def pairwise_case(case: str, args: argparse.Namespace, work: Path, data: dict[st
     pairs, numerator = stats["rows"], stats["tokens"]
     if case == "minilm":
         model_path, scratch = minilm_path(), False
-        systems = [(f"rewardctl {dtype_label(args)}", [])]
+        systems = [(f"rewardctl {dtype_label(args.precision)}", [])]
     else:
         model_path, scratch = str(data["decoder"]), True
         systems = [
-            (f"rewardctl {dtype_label(args)}, shared prompt", []),
-            (f"rewardctl {dtype_label(args)}, share_prefix=false", ["data.share_prefix=false"]),
+            (f"rewardctl {dtype_label(args.precision)}, shared prompt", []),
+            (f"rewardctl {dtype_label(args.precision)}, share_prefix=false", ["data.share_prefix=false"]),
         ]
     record(
         case, run_trl("TRL-best", trl_spec(args, model_path, scratch, train, test, args.batch), work, numerator, pairs)
@@ -493,7 +494,7 @@ def ranklist_case(args: argparse.Namespace, work: Path, data: dict[str, Any], re
         f"data.eval={data['lists_eval']}",
         *common_overrides(args, args.list_batch),
     ]
-    label = f"rewardctl ranklist {dtype_label(args)}, shared prompt"
+    label = f"rewardctl ranklist {dtype_label(args.precision)}, shared prompt"
     record("ranklist", run_rewardctl(label, overrides, work, numerator, lists))
 
 
@@ -626,7 +627,7 @@ def print_speed_table(results: dict[str, Any]) -> None:
     settings = results["settings"]
     print(
         f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer "
-        f"({'bf16' if settings['precision'] == 'bf16' else 'fp32'}: {settings['precision_reason']}; no gradient checkpointing, "
+        f"({dtype_label(settings['precision'])}: {settings['precision_reason']}; no gradient checkpointing, "
         f"group_by_length), CPU ({os.cpu_count()} cores); {settings['steps']} optimizer steps, {settings['batch']} pairs "
         f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}"
         + (
@@ -742,7 +743,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
         print(f"skipped {needs_shared}: {SHARED} not found (the benchmark reads ../shared/data)", file=sys.stderr)
         cases = [c for c in cases if c == "default"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args.precision, precision_reason = resolve_precision(args.precision)
+    args.precision, precision_reason = bench_precision(args.precision)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "speed_vs_trl.json"
