@@ -3,11 +3,16 @@ composition, in-process training runs, and the packed-batch helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +152,63 @@ def cli(
         timeout=timeout,
         input=stdin,
     )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torch elastic starts its workers in sessions of their own, so a
+    process-group kill misses them)."""
+    found: list[int] = []
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return found
+    for child in children:
+        found += [child, *descendants(child)]
+    return found
+
+
+def run_workers(
+    command: list[str], *, cwd: Path, env: dict[str, str], outputs: list[Path], timeout: float = 300.0
+) -> subprocess.CompletedProcess:
+    """A multi-process launch (torchrun, accelerate launch) as ``subprocess.run`` would run it, for
+    tests that must not hang CI: a run still going after ``timeout`` s (they take 15-45 s) gets
+    SIGABRT in every worker, whose faulthandler prints its Python stack, then SIGKILL; the hang is
+    reported as a warning with those stacks and the command runs once more, after removing the
+    ``outputs`` the hung attempt created. A second hang fails the test with the stacks.
+
+    Why a retry at all: one 2-process CPU run hung in CI (2026-12-03, ranklist's, killed at 600 s
+    with no stack; 11 reruns here did not hang). A hang in rewardctl's own collectives ends on its own
+    after ``hardware.collective_timeout_s`` instead (tests/e2e/test_fault_tolerance_runs.py)."""
+    import warnings
+
+    existed = {path: path.exists() for path in outputs}
+    full_env = {**os.environ, **env, "PYTHONFAULTHANDLER": "1"}
+    stacks = ""
+    for attempt in (1, 2):
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            workers = descendants(proc.pid)
+            for pid in workers:  # one at a time: their stacks would interleave on the shared stderr
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGABRT)
+                time.sleep(1)
+            for pid in [proc.pid, *workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            stacks = stderr[-12000:]
+            warnings.warn(
+                f"attempt {attempt} of {' '.join(command[3:])} hung for {timeout:.0f} s:\n{stacks}", stacklevel=2
+            )
+        for path in outputs:
+            if not existed[path] and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    raise AssertionError(f"hung twice for {timeout:.0f} s: {' '.join(command)}\n{stacks}")
 
 
 def completion_logp(model, tokenizer, row: dict) -> float:

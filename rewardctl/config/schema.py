@@ -289,6 +289,10 @@ class HardwareConfig:
     # Rendezvous of multi-machine runs (rank 0's address).
     main_process_ip: Optional[str] = None
     main_process_port: int = 29500
+    # Seconds a process waits in a collective (gradient all-reduce, barrier) for the others before
+    # it gives up: a peer that died or hangs then ends the run with one line naming the checkpoint to
+    # resume from, instead of a silent hang. 30 min, like torch's and transformers' ddp_timeout.
+    collective_timeout_s: int = 1800
     # FSDP: FULL_SHARD (ZeRO-3 like), SHARD_GRAD_OP (ZeRO-2 like), NO_SHARD, HYBRID_SHARD.
     fsdp_sharding_strategy: str = "FULL_SHARD"
     fsdp_cpu_offload: bool = False

@@ -95,6 +95,11 @@ def check_hardware(hw: Any) -> None:
         "hardware.machine_rank",
         f"must be in [0, {hw.num_machines}) (got {hw.machine_rank})",
     )
+    _require(
+        hw.collective_timeout_s >= 1,
+        "hardware.collective_timeout_s",
+        f"must be >= 1 second (got {hw.collective_timeout_s})",
+    )
     _require(hw.zero_stage in (1, 2, 3), "hardware.zero_stage", f"must be 1, 2 or 3 (got {hw.zero_stage})")
     _require(
         hw.fsdp_sharding_strategy in FSDP_SHARDING,

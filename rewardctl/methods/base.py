@@ -10,6 +10,7 @@ class, so a user's own method plugs in without editing rewardctl.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from rewardctl.config.schema import MethodConfig, RunConfig
 
 
+#: flex_attention's default key/query block, in tokens (torch's ``_DEFAULT_SPARSE_BLOCK_SIZE``, not
+#: imported: that module pulls in the compiler stack at import): padded batches are widened to it.
+FLEX_BLOCK_TOKENS = 128
 #: The checkpoint key of the reward statistics (``Method.checkpoint_state``).
 REWARD_STATS_KEY = "reward_stats.mean_std"
 
@@ -142,8 +146,17 @@ class Method(ABC):
 
     @property
     def padding(self) -> dict[str, Any]:
-        """How far a collator pads a batch beyond its longest row (``padded_length``'s settings)."""
-        return {"multiple_of": self.run.data.pad_to_multiple_of, "buckets": self.run.data.pad_buckets}
+        """How far a collator pads a batch beyond its longest row (``padded_length``'s settings).
+
+        Under flex_attention a padded batch is as wide as a whole number of the kernel's key blocks
+        (``FLEX_BLOCK_TOKENS``): the kernel evaluates the padding mask over whole blocks, so a width
+        that ends inside one has it read past the mask's end (torch 2.13, CPU: NaN rewards for the
+        last row in 4 of 8 runs at width 88, none in 8 at 128). The extra columns are padding, a block
+        the kernel skips as fully masked."""
+        multiple_of = self.run.data.pad_to_multiple_of
+        if self.run.model.attn_implementation == "flex_attention":
+            multiple_of = math.lcm(multiple_of or 1, FLEX_BLOCK_TOKENS)
+        return {"multiple_of": multiple_of, "buckets": self.run.data.pad_buckets}
 
     @classmethod
     def check_config(cls, run: RunConfig) -> None:

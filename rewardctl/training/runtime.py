@@ -4,13 +4,19 @@ and the ``Runtime`` a method sees (collectives and placement, without knowing ac
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+)
 from torch import nn
 
 from rewardctl.config.schema import Device, HardwareConfig, TrainConfig
@@ -56,7 +62,7 @@ def compile_for_training(model: nn.Module) -> nn.Module:
 
 def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: TrainConfig | None = None) -> Accelerator:
     """The one Accelerator of train, eval and export: device, precision (already resolved, never
-    ``auto``), TF32 and, under DeepSpeed, the engine's batch settings from ``train``.
+    ``auto``), TF32, the collective timeout and, under DeepSpeed, the engine's batch settings from ``train``.
 
     The loop feeds its own batches, so DeepSpeed cannot infer the micro-batch, accumulation and
     clipping from a loader: they are written into its config here, and the accelerator's
@@ -76,6 +82,8 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: Tra
         project_config=ProjectConfiguration(project_dir=".") if report_to else None,
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # How long a collective waits for the other processes (rewardctl.training.peers says why it failed).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=hardware.collective_timeout_s))],
     )
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed is not None and train is not None:

@@ -41,6 +41,7 @@ from rewardctl.training.launch import launch_workers, wants_launch
 from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
 from rewardctl.training.optim import build_optimizer, build_scheduler
+from rewardctl.training.peers import peer_failures_reported
 from rewardctl.training.plot import plot_curves
 from rewardctl.training.reward_stats import stats_from_train_sample
 from rewardctl.training.run_directory import RunDirectory, check_resume
@@ -69,7 +70,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     run_dir = RunDirectory(shared_run_dir(accelerator, run.output_dir), main=accelerator.is_main_process)
     # One run per run directory: a second run into it is refused here, before anything loads.
-    with acquire_run_lock(run_dir.path) if run_dir.main else nullcontext():
+    peers = peer_failures_reported(
+        rank=accelerator.process_index,
+        processes=accelerator.num_processes,
+        timeout_s=run.hardware.collective_timeout_s,
+        resume_point=run_dir.latest_checkpoint,
+    )
+    with peers, acquire_run_lock(run_dir.path) if run_dir.main else nullcontext():
         return _train_in(cfg, run, accelerator, run_dir)
 
 

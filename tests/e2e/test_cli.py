@@ -10,7 +10,7 @@ import pytest
 
 from rewardctl.training.launch import free_port
 
-from ..conftest import SAMPLES, cli, read_jsonl, write_jsonl
+from ..conftest import SAMPLES, cli, read_jsonl, run_workers, write_jsonl
 
 SMOKE = ["experiment=smoke"]
 
@@ -123,24 +123,12 @@ def test_malformed_data_fails_before_the_model_loads(tmp_path: Path):
 
 
 def torchrun(*args: str, cwd: Path):
-    import os
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "rewardctl",
-        *args,
-    ]
-    return subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    """``rewardctl <args>`` under torchrun with 2 CPU processes (``run_workers``: a hang is reported
+    with every worker's stack and retried once)."""
+    outputs = [Path(a.split("=", 1)[1]) for a in args if a.startswith(("output_dir=", "output="))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(free_port()), "-m", "rewardctl", *args]
+    return run_workers(command, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, outputs=outputs)
 
 
 @pytest.mark.slow
@@ -198,9 +186,6 @@ def test_eval_and_export_write_nothing_in_the_working_directory(tmp_path: Path):
 
 @pytest.mark.slow
 def test_accelerate_launch_runs_two_cpu_processes_into_one_run(tmp_path: Path):
-    import os
-    import subprocess
-
     command = [
         sys.executable,
         "-m",
@@ -222,14 +207,8 @@ def test_accelerate_launch_runs_two_cpu_processes_into_one_run(tmp_path: Path):
         *SMOKE,
         f"output_dir={tmp_path / 'run'}",
     ]
-    result = subprocess.run(
-        command,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
-    )
+    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = run_workers(command, cwd=tmp_path, env=env, outputs=[tmp_path / "run"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert run_dirs(tmp_path) == [tmp_path / "run"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -333,6 +333,44 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: 
     assert resumed["status"] == "completed" and resumed["step"] == 40 and resumed["processes"] == 2
 
 
+@pytest.mark.slow
+def test_a_frozen_process_ends_the_other_after_the_collective_timeout_naming_the_checkpoint(tmp_path: Path):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0 waits in its next collective only for
+    hardware.collective_timeout_s, then ends with one line that says where it waited and which intact
+    checkpoint the same command resumes from (not a hang until the job's wall-clock limit)."""
+    from rewardctl.training.launch import free_port
+
+    out, err = tmp_path / "ddp", tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(free_port()), "-m", "rewardctl", "train", "train.max_steps=400"]
+    command += ["train.save_every=2", "train.progress_bar=false", "data.max_eval_rows=64"]
+    command += ["hardware.collective_timeout_s=10", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err.open("w"), env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "checkpoints").glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.05)
+        frozen = worker_pid(proc.pid, rank=1)
+        os.kill(frozen, signal.SIGSTOP)
+        deadline = time.monotonic() + 120
+        while "rewardctl: error: process 0 of 2" not in err.read_text():
+            assert time.monotonic() < deadline, "rank 0 did not give up on the frozen process"
+            time.sleep(0.1)
+        os.kill(frozen, signal.SIGCONT)  # torchrun's SIGTERM to it is pending: let it end
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [line] = [line for line in err.read_text().splitlines() if line.startswith("rewardctl: error: process 0 of 2")]
+    latest = max((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert "a collective with the other processes failed (waiting in rewardctl/" in line
+    assert "Timed out waiting" in line and "hardware.collective_timeout_s=10" in line
+    assert line.endswith(f"rerun the same command to resume from {latest}")
+    assert not (out / "model").exists()
+
+
 RECORDER = """
 import os, signal, subprocess, sys, time
 log = sys.argv[1]

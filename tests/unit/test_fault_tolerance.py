@@ -168,3 +168,84 @@ def test_under_fp16_the_loss_scaler_sees_every_step_and_its_overflows_are_not_ba
     for _ in range(3):
         loop._update(StepHealth(grad_bad=True, loss=float("nan"), signum=0))
     assert loop._diverged == "3 updates in a row had a non-finite loss or gradient norm"
+
+
+# ---- a collective that failed because another process died or hangs -------------------------------
+GLOO_TIMEOUT = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv"
+
+
+class _StuckAccelerator:
+    """What a collective does when the other process never comes: gloo's timeout error."""
+
+    device, num_processes, process_index, is_main_process = "cpu", 2, 1, False
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def reduce(self, tensor, reduction):
+        raise self.error
+
+
+def _reduce_line() -> int:
+    import inspect
+
+    from rewardctl.training.runtime import AccelerateRuntime
+
+    lines, first = inspect.getsourcelines(AccelerateRuntime.all_reduce_sum)
+    return first + next(i for i, line in enumerate(lines) if "accelerator.reduce(" in line)
+
+
+def _fail_in_a_collective(error: Exception, *, processes: int = 2, checkpoint=None):
+    import torch
+
+    from rewardctl.training.peers import peer_failures_reported
+    from rewardctl.training.runtime import AccelerateRuntime
+
+    with peer_failures_reported(rank=1, processes=processes, timeout_s=600, resume_point=lambda: checkpoint):
+        AccelerateRuntime(_StuckAccelerator(error)).all_reduce_sum(torch.ones(1))
+
+
+def test_a_peer_failure_becomes_one_line_naming_the_process_the_waiting_point_and_the_checkpoint(tmp_path):
+    from rewardctl.training.peers import PeerFailure
+
+    checkpoint = tmp_path / "checkpoints" / "step-6"
+    with pytest.raises(PeerFailure) as info:
+        _fail_in_a_collective(RuntimeError(GLOO_TIMEOUT), checkpoint=checkpoint)
+    assert str(info.value) == (
+        "process 1 of 2: a collective with the other processes failed (waiting in "
+        f"rewardctl/training/runtime.py:{_reduce_line()} all_reduce_sum): Timed out waiting 10000ms for recv. "
+        "Another process died or stopped answering (see its output; a hang is cut after "
+        f"hardware.collective_timeout_s=600); rerun the same command to resume from {checkpoint}"
+    )
+    assert isinstance(info.value, cli.RewardctlError)  # so the CLI prints it as one line, exit status 2
+    with pytest.raises(PeerFailure, match="no checkpoint was written yet: rerun the same command to start again$"):
+        _fail_in_a_collective(RuntimeError(GLOO_TIMEOUT))
+
+
+def test_only_backend_failures_of_several_processes_are_peer_failures():
+    import torch.distributed as dist
+
+    from rewardctl.training.peers import PeerFailure
+
+    with pytest.raises(PeerFailure, match=r"failed \(waiting in .*\): NCCL watchdog timeout\. Another"):
+        _fail_in_a_collective(dist.DistBackendError("NCCL watchdog timeout\nmore detail"))
+    bug = RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError) as info:
+        _fail_in_a_collective(bug)
+    assert info.value is bug
+    alone = RuntimeError(GLOO_TIMEOUT)
+    with pytest.raises(RuntimeError) as info:
+        _fail_in_a_collective(alone, processes=1)
+    assert info.value is alone
+
+
+def test_the_collective_timeout_reaches_the_process_group_and_is_checked():
+    from datetime import timedelta
+
+    from rewardctl.training.runtime import build_accelerator
+
+    run = to_run_config(compose_train(["hardware.collective_timeout_s=42"]))
+    accelerator = build_accelerator(run.hardware, report_to=[])
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=42)}
+    with pytest.raises(ConfigError, match=r"^hardware.collective_timeout_s: must be >= 1 second \(got 0\)$"):
+        to_run_config(compose_train(["hardware.collective_timeout_s=0"]))

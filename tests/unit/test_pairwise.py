@@ -159,6 +159,25 @@ def test_collator_stacks_chosen_then_rejected_with_exact_padding():
     assert method.batch_weight(batch).item() == 2
 
 
+def test_flex_attention_batches_are_padded_to_whole_kernel_blocks():
+    """flex_attention's CPU kernel reads the padding mask over whole 128-token key blocks: a batch
+    narrower than a block made NaN rewards (tests/e2e/test_packing_flex.py), so its width is rounded
+    up to the block, and to the least common multiple with data.pad_to_multiple_of."""
+    from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE
+
+    from rewardctl.methods.base import FLEX_BLOCK_TOKENS
+
+    assert FLEX_BLOCK_TOKENS == _DEFAULT_SPARSE_BLOCK_SIZE
+    method = make_method("data.share_prefix=false", "model.attn_implementation=flex_attention")
+    features = [{"chosen_ids": [1, 2, 3], "rejected_ids": [6, 7], "_row": 0}]
+    batch = method.collate(features)
+    assert batch["input_ids"].shape == (2, 128)
+    assert batch["attention_mask"].sum(-1).tolist() == [3, 2]
+    method.run.data.pad_to_multiple_of = 48
+    assert method.collate(features)["input_ids"].shape == (2, 384)
+    assert make_method("data.share_prefix=false").collate(features)["input_ids"].shape == (2, 3)
+
+
 def test_collator_packs_each_pair_behind_its_shared_prefix():
     """The tiny decoder shares prefixes by default: one sequence per pair, rewards read chosen-first."""
     method = make_method()
