@@ -117,8 +117,9 @@ class ModelConfig:
     padding_side: PaddingSide = PaddingSide.right
     # Reward models train more stably without dropout (TRL and OpenRLHF do the same).
     disable_dropout: bool = True
-    # Decoders: compute the last layer only at the tokens a reward is read from (keys/values everywhere);
-    # exact, ~1/7 less work on a 6-layer model; Llama/Mistral/Qwen2 layers with sdpa/eager attention.
+    # Compute the last layer only where the reward is read (keys/values everywhere): decoders at the
+    # reward tokens (Llama/Mistral/Qwen2 layers), BERT-family encoders at the pooled first token; exact,
+    # ~1/7 less work on a 6-layer model; sdpa/eager attention.
     final_layer_at_reads: bool = True
     # Extra attributes set on the transformers config before the model is built.
     config_overrides: Dict[str, Any] = field(default_factory=dict)

@@ -154,12 +154,14 @@ class ScalarRewardMethod(Method):
 
     def _wrap(self, classifier: nn.Module) -> SequenceRewardModel:
         model = SequenceRewardModel(classifier, final_layer_at_reads=self.run.model.final_layer_at_reads)
+        blocker = model.read_only_blocker()
         if model.pooling == "last_token":
-            blocker = model.read_only_blocker()
             where = f"at every token: {blocker}" if blocker else "at the reward tokens only"
             if not blocker and self.run.train.compile:
                 where += " in eval (train.compile traces the full last layer: no graph break)"
             log.info("last layer %s", where)
+        else:
+            log.info("last layer %s", f"at every token: {blocker}" if blocker else "at the pooled first token only")
         if model.pooling == "native" and self.tokenizer.padding_side != "right":
             log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
             self.tokenizer.padding_side = "right"

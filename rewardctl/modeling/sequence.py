@@ -24,6 +24,7 @@ from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
 from rewardctl.modeling.final_layer import additive_mask, hidden_at_reads, read_only_blocker
+from rewardctl.modeling.first_token_layer import every_token, first_token_blocker, first_token_only
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,29 @@ class SequenceRewardModel(nn.Module):
     def __init__(self, classifier: nn.Module, final_layer_at_reads: bool = True) -> None:
         super().__init__()
         self.classifier = classifier
-        # model.final_layer_at_reads: the last decoder layer at the read tokens only (final_layer.py)
-        self.final_layer_at_reads = final_layer_at_reads
         hf = _unwrap_hf(classifier)
         backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
         self.pooling = (
             "last_token" if isinstance(getattr(hf, "score", None), nn.Module) and backbone is not None else "native"
         )
+        self.final_layer_at_reads = final_layer_at_reads
+
+    @property
+    def final_layer_at_reads(self) -> bool:
+        """``model.final_layer_at_reads``: the last layer only where the reward is read, at the read
+        tokens of a decoder (final_layer.py) or the pooled first token of an encoder
+        (first_token_layer.py), wherever that is exact for the model."""
+        return self._final_layer_at_reads
+
+    @final_layer_at_reads.setter
+    def final_layer_at_reads(self, enabled: bool) -> None:
+        self._final_layer_at_reads = enabled
+        if self.pooling == "native":  # the encoder's last layer is switched once, not per call
+            hf = _unwrap_hf(self.classifier)
+            if enabled and first_token_blocker(hf) is None:
+                first_token_only(hf)
+            elif first_token_blocker(hf) is None:
+                every_token(hf)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -76,7 +93,7 @@ class SequenceRewardModel(nn.Module):
         the flat position (row * L + column) of each response's last token, in output order."""
         if reward_index is not None:
             return self._packed(input_ids, segment_ids, position_ids, reward_index)
-        if self.pooling == "native":
+        if self.pooling == "native":  # its last layer at the pooled first token only, where exact
             logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
             return logits.squeeze(-1).float()
         hf = _unwrap_hf(self.classifier)
@@ -91,9 +108,9 @@ class SequenceRewardModel(nn.Module):
         """Why this model's last layer runs at every token (None: at the read tokens only)."""
         if not self.final_layer_at_reads:
             return "model.final_layer_at_reads=false"
-        if self.pooling != "last_token":
-            return "the model pools its first token"
         hf = _unwrap_hf(self.classifier)
+        if self.pooling != "last_token":
+            return first_token_blocker(hf)
         return read_only_blocker(getattr(hf, hf.base_model_prefix))
 
     def _hidden_at(self, backbone: nn.Module, rows: Tensor, cols: Tensor, inputs: dict[str, Any]) -> Tensor:

@@ -154,7 +154,7 @@ def test_the_full_last_layer_runs_where_it_cannot_be_recomputed(tmp_path: Path):
     bert = AutoModelForSequenceClassification.from_config(
         BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     )
-    assert blocker(bert) == "the model pools its first token"
+    assert blocker(bert) is None  # its last layer at the pooled first token (first_token_layer.py)
     gpt2 = AutoModelForSequenceClassification.from_config(
         GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, pad_token_id=0, num_labels=1)
     )
@@ -196,3 +196,96 @@ def test_torch_compile_traces_the_whole_model_without_a_graph_break(layout: str)
         eager = model(**inputs)
         traced = torch.compile(model, backend="eager")(**inputs)
     torch.testing.assert_close(traced, eager, atol=1e-5, rtol=0)
+
+
+# ---- encoders: the last layer at the pooled first token only (first_token_layer.py) ----------------
+def _encoder(kind: str, attn_implementation: str = "sdpa"):
+    from transformers import RobertaConfig
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    shape |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
+    config = BertConfig(**shape) if kind == "bert" else RobertaConfig(**shape, pad_token_id=1)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
+
+
+def _padded_batch():
+    ids = torch.randint(5, 60, (4, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([11, 7, 3, 9]):
+        mask[row, length:] = 0
+        ids[row, length:] = 0
+    return ids, mask
+
+
+def _rewards_and_grads(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    rewards = model(ids, mask)
+    (rewards * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+    return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("kind", "attention"), [("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa")])
+def test_an_encoders_last_layer_at_its_first_token_equals_the_full_layer(kind: str, attention: str):
+    """Rewards and every gradient of the first-token last layer against the stock full layer, fp32,
+    on right-padded rows of different lengths (the mask row of the first token is sliced, not dropped)."""
+    model = SequenceRewardModel(_encoder(kind, attention))
+    model.train()
+    assert model.pooling == "native" and model.read_only_blocker() is None
+    layer = model.classifier.base_model.encoder.layer[-1]
+    assert type(layer).__name__.startswith("FirstToken") and type(layer.attention).__name__.endswith("Attention")
+    ids, mask = _padded_batch()
+    widths = []
+    hook = layer.intermediate.register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
+    fast = _rewards_and_grads(model, ids, mask)
+    model.final_layer_at_reads = False
+    assert not type(layer).__name__.startswith("FirstToken")
+    full = _rewards_and_grads(model, ids, mask)
+    hook.remove()
+    assert widths == [1, 11]  # the feed-forward block ran at the first token, then at all 11
+    torch.testing.assert_close(fast[0], full[0], atol=1e-5, rtol=0)
+    assert fast[1].keys() == full[1].keys() and len(full[1]) > 20
+    for name in full[1]:
+        torch.testing.assert_close(fast[1][name], full[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    [ffn] = [name for name in fast[1] if name.endswith("encoder.layer.1.intermediate.dense.weight")]
+    assert fast[1][ffn].abs().sum() > 0  # the last layer's feed-forward still learns, from the first token
+
+
+def test_the_first_token_layer_saves_a_stock_model_and_a_copy_keeps_its_own_weights(tmp_path: Path):
+    import copy
+
+    model = SequenceRewardModel(_encoder("bert"))
+    model.eval()
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        ours = model(ids, mask)
+    model.classifier.save_pretrained(tmp_path)
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(stock.bert.encoder.layer[-1]).__name__ == "BertLayer"
+    assert set(stock.state_dict()) == set(model.classifier.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stock(input_ids=ids, attention_mask=mask).logits.squeeze(-1), ours, atol=1e-5, rtol=0
+        )
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.add_(0.5)
+        assert (twin(ids, mask) - ours).abs().max() > 1e-3  # the copy computes with its own weights
+        torch.testing.assert_close(model(ids, mask), ours, atol=0, rtol=0)
+
+
+def test_an_encoder_whose_last_layer_cannot_be_recomputed_runs_it_in_full():
+    from transformers import DistilBertConfig
+
+    distil = AutoModelForSequenceClassification.from_config(
+        DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=1)
+    )
+    assert SequenceRewardModel(distil).read_only_blocker() == (
+        "DistilBertForSequenceClassification is not a classifier known to read only its first token"
+    )
+    flex = SequenceRewardModel(_encoder("bert", "flex_attention"))
+    assert flex.read_only_blocker() == "attn_implementation=flex_attention takes no dense mask"
+    assert type(flex.classifier.bert.encoder.layer[-1]).__name__ == "BertLayer"
+    off = SequenceRewardModel(_encoder("bert"), final_layer_at_reads=False)
+    assert off.read_only_blocker() == "model.final_layer_at_reads=false"
+    assert type(off.classifier.bert.encoder.layer[-1]).__name__ == "BertLayer"

@@ -1,0 +1,123 @@
+"""An encoder's last layer computed only at the first token, the one its classifier pools.
+
+BERT-family sequence classifiers (``BertForSequenceClassification``'s pooler, RoBERTa's and
+ELECTRA's classification heads) read the final hidden state of the first token ([CLS] / <s>) and
+nothing else. Every other token still needs the last layer's *keys and values* (the first token
+attends to them), but not its query, attention output, output projection, or feed-forward block. For a
+row of L tokens the last layer then costs
+
+    full:         L * (q + k + v + o + ffn)
+    first token:  L * (k + v) + 1 * (q + o + ffn)
+
+With MiniLM-L6's shape (6 layers of 384, feed-forward 1536), q, o and the feed-forward block are 10 of a
+layer's 12 h^2-sized matmuls, so this removes about 10/72 (14%) of the encoder's matmul work,
+forward and backward. The result is the stock layer's at that token: the same query row attends to
+the same keys under the same mask row, and every other op of a post-norm BERT layer is per token.
+
+``first_token_only(classifier)`` swaps the last layer's class for a subclass whose ``forward`` returns
+the (B, 1, H) output at the first token. The model's other layers, its mask construction and its head stay
+stock transformers, and so do the parameters and the saved files. It applies to the layer classes in
+``FIRST_TOKEN_LAYERS`` under sdpa or eager attention. A sharded layer (FSDP, ZeRO-3) runs the stock
+forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+#: Classifiers whose head reads only the first token's final hidden state (transformers 5).
+FIRST_TOKEN_CLASSIFIERS = (
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "ElectraForSequenceClassification",
+)
+#: Layer classes whose forward is exactly: self-attention over query/key/value, output dense + residual
+#: LayerNorm, feed-forward (``feed_forward_chunk``), with no cross-attention.
+FIRST_TOKEN_LAYERS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")
+#: Attention implementations that take the (B, 1, L, L) mask (or None) this module slices to row 0.
+FIRST_TOKEN_ATTENTION = ("sdpa", "eager")
+
+
+def first_token_blocker(classifier: nn.Module) -> str | None:
+    """Why the last layer of ``classifier`` (a transformers sequence classifier) must run at every
+    token, or None when its head reads only the first token and the layer can be recomputed there."""
+    name = type(classifier).__name__
+    if name not in FIRST_TOKEN_CLASSIFIERS:
+        return f"{name} is not a classifier known to read only its first token"
+    encoder = getattr(getattr(classifier, classifier.base_model_prefix, None), "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return f"{name} has no encoder layer list"
+    last = layers[-1]
+    if type(last).__name__.removeprefix("FirstToken") not in FIRST_TOKEN_LAYERS:
+        return f"{type(last).__name__} is not a layer this module can recompute ({', '.join(FIRST_TOKEN_LAYERS)})"
+    if getattr(last, "add_cross_attention", False) or getattr(last, "is_decoder", False):
+        return "the last layer is a decoder layer"
+    attention = classifier.config._attn_implementation
+    if attention not in FIRST_TOKEN_ATTENTION:
+        return f"attn_implementation={attention} takes no dense mask"
+    return None
+
+
+def last_encoder_layer(classifier: nn.Module) -> nn.Module:
+    return getattr(classifier, classifier.base_model_prefix).encoder.layer[-1]
+
+
+def _sharded(layer: nn.Module) -> bool:
+    weight = layer.attention.self.query.weight
+    return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+
+
+def _first_token_forward(
+    layer: nn.Module, hidden: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any
+) -> Tensor:
+    """The output of BERT-family ``layer`` at token 0 of ``hidden`` (B, L, H), shape (B, 1, H): keys and
+    values over every token, the rest at the first only. ``attention_mask`` is what the encoder hands
+    its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer runs its stock forward."""
+    if _sharded(layer):
+        return type(layer).__mro__[1].forward(layer, hidden, attention_mask, *args, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    attn = layer.attention.self
+    batch, length, _ = hidden.shape
+    head = attn.attention_head_size
+    first = hidden[:, :1]
+    query = attn.query(first).view(batch, 1, -1, head).transpose(1, 2)
+    key = attn.key(hidden).view(batch, length, -1, head).transpose(1, 2)
+    value = attn.value(hidden).view(batch, length, -1, head).transpose(1, 2)
+    mask = attention_mask[:, :, :1, :] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    dropout = attn.dropout.p if attn.training else 0.0
+    output, _ = attend(attn, query, key, value, mask, dropout=dropout, scaling=attn.scaling)
+    attention_output = layer.attention.output(output.reshape(batch, 1, -1), first)
+    return layer.feed_forward_chunk(attention_output)
+
+
+#: One subclass per stock layer class, its ``forward`` replaced (``first_token_only``).
+_FIRST_TOKEN_CLASSES: dict[type, type] = {}
+
+
+def first_token_only(classifier: nn.Module) -> None:
+    """Make ``classifier``'s last encoder layer compute only its first token (``first_token_blocker``
+    must be None). The layer's class becomes a subclass of its own that overrides ``forward`` (so a
+    copy of the model keeps the behaviour on its own weights); parameters and saved files stay stock."""
+    layer = last_encoder_layer(classifier)
+    stock = type(layer)
+    if getattr(stock, "first_token_only", False):
+        return
+    if stock not in _FIRST_TOKEN_CLASSES:
+        _FIRST_TOKEN_CLASSES[stock] = type(
+            f"FirstToken{stock.__name__}", (stock,), {"forward": _first_token_forward, "first_token_only": True}
+        )
+    layer.__class__ = _FIRST_TOKEN_CLASSES[stock]
+
+
+def every_token(classifier: nn.Module) -> None:
+    """Undo ``first_token_only``: the last layer's stock class (and forward) again."""
+    layer = last_encoder_layer(classifier)
+    if getattr(type(layer), "first_token_only", False):
+        layer.__class__ = type(layer).__mro__[1]
