@@ -15,10 +15,17 @@ forward and backward. The result is the stock layer's at that token: the same qu
 the same keys under the same mask row, and every other op of a post-norm BERT layer is per token.
 
 ``first_token_only(classifier)`` swaps the last layer's class for a subclass whose ``forward`` returns
-the (B, 1, H) output at the first token. The model's other layers, its mask construction and its head stay
-stock transformers, and so do the parameters and the saved files. It applies to the layer classes in
-``FIRST_TOKEN_LAYERS`` under sdpa or eager attention. A sharded layer (FSDP, ZeRO-3) runs the stock
-forward.
+the (B, 1, H) output at the first token. The subclass keeps the stock class's ``__name__``, because
+accelerate's FSDP auto-wrap finds layer classes by the names in ``_no_split_modules``. The model's
+other layers, its mask construction and its head stay stock transformers, and so do the parameters and
+the saved files. It applies to the layer classes in ``FIRST_TOKEN_LAYERS`` under sdpa or eager
+attention. The result equals the stock layer's without dropout (both trainers' default,
+``train.disable_dropout``); with dropout it is the same in distribution only.
+
+What the in-memory model no longer gives: its ``last_hidden_state`` (and ``hidden_states[-1]``) holds the
+first token only, and the last layer records no attention weights. rewardctl reads only the logits.
+Under FSDP the layer runs on unsharded weights, so the first-token forward still applies. A
+ZeRO-3-partitioned layer runs the stock forward.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ def first_token_blocker(classifier: nn.Module) -> str | None:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         return f"{name} has no encoder layer list"
     last = layers[-1]
-    if type(last).__name__.removeprefix("FirstToken") not in FIRST_TOKEN_LAYERS:
+    if type(last).__name__ not in FIRST_TOKEN_LAYERS:
         return f"{type(last).__name__} is not a layer this module can recompute ({', '.join(FIRST_TOKEN_LAYERS)})"
     if getattr(last, "add_cross_attention", False) or getattr(last, "is_decoder", False):
         return "the last layer is a decoder layer"
@@ -78,7 +85,7 @@ def _first_token_forward(
     values over every token, the rest at the first only. ``attention_mask`` is what the encoder hands
     its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer runs its stock forward."""
     if _sharded(layer):
-        return type(layer).__mro__[1].forward(layer, hidden, attention_mask, *args, **kwargs)
+        return _stock_class(type(layer)).forward(layer, hidden, attention_mask, *args, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.bert.modeling_bert import eager_attention_forward
 
@@ -101,23 +108,38 @@ def _first_token_forward(
 _FIRST_TOKEN_CLASSES: dict[type, type] = {}
 
 
+def _stock_class(cls: type) -> type:
+    """The stock layer class under a generated first-token class ``cls`` (or a wrapper of it)."""
+    for index, klass in enumerate(cls.__mro__):
+        if klass in _FIRST_TOKEN_CLASSES.values():
+            return cls.__mro__[index + 1]
+    return cls
+
+
+def is_first_token_only(layer: nn.Module) -> bool:
+    return any(klass in _FIRST_TOKEN_CLASSES.values() for klass in type(layer).__mro__)
+
+
 def first_token_only(classifier: nn.Module) -> None:
     """Make ``classifier``'s last encoder layer compute only its first token (``first_token_blocker``
     must be None). The layer's class becomes a subclass of its own that overrides ``forward`` (so a
     copy of the model keeps the behaviour on its own weights); parameters and saved files stay stock."""
     layer = last_encoder_layer(classifier)
-    stock = type(layer)
-    if getattr(stock, "first_token_only", False):
+    if is_first_token_only(layer):
         return
+    stock = type(layer)
     if stock not in _FIRST_TOKEN_CLASSES:
         _FIRST_TOKEN_CLASSES[stock] = type(
-            f"FirstToken{stock.__name__}", (stock,), {"forward": _first_token_forward, "first_token_only": True}
+            stock.__name__,
+            (stock,),
+            {"forward": _first_token_forward, "__qualname__": f"FirstToken{stock.__name__}", "__module__": __name__},
         )
     layer.__class__ = _FIRST_TOKEN_CLASSES[stock]
 
 
 def every_token(classifier: nn.Module) -> None:
-    """Undo ``first_token_only``: the last layer's stock class (and forward) again."""
+    """Undo ``first_token_only``: the last layer's stock class (and forward) again. A layer whose class
+    was wrapped again since (FSDP2's ``fully_shard``) keeps it: the first-token forward is exact there."""
     layer = last_encoder_layer(classifier)
-    if getattr(type(layer), "first_token_only", False):
-        layer.__class__ = type(layer).__mro__[1]
+    if type(layer) in _FIRST_TOKEN_CLASSES.values():
+        layer.__class__ = _stock_class(type(layer))

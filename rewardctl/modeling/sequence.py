@@ -69,7 +69,7 @@ class SequenceRewardModel(nn.Module):
             hf = _unwrap_hf(self.classifier)
             if enabled and first_token_blocker(hf) is None:
                 first_token_only(hf)
-            elif first_token_blocker(hf) is None:
+            elif not enabled:
                 every_token(hf)
 
     @property

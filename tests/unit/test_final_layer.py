@@ -15,6 +15,7 @@ from rewardctl.data.packing import concat_sequences, pack_rows
 from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.methods.ranklist import RanklistMethod
 from rewardctl.methods.registry import to_run_config
+from rewardctl.modeling.first_token_layer import is_first_token_only
 from rewardctl.modeling.sequence import SequenceRewardModel
 
 from ..conftest import TINY, _features, _pair_rows, _words, compose_train
@@ -199,20 +200,25 @@ def test_torch_compile_traces_the_whole_model_without_a_graph_break(layout: str)
 
 
 # ---- encoders: the last layer at the pooled first token only (first_token_layer.py) ----------------
-def _encoder(kind: str, attn_implementation: str = "sdpa"):
-    from transformers import RobertaConfig
+def _encoder(kind: str, attn_implementation: str = "sdpa", layers: int = 2):
+    from transformers import ElectraConfig, RobertaConfig, XLMRobertaConfig
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    shape = dict(vocab_size=60, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64)
     shape |= dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
-    config = BertConfig(**shape) if kind == "bert" else RobertaConfig(**shape, pad_token_id=1)
+    config = {
+        "bert": lambda: BertConfig(**shape),
+        "roberta": lambda: RobertaConfig(**shape, pad_token_id=1),
+        "xlm-roberta": lambda: XLMRobertaConfig(**shape, pad_token_id=1),
+        "electra": lambda: ElectraConfig(**shape, embedding_size=32),
+    }[kind]()
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
 
 
-def _padded_batch():
+def _padded_batch(lengths: tuple[int, ...] = (11, 7, 3, 9)):
     ids = torch.randint(5, 60, (4, 11), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    for row, length in enumerate([11, 7, 3, 9]):
+    for row, length in enumerate(lengths):
         mask[row, length:] = 0
         ids[row, length:] = 0
     return ids, mask
@@ -225,21 +231,34 @@ def _rewards_and_grads(model, ids, mask):
     return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("kind", "attention"), [("bert", "sdpa"), ("bert", "eager"), ("roberta", "sdpa")])
-def test_an_encoders_last_layer_at_its_first_token_equals_the_full_layer(kind: str, attention: str):
+@pytest.mark.parametrize(
+    ("kind", "attention", "lengths"),
+    [
+        ("bert", "sdpa", (11, 7, 3, 9)),
+        ("bert", "eager", (11, 7, 3, 9)),
+        ("bert", "sdpa", (11, 11, 11, 11)),  # no padding: sdpa's layers get no mask at all
+        ("roberta", "sdpa", (11, 7, 3, 9)),
+        ("xlm-roberta", "eager", (11, 7, 3, 9)),
+        ("electra", "sdpa", (11, 7, 3, 9)),
+    ],
+)
+def test_an_encoders_last_layer_at_its_first_token_equals_the_full_layer(
+    kind: str, attention: str, lengths: tuple[int, ...]
+):
     """Rewards and every gradient of the first-token last layer against the stock full layer, fp32,
     on right-padded rows of different lengths (the mask row of the first token is sliced, not dropped)."""
     model = SequenceRewardModel(_encoder(kind, attention))
     model.train()
     assert model.pooling == "native" and model.read_only_blocker() is None
     layer = model.classifier.base_model.encoder.layer[-1]
-    assert type(layer).__name__.startswith("FirstToken") and type(layer.attention).__name__.endswith("Attention")
-    ids, mask = _padded_batch()
+    stock = type(model.classifier.base_model.encoder.layer[0])
+    assert is_first_token_only(layer) and type(layer).__name__ == stock.__name__  # FSDP auto-wrap finds it by name
+    ids, mask = _padded_batch(lengths)
     widths = []
     hook = layer.intermediate.register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
     fast = _rewards_and_grads(model, ids, mask)
     model.final_layer_at_reads = False
-    assert not type(layer).__name__.startswith("FirstToken")
+    assert type(layer) is stock
     full = _rewards_and_grads(model, ids, mask)
     hook.remove()
     assert widths == [1, 11]  # the feed-forward block ran at the first token, then at all 11
@@ -261,7 +280,7 @@ def test_the_first_token_layer_saves_a_stock_model_and_a_copy_keeps_its_own_weig
         ours = model(ids, mask)
     model.classifier.save_pretrained(tmp_path)
     stock = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    assert type(stock.bert.encoder.layer[-1]).__name__ == "BertLayer"
+    assert not is_first_token_only(stock.bert.encoder.layer[-1])
     assert set(stock.state_dict()) == set(model.classifier.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(
@@ -285,7 +304,18 @@ def test_an_encoder_whose_last_layer_cannot_be_recomputed_runs_it_in_full():
     )
     flex = SequenceRewardModel(_encoder("bert", "flex_attention"))
     assert flex.read_only_blocker() == "attn_implementation=flex_attention takes no dense mask"
-    assert type(flex.classifier.bert.encoder.layer[-1]).__name__ == "BertLayer"
+    assert not is_first_token_only(flex.classifier.bert.encoder.layer[-1])
     off = SequenceRewardModel(_encoder("bert"), final_layer_at_reads=False)
     assert off.read_only_blocker() == "model.final_layer_at_reads=false"
-    assert type(off.classifier.bert.encoder.layer[-1]).__name__ == "BertLayer"
+    assert not is_first_token_only(off.classifier.bert.encoder.layer[-1])
+
+
+def test_fsdp_auto_wrap_finds_the_layer_class_of_a_one_layer_encoder():
+    """accelerate's transformer auto-wrap looks the classes of ``_no_split_modules`` up by name; with a
+    single layer, the first-token layer is the only one to find."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    model = SequenceRewardModel(_encoder("bert", layers=1))
+    [layer] = model.classifier.bert.encoder.layer
+    assert is_first_token_only(layer) and "BertLayer" in model._no_split_modules
+    assert get_module_class_from_name(model, "BertLayer") is type(layer)
