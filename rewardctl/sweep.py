@@ -421,11 +421,11 @@ def plot(rows: list[JobRow], path: Path) -> bool:
         metrics.append("loss")
     if not metrics:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from rewardctl.training.plot import pyplot
+
+    plt = pyplot()
 
     labels = {id(r): " ".join(o) or f"job {r.job}" for r, o in zip(rows, varying_overrides(rows), strict=True)}
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)

@@ -16,17 +16,16 @@ import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+from torch import Tensor
 
-matplotlib.use("Agg")  # no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
+from rewardctl.methods.base import Method
+from rewardctl.training.plot import pyplot
 
-from rewardctl.methods.base import Method  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def save_figure(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
         tmp.unlink(missing_ok=True)
 
 
@@ -58,7 +57,7 @@ def _finite(values: list[float]) -> np.ndarray:
 def _grid(count: int, width: float = 5.5, height: float = 4.2) -> tuple[Figure, list[Any]]:
     columns = min(count, PANELS_PER_ROW)
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[count:]:
         ax.set_visible(False)
@@ -103,7 +102,7 @@ def draw_calibration(spec: dict[str, Any]) -> Figure:
     diagonal being perfect calibration; below it, how many predictions each bin holds."""
     bins = spec["bins"]
     filled = [b for b in bins if b["count"]]
-    fig, (top, bottom) = plt.subplots(
+    fig, (top, bottom) = pyplot().subplots(
         2, 1, figsize=(6.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=True
     )
     top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
@@ -133,7 +132,7 @@ def draw_calibration(spec: dict[str, Any]) -> Figure:
 
 def draw_step_accuracy(spec: dict[str, Any]) -> Figure:
     """Accuracy by step index (left axis) over a bar per index of how many rows have that step."""
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(spec["steps"]) + 3), 4.8))
+    fig, ax = pyplot().subplots(figsize=(max(7.0, 0.35 * len(spec["steps"]) + 3), 4.8))
     x = np.arange(len(spec["steps"]))
     counts = ax.twinx()
     last = spec["steps"][-1]
@@ -221,7 +220,7 @@ def draw_figures(out_dir: Path, data: dict[str, Any]) -> list[Path]:
             save_figure(drawer(spec), path)
         except Exception:  # noqa: BLE001 - the same: one picture failing leaves the others and the run
             log.warning("could not draw %s", path, exc_info=True)
-            plt.close("all")
+            pyplot().close("all")
             continue
         written.append(path)
     return written

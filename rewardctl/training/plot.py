@@ -1,18 +1,30 @@
-"""curves.png: the loss and the method's primary metric, train and eval, against optimizer steps."""
+"""curves.png: the loss and the method's primary metric, train and eval, against optimizer steps;
+and ``pyplot()``, the one way rewardctl imports matplotlib."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (no display on training machines), imported on first use.
+
+    Pictures are drawn once a run has finished: importing matplotlib when the run starts would hold
+    its 25 MiB (and 0.3 s of start-up) through the whole of training, peak memory included.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(records: list[dict[str, Any]], metrics: tuple[str, ...], path: Path, title: str) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for split, style in (("train", dict(alpha=0.8)), ("eval", dict(marker="o", linewidth=2))):

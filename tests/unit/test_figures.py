@@ -224,3 +224,22 @@ def test_write_figures_survives_a_bad_picture_and_a_failing_method(tmp_path: Pat
     assert write_figures(tmp_path / "b", SimpleNamespace(figure_data=broken), prm_outputs()) == []
     assert write_figures(tmp_path / "c", make_method("pairwise"), {}) == []  # no eval ran
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_matplotlib_is_imported_only_when_a_picture_is_drawn():
+    # It would otherwise hold its 25 MiB through the whole of training, peak memory included.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; import rewardctl.cli, rewardctl.training.session, rewardctl.evaluate, rewardctl.sweep; "
+        "print('matplotlib' in sys.modules); "
+        "from pathlib import Path; import tempfile; from rewardctl.training.plot import plot_curves; "
+        "records = [{'split': 'train', 'step': 1, 'loss': 0.7}, {'split': 'eval', 'step': 1, 'loss': 0.6}]; "
+        "path = Path(tempfile.mkdtemp()) / 'curves.png'; plot_curves(records, ('loss',), path, 't'); "
+        "import matplotlib; print(path.read_bytes()[:8] == "
+        + repr(PNG_SIGNATURE)
+        + ", matplotlib.get_backend().lower())"
+    )
+    read = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert read.stdout.split() == ["False", "True", "agg"]
