@@ -122,14 +122,15 @@ def steady_rate(records: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
-def run_method(method: str, layout: str, args: argparse.Namespace, out: Path) -> dict | None:
+def train_overrides(method: str, layout: str, args: argparse.Namespace, run_dir: Path) -> list[str] | None:
+    """The ``rewardctl train`` overrides of one benchmark run (None where ``layout`` does not apply to
+    ``method``); benchmarks/gpu_profile.py profiles the same runs."""
     layout_args = layout_overrides(layout, method, args.padding_free_attention)
     if layout_args is None:
         return None
     shape = QWEN25_05B_SHAPE if args.shape == "qwen2.5-0.5b" else {}
-    data, data_name = data_overrides(method, args.data_root)
-    run_dir = out / f"{method}-{layout}"
-    overrides = [
+    data, _ = data_overrides(method, args.data_root)
+    return [
         f"method={method}",
         "model=tiny",
         *[f"+model.config_overrides.{k}={v}" for k, v in shape.items()],
@@ -151,6 +152,16 @@ def run_method(method: str, layout: str, args: argparse.Namespace, out: Path) ->
         f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"output_dir={run_dir}",
     ]
+
+
+def run_method(method: str, layout: str, args: argparse.Namespace, out: Path) -> dict | None:
+    run_dir = out / f"{method}-{layout}"
+    overrides = train_overrides(method, layout, args, run_dir)
+    if overrides is None:
+        return None
+    layout_args = layout_overrides(layout, method, args.padding_free_attention)
+    shape = QWEN25_05B_SHAPE if args.shape == "qwen2.5-0.5b" else {}
+    _, data_name = data_overrides(method, args.data_root)
     result = subprocess.run(
         [sys.executable, "-m", "rewardctl", "train", *overrides],
         capture_output=True,
@@ -159,8 +170,11 @@ def run_method(method: str, layout: str, args: argparse.Namespace, out: Path) ->
         cwd=out,  # not the checkout: `-m rewardctl` must import the installed package (its conf/ is mapped in)
     )
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        return {"method": method, "layout": layout, "error": tail[0][:300]}
+        lines = [
+            line for line in (result.stderr or result.stdout).strip().splitlines() if "HYDRA_FULL_ERROR" not in line
+        ]
+        print("\n".join(lines[-20:]), flush=True)  # the log keeps the cause; the table keeps its last line
+        return {"method": method, "layout": layout, "error": (lines[-1:] or ["(no output)"])[0][:300]}
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     item = next(k for k in summary if k.endswith("_per_sec") and k != "tokens_per_sec")
@@ -231,8 +245,9 @@ def device_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The runs' settings, shared with benchmarks/gpu_profile.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--methods", default="pairwise,ranklist,bco,prm")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"any of {', '.join(LAYOUTS)}")
     parser.add_argument("--shape", choices=["qwen2.5-0.5b", "tiny"], default="qwen2.5-0.5b")
@@ -248,17 +263,33 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak; default: known GPUs")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--data-root", type=Path, default=SHARED, help="holds ../shared/data's folders")
-    args = parser.parse_args()
+    return parser
+
+
+def resolve_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Layouts checked, paths made absolute (the runs start elsewhere), attention and peak filled in."""
     unknown = set(args.layouts.split(",")) - set(LAYOUTS)
     if unknown:
         parser.error(f"unknown layout(s) {', '.join(sorted(unknown))}; choose from {', '.join(LAYOUTS)}")
-    args.data_root, args.out = args.data_root.resolve(), args.out.resolve()  # the runs start elsewhere
+    args.data_root, args.out = args.data_root.resolve(), args.out.resolve()
     args.padding_free_attention = args.padding_free_attention or default_attention()
-    gpu = device_name()
-    args.peak_tflops = args.peak_tflops or gpu_peak_tflops(gpu)
+    args.device = device_name()
+    args.peak_tflops = args.peak_tflops or gpu_peak_tflops(args.device)
+    return args
+
+
+def main() -> None:
+    parser = argument_parser(__doc__.splitlines()[0])
+    args = resolve_arguments(parser, parser.parse_args())
+    gpu = args.device
     print(f"device: {gpu or 'no GPU'}; bf16 peak {args.peak_tflops or 'unknown'} TFLOP/s", flush=True)
 
-    results = []
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = (
+        f"gpu_methods-{args.shape}-{args.hardware}-peft_{args.peft}{'-gc' if args.gradient_checkpointing else ''}.json"
+    )
+    results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             for layout in args.layouts.split(","):
@@ -267,12 +298,10 @@ def main() -> None:
                     continue
                 results.append(r)
                 print(table([r]).splitlines()[-1], flush=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = (
-        f"gpu_methods-{args.shape}-{args.hardware}-peft_{args.peft}{'-gc' if args.gradient_checkpointing else ''}.json"
-    )
-    (args.out / name).write_text(json.dumps({"config": config, "device": gpu, "results": results}, indent=2) + "\n")
+                # after every run: a lease that ends mid-matrix still brings back what was measured
+                (args.out / name).write_text(
+                    json.dumps({"config": config, "device": gpu, "results": results}, indent=2) + "\n"
+                )
     print(table(results))
     print(f"written to {args.out / name}")
     if any("error" in r for r in results):

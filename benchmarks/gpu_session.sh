@@ -9,6 +9,9 @@
 #                                            # the image's torch, then every method in every layout, full
 #                                            # fine-tuning; JSON and log into $OUT (else bench-results/)
 #   bash benchmarks/gpu_session.sh run-lora  # the same with LoRA and gradient checkpointing (a second call)
+#   bash benchmarks/gpu_session.sh profile   # where a step's time goes (benchmarks/gpu_profile.py): pairwise
+#                                            # in each layout, torch.profiler over 3 steps after 8
+# Arguments after the mode go to the script, e.g. `run --methods bco,prm` or `profile --layouts padded`.
 #
 # With the device tool: run(command="bash benchmarks/gpu_session.sh run", carry=[".whl", ".gpu-data"],
 # timeout_s=580), then at once (the machine stays warm 30 s) the same with run-lora if time is left.
@@ -18,7 +21,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(transformers tokenizers huggingface_hub hf-xet safetensors accelerate peft datasets dill multiprocess
+# huggingface_hub (and hf-xet) stay the image's (1.33, which transformers' >=1.31 accepts): the pinned
+# 2.x needs httpx2, which the image lacks.
+PACKAGES=(transformers tokenizers safetensors accelerate peft datasets dill multiprocess
   xxhash fsspec hydra-core omegaconf antlr4-python3-runtime PyYAML regex packaging filelock tqdm typer)
 
 pinned() {  # name==version from constraints.txt (names compared case- and -/_-insensitively)
@@ -54,9 +59,12 @@ case "${1:-}" in
     done
     du -sh .whl .gpu-data
     ;;
-  run | run-lora)
+  run | run-lora | profile)
+    mode=$1
+    shift
     out=${OUT:-bench-results}
     mkdir -p "$out"
+    rm -rf /tmp/site  # a warm machine keeps the last call's packages: install exactly what travelled
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       $(ls .whl/*.whl | grep -v -e '/setuptools-' -e '/wheel-')
     python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --target /tmp/site .
@@ -65,15 +73,20 @@ case "${1:-}" in
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
       | tee -a "$out/gpu_session.log"
     args=(--steps 20 --windows 4 --data-root .gpu-data --out "$out")
-    if [ "$1" = run ]; then
-      python3 benchmarks/gpu_methods.py "${args[@]}" 2>&1 | tee -a "$out/gpu_session.log"
-    else
-      python3 benchmarks/gpu_methods.py "${args[@]}" --peft lora --gradient-checkpointing 2>&1 \
-        | tee -a "$out/gpu_session.log"
-    fi
+    case $mode in
+      run) python3 benchmarks/gpu_methods.py "${args[@]}" "$@" 2>&1 | tee -a "$out/gpu_session.log" ;;
+      run-lora)
+        python3 benchmarks/gpu_methods.py "${args[@]}" --peft lora --gradient-checkpointing "$@" 2>&1 \
+          | tee -a "$out/gpu_session.log"
+        ;;
+      profile)
+        python3 benchmarks/gpu_profile.py --steps 12 --profile-steps 3 --data-root .gpu-data --out "$out" \
+          --layouts shared,padded,padding_free "$@" 2>&1 | tee -a "$out/gpu_session.log"
+        ;;
+    esac
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh prepare|run|run-lora" >&2
+    echo "usage: bash benchmarks/gpu_session.sh prepare|run|run-lora|profile [script arguments]" >&2
     exit 2
     ;;
 esac

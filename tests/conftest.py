@@ -190,7 +190,7 @@ def run_workers(
         )
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
-            return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+            return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr + fatal_errors(stderr))
         except subprocess.TimeoutExpired:
             workers = descendants(proc.pid)
             for pid in workers:  # one at a time: their stacks would interleave on the shared stderr
@@ -209,6 +209,16 @@ def run_workers(
             if not existed[path] and path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     raise AssertionError(f"hung twice for {timeout:.0f} s: {' '.join(command)}\n{stacks}")
+
+
+def fatal_errors(stderr: str) -> str:
+    """A crashed worker's faulthandler report (the error and every thread's Python stack), repeated
+    at the end of ``stderr``: a test's failure message shows the tail, which otherwise holds only the
+    launcher's summary and the list of extension modules printed after the stacks."""
+    reports = [part.split("\nExtension modules:")[0] for part in stderr.split("Fatal Python error")[1:]]
+    if not reports:
+        return ""
+    return "\n--- the workers' fatal errors ---\n" + "\n".join(f"Fatal Python error{r}"[:3000] for r in reports)
 
 
 def completion_logp(model, tokenizer, row: dict) -> float:

@@ -3,6 +3,7 @@ and the ``Runtime`` a method sees (collectives and placement, without knowing ac
 
 from __future__ import annotations
 
+import atexit
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -91,7 +92,26 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: Tra
         deepspeed.deepspeed_config["gradient_accumulation_steps"] = train.grad_accum
         deepspeed.deepspeed_config["gradient_clipping"] = max(train.max_grad_norm, 0.0)
         accelerator.gradient_accumulation_steps = train.grad_accum
+    if accelerator.num_processes > 1:
+        atexit.unregister(destroy_process_group_at_exit)  # once per process, however many accelerators
+        atexit.register(destroy_process_group_at_exit)
     return accelerator
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear the process group down while the interpreter is still whole.
+
+    A process that exits with its group alive (score, eval and export end without accelerate's
+    ``end_training``; any command on an error path) leaves gloo's worker threads holding tensors that
+    are freed during interpreter finalisation, which takes the GIL of a dying interpreter and aborts
+    with SIGABRT, now and then (pytorch/pytorch#179291; CI saw it on a 2-process ``score``). Run at
+    exit, after ``end_training`` it finds nothing left to do."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        torch.distributed.destroy_process_group()
+    except (RuntimeError, ValueError) as error:  # a peer already gone: the exit goes on, the reason was reported before
+        logging.getLogger(__name__).debug("process group teardown at exit: %s", error)
 
 
 def hydra_output_dir(fallback: str) -> Path:

@@ -249,3 +249,40 @@ def test_the_collective_timeout_reaches_the_process_group_and_is_checked():
     assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=42)}
     with pytest.raises(ConfigError, match=r"^hardware.collective_timeout_s: must be >= 1 second \(got 0\)$"):
         to_run_config(compose_train(["hardware.collective_timeout_s=0"]))
+
+
+def test_a_process_group_is_torn_down_before_the_interpreter_finalises(tmp_path, monkeypatch):
+    """Several processes: build_accelerator registers one exit handler (however many accelerators a
+    process builds), and the handler destroys a live group (gloo's threads would otherwise free
+    tensors during finalisation and abort), is a no-op without one, and never raises."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from rewardctl.training import runtime
+
+    class SeveralProcesses:  # what build_accelerator reads of an Accelerator under torchrun
+        def __init__(self, **_: object) -> None:
+            self.num_processes, self.state = 2, object()
+
+    registered: list[object] = []
+    monkeypatch.setattr(runtime, "Accelerator", SeveralProcesses)
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(atexit, "unregister", lambda f: registered.remove(f) if f in registered else None)
+    hardware = to_run_config(compose_train([])).hardware
+    runtime.build_accelerator(hardware, report_to=[])
+    runtime.build_accelerator(hardware, report_to=[])
+    assert registered == [runtime.destroy_process_group_at_exit]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    runtime.destroy_process_group_at_exit()
+    assert not dist.is_initialized()
+    runtime.destroy_process_group_at_exit()  # nothing left: a no-op, as after end_training
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'again'}", rank=0, world_size=1)
+    real_destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: (_ for _ in ()).throw(RuntimeError("peer gone")))
+    runtime.destroy_process_group_at_exit()  # swallowed: the exit goes on
+    monkeypatch.setattr(dist, "destroy_process_group", real_destroy)
+    dist.destroy_process_group()
