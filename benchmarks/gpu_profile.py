@@ -2,13 +2,15 @@
 process, with torch.profiler over a few steps after the warm-up.
 
 The first GPU lease (2026-12-04, H200) measured 2-7% MFU on the Qwen2.5-0.5B shape at batch 8: about
-0.3 s a step where the matmuls need about 0.05 s. Whether the rest is the host (Python, the collator,
+0.36 s a step where the weights' matmuls need about 8 ms at the bf16 peak. Whether the rest is the host (Python, the collator,
 kernel launches), waiting on the device, or slow kernels decides what to fix, and one lease has no
 time to guess. Per profiled step this prints and writes:
 
 - wall ms (``torch.cuda.synchronize`` around each step, here only, so a step's queued kernels count
   in it) and the device's busy ms (the kernels' own time): busy / wall near 1 is device-bound,
   far below 1 is host- or launch-bound;
+- the host's self time per step, over every thread (autograd's backward thread too, so it can exceed
+  the wall time);
 - the top operators by device self time and by host self time (``key_averages``).
 
     python benchmarks/gpu_profile.py --methods pairwise --layouts padded        # a GPU
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +42,18 @@ def _gpu_methods() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def kernel_time_us(events: Any) -> float:
+    """The device's busy time: the self time of the device's own rows only (the kernels and copies), as
+    ``EventList.table`` totals it. A CPU operator's row also carries its kernels' time, and a
+    ``record_function`` label gets a device row spanning its whole range: counting those too would
+    count each kernel two or three times."""
+    return sum(
+        e.self_device_time_total
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    )
 
 
 class StepProfiler:
@@ -81,7 +96,7 @@ class StepProfiler:
         if self.profiler is None or not self.walls:
             return f"{title}: no step was profiled (the run had {self.calls} steps; lower --warmup-steps)\n"
         events = self.profiler.key_averages()
-        device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+        device_us = kernel_time_us(events)
         host_us = sum(e.self_cpu_time_total for e in events)
         wall_ms = 1000 * sum(self.walls) / len(self.walls)
         busy_ms = device_us / 1000 / len(self.walls)
@@ -92,7 +107,7 @@ class StepProfiler:
             f"device busy per step: {busy_ms:.1f} ms ({100 * busy_ms / wall_ms:.0f}% of wall)"
             if self.cuda
             else "device busy: n/a (no CUDA)",
-            f"host self time per step (all operators): {host_us / 1000 / len(self.walls):.1f} ms",
+            f"host self time per step (all operators, every thread): {host_us / 1000 / len(self.walls):.1f} ms",
             "",
         ]
         if self.cuda:
@@ -130,8 +145,11 @@ def main() -> None:
                 TrainingLoop._optimizer_step = profiler.wrap(original)
                 try:
                     code = cli.main(["train", *overrides])
+                except SystemExit as exit_:  # a failed run exits through Hydra or rewardctl's one-line error
+                    code = exit_.code if isinstance(exit_.code, int) else 1
                 finally:
                     TrainingLoop._optimizer_step = original
+                    profiler.stack.close()  # a run that ended inside the profiled steps stops the profiler too
                 title = f"{method} / {layout} on {args.device or 'CPU'} (exit {code})"
                 report = profiler.report(title)
                 print(report, flush=True)

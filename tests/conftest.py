@@ -218,7 +218,8 @@ def fatal_errors(stderr: str) -> str:
     reports = [part.split("\nExtension modules:")[0] for part in stderr.split("Fatal Python error")[1:]]
     if not reports:
         return ""
-    return "\n--- the workers' fatal errors ---\n" + "\n".join(f"Fatal Python error{r}"[:3000] for r in reports)
+    each = 2400 // len(reports)  # all of them inside the 3000 characters a failure message shows
+    return "\n--- the workers' fatal errors ---\n" + "\n".join(f"Fatal Python error{r}"[:each] for r in reports)
 
 
 def completion_logp(model, tokenizer, row: dict) -> float:

@@ -99,18 +99,20 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: Tra
 
 
 def destroy_process_group_at_exit() -> None:
-    """Tear the process group down while the interpreter is still whole.
+    """Tear a gloo process group down while the interpreter is still whole.
 
     A process that exits with its group alive (score, eval and export end without accelerate's
     ``end_training``; any command on an error path) leaves gloo's worker threads holding tensors that
     are freed during interpreter finalisation, which takes the GIL of a dying interpreter and aborts
-    with SIGABRT, now and then (pytorch/pytorch#179291; CI saw it on a 2-process ``score``). Run at
-    exit, after ``end_training`` it finds nothing left to do."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    with SIGABRT, now and then (pytorch/pytorch#179291; CI saw it on a 2-process ``score``). NCCL is
+    left alone: its ``destroy_process_group`` waits for pending collectives, which after a peer's
+    failure would hang the exit. Run at exit, after ``end_training`` it finds nothing left to do."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_backend() != "gloo":
         return
     try:
-        torch.distributed.destroy_process_group()
-    except (RuntimeError, ValueError) as error:  # a peer already gone: the exit goes on, the reason was reported before
+        distributed.destroy_process_group()
+    except (RuntimeError, ValueError) as error:  # a peer already gone: the exit goes on, reported before
         logging.getLogger(__name__).debug("process group teardown at exit: %s", error)
 
 

@@ -253,8 +253,9 @@ def test_the_collective_timeout_reaches_the_process_group_and_is_checked():
 
 def test_a_process_group_is_torn_down_before_the_interpreter_finalises(tmp_path, monkeypatch):
     """Several processes: build_accelerator registers one exit handler (however many accelerators a
-    process builds), and the handler destroys a live group (gloo's threads would otherwise free
-    tensors during finalisation and abort), is a no-op without one, and never raises."""
+    process builds). The handler destroys a live gloo group (its threads would otherwise free tensors
+    during finalisation and abort), leaves an NCCL group alone (its teardown waits for pending
+    collectives: a hang after a peer's failure), is a no-op without a group, and never raises."""
     import atexit
 
     import torch.distributed as dist
@@ -266,23 +267,30 @@ def test_a_process_group_is_torn_down_before_the_interpreter_finalises(tmp_path,
             self.num_processes, self.state = 2, object()
 
     registered: list[object] = []
-    monkeypatch.setattr(runtime, "Accelerator", SeveralProcesses)
-    monkeypatch.setattr(atexit, "register", registered.append)
-    monkeypatch.setattr(atexit, "unregister", lambda f: registered.remove(f) if f in registered else None)
-    hardware = to_run_config(compose_train([])).hardware
-    runtime.build_accelerator(hardware, report_to=[])
-    runtime.build_accelerator(hardware, report_to=[])
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "Accelerator", SeveralProcesses)
+        patch.setattr(atexit, "register", registered.append)
+        patch.setattr(atexit, "unregister", lambda f: registered.remove(f) if f in registered else None)
+        hardware = to_run_config(compose_train([])).hardware
+        runtime.build_accelerator(hardware, report_to=[])
+        runtime.build_accelerator(hardware, report_to=[])
     assert registered == [runtime.destroy_process_group_at_exit]
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    assert dist.is_initialized()
-    runtime.destroy_process_group_at_exit()
-    assert not dist.is_initialized()
-    runtime.destroy_process_group_at_exit()  # nothing left: a no-op, as after end_training
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        with monkeypatch.context() as patch:
+            patch.setattr(dist, "get_backend", lambda *_: "nccl")
+            runtime.destroy_process_group_at_exit()
+        assert dist.is_initialized()  # NCCL: left to the process's end
+        runtime.destroy_process_group_at_exit()
+        assert not dist.is_initialized()
+        runtime.destroy_process_group_at_exit()  # nothing left: a no-op, as after end_training
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'again'}", rank=0, world_size=1)
-    real_destroy = dist.destroy_process_group
-    monkeypatch.setattr(dist, "destroy_process_group", lambda: (_ for _ in ()).throw(RuntimeError("peer gone")))
-    runtime.destroy_process_group_at_exit()  # swallowed: the exit goes on
-    monkeypatch.setattr(dist, "destroy_process_group", real_destroy)
-    dist.destroy_process_group()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'again'}", rank=0, world_size=1)
+        with monkeypatch.context() as patch:
+            patch.setattr(dist, "destroy_process_group", lambda: (_ for _ in ()).throw(RuntimeError("peer gone")))
+            runtime.destroy_process_group_at_exit()  # swallowed: the exit goes on
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
