@@ -266,11 +266,13 @@ def assert_eval_reproduces(
 
 
 # ---- packed against stacked batches: tests/unit/test_packing.py, tests/e2e/test_packing_flex.py ----
-def _methods(cls, model_dir: Path, *overrides: str, layout: str = "data.share_prefix=true"):
+def _methods(cls, model_dir: Path, *overrides: str, layout: str = "data.share_prefix=true", for_training: bool = True):
+    """(packed, stacked) methods of the same settings; ``for_training=False`` for settings that only
+    evaluate here (flex_attention on a CPU)."""
     base = [f"model.name_or_path={model_dir}", "model.from_scratch=true", *overrides]
     prefix = ["method=ranklist"] if cls is RanklistMethod else []
     runs = [
-        to_run_config(compose_train([*prefix, *base, *extra]))
+        to_run_config(compose_train([*prefix, *base, *extra]), for_training=for_training)
         for extra in ([layout], ["data.share_prefix=false", "data.padding_free=false"])
     ]
     packed, stacked = (cls(run.method, run) for run in runs)

@@ -18,7 +18,11 @@ def test_flex_attention_padding_free_rows_score_like_padded_rows_on_cpu():
     """flex_attention builds its block mask from the packed position ids. The CPU build runs it forward
     only (no backward on CPU, compiled on first use: ~30 s), so this checks the eval path's rewards."""
     packed, stacked = _methods(
-        PairwiseMethod, TINY, "model.attn_implementation=flex_attention", layout="data.padding_free=true"
+        PairwiseMethod,
+        TINY,
+        "model.attn_implementation=flex_attention",
+        layout="data.padding_free=true",
+        for_training=False,
     )
     features = _features(packed, _pair_rows(random.Random(0), 4, False))
     torch.manual_seed(0)

@@ -168,7 +168,11 @@ def test_flex_attention_batches_are_padded_to_whole_kernel_blocks():
     from rewardctl.methods.base import FLEX_BLOCK_TOKENS
 
     assert FLEX_BLOCK_TOKENS == _DEFAULT_SPARSE_BLOCK_SIZE
-    method = make_method("data.share_prefix=false", "model.attn_implementation=flex_attention")
+    # the eval path: training with flex_attention on this CPU is refused (no backward pass here)
+    run = to_run_config(
+        compose_train(["data.share_prefix=false", "model.attn_implementation=flex_attention"]), for_training=False
+    )
+    method = PairwiseMethod(run.method, run)
     features = [{"chosen_ids": [1, 2, 3], "rejected_ids": [6, 7], "_row": 0}]
     batch = method.collate(features)
     assert batch["input_ids"].shape == (2, 128)
