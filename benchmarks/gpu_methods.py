@@ -30,7 +30,7 @@ and recomputation cannot inflate.
     python benchmarks/gpu_methods.py --shape tiny --hardware cpu --steps 8 --padding-free-attention sdpa
                                                                    # plumbing check on a CPU
 
-Writes <--out, default bench-results>/gpu_methods-<shape>-<hardware>-peft_<peft>[-gc].json.
+Writes <--out, default bench-results>/gpu_methods-<shape>-<hardware>-peft_<peft>[-gc]-b<batch>[-compiled].json.
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def train_overrides(method: str, layout: str, args: argparse.Namespace, run_dir:
         f"train.log_every={max(1, args.steps // args.windows)}",
         "train.progress_bar=false",
         f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"train.compile={str(args.compile).lower()}",
         f"output_dir={run_dir}",
     ]
 
@@ -254,6 +255,9 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--hardware", default="gpu")
     parser.add_argument("--peft", default="none")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="train.compile=true: fewer, fused kernels for a host-bound step"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--windows", type=int, default=6, help="log windows per run (steady = all but the first)")
     parser.add_argument("--batch", type=int, default=8)
@@ -287,7 +291,8 @@ def main() -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.mkdir(parents=True, exist_ok=True)
     name = (
-        f"gpu_methods-{args.shape}-{args.hardware}-peft_{args.peft}{'-gc' if args.gradient_checkpointing else ''}.json"
+        f"gpu_methods-{args.shape}-{args.hardware}-peft_{args.peft}{'-gc' if args.gradient_checkpointing else ''}"
+        f"-b{args.batch}{'-compiled' if args.compile else ''}.json"
     )
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

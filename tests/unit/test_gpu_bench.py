@@ -62,3 +62,21 @@ def test_layouts_apply_to_the_methods_that_have_them(bench):
         "data.padding_free=true",
         "model.attn_implementation=flash_attention_2",
     ]
+
+
+def test_a_run_gets_the_overrides_its_flags_ask_for_and_they_compose(bench, tmp_path):
+    """What a lease runs: the Qwen2.5-0.5B shape, the layout, the batch and --compile reach
+    ``rewardctl train`` as overrides the config accepts (composed here, without a GPU)."""
+    from rewardctl.methods.registry import to_run_config
+
+    from ..conftest import compose_train
+
+    parser = bench.argument_parser("test")
+    args = parser.parse_args(["--batch", "32", "--compile", "--steps", "10", "--data-root", str(tmp_path)])
+    args.padding_free_attention = "flex_attention"
+    overrides = bench.train_overrides("pairwise", "shared", args, tmp_path / "run")
+    assert "train.compile=true" in overrides and "train.per_device_batch_size=32" in overrides
+    assert "data.max_train_rows=320" in overrides and "+model.config_overrides.num_hidden_layers=24" in overrides
+    assert bench.train_overrides("bco", "shared", args, tmp_path / "run") is None
+    run = to_run_config(compose_train([o for o in overrides if not o.startswith("hardware=")]), for_training=False)
+    assert run.train.compile and run.model.config_overrides["num_key_value_heads"] == 2
