@@ -146,7 +146,7 @@ def main() -> None:
                 try:
                     code = cli.main(["train", *overrides])
                 except SystemExit as exit_:  # a failed run exits through Hydra or rewardctl's one-line error
-                    code = exit_.code if isinstance(exit_.code, int) else 1
+                    code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
                 finally:
                     TrainingLoop._optimizer_step = original
                     profiler.stack.close()  # a run that ended inside the profiled steps stops the profiler too

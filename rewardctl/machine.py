@@ -8,12 +8,10 @@ config is re-read on another machine.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
 import shutil
-import warnings
 from typing import Any
 
 import torch
@@ -187,35 +185,18 @@ def check_compile(run: RunConfig) -> None:
 
 
 def check_attention(run: RunConfig) -> None:
-    """Training with ``model.attn_implementation=flex_attention`` on a CPU whose torch has no flex
-    backward there: refused before anything loads, not a traceback from inside the first step's
-    forward. Eval and score (no backward) on a CPU keep flex_attention."""
+    """Training with ``model.attn_implementation=flex_attention`` on a CPU: refused before anything
+    loads, not a traceback from inside the first step's forward. transformers runs flex_attention
+    compiled, and torch's compiled CPU flex kernel has no backward pass (torch 2.13 says so in a
+    NotImplementedError; older releases fail inside the compile). Eval and score (no backward) on a
+    CPU keep flex_attention."""
     if run.model.attn_implementation != "flex_attention" or wants_gpu(run.hardware):
         return
-    _require(
-        cpu_flex_attention_trains(),
+    raise ConfigError(
         "model.attn_implementation",
-        f"flex_attention has no backward pass on CPU in torch {torch.__version__}; train with sdpa "
+        f"flex_attention has no backward pass on CPU (torch {torch.__version__}); train with sdpa "
         "(the default) here, or flex_attention on a CUDA GPU (eval and score on CPU can use it)",
     )
-
-
-@functools.cache
-def cpu_flex_attention_trains() -> bool:
-    """Whether this torch's flex_attention accepts inputs that need gradients on a CPU (torch 2.13
-    refuses them before any work, so the probe costs nothing where the answer is no)."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return False
-    query = torch.zeros(1, 1, 16, 16, requires_grad=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
-            flex_attention(query, query, query)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def check_weights_dtype(run: RunConfig) -> None:
