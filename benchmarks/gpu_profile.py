@@ -92,6 +92,22 @@ class StepProfiler:
 
         return profiled
 
+    def train(self, overrides: list[str]) -> int:
+        """``rewardctl train <overrides>`` in this process with its steps wrapped; its exit status. The
+        loop is restored and the profiler stopped however the run ends (inside the profiled steps too)."""
+        from rewardctl import cli
+        from rewardctl.training.loop import TrainingLoop
+
+        original = TrainingLoop._optimizer_step
+        TrainingLoop._optimizer_step = self.wrap(original)
+        try:
+            return cli.main(["train", *overrides])
+        except SystemExit as exit_:  # a failed run exits through Hydra or rewardctl's one-line error
+            return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            TrainingLoop._optimizer_step = original
+            self.stack.close()
+
     def report(self, title: str) -> str:
         if self.profiler is None or not self.walls:
             return f"{title}: no step was profiled (the run had {self.calls} steps; lower --warmup-steps)\n"
@@ -129,10 +145,6 @@ def main() -> None:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(0, args.steps - args.profile_steps - 1)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from rewardctl import cli
-    from rewardctl.training.loop import TrainingLoop
-
-    original = TrainingLoop._optimizer_step
     cuda = torch.cuda.is_available() and args.hardware != "cpu"
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,14 +154,7 @@ def main() -> None:
                 if overrides is None:
                     continue
                 profiler = StepProfiler(warmup, args.profile_steps, cuda)
-                TrainingLoop._optimizer_step = profiler.wrap(original)
-                try:
-                    code = cli.main(["train", *overrides])
-                except SystemExit as exit_:  # a failed run exits through Hydra or rewardctl's one-line error
-                    code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
-                finally:
-                    TrainingLoop._optimizer_step = original
-                    profiler.stack.close()  # a run that ended inside the profiled steps stops the profiler too
+                code = profiler.train(overrides)
                 title = f"{method} / {layout} on {args.device or 'CPU'} (exit {code})"
                 report = profiler.report(title)
                 print(report, flush=True)

@@ -55,46 +55,33 @@ def rewardctl_step_calls(layers: int, batch: int, layout: str) -> tuple[float, f
     spec = importlib.util.spec_from_file_location("gpu_profile", HERE / "gpu_profile.py")
     gpu_profile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_profile)
-    from rewardctl import cli
-    from rewardctl.training.loop import TrainingLoop
-
     data = []
     if (SHARED / "train.jsonl").is_file():
         data = [f"data.train={SHARED / 'train.jsonl'}", f"data.eval={SHARED / 'test.jsonl'}"]
-    layout_overrides = {
-        "padded": ["data.share_prefix=false", "data.padding_free=false"],
-        "shared": ["data.share_prefix=true"],
-    }[layout]
+    layout_overrides, _ = gpu_profile._gpu_methods().LAYOUTS[layout]
     profiler = gpu_profile.StepProfiler(WARMUP, COUNTED, cuda=False)
-    original = TrainingLoop._optimizer_step
-    TrainingLoop._optimizer_step = profiler.wrap(original)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            code = cli.main(
-                [
-                    "train",
-                    "method=pairwise",
-                    "model=tiny",
-                    f"+model.config_overrides.num_hidden_layers={layers}",
-                    "+model.config_overrides.num_key_value_heads=2",
-                    *data,
-                    *layout_overrides,
-                    f"data.max_train_rows={batch * (WARMUP + COUNTED)}",
-                    "data.max_eval_rows=8",
-                    "model.max_length=512",
-                    f"train.max_steps={WARMUP + COUNTED}",
-                    f"train.per_device_batch_size={batch}",
-                    "train.eval_every=0",
-                    "train.eval_at_start=false",
-                    "train.save_every=0",
-                    "train.progress_bar=false",
-                    "hardware.mixed_precision=bf16",
-                    f"output_dir={tmp}/run",
-                ]
-            )
-    finally:
-        TrainingLoop._optimizer_step = original
-        profiler.stack.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        code = profiler.train(
+            [
+                "method=pairwise",
+                "model=tiny",
+                f"+model.config_overrides.num_hidden_layers={layers}",
+                "+model.config_overrides.num_key_value_heads=2",
+                *data,
+                *layout_overrides,
+                f"data.max_train_rows={batch * (WARMUP + COUNTED)}",
+                "data.max_eval_rows=8",
+                "model.max_length=512",
+                f"train.max_steps={WARMUP + COUNTED}",
+                f"train.per_device_batch_size={batch}",
+                "train.eval_every=0",
+                "train.eval_at_start=false",
+                "train.save_every=0",
+                "train.progress_bar=false",
+                "hardware.mixed_precision=bf16",
+                f"output_dir={tmp}/run",
+            ]
+        )
     if code != 0 or profiler.profiler is None:
         raise SystemExit(f"the rewardctl run failed (exit {code})")
     top, every = aten_calls(profiler.profiler.events())
