@@ -121,6 +121,9 @@ class ModelConfig:
     # reward tokens (Llama/Mistral/Qwen2 layers), BERT-family encoders at the pooled first token; exact,
     # ~1/7 less work on a 6-layer model; sdpa/eager attention.
     final_layer_at_reads: bool = True
+    # Run a BERT-family encoder's layers on the real tokens of a padded CPU batch only (gathered once,
+    # attention per sequence): exact; as much less work as the batch held padding (15% on HH-RLHF pairs).
+    skip_padding: bool = True
     # Extra attributes set on the transformers config before the model is built.
     config_overrides: Dict[str, Any] = field(default_factory=dict)
     # Path to a Jinja chat template replacing the tokenizer's own.

@@ -153,7 +153,11 @@ class ScalarRewardMethod(Method):
         return load_tokenizer(self.run.model)
 
     def _wrap(self, classifier: nn.Module) -> SequenceRewardModel:
-        model = SequenceRewardModel(classifier, final_layer_at_reads=self.run.model.final_layer_at_reads)
+        model = SequenceRewardModel(
+            classifier,
+            final_layer_at_reads=self.run.model.final_layer_at_reads,
+            skip_padding=self.run.model.skip_padding,
+        )
         blocker = model.read_only_blocker()
         if model.pooling == "last_token":
             where = f"at every token: {blocker}" if blocker else "at the reward tokens only"
@@ -162,6 +166,11 @@ class ScalarRewardMethod(Method):
             log.info("last layer %s", where)
         else:
             log.info("last layer %s", f"at every token: {blocker}" if blocker else "at the pooled first token only")
+            skipping = model.skip_padding_blocker()
+            log.info(
+                "encoder layers %s",
+                f"over the padding too: {skipping}" if skipping else "on the real tokens only (CPU)",
+            )
         if model.pooling == "native" and self.tokenizer.padding_side != "right":
             log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
             self.tokenizer.padding_side = "right"

@@ -73,7 +73,8 @@ def last_encoder_layer(classifier: nn.Module) -> nn.Module:
     return getattr(classifier, classifier.base_model_prefix).encoder.layer[-1]
 
 
-def _sharded(layer: nn.Module) -> bool:
+def sharded(layer: nn.Module) -> bool:
+    """Whether ``layer``'s weights are partitioned (ZeRO-3) or sharded (FSDP2 DTensors) right now."""
     weight = layer.attention.self.query.weight
     return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
 
@@ -84,7 +85,7 @@ def _first_token_forward(
     """The output of BERT-family ``layer`` at token 0 of ``hidden`` (B, L, H), shape (B, 1, H): keys and
     values over every token, the rest at the first only. ``attention_mask`` is what the encoder hands
     its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer runs its stock forward."""
-    if _sharded(layer):
+    if sharded(layer):
         return _stock_class(type(layer)).forward(layer, hidden, attention_mask, *args, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.bert.modeling_bert import eager_attention_forward

@@ -25,6 +25,13 @@ from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
 from rewardctl.modeling.final_layer import additive_mask, hidden_at_reads, read_only_blocker
 from rewardctl.modeling.first_token_layer import every_token, first_token_blocker, first_token_only
+from rewardctl.modeling.unpadded_encoder import (
+    LAYOUT_KEY,
+    keep_padding,
+    skip_padding,
+    skip_padding_blocker,
+    token_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,7 @@ class SequenceRewardModel(nn.Module):
     """``forward(input_ids, attention_mask) -> rewards`` of shape (N,), float32; (N, L) for a head
     with L > 1 outputs (a regression model's attributes)."""
 
-    def __init__(self, classifier: nn.Module, final_layer_at_reads: bool = True) -> None:
+    def __init__(self, classifier: nn.Module, final_layer_at_reads: bool = True, skip_padding: bool = True) -> None:
         super().__init__()
         self.classifier = classifier
         hf = _unwrap_hf(classifier)
@@ -54,6 +61,7 @@ class SequenceRewardModel(nn.Module):
             "last_token" if isinstance(getattr(hf, "score", None), nn.Module) and backbone is not None else "native"
         )
         self.final_layer_at_reads = final_layer_at_reads
+        self.skip_padding = skip_padding
 
     @property
     def final_layer_at_reads(self) -> bool:
@@ -71,6 +79,29 @@ class SequenceRewardModel(nn.Module):
                 first_token_only(hf)
             elif not enabled:
                 every_token(hf)
+
+    @property
+    def skip_padding(self) -> bool:
+        """``model.skip_padding``: a BERT-family encoder's layers run on the real tokens of a padded CPU
+        batch only (unpadded_encoder.py), wherever that is exact for the model."""
+        return self._skip_padding
+
+    @skip_padding.setter
+    def skip_padding(self, enabled: bool) -> None:
+        hf = _unwrap_hf(self.classifier)
+        self._skip_padding = enabled and self.pooling == "native" and skip_padding_blocker(hf) is None
+        if self._skip_padding:
+            skip_padding(hf)
+        else:
+            keep_padding(hf)
+
+    def skip_padding_blocker(self) -> str | None:
+        """Why this model's layers run over the padding too (None: over the real tokens, on a CPU)."""
+        if self.pooling != "native":
+            return "a decoder's padding is skipped by shared-prefix and padding-free batches instead"
+        if not self._skip_padding and skip_padding_blocker(_unwrap_hf(self.classifier)) is None:
+            return "model.skip_padding=false"
+        return skip_padding_blocker(_unwrap_hf(self.classifier))
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -94,7 +125,12 @@ class SequenceRewardModel(nn.Module):
         if reward_index is not None:
             return self._packed(input_ids, segment_ids, position_ids, reward_index)
         if self.pooling == "native":  # its last layer at the pooled first token only, where exact
-            logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits
+            extra = {}
+            if self._skip_padding and attention_mask is not None and not torch.compiler.is_compiling():
+                layout = token_layout(attention_mask)
+                if layout is not None:
+                    extra[LAYOUT_KEY] = layout
+            logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
             return logits.squeeze(-1).float()
         hf = _unwrap_hf(self.classifier)
         backbone = getattr(hf, hf.base_model_prefix)

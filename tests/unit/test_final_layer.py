@@ -247,8 +247,8 @@ def test_an_encoders_last_layer_at_its_first_token_equals_the_full_layer(
 ):
     """Rewards and every gradient of the first-token last layer against the stock full layer, fp32,
     on right-padded rows of different lengths (the mask row of the first token is sliced, not dropped)."""
-    model = SequenceRewardModel(_encoder(kind, attention))
-    model.train()
+    model = SequenceRewardModel(_encoder(kind, attention), skip_padding=False)  # the padded layer (see
+    model.train()  # test_unpadded_encoder.py for the layer on the real tokens only)
     assert model.pooling == "native" and model.read_only_blocker() is None
     layer = model.classifier.base_model.encoder.layer[-1]
     stock = type(model.classifier.base_model.encoder.layer[0])
