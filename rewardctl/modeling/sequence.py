@@ -99,9 +99,13 @@ class SequenceRewardModel(nn.Module):
         """Why this model's layers run over the padding too (None: over the real tokens, on a CPU)."""
         if self.pooling != "native":
             return "a decoder's padding is skipped by shared-prefix and padding-free batches instead"
-        if not self._skip_padding and skip_padding_blocker(_unwrap_hf(self.classifier)) is None:
+        hf = _unwrap_hf(self.classifier)
+        blocker = skip_padding_blocker(hf)
+        if blocker is None and not self._skip_padding:
             return "model.skip_padding=false"
-        return skip_padding_blocker(_unwrap_hf(self.classifier))
+        if blocker is None and getattr(hf, "is_activation_checkpointing", False):
+            return "gradient checkpointing (the layers run their own checkpointed call)"
+        return blocker
 
     @property
     def _no_split_modules(self) -> list[str]:

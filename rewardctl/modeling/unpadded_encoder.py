@@ -10,8 +10,9 @@ makes the step faster.
 ``skip_padding(classifier)`` swaps the encoder's class for a subclass whose ``forward``, given a
 ``TokenLayout`` (``token_layout(attention_mask)``) under the keyword ``LAYOUT_KEY``, gathers the real
 tokens once into a (T, H) matrix, runs every layer on it, and attends per sequence: each sequence's
-queries against its own keys (``scaled_dot_product_attention`` with no mask), which is exactly what
-the stock padded attention computes for the real tokens, since a padding key gets zero weight. The
+queries against its own keys, with no mask, through the model's own attention function (sdpa, with
+rewardctl's fp32 CPU attention under bf16, or eager). That is what the stock padded attention computes
+for the real tokens, since a padding key gets zero weight. The
 last layer returns the (B, L, H) layout (padding positions hold zeros) or, where the last layer is
 computed at the first token only (``first_token_layer``), the (B, 1, H) output at [CLS]. The
 embeddings, the pooler and the head stay stock, and so do the parameters and the saved files.
@@ -20,20 +21,22 @@ Cost: one gather of the embeddings, one concatenation of the per-sequence attent
 and one attention call per sequence per layer (about 20 us each). The attention itself also skips the
 padding (sum of l_i^2 against B * L^2).
 
-Where the stock encoder runs instead: no ``TokenLayout`` given (no padding, left padding, a GPU batch:
-see ``token_layout``), gradient checkpointing on (the layers must run through their own checkpointed
-``__call__``), or sharded weights. The result equals the stock encoder's for every real token within
+Where the stock encoder runs instead: no ``TokenLayout`` given (no padding, left padding, a GPU batch,
+``train.compile``'s traced forward: see ``token_layout`` and ``SequenceRewardModel``), gradient
+checkpointing on (the layers must run through their own checkpointed ``__call__``), sharded weights,
+or hidden states / attention weights requested (transformers collects them with hooks on the stock
+layers). The result equals the stock encoder's for every real token within
 fp32 rounding, without dropout (both trainers' default, ``model.disable_dropout``); with dropout it is
 the same in distribution only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
@@ -71,6 +74,11 @@ class TokenLayout:
     #: Extra rows after the real tokens (copies of a padding position, never attended to): the gathered
     #: matrix has a multiple of ``TOKEN_ROWS_MULTIPLE`` rows, so its buffers come in few sizes.
     spare: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """The real tokens, T."""
+        return sum(self.lengths)
 
     @property
     def split_sizes(self) -> list[int]:
@@ -130,6 +138,25 @@ def _heads(x: Tensor, head_size: int) -> Tensor:
     return x.view(1, x.shape[0], -1, head_size).transpose(1, 2)
 
 
+def _attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+    """The model's own attention function from transformers' registry (sdpa: rewardctl's fp32 CPU
+    attention under bf16 autocast, ``cpu_attention``; eager where the model is configured so)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+
+
+def _attend(attend: Callable[..., tuple[Tensor, Any]], attention: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One sequence's queries (l_q, H) over its keys and values (l, H), no mask; (l_q, H) out."""
+    head = attention.attention_head_size
+    dropout = attention.dropout.p if attention.training else 0.0
+    out, _ = attend(
+        attention, _heads(q, head), _heads(k, head), _heads(v, head), None, dropout=dropout, scaling=attention.scaling
+    )
+    return out.reshape(q.shape[0], -1)  # the functions return (1, l_q, heads, head_size)
+
+
 def _attend_per_sequence(
     attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: TokenLayout
 ) -> Tensor:
@@ -137,19 +164,11 @@ def _attend_per_sequence(
     real tokens, ``TokenLayout.spare``, come out as zeros). The sequences are cut with ``split``, whose
     backward is one concatenation: slicing would give each slice's gradient a zero-filled full-size
     buffer, summed over the sequences (16 passes over every (T, H) matrix for 16 sequences)."""
-    head = attention.attention_head_size
-    dropout = attention.dropout.p if attention.training else 0.0
-    rows = len(layout.lengths)  # the spare rows' chunk, if any, is left out
-    sizes = layout.split_sizes
+    attend = _attention_function(attention)
+    rows, sizes = len(layout.lengths), layout.split_sizes  # the spare rows' chunk, if any, is left out
     outputs = [
-        F.scaled_dot_product_attention(
-            _heads(q, head), _heads(k, head), _heads(v, head), dropout_p=dropout, scale=attention.scaling
-        )
-        .transpose(1, 2)
-        .reshape(length, -1)
-        for q, k, v, length in zip(
-            query.split(sizes)[:rows], key.split(sizes)[:rows], value.split(sizes)[:rows], layout.lengths, strict=True
-        )
+        _attend(attend, attention, q, k, v)
+        for q, k, v in zip(query.split(sizes)[:rows], key.split(sizes)[:rows], value.split(sizes)[:rows], strict=True)
     ]
     if layout.spare:
         outputs.append(query.new_zeros(layout.spare, outputs[0].shape[-1]))
@@ -157,7 +176,7 @@ def _attend_per_sequence(
 
 
 def _layer_on_tokens(layer: nn.Module, tokens: Tensor, layout: TokenLayout) -> Tensor:
-    """A BERT-family layer (``BertLayer.forward``) on the real tokens (T, H)."""
+    """A BERT-family layer (``BertLayer.forward``) on the real tokens (T', H)."""
     attention = layer.attention.self
     attended = _attend_per_sequence(
         attention, attention.query(tokens), attention.key(tokens), attention.value(tokens), layout
@@ -169,25 +188,27 @@ def _first_token_on_tokens(layer: nn.Module, tokens: Tensor, layout: TokenLayout
     """The layer's output at each sequence's first token only (``first_token_layer``), (B, 1, H):
     keys and values over every real token, the query and the rest at the first."""
     attention = layer.attention.self
-    head = attention.attention_head_size
-    dropout = attention.dropout.p if attention.training else 0.0
+    attend = _attention_function(attention)
     rows, sizes = len(layout.lengths), layout.split_sizes
     first = tokens.index_select(0, layout.starts)
-    query = attention.query(first)
+    keys, values = attention.key(tokens).split(sizes)[:rows], attention.value(tokens).split(sizes)[:rows]
     attended = torch.cat(
         [
-            F.scaled_dot_product_attention(
-                _heads(q, head), _heads(k, head), _heads(v, head), dropout_p=dropout, scale=attention.scaling
-            ).reshape(1, -1)
-            for q, k, v in zip(
-                query.split(1),
-                attention.key(tokens).split(sizes)[:rows],
-                attention.value(tokens).split(sizes)[:rows],
-                strict=True,
-            )
+            _attend(attend, attention, q, k, v)
+            for q, k, v in zip(attention.query(first).split(1), keys, values, strict=True)
         ]
     )[:, None]
     return layer.feed_forward_chunk(layer.attention.output(attended, first[:, None]))
+
+
+def _outputs_requested() -> bool:
+    """Whether the caller asked for hidden states or attention weights: transformers collects them
+    with hooks on the stock layers' calls, which this forward does not make."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older layout of transformers: requests come as keywords, checked below
+        return False
+    return bool(_active_collector.get())
 
 
 def _runs_stock(encoder: nn.Module) -> bool:
@@ -199,10 +220,18 @@ def _runs_stock(encoder: nn.Module) -> bool:
 def _skip_padding_forward(
     encoder: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any
 ) -> Any:
-    """The encoder's forward on the real tokens of ``kwargs[LAYOUT_KEY]``; stock without one."""
+    """The encoder's forward on the real tokens of ``kwargs[LAYOUT_KEY]``; stock without one, and
+    wherever the layout does not apply (see the module docstring)."""
     layout: TokenLayout | None = kwargs.pop(LAYOUT_KEY, None)
     stock = _stock_encoder_class(type(encoder)).forward
-    if layout is None or _runs_stock(encoder):
+    if (
+        layout is None
+        or tuple(hidden_states.shape[:2]) != (layout.rows, layout.width)
+        or kwargs.get("output_hidden_states")
+        or kwargs.get("output_attentions")
+        or _outputs_requested()
+        or _runs_stock(encoder)
+    ):
         return stock(encoder, hidden_states, attention_mask, *args, **kwargs)
     batch, width, size = hidden_states.shape
     tokens = hidden_states.reshape(batch * width, size).index_select(0, layout.index)
@@ -212,8 +241,9 @@ def _skip_padding_forward(
     if is_first_token_only(last):
         output = _first_token_on_tokens(last, tokens, layout)
     else:
-        tokens = _layer_on_tokens(last, tokens, layout)
-        output = tokens.new_zeros(batch * width, size).index_copy(0, layout.index, tokens).view(batch, width, size)
+        tokens = _layer_on_tokens(last, tokens, layout)[: layout.tokens]  # the spare rows are dropped
+        output = tokens.new_zeros(batch * width, size).index_copy(0, layout.index[: layout.tokens], tokens)
+        output = output.view(batch, width, size)
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=output)
 
 

@@ -40,7 +40,9 @@ def _rewards_and_grads(model: SequenceRewardModel, ids: torch.Tensor, mask: torc
 def _rows_seen(model: SequenceRewardModel) -> tuple[list[tuple[int, ...]], list]:
     """Input shapes of every layer's feed-forward block, in call order (hooks returned for removal)."""
     shapes: list[tuple[int, ...]] = []
-    layers = model.classifier.base_model.encoder.layer
+    classifier = model.classifier
+    hf = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier  # under peft
+    layers = hf.base_model.encoder.layer
     hooks = [
         layer.intermediate.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
         for layer in layers
@@ -122,7 +124,7 @@ def test_without_spare_rows_the_layers_see_exactly_the_real_tokens(monkeypatch: 
 def test_gradient_checkpointing_keeps_the_stock_checkpointed_layers():
     """The layers must run through their own checkpointed ``__call__``: the padded encoder runs."""
     model = SequenceRewardModel(_encoder("bert", layers=2))
-    model.classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.classifier.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     ids, mask = _batch()
     shapes, hooks = _rows_seen(model)
@@ -130,7 +132,9 @@ def test_gradient_checkpointing_keeps_the_stock_checkpointed_layers():
     for hook in hooks:
         hook.remove()
     assert shapes[0] == (8, 40, 32)
-    model.classifier.gradient_checkpointing_disable()
+    assert model.skip_padding_blocker() == "gradient checkpointing (the layers run their own checkpointed call)"
+    model.classifier.activation_checkpointing_disable()
+    assert model.skip_padding_blocker() is None
     fast = _rewards_and_grads(model, ids, mask)
     torch.testing.assert_close(fast[0], checkpointed[0], atol=1e-5, rtol=0)
 
@@ -152,9 +156,13 @@ def test_lora_trains_the_adapters_and_head_only_and_matches_the_padded_encoder()
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
+    shapes, hooks = _rows_seen(model)
     fast = _rewards_and_grads(model, ids, mask)
     model.skip_padding = False
     stock = _rewards_and_grads(model, ids, mask)
+    for hook in hooks:
+        hook.remove()
+    assert shapes == [(256, 32), (8, 1, 32), (8, 40, 32), (8, 1, 32)]  # the layout got through peft's forward
     assert all("lora_" in name or "classifier" in name for name in stock[1])
     assert any("query.lora_A" in name for name in stock[1])
     torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
@@ -235,11 +243,95 @@ def test_a_pairwise_step_on_an_encoder_is_the_same_with_the_switch_on_and_off(tm
         features = _features(method, _pair_rows(random.Random(2), 16, False))
         batch = method.collate(features)
         model.zero_grad(set_to_none=True)
+        shapes, hooks = _rows_seen(model)
         out = method.train_step(model, batch)
         out.loss_sum.backward()
+        for hook in hooks:
+            hook.remove()
+        assert len(shapes[0]) == (2 if switch == "true" else 3)  # (T', H) on the real tokens, else (B, L, H)
         results[switch] = out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
         assert token_layout(batch["attention_mask"]) is not None  # the batch has padding worth skipping
     assert models["true"].skip_padding and not models["false"].skip_padding
     torch.testing.assert_close(results["true"][0], results["false"][0], atol=1e-5, rtol=0)
     for name, grad in results["false"][1].items():
         torch.testing.assert_close(results["true"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_an_electra_with_a_narrower_embedding_projects_it_before_the_layers():
+    from transformers import ElectraConfig
+
+    torch.manual_seed(0)
+    config = ElectraConfig(
+        vocab_size=60,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=1,
+    )
+    model = SequenceRewardModel(AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa"))
+    model.train()
+    assert hasattr(model.classifier.electra, "embeddings_project")
+    ids, mask = _batch()
+    shapes, hooks = _rows_seen(model)
+    fast = _rewards_and_grads(model, ids, mask)
+    model.skip_padding = False
+    stock = _rewards_and_grads(model, ids, mask)
+    for hook in hooks:
+        hook.remove()
+    assert shapes[0] == (256, 32)
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    for name in stock[1]:
+        torch.testing.assert_close(fast[1][name], stock[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_each_sequence_attends_through_the_models_own_attention_function(
+    attention: str, monkeypatch: pytest.MonkeyPatch
+):
+    """sdpa goes through transformers' registry (where rewardctl's fp32 CPU attention sits under bf16),
+    eager through BERT's eager function: one call per sequence per layer, none given a mask."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert import modeling_bert
+
+    calls: list[tuple[tuple[int, ...], object]] = []
+
+    def spying(function):
+        def call(module, query, key, value, attention_mask, **kwargs):
+            calls.append((tuple(query.shape), attention_mask))
+            return function(module, query, key, value, attention_mask, **kwargs)
+
+        return call
+
+    if attention == "sdpa":
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", spying(ALL_ATTENTION_FUNCTIONS["sdpa"]))
+    else:
+        monkeypatch.setattr(modeling_bert, "eager_attention_forward", spying(modeling_bert.eager_attention_forward))
+    model = SequenceRewardModel(_encoder("bert", attention, layers=2))
+    model.eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        model(ids, mask)
+    assert len(calls) == 2 * len(LENGTHS) and all(mask_given is None for _, mask_given in calls)
+    assert [shape for shape, _ in calls[:8]] == [(1, 4, n, 8) for n in LENGTHS]
+    assert [shape for shape, _ in calls[8:]] == [(1, 4, 1, 8)] * 8  # the last layer's [CLS] queries
+
+
+def test_requested_hidden_states_come_from_the_stock_padded_encoder():
+    """transformers collects hidden states with hooks on the stock layers' calls: the padded encoder runs."""
+    model = SequenceRewardModel(_encoder("bert", layers=2), final_layer_at_reads=False)
+    model.eval()
+    ids, mask = _batch()
+    shapes, hooks = _rows_seen(model)
+    with torch.no_grad():
+        out = model.classifier(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        layout = {unpadded_encoder.LAYOUT_KEY: token_layout(mask)}
+        with_layout = model.classifier(input_ids=ids, attention_mask=mask, output_hidden_states=True, **layout)
+    for hook in hooks:
+        hook.remove()
+    assert len(out.hidden_states) == 3 and len(with_layout.hidden_states) == 3
+    assert all(shape == (8, 40, 32) for shape in shapes)
+    torch.testing.assert_close(with_layout.logits, out.logits, atol=0, rtol=0)
