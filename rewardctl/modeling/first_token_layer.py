@@ -15,8 +15,8 @@ forward and backward. The result is the stock layer's at that token: the same qu
 the same keys under the same mask row, and every other op of a post-norm BERT layer is per token.
 
 ``first_token_only(classifier)`` swaps the last layer's class for a subclass whose ``forward`` returns
-the (B, 1, H) output at the first token. The subclass keeps the stock class's ``__name__``, because
-accelerate's FSDP auto-wrap finds layer classes by the names in ``_no_split_modules``. The model's
+the (B, 1, H) output at the first token (``forward_swap``: the subclass keeps the stock class's
+``__name__``, which accelerate's FSDP auto-wrap looks layer classes up by). The model's
 other layers, its mask construction and its head stay stock transformers, and so do the parameters and
 the saved files. It applies to the layer classes in ``FIRST_TOKEN_LAYERS`` under sdpa or eager
 attention. The result equals the stock layer's without dropout (both trainers' default,
@@ -33,6 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+
+from rewardctl.modeling.forward_swap import ForwardSwap
 
 #: Classifiers whose head reads only the first token's final hidden state (transformers 5).
 FIRST_TOKEN_CLASSIFIERS = (
@@ -51,21 +53,35 @@ FIRST_TOKEN_ATTENTION = ("sdpa", "eager")
 def first_token_blocker(classifier: nn.Module) -> str | None:
     """Why the last layer of ``classifier`` (a transformers sequence classifier) must run at every
     token, or None when its head reads only the first token and the layer can be recomputed there."""
-    name = type(classifier).__name__
-    if name not in FIRST_TOKEN_CLASSIFIERS:
-        return f"{name} is not a classifier known to read only its first token"
-    encoder = getattr(getattr(classifier, classifier.base_model_prefix, None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return f"{name} has no encoder layer list"
-    last = layers[-1]
-    if type(last).__name__ not in FIRST_TOKEN_LAYERS:
-        return f"{type(last).__name__} is not a layer this module can recompute ({', '.join(FIRST_TOKEN_LAYERS)})"
-    if getattr(last, "add_cross_attention", False) or getattr(last, "is_decoder", False):
-        return "the last layer is a decoder layer"
+    if type(classifier).__name__ not in FIRST_TOKEN_CLASSIFIERS:
+        return f"{type(classifier).__name__} is not a classifier known to read only its first token"
+    layers = encoder_layers(classifier)
+    if isinstance(layers, str):
+        return layers
+    reason = layer_blocker(layers[-1])
+    if reason is not None:
+        return reason
     attention = classifier.config._attn_implementation
     if attention not in FIRST_TOKEN_ATTENTION:
         return f"attn_implementation={attention} takes no dense mask"
+    return None
+
+
+def encoder_layers(classifier: nn.Module) -> nn.ModuleList | str:
+    """The encoder's layer list, or why there is none to work on."""
+    encoder = getattr(getattr(classifier, classifier.base_model_prefix, None), "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return f"{type(classifier).__name__} has no encoder layer list"
+    return layers
+
+
+def layer_blocker(layer: nn.Module) -> str | None:
+    """Why ``layer`` is not a BERT-family encoder layer this package can run in parts, or None."""
+    if type(layer).__name__ not in FIRST_TOKEN_LAYERS:
+        return f"{type(layer).__name__} is not a layer this module can recompute ({', '.join(FIRST_TOKEN_LAYERS)})"
+    if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False):
+        return "the last layer is a decoder layer"
     return None
 
 
@@ -86,7 +102,7 @@ def _first_token_forward(
     values over every token, the rest at the first only. ``attention_mask`` is what the encoder hands
     its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer runs its stock forward."""
     if sharded(layer):
-        return _stock_class(type(layer)).forward(layer, hidden, attention_mask, *args, **kwargs)
+        return _FIRST_TOKEN.stock_forward(layer)(layer, hidden, attention_mask, *args, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.bert.modeling_bert import eager_attention_forward
 
@@ -105,42 +121,22 @@ def _first_token_forward(
     return layer.feed_forward_chunk(attention_output)
 
 
-#: One subclass per stock layer class, its ``forward`` replaced (``first_token_only``).
-_FIRST_TOKEN_CLASSES: dict[type, type] = {}
-
-
-def _stock_class(cls: type) -> type:
-    """The stock layer class under a generated first-token class ``cls`` (or a wrapper of it)."""
-    for index, klass in enumerate(cls.__mro__):
-        if klass in _FIRST_TOKEN_CLASSES.values():
-            return cls.__mro__[index + 1]
-    return cls
+#: The last layer's class becomes a subclass with ``_first_token_forward`` (``first_token_only``).
+_FIRST_TOKEN = ForwardSwap(_first_token_forward, "FirstToken", __name__)
 
 
 def is_first_token_only(layer: nn.Module) -> bool:
-    return any(klass in _FIRST_TOKEN_CLASSES.values() for klass in type(layer).__mro__)
+    return _FIRST_TOKEN.applied(layer)
 
 
 def first_token_only(classifier: nn.Module) -> None:
     """Make ``classifier``'s last encoder layer compute only its first token (``first_token_blocker``
-    must be None). The layer's class becomes a subclass of its own that overrides ``forward`` (so a
-    copy of the model keeps the behaviour on its own weights); parameters and saved files stay stock."""
-    layer = last_encoder_layer(classifier)
-    if is_first_token_only(layer):
-        return
-    stock = type(layer)
-    if stock not in _FIRST_TOKEN_CLASSES:
-        _FIRST_TOKEN_CLASSES[stock] = type(
-            stock.__name__,
-            (stock,),
-            {"forward": _first_token_forward, "__qualname__": f"FirstToken{stock.__name__}", "__module__": __name__},
-        )
-    layer.__class__ = _FIRST_TOKEN_CLASSES[stock]
+    must be None). The layer's class becomes a subclass of its own that overrides ``forward``
+    (``forward_swap``); parameters and saved files stay stock."""
+    _FIRST_TOKEN.apply(last_encoder_layer(classifier))
 
 
 def every_token(classifier: nn.Module) -> None:
     """Undo ``first_token_only``: the last layer's stock class (and forward) again. A layer whose class
     was wrapped again since (FSDP2's ``fully_shard``) keeps it: the first-token forward is exact there."""
-    layer = last_encoder_layer(classifier)
-    if type(layer) in _FIRST_TOKEN_CLASSES.values():
-        layer.__class__ = _stock_class(type(layer))
+    _FIRST_TOKEN.undo(last_encoder_layer(classifier))

@@ -43,10 +43,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from rewardctl.modeling.first_token_layer import (
     FIRST_TOKEN_ATTENTION,
     FIRST_TOKEN_CLASSIFIERS,
-    FIRST_TOKEN_LAYERS,
+    encoder_layers,
     is_first_token_only,
+    layer_blocker,
     sharded,
 )
+from rewardctl.modeling.forward_swap import ForwardSwap
 
 #: The keyword under which the reward model hands the encoder its ``TokenLayout`` (transformers passes
 #: unknown keywords from the classifier's forward down to the encoder's).
@@ -118,15 +120,13 @@ def skip_padding_blocker(classifier: nn.Module) -> str | None:
     name = type(classifier).__name__
     if name not in FIRST_TOKEN_CLASSIFIERS:
         return f"{name} is not a BERT-family classifier"
-    encoder = getattr(getattr(classifier, classifier.base_model_prefix, None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return f"{name} has no encoder layer list"
+    layers = encoder_layers(classifier)
+    if isinstance(layers, str):
+        return layers
     for layer in layers:
-        if type(layer).__name__ not in FIRST_TOKEN_LAYERS:
-            return f"{type(layer).__name__} is not a layer this module can run ({', '.join(FIRST_TOKEN_LAYERS)})"
-        if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False):
-            return "the encoder has decoder layers"
+        reason = layer_blocker(layer)
+        if reason is not None:
+            return reason
     attention = classifier.config._attn_implementation
     if attention not in FIRST_TOKEN_ATTENTION:
         return f"attn_implementation={attention} is not sdpa or eager"
@@ -223,7 +223,7 @@ def _skip_padding_forward(
     """The encoder's forward on the real tokens of ``kwargs[LAYOUT_KEY]``; stock without one, and
     wherever the layout does not apply (see the module docstring)."""
     layout: TokenLayout | None = kwargs.pop(LAYOUT_KEY, None)
-    stock = _stock_encoder_class(type(encoder)).forward
+    stock = _SKIP_PADDING.stock_forward(encoder)
     if (
         layout is None
         or tuple(hidden_states.shape[:2]) != (layout.rows, layout.width)
@@ -247,15 +247,8 @@ def _skip_padding_forward(
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=output)
 
 
-#: One subclass per stock encoder class, its ``forward`` replaced (``skip_padding``).
-_SKIP_PADDING_CLASSES: dict[type, type] = {}
-
-
-def _stock_encoder_class(cls: type) -> type:
-    for index, klass in enumerate(cls.__mro__):
-        if klass in _SKIP_PADDING_CLASSES.values():
-            return cls.__mro__[index + 1]
-    return cls
+#: The encoder's class becomes a subclass with ``_skip_padding_forward`` (``skip_padding``).
+_SKIP_PADDING = ForwardSwap(_skip_padding_forward, "SkipPadding", __name__)
 
 
 def _encoder(classifier: nn.Module) -> nn.Module | None:
@@ -263,28 +256,19 @@ def _encoder(classifier: nn.Module) -> nn.Module | None:
 
 
 def skips_padding(classifier: nn.Module) -> bool:
-    return type(_encoder(classifier)) in _SKIP_PADDING_CLASSES.values()
+    encoder = _encoder(classifier)
+    return encoder is not None and _SKIP_PADDING.applied(encoder)
 
 
 def skip_padding(classifier: nn.Module) -> None:
     """Let ``classifier``'s encoder run on the real tokens when given a ``TokenLayout``
-    (``skip_padding_blocker`` must be None). The encoder's class becomes a subclass of its own (a copy
-    of the model keeps the behaviour); parameters and saved files stay stock."""
-    encoder = _encoder(classifier)
-    if skips_padding(classifier):
-        return
-    stock = type(encoder)
-    if stock not in _SKIP_PADDING_CLASSES:
-        _SKIP_PADDING_CLASSES[stock] = type(
-            stock.__name__,
-            (stock,),
-            {"forward": _skip_padding_forward, "__qualname__": f"SkipPadding{stock.__name__}", "__module__": __name__},
-        )
-    encoder.__class__ = _SKIP_PADDING_CLASSES[stock]
+    (``skip_padding_blocker`` must be None). The encoder's class becomes a subclass of its own
+    (``forward_swap``); parameters and saved files stay stock."""
+    _SKIP_PADDING.apply(_encoder(classifier))
 
 
 def keep_padding(classifier: nn.Module) -> None:
     """Undo ``skip_padding``: the encoder's stock class again."""
     encoder = _encoder(classifier)
-    if encoder is not None and type(encoder) in _SKIP_PADDING_CLASSES.values():
-        encoder.__class__ = _stock_encoder_class(type(encoder))
+    if encoder is not None:
+        _SKIP_PADDING.undo(encoder)

@@ -37,6 +37,14 @@ def _rewards_and_grads(model: SequenceRewardModel, ids: torch.Tensor, mask: torc
     return rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same(fast, stock) -> None:
+    """Rewards and every gradient of two ``_rewards_and_grads`` results, fp32."""
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    assert fast[1].keys() == stock[1].keys()
+    for name in stock[1]:
+        torch.testing.assert_close(fast[1][name], stock[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def _rows_seen(model: SequenceRewardModel) -> tuple[list[tuple[int, ...]], list]:
     """Input shapes of every layer's feed-forward block, in call order (hooks returned for removal)."""
     shapes: list[tuple[int, ...]] = []
@@ -48,6 +56,18 @@ def _rows_seen(model: SequenceRewardModel) -> tuple[list[tuple[int, ...]], list]
         for layer in layers
     ]
     return shapes, hooks
+
+
+def _skipping_then_stock(model: SequenceRewardModel, ids: torch.Tensor, mask: torch.Tensor):
+    """(feed-forward input shapes of both runs, skipping run, stock run): the same model and batch with
+    ``skip_padding`` on, then off."""
+    shapes, hooks = _rows_seen(model)
+    fast = _rewards_and_grads(model, ids, mask)
+    model.skip_padding = False
+    stock = _rewards_and_grads(model, ids, mask)
+    for hook in hooks:
+        hook.remove()
+    return shapes, fast, stock
 
 
 def test_the_layout_lists_the_real_tokens_row_by_row_and_rounds_the_rows_up():
@@ -89,19 +109,12 @@ def test_rewards_and_every_gradient_equal_the_stock_padded_encoder(kind: str, at
     assert model.skip_padding and skips_padding(model.classifier) and model.skip_padding_blocker() is None
     assert is_first_token_only(model.classifier.base_model.encoder.layer[-1]) == first_token
     ids, mask = _batch()
-    shapes, hooks = _rows_seen(model)
-    fast = _rewards_and_grads(model, ids, mask)
-    model.skip_padding = False
+    shapes, fast, stock = _skipping_then_stock(model, ids, mask)
     assert not skips_padding(model.classifier) and model.skip_padding_blocker() == "model.skip_padding=false"
-    stock = _rewards_and_grads(model, ids, mask)
-    for hook in hooks:
-        hook.remove()
     last = (8, 1, 32) if first_token else (256, 32)
     assert shapes == [(256, 32), (256, 32), last, (8, 40, 32), (8, 40, 32), (8, 1, 32) if first_token else (8, 40, 32)]
-    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
-    assert fast[1].keys() == stock[1].keys() and len(stock[1]) > 30
-    for name in stock[1]:
-        torch.testing.assert_close(fast[1][name], stock[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same(fast, stock)
+    assert len(stock[1]) > 30
 
 
 def test_without_spare_rows_the_layers_see_exactly_the_real_tokens(monkeypatch: pytest.MonkeyPatch):
@@ -109,16 +122,9 @@ def test_without_spare_rows_the_layers_see_exactly_the_real_tokens(monkeypatch: 
     model = SequenceRewardModel(_encoder("bert", layers=2), final_layer_at_reads=False)
     model.train()
     ids, mask = _batch()
-    shapes, hooks = _rows_seen(model)
-    fast = _rewards_and_grads(model, ids, mask)
-    model.skip_padding = False
-    stock = _rewards_and_grads(model, ids, mask)
-    for hook in hooks:
-        hook.remove()
+    shapes, fast, stock = _skipping_then_stock(model, ids, mask)
     assert shapes[:2] == [(140, 32), (140, 32)]
-    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
-    for name in stock[1]:
-        torch.testing.assert_close(fast[1][name], stock[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same(fast, stock)
 
 
 def test_gradient_checkpointing_keeps_the_stock_checkpointed_layers():
@@ -156,19 +162,11 @@ def test_lora_trains_the_adapters_and_head_only_and_matches_the_padded_encoder()
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
-    shapes, hooks = _rows_seen(model)
-    fast = _rewards_and_grads(model, ids, mask)
-    model.skip_padding = False
-    stock = _rewards_and_grads(model, ids, mask)
-    for hook in hooks:
-        hook.remove()
+    shapes, fast, stock = _skipping_then_stock(model, ids, mask)
     assert shapes == [(256, 32), (8, 1, 32), (8, 40, 32), (8, 1, 32)]  # the layout got through peft's forward
     assert all("lora_" in name or "classifier" in name for name in stock[1])
     assert any("query.lora_A" in name for name in stock[1])
-    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
-    assert fast[1].keys() == stock[1].keys()
-    for name in stock[1]:
-        torch.testing.assert_close(fast[1][name], stock[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same(fast, stock)
 
 
 def test_the_saved_model_is_a_stock_classifier_and_a_copy_skips_padding_with_its_own_weights(tmp_path: Path):
@@ -276,16 +274,9 @@ def test_an_electra_with_a_narrower_embedding_projects_it_before_the_layers():
     model.train()
     assert hasattr(model.classifier.electra, "embeddings_project")
     ids, mask = _batch()
-    shapes, hooks = _rows_seen(model)
-    fast = _rewards_and_grads(model, ids, mask)
-    model.skip_padding = False
-    stock = _rewards_and_grads(model, ids, mask)
-    for hook in hooks:
-        hook.remove()
+    shapes, fast, stock = _skipping_then_stock(model, ids, mask)
     assert shapes[0] == (256, 32)
-    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
-    for name in stock[1]:
-        torch.testing.assert_close(fast[1][name], stock[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same(fast, stock)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

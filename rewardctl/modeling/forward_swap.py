@@ -1,0 +1,63 @@
+"""Give one module a forward of ours by swapping its class for a generated subclass of its own.
+
+Why a class and not an instance attribute: a copy of the model (``deepcopy``) keeps the behaviour on
+its own weights, hooks and ``__call__`` stay transformers' own, and the subclass keeps the stock
+class's ``__name__``, because accelerate's FSDP auto-wrap finds layer classes by the names in
+``_no_split_modules``. Parameters and saved files stay stock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+
+class ForwardSwap:
+    """One replacement ``forward``; one generated subclass per stock class it is applied to."""
+
+    def __init__(self, forward: Callable[..., Any], qualname_prefix: str, module_name: str) -> None:
+        self._forward = forward
+        self._prefix = qualname_prefix
+        self._module_name = module_name
+        self._classes: dict[type, type] = {}
+
+    def applied(self, module: nn.Module) -> bool:
+        """Whether ``module`` runs the replacement forward (also under a class that wraps ours again,
+        such as FSDP2's ``fully_shard``)."""
+        generated = set(self._classes.values())
+        return any(klass in generated for klass in type(module).__mro__)
+
+    def stock_class(self, cls: type) -> type:
+        """The stock class under a generated class ``cls`` (or a wrapper of it); ``cls`` otherwise."""
+        generated = set(self._classes.values())
+        for index, klass in enumerate(cls.__mro__):
+            if klass in generated:
+                return cls.__mro__[index + 1]
+        return cls
+
+    def stock_forward(self, module: nn.Module) -> Callable[..., Any]:
+        """The stock class's ``forward``, unbound: call it with ``module`` first."""
+        return self.stock_class(type(module)).forward
+
+    def apply(self, module: nn.Module) -> None:
+        if self.applied(module):
+            return
+        stock = type(module)
+        if stock not in self._classes:
+            self._classes[stock] = type(
+                stock.__name__,
+                (stock,),
+                {
+                    "forward": self._forward,
+                    "__qualname__": f"{self._prefix}{stock.__name__}",
+                    "__module__": self._module_name,
+                },
+            )
+        module.__class__ = self._classes[stock]
+
+    def undo(self, module: nn.Module) -> None:
+        """The stock class again. A module whose class was wrapped again since keeps it."""
+        if type(module) in self._classes.values():
+            module.__class__ = self.stock_class(type(module))
