@@ -12,10 +12,10 @@ makes the step faster.
 tokens once into a (T, H) matrix, runs every layer on it, and attends per sequence: each sequence's
 queries against its own keys, with no mask, through the model's own attention function (sdpa, with
 rewardctl's fp32 CPU attention under bf16, or eager). That is what the stock padded attention computes
-for the real tokens, since a padding key gets zero weight. The
-last layer returns the (B, L, H) layout (padding positions hold zeros) or, where the last layer is
-computed at the first token only (``first_token_layer``), the (B, 1, H) output at [CLS]. The
-embeddings, the pooler and the head stay stock, and so do the parameters and the saved files.
+for the real tokens, since a padding key gets zero weight. The last layer returns the (B, L, H) layout
+(padding positions hold zeros) or, where the last layer is computed at the first token only
+(``first_token_layer``), the (B, 1, H) output at [CLS]. The embeddings, the pooler and the head stay
+stock, and so do the parameters and the saved files.
 
 Cost: one gather of the embeddings, one concatenation of the per-sequence attention outputs per layer,
 and one attention call per sequence per layer (about 20 us each). The attention itself also skips the
@@ -25,9 +25,9 @@ Where the stock encoder runs instead: no ``TokenLayout`` given (no padding, left
 ``train.compile``'s traced forward: see ``token_layout`` and ``SequenceRewardModel``), gradient
 checkpointing on (the layers must run through their own checkpointed ``__call__``), sharded weights,
 or hidden states / attention weights requested (transformers collects them with hooks on the stock
-layers). The result equals the stock encoder's for every real token within
-fp32 rounding, without dropout (both trainers' default, ``model.disable_dropout``); with dropout it is
-the same in distribution only.
+layers). The result equals the stock encoder's for every real token within fp32 rounding, without
+dropout (both trainers' default, ``model.disable_dropout``); with dropout it is the same in
+distribution only.
 """
 
 from __future__ import annotations
