@@ -67,10 +67,14 @@ def first_token_blocker(classifier: nn.Module) -> str | None:
     return None
 
 
+def encoder_of(classifier: nn.Module) -> nn.Module | None:
+    """The classifier's encoder (``classifier.<base_model_prefix>.encoder``), or None."""
+    return getattr(getattr(classifier, getattr(classifier, "base_model_prefix", ""), None), "encoder", None)
+
+
 def encoder_layers(classifier: nn.Module) -> nn.ModuleList | str:
     """The encoder's layer list, or why there is none to work on."""
-    encoder = getattr(getattr(classifier, classifier.base_model_prefix, None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
+    layers = getattr(encoder_of(classifier), "layer", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         return f"{type(classifier).__name__} has no encoder layer list"
     return layers
@@ -81,12 +85,12 @@ def layer_blocker(layer: nn.Module) -> str | None:
     if type(layer).__name__ not in FIRST_TOKEN_LAYERS:
         return f"{type(layer).__name__} is not a layer this module can recompute ({', '.join(FIRST_TOKEN_LAYERS)})"
     if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False):
-        return "the last layer is a decoder layer"
+        return f"{type(layer).__name__} is a decoder layer (causal or cross-attention)"
     return None
 
 
 def last_encoder_layer(classifier: nn.Module) -> nn.Module:
-    return getattr(classifier, classifier.base_model_prefix).encoder.layer[-1]
+    return encoder_of(classifier).layer[-1]
 
 
 def sharded(layer: nn.Module) -> bool:

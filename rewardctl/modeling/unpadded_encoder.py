@@ -44,6 +44,7 @@ from rewardctl.modeling.first_token_layer import (
     FIRST_TOKEN_ATTENTION,
     FIRST_TOKEN_CLASSIFIERS,
     encoder_layers,
+    encoder_of,
     is_first_token_only,
     layer_blocker,
     sharded,
@@ -89,9 +90,10 @@ class TokenLayout:
 
 def token_layout(attention_mask: Tensor) -> TokenLayout | None:
     """The layout of a padded batch's real tokens, or None where the stock padded encoder should run:
-    no padding (nothing to skip) or too little to pay for the rounding up to ``TOKEN_ROWS_MULTIPLE``, a row whose first column is padding (left padding: the pooler reads
-    column 0 whatever it holds), or a batch off the CPU (reading the lengths would stop a GPU's queue,
-    and one attention call per sequence would add launches to a step that is already launch-bound)."""
+    no padding (nothing to skip) or too little to pay for the rounding up to ``TOKEN_ROWS_MULTIPLE``,
+    a row whose first column is padding (left padding: the pooler reads column 0 whatever it holds),
+    or a batch off the CPU (reading the lengths would stop a GPU's queue, and one attention call per
+    sequence would add launches to a step that is already launch-bound)."""
     if attention_mask.device.type != "cpu" or attention_mask.dim() != 2:
         return None
     mask = attention_mask.bool()
@@ -157,18 +159,24 @@ def _attend(attend: Callable[..., tuple[Tensor, Any]], attention: nn.Module, q: 
     return out.reshape(q.shape[0], -1)  # the functions return (1, l_q, heads, head_size)
 
 
+def _per_sequence(tokens: Tensor, layout: TokenLayout) -> tuple[Tensor, ...]:
+    """(T', ...) cut into each sequence's rows, the spare rows left out. ``split``'s backward is one
+    concatenation: slicing would give each slice's gradient a zero-filled full-size buffer, summed
+    over the sequences (16 passes over every (T, H) matrix for 16 sequences)."""
+    return tokens.split(layout.split_sizes)[: len(layout.lengths)]
+
+
 def _attend_per_sequence(
     attention: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: TokenLayout
 ) -> Tensor:
     """Self-attention of each sequence over its own tokens; (T', H) in, (T', H) out (the rows past the
-    real tokens, ``TokenLayout.spare``, come out as zeros). The sequences are cut with ``split``, whose
-    backward is one concatenation: slicing would give each slice's gradient a zero-filled full-size
-    buffer, summed over the sequences (16 passes over every (T, H) matrix for 16 sequences)."""
+    real tokens, ``TokenLayout.spare``, come out as zeros)."""
     attend = _attention_function(attention)
-    rows, sizes = len(layout.lengths), layout.split_sizes  # the spare rows' chunk, if any, is left out
     outputs = [
         _attend(attend, attention, q, k, v)
-        for q, k, v in zip(query.split(sizes)[:rows], key.split(sizes)[:rows], value.split(sizes)[:rows], strict=True)
+        for q, k, v in zip(
+            _per_sequence(query, layout), _per_sequence(key, layout), _per_sequence(value, layout), strict=True
+        )
     ]
     if layout.spare:
         outputs.append(query.new_zeros(layout.spare, outputs[0].shape[-1]))
@@ -189,9 +197,8 @@ def _first_token_on_tokens(layer: nn.Module, tokens: Tensor, layout: TokenLayout
     keys and values over every real token, the query and the rest at the first."""
     attention = layer.attention.self
     attend = _attention_function(attention)
-    rows, sizes = len(layout.lengths), layout.split_sizes
     first = tokens.index_select(0, layout.starts)
-    keys, values = attention.key(tokens).split(sizes)[:rows], attention.value(tokens).split(sizes)[:rows]
+    keys, values = _per_sequence(attention.key(tokens), layout), _per_sequence(attention.value(tokens), layout)
     attended = torch.cat(
         [
             _attend(attend, attention, q, k, v)
@@ -251,12 +258,8 @@ def _skip_padding_forward(
 _SKIP_PADDING = ForwardSwap(_skip_padding_forward, "SkipPadding", __name__)
 
 
-def _encoder(classifier: nn.Module) -> nn.Module | None:
-    return getattr(getattr(classifier, getattr(classifier, "base_model_prefix", ""), None), "encoder", None)
-
-
 def skips_padding(classifier: nn.Module) -> bool:
-    encoder = _encoder(classifier)
+    encoder = encoder_of(classifier)
     return encoder is not None and _SKIP_PADDING.applied(encoder)
 
 
@@ -264,11 +267,11 @@ def skip_padding(classifier: nn.Module) -> None:
     """Let ``classifier``'s encoder run on the real tokens when given a ``TokenLayout``
     (``skip_padding_blocker`` must be None). The encoder's class becomes a subclass of its own
     (``forward_swap``); parameters and saved files stay stock."""
-    _SKIP_PADDING.apply(_encoder(classifier))
+    _SKIP_PADDING.apply(encoder_of(classifier))
 
 
 def keep_padding(classifier: nn.Module) -> None:
     """Undo ``skip_padding``: the encoder's stock class again."""
-    encoder = _encoder(classifier)
+    encoder = encoder_of(classifier)
     if encoder is not None:
         _SKIP_PADDING.undo(encoder)
