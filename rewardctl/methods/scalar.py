@@ -166,13 +166,14 @@ class ScalarRewardMethod(Method):
             log.info("last layer %s", where)
         else:
             log.info("last layer %s", f"at every token: {blocker}" if blocker else "at the pooled first token only")
-            skipping = model.skip_padding_blocker()
-            if skipping is None and self.run.train.compile:
-                skipping = "train.compile traces the padded encoder in training"
-            log.info(
-                "encoder layers %s",
-                f"over the padding too: {skipping}" if skipping else "on the real tokens of CPU batches only",
-            )
+        skipping = model.skip_padding_blocker()
+        if skipping is None and self.run.train.compile:
+            skipping = "train.compile traces the padded layers in training"
+        log.info(
+            "%s layers %s",
+            "decoder" if model.pooling == "last_token" else "encoder",
+            f"over the padding too: {skipping}" if skipping else "on the real tokens of CPU batches only",
+        )
         if model.pooling == "native" and self.tokenizer.padding_side != "right":
             log.warning("%s pools its first token ([CLS]); padding on the right", type(classifier).__name__)
             self.tokenizer.padding_side = "right"

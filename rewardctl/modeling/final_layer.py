@@ -95,6 +95,55 @@ def hidden_at_reads(backbone: nn.Module, rows: Tensor, cols: Tensor, **inputs: A
     return backbone.norm(out)
 
 
+def keys_values(attention: nn.Module, normed: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """A Llama-family attention's rotated keys and its values over every token of ``normed`` (B, L, H),
+    each (B, kv_heads, L, head_dim); ``cos``/``sin`` (B or 1, L, head_dim) as the rotary module gives."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    batch, length, _ = normed.shape
+    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    value = attention.v_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1), value
+
+
+def output_at_reads(
+    layer: nn.Module,
+    hidden: Tensor,
+    normed: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key: Tensor,
+    value: Tensor,
+    row_mask: Tensor,
+) -> Tensor:
+    """The layer's output (N, H) at N read tokens, given their hidden states and normed hidden states
+    (N, H), their rotary rows (N, head_dim), the keys and values each read attends over
+    (N, kv_heads, L, head_dim) and its mask row (N, 1, 1, L), boolean or additive."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+    attn = layer.self_attn
+    reads = hidden.shape[0]
+    query = attn.q_proj(normed).view(reads, -1, 1, attn.head_dim)  # (N, heads, 1, head_dim)
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    query = query * cos + rotate_half(query) * sin
+    implementation = attn.config._attn_implementation
+    if implementation == "eager" and row_mask.dtype == torch.bool:
+        row_mask = additive_mask(row_mask)
+    attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    output, _ = attend(
+        attn,
+        query,
+        key,
+        value,
+        row_mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+    )
+    out = hidden + attn.o_proj(output.reshape(reads, -1))
+    return out + layer.mlp(layer.post_attention_layernorm(out))
+
+
 def last_layer_at(
     layer: nn.Module,
     hidden: Tensor,
@@ -106,41 +155,21 @@ def last_layer_at(
     """A Llama-family decoder layer's output at tokens ``(rows[n], cols[n])`` of ``hidden`` (B, L, H):
     keys and values over every token, everything else over the N read tokens. ``mask`` is what the
     model hands the layer: (B, 1, L, L) boolean or additive, or None for plain causal attention."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
-
-    attn = layer.self_attn
     batch, length, _ = hidden.shape
-    head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    value = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     cos, sin = position_embeddings  # (B or 1, L, head_dim)
-    key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
-
-    reads = rows.shape[0]
-    query = attn.q_proj(normed[rows, cols]).view(reads, -1, 1, head_dim)  # (N, heads, 1, head_dim)
-    cos_read = cos.expand(batch, -1, -1)[rows, cols][:, None, None, :]
-    sin_read = sin.expand(batch, -1, -1)[rows, cols][:, None, None, :]
-    query = query * cos_read + rotate_half(query) * sin_read
+    key, value = keys_values(layer.self_attn, normed, cos, sin)
     if mask is None:  # the model left causality to the kernel: key j is visible from query i iff j <= i
         row_mask = (torch.arange(length, device=hidden.device)[None, :] <= cols[:, None])[:, None, None, :]
     else:
         row_mask = mask[rows, :, cols, :].unsqueeze(2)  # (N, 1, 1, L)
-
-    implementation = attn.config._attn_implementation
-    if implementation == "eager" and row_mask.dtype == torch.bool:
-        row_mask = additive_mask(row_mask)
-    attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-    output, _ = attend(
-        attn,
-        query,
+    return output_at_reads(
+        layer,
+        hidden[rows, cols],
+        normed[rows, cols],
+        cos.expand(batch, -1, -1)[rows, cols],
+        sin.expand(batch, -1, -1)[rows, cols],
         key[rows],
         value[rows],
         row_mask,
-        dropout=0.0 if not attn.training else attn.attention_dropout,
-        scaling=attn.scaling,
     )
-    output = attn.o_proj(output.reshape(reads, -1))
-    out = hidden[rows, cols] + output
-    return out + layer.mlp(layer.post_attention_layernorm(out))

@@ -19,12 +19,14 @@ from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
-from rewardctl.data.packing import segment_attention_mask
+from rewardctl.data.packing import PAD_SEGMENT, segment_attention_mask
 from rewardctl.errors import ConfigError, ModelMismatchError
+from rewardctl.modeling import unpadded_decoder
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, resolved_architecture
 from rewardctl.modeling.final_layer import additive_mask, hidden_at_reads, read_only_blocker
 from rewardctl.modeling.first_token_layer import every_token, first_token_blocker, first_token_only
+from rewardctl.modeling.unpadded_decoder import DecoderLayout, unpadded_blocker
 from rewardctl.modeling.unpadded_encoder import (
     LAYOUT_KEY,
     keep_padding,
@@ -82,12 +84,16 @@ class SequenceRewardModel(nn.Module):
 
     @property
     def skip_padding(self) -> bool:
-        """``model.skip_padding``: a BERT-family encoder's layers run on the real tokens of a padded CPU
-        batch only (unpadded_encoder.py), wherever that is exact for the model."""
+        """``model.skip_padding``: the layers run on the real tokens of a padded CPU batch only, wherever
+        that is exact for the model: a BERT-family encoder's (unpadded_encoder.py), a Llama-family
+        decoder's with attention in the padded layout (unpadded_decoder.py)."""
         return self._skip_padding
 
     @skip_padding.setter
     def skip_padding(self, enabled: bool) -> None:
+        if self.pooling == "last_token":  # a decoder's blockers are checked per batch (_decoder_layout)
+            self._skip_padding = enabled
+            return
         hf = _unwrap_hf(self.classifier)
         self._skip_padding = enabled and self.pooling == "native" and skip_padding_blocker(hf) is None
         if self._skip_padding:
@@ -97,9 +103,10 @@ class SequenceRewardModel(nn.Module):
 
     def skip_padding_blocker(self) -> str | None:
         """Why this model's layers run over the padding too (None: over the real tokens, on a CPU)."""
-        if self.pooling != "native":
-            return "a decoder's padding is skipped by shared-prefix and padding-free batches instead"
         hf = _unwrap_hf(self.classifier)
+        if self.pooling == "last_token":
+            blocker = unpadded_blocker(getattr(hf, hf.base_model_prefix))
+            return "model.skip_padding=false" if blocker is None and not self._skip_padding else blocker
         blocker = skip_padding_blocker(hf)
         if blocker is None and not self._skip_padding:
             return "model.skip_padding=false"
@@ -140,8 +147,15 @@ class SequenceRewardModel(nn.Module):
         backbone = getattr(hf, hf.base_model_prefix)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        pooled = self._hidden_at(backbone, rows, last_attended_index(attention_mask), inputs)
+        cols = last_attended_index(attention_mask)
+        real = attention_mask.bool()
+        layout = self._decoder_layout(backbone, real)
+        if layout is not None:  # each row: causal over its own real tokens
+            mask = segment_attention_mask(torch.where(real, 0, PAD_SEGMENT))
+            pooled = self._hidden_unpadded(backbone, input_ids, position_ids, mask, layout, rows, cols)
+        else:
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            pooled = self._hidden_at(backbone, rows, cols, inputs)
         return hf.score(pooled).squeeze(-1).float()
 
     def read_only_blocker(self) -> str | None:
@@ -162,6 +176,31 @@ class SequenceRewardModel(nn.Module):
             return hidden_at_reads(backbone, rows, cols, **inputs, use_cache=False)
         return backbone(**inputs, use_cache=False).last_hidden_state[rows, cols]
 
+    def _decoder_layout(self, backbone: nn.Module, real: Tensor) -> DecoderLayout | None:
+        """The ``DecoderLayout`` of a decoder batch whose real tokens are ``real`` (B, L), or None where
+        its layers run on the padded batch (``model.skip_padding=false``, ``unpadded_blocker``, a traced
+        forward, a GPU batch, little padding, a sliding window narrower than the batch)."""
+        if not self._skip_padding or torch.compiler.is_compiling() or unpadded_blocker(backbone) is not None:
+            return None
+        layout = unpadded_decoder.decoder_layout(real)
+        window = unpadded_decoder.narrowest_window(backbone)
+        return None if layout is None or (window is not None and window < layout.width) else layout
+
+    def _hidden_unpadded(
+        self,
+        backbone: nn.Module,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        mask: Tensor,
+        layout: DecoderLayout,
+        rows: Tensor,
+        cols: Tensor,
+    ) -> Tensor:
+        """Final hidden states at tokens (rows[n], cols[n]) from the layers on the real tokens only."""
+        reads = rows * input_ids.shape[1] + cols
+        at_reads = self.read_only_blocker() is None
+        return unpadded_decoder.hidden_at_reads(backbone, input_ids, position_ids, mask, layout, reads, at_reads)
+
     def _packed(
         self, input_ids: Tensor, segment_ids: Tensor | None, position_ids: Tensor, reward_index: Tensor
     ) -> Tensor:
@@ -171,13 +210,18 @@ class SequenceRewardModel(nn.Module):
             raise ValueError("packed batches need a causal decoder; this model pools its first token")
         hf = _unwrap_hf(self.classifier)
         backbone = getattr(hf, hf.base_model_prefix)
+        length = input_ids.shape[1]
+        rows, cols = reward_index // length, reward_index % length
+        layout = None if segment_ids is None else self._decoder_layout(backbone, segment_ids != PAD_SEGMENT)
+        if layout is not None:
+            mask = segment_attention_mask(segment_ids)
+            pooled = self._hidden_unpadded(backbone, input_ids, position_ids, mask, layout, rows, cols)
+            return hf.score(pooled).squeeze(-1).float()
         mask = None
         if segment_ids is not None:
             mask = segment_attention_mask(segment_ids)
             if hf.config._attn_implementation == "eager":  # eager adds the mask to the scores
                 mask = additive_mask(mask)
-        length = input_ids.shape[1]
-        rows, cols = reward_index // length, reward_index % length
         inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
         return hf.score(self._hidden_at(backbone, rows, cols, inputs)).squeeze(-1).float()
 

@@ -99,21 +99,34 @@ def token_layout(attention_mask: Tensor) -> TokenLayout | None:
     mask = attention_mask.bool()
     if bool(mask.all()) or not bool(mask[:, 0].all()):
         return None
-    lengths = mask.sum(1)
-    index = mask.flatten().nonzero().squeeze(1)
-    spare = -index.numel() % TOKEN_ROWS_MULTIPLE
-    if index.numel() + spare >= mask.numel():  # a short batch: the padded layout is no more work
+    found = real_token_index(mask)
+    if found is None:
         return None
-    if spare:
-        index = torch.cat([index, (~mask).flatten().nonzero()[0].expand(spare)])
+    index, tokens = found
+    lengths = mask.sum(1)
     return TokenLayout(
         index=index,
         starts=lengths.cumsum(0) - lengths,
         lengths=tuple(lengths.tolist()),
         rows=mask.shape[0],
         width=mask.shape[1],
-        spare=spare,
+        spare=index.numel() - tokens,
     )
+
+
+def real_token_index(real: Tensor, multiple: int | None = None) -> tuple[Tensor, int] | None:
+    """(index, T): the flat positions (row * L + column) of the T True entries of ``real`` (B, L), row
+    by row, then as many copies of a padding position as round T up to ``multiple`` (default
+    ``TOKEN_ROWS_MULTIPLE``); None where that is no fewer positions than B * L (nothing to gain)."""
+    flat = real.flatten()
+    index = flat.nonzero().squeeze(1)
+    tokens = index.numel()
+    spare = -tokens % (multiple or TOKEN_ROWS_MULTIPLE)
+    if tokens + spare >= flat.numel():
+        return None
+    if spare:
+        index = torch.cat([index, (~flat).nonzero()[0].expand(spare)])
+    return index, tokens
 
 
 def skip_padding_blocker(classifier: nn.Module) -> str | None:

@@ -82,17 +82,21 @@ def test_pairwise_rewards_loss_and_gradients_equal_the_full_last_layer(tmp_path:
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_ranklist_k_2_to_9_equals_the_full_last_layer(tmp_path: Path, attention: str):
     method = _method(RanklistMethod, _model_dir(tmp_path, "qwen2"), f"model.attn_implementation={attention}")
-    rng = random.Random(5)
-    rows = [
+    torch.manual_seed(0)
+    model = method.build_model()
+    _assert_read_only_equals_full(method, model, method.collate(_features(method, lists_k_2_to_9())), ("rewards",))
+
+
+def lists_k_2_to_9(seed: int = 5) -> list[dict]:
+    """Eight ranked-list rows, K = 2..9 answers, prompts of 2-30 words and answers of 1-20."""
+    rng = random.Random(seed)
+    return [
         {
             "prompt": f"Q: {_words(rng, rng.randint(2, 30))}?",
             "responses": [" " + _words(rng, rng.randint(1, 20)) for _ in range(k)],
         }
         for k in range(2, 10)
     ]
-    torch.manual_seed(0)
-    model = method.build_model()
-    _assert_read_only_equals_full(method, model, method.collate(_features(method, rows)), ("rewards",))
 
 
 def test_the_last_layer_computes_queries_and_mlp_at_the_read_tokens_only(tmp_path: Path):

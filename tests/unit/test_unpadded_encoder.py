@@ -196,9 +196,9 @@ def test_decoders_and_unknown_encoders_keep_their_own_layout():
 
     from .test_final_layer import _tiny
 
-    decoder = SequenceRewardModel(_tiny())
-    assert not decoder.skip_padding
-    assert decoder.skip_padding_blocker().startswith("a decoder's padding is skipped by shared-prefix")
+    decoder = SequenceRewardModel(_tiny())  # its own gathered path: tests/unit/test_unpadded_decoder.py
+    assert decoder.skip_padding and decoder.skip_padding_blocker() is None
+    assert not skips_padding(decoder.classifier)  # no encoder class swapped
     distil = SequenceRewardModel(
         AutoModelForSequenceClassification.from_config(
             DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=1)

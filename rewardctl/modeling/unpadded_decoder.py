@@ -1,0 +1,212 @@
+"""A decoder's layers on the real tokens of a padded CPU batch only; attention in the padded layout.
+
+A batch of B rows padded to L columns holds T real tokens. Every per-token op of a Llama-family layer
+(the q/k/v and output projections, the MLP, the RMS norms, the rotary rotation) computed over all
+B * L positions spends (B * L - T) / (B * L) of its work on padding: 8% on the benchmark's
+shared-prefix pairs (length-grouped, padded to ``data.pad_buckets`` widths). In fp32 on a CPU the
+matmuls are 73% of that decoder's step and already run at the machine's peak, so only less work makes
+the step faster.
+
+``hidden_at_reads(backbone, ...)`` embeds the T real tokens (gathered once, as a (1, T') row with the
+batch's own position ids), and runs every layer on that row: norms, projections and MLP over T'
+tokens. Attention alone goes back to the padded layout: the rotated queries, keys and values are
+scattered into (B, heads, L, head_dim) zeros and attend under the batch's own (B, 1, L, L) mask (the
+shared-prefix mask of ``rewardctl.data.packing``, or causal over each row's real tokens for a stacked
+batch) through the model's own attention function (sdpa, with rewardctl's fp32 CPU attention under
+bf16, or eager); the output is gathered back to the T' tokens. Why not attend per row on the gathered
+tokens as ``unpadded_encoder`` does: one batched masked call over (B, L) measured 1.3-2x faster than
+B calls over each row's real tokens (fp32, 8 rows of 64-288 columns, forward and backward), and a
+causal kernel skipping the masked blocks was no faster than the masked call. The last layer runs at
+the reward tokens only where ``final_layer`` allows it, else on every token.
+
+Every real token's keys, values and outputs are those of the stock padded forward (padding keys get
+zero weight there, and here they are zeros under the same mask), so rewards and gradients equal the
+stock forward's within fp32 rounding (tested). T' rounds T up to a multiple of ``TOKEN_ROWS_MULTIPLE``
+with copies of a padding position, for the allocator's sake: those rows are never scattered into the
+attention, never read, and get zero gradient.
+
+Where the stock padded forward runs instead (``unpadded_blocker``, ``decoder_layout``): layers other
+than ``final_layer.READ_ONLY_LAYERS``, attention other than sdpa or eager, sharded weights, gradient
+checkpointing, a sliding window narrower than the batch, a GPU batch (padding-free batches cover GPUs),
+too little padding to pay for the rounding, and ``train.compile``'s traced forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rewardctl.modeling.final_layer import (
+    READ_ONLY_ATTENTION,
+    READ_ONLY_LAYERS,
+    additive_mask,
+    keys_values,
+    output_at_reads,
+)
+from rewardctl.modeling.unpadded_encoder import real_token_index
+
+#: The gathered row gets a multiple of this many tokens (copies of a padding position after the real
+#: ones), so its buffers come in few sizes. A decoder batch holds less padding than an encoder's (8%
+#: against 15% on the benchmark's pairs), so the encoder's 128 would leave most batches padded: of the
+#: benchmark's 60 decoder batches, 57 / 52 / 23 skip their padding at multiples of 16 / 32 / 128, and
+#: 40-step runs peaked at 1716-1735 / 1723-1733 / 1741-1807 MiB (padded: 1725-1758).
+TOKEN_ROWS_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where the real tokens of a (B, L) batch are: ``index`` (T',) their flat positions (row * L +
+    column) row by row, then ``T' - tokens`` copies of a padding position (see the module docstring)."""
+
+    index: Tensor
+    tokens: int
+    rows: int
+    width: int
+
+    def gathered(self, flat: Tensor) -> Tensor:
+        """The gathered positions of real tokens given by their flat padded positions."""
+        return torch.searchsorted(self.index[: self.tokens], flat)
+
+    def pad(self, heads: Tensor) -> Tensor:
+        """(1, heads, T', head_dim) gathered -> (B, heads, L, head_dim): every real token at its own place,
+        zeros at the padding; the spare rows are left out."""
+        _, count, _, size = heads.shape
+        real = heads[0, :, : self.tokens].transpose(0, 1)  # (T, heads, head_dim)
+        padded = real.new_zeros(self.rows * self.width, count, size).index_copy(0, self.index[: self.tokens], real)
+        return padded.view(self.rows, self.width, count, size).transpose(1, 2)
+
+    def unpad(self, padded: Tensor) -> Tensor:
+        """(B, L, H) -> (1, T', H): the real tokens' rows, then zeros for the spare rows."""
+        flat = padded.reshape(self.rows * self.width, -1)
+        real = flat.index_select(0, self.index[: self.tokens])
+        spare = self.index.numel() - self.tokens
+        if spare:
+            real = torch.cat([real, real.new_zeros(spare, real.shape[1])])
+        return real[None]
+
+
+def decoder_layout(real: Tensor) -> DecoderLayout | None:
+    """The layout of a (B, L) batch's real tokens (``real`` True there), or None where the padded
+    forward should run: a GPU batch (reading the token count would stall its queue; padding-free
+    batches skip a GPU's padding) or too little padding to pay for the rounding."""
+    if real.device.type != "cpu" or real.dim() != 2:
+        return None
+    found = real_token_index(real, TOKEN_ROWS_MULTIPLE)
+    if found is None:
+        return None
+    index, tokens = found
+    return DecoderLayout(index=index, tokens=tokens, rows=real.shape[0], width=real.shape[1])
+
+
+def _sharded(layer: nn.Module) -> bool:
+    weight = layer.self_attn.q_proj.weight
+    return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
+
+
+def unpadded_blocker(backbone: nn.Module) -> str | None:
+    """Why ``backbone``'s layers must run on the padded batch, or None when they can run on the real
+    tokens only (every layer one of ``READ_ONLY_LAYERS``, sdpa or eager attention, unsharded)."""
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return f"{type(backbone).__name__} has no decoder layer list"
+    for part in ("embed_tokens", "rotary_emb", "norm"):
+        if not isinstance(getattr(backbone, part, None), nn.Module):
+            return f"{type(backbone).__name__} has no {part}"
+    for layer in layers:
+        if type(layer).__name__ not in READ_ONLY_LAYERS:
+            return f"{type(layer).__name__} is not one of {', '.join(READ_ONLY_LAYERS)}"
+        if _sharded(layer):
+            return "sharded weights (FSDP or DeepSpeed ZeRO-3)"
+    attention = backbone.config._attn_implementation
+    if attention not in READ_ONLY_ATTENTION:
+        return f"attn_implementation={attention} is not sdpa or eager"
+    if backbone.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        return "gradient checkpointing (the layers run their own checkpointed call)"
+    return None
+
+
+def narrowest_window(backbone: nn.Module) -> int | None:
+    """The smallest sliding window of any layer (Qwen2's sliding layers, Mistral's config), or None."""
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in backbone.layers]
+    windows.append(
+        getattr(backbone.config, "sliding_window", None) if type(backbone).__name__.startswith("Mistral") else None
+    )
+    found = [w for w in windows if w]
+    return min(found) if found else None
+
+
+def _attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+    """The model's own attention function (sdpa: rewardctl's fp32 CPU attention under bf16; eager)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+
+
+def _layer_on_tokens(
+    layer: nn.Module, hidden: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, layout: DecoderLayout
+) -> Tensor:
+    """A Llama-family decoder layer (``LlamaDecoderLayer.forward``) on the gathered row (1, T', H)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim).transpose(1, 2)
+    query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+    key, value = keys_values(attn, normed, cos, sin)
+    output, _ = _attention_function(attn)(
+        attn,
+        layout.pad(query),
+        layout.pad(key),
+        layout.pad(value),
+        mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+    )  # (B, L, heads, head_dim)
+    hidden = hidden + attn.o_proj(layout.unpad(output))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def hidden_at_reads(
+    backbone: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    mask: Tensor,
+    layout: DecoderLayout,
+    reads: Tensor,
+    last_at_reads: bool,
+) -> Tensor:
+    """The backbone's final hidden states (after its last norm) at the real tokens whose flat padded
+    positions (row * L + column) are ``reads``, shape (N, H): what the stock forward over the padded
+    (B, L) batch returns there. ``mask`` is the batch's (B, 1, L, L) mask, boolean (True: may attend)
+    or additive; ``last_at_reads`` computes the last layer at the read tokens only (``final_layer``)."""
+    if backbone.config._attn_implementation == "eager" and mask.dtype == torch.bool:
+        mask = additive_mask(mask)
+    ids = input_ids.flatten().index_select(0, layout.index)[None]
+    positions = position_ids.flatten().index_select(0, layout.index)[None]
+    hidden = backbone.embed_tokens(ids)
+    cos, sin = backbone.rotary_emb(hidden, positions)  # (1, T', head_dim)
+    *layers, last = backbone.layers[: backbone.config.num_hidden_layers]
+    for layer in layers:
+        hidden = _layer_on_tokens(layer, hidden, mask, cos, sin, layout)
+    at = layout.gathered(reads)
+    if not last_at_reads:
+        return backbone.norm(_layer_on_tokens(last, hidden, mask, cos, sin, layout)[0, at])
+    normed = last.input_layernorm(hidden)
+    key, value = keys_values(last.self_attn, normed, cos, sin)
+    rows, cols = reads // layout.width, reads % layout.width
+    out = output_at_reads(
+        last,
+        hidden[0, at],
+        normed[0, at],
+        cos[0, at],
+        sin[0, at],
+        layout.pad(key)[rows],
+        layout.pad(value)[rows],
+        mask[rows, :, cols, :].unsqueeze(2),
+    )
+    return backbone.norm(out)

@@ -1,0 +1,219 @@
+"""A decoder's layers on the real tokens only (rewardctl/modeling/unpadded_decoder.py): the same rewards,
+losses and gradients as the padded forward for every batch layout the methods build, the layers fed
+the real tokens only, and the padded forward wherever the gathered one would not be exact or pay."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, GPT2Config, Qwen2Config
+
+from rewardctl.data.packing import PAD_SEGMENT, pack_rows
+from rewardctl.methods.pairwise import PairwiseMethod
+from rewardctl.methods.ranklist import RanklistMethod
+from rewardctl.modeling import unpadded_decoder
+from rewardctl.modeling.sequence import SequenceRewardModel
+from rewardctl.modeling.unpadded_decoder import DecoderLayout, decoder_layout
+
+from ..conftest import TINY, _features, _pair_rows
+from .test_final_layer import _method, _step, _tiny, lists_k_2_to_9
+from .test_packing import _model_dir
+
+
+@pytest.fixture
+def every_batch(monkeypatch: pytest.MonkeyPatch) -> list[DecoderLayout]:
+    """No rounding of the gathered rows (tiny test batches hold less padding than one rounding step),
+    and a record of the layouts the gathered forward ran with."""
+    monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 1)
+    seen: list[DecoderLayout] = []
+    original = unpadded_decoder.hidden_at_reads
+
+    def recorded(backbone, input_ids, position_ids, mask, layout, *args, **kwargs):
+        seen.append(layout)
+        return original(backbone, input_ids, position_ids, mask, layout, *args, **kwargs)
+
+    monkeypatch.setattr(unpadded_decoder, "hidden_at_reads", recorded)
+    return seen
+
+
+def _assert_gathered_equals_padded(method, model, batch, keys, seen: list[DecoderLayout]) -> None:
+    """Same model, same batch: model.skip_padding on (the gathered forward must run) against off."""
+    assert model.skip_padding and model.skip_padding_blocker() is None
+    fast = _step(method, model, batch)
+    assert seen, "the gathered forward never ran"
+    assert all(layout.tokens < layout.rows * layout.width for layout in seen)
+    model.skip_padding = False
+    calls = len(seen)
+    padded = _step(method, model, batch)
+    assert len(seen) == calls  # off means off
+    model.skip_padding = True
+    for key in keys:
+        torch.testing.assert_close(fast[0][key], padded[0][key], atol=1e-5, rtol=0, msg=key)
+    torch.testing.assert_close(fast[1], padded[1], atol=1e-5, rtol=0)
+    assert fast[2].keys() == padded[2].keys() and len(fast[2]) > 5
+    for name in padded[2]:
+        torch.testing.assert_close(fast[2][name], padded[2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---- the layout --------------------------------------------------------------------------------------
+def test_the_layout_lists_the_real_tokens_row_by_row_and_puts_them_back(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 4)
+    real = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)  # right and left padding
+    layout = decoder_layout(real)
+    assert layout.tokens == 7 and (layout.rows, layout.width) == (2, 6)
+    assert layout.index.tolist() == [0, 1, 2, 7, 8, 9, 10, 3]  # one spare row: a padding position
+    assert layout.gathered(torch.tensor([2, 7, 10])).tolist() == [2, 3, 6]
+    heads = torch.arange(8 * 3 * 2, dtype=torch.float32).view(1, 3, 8, 2)  # (1, heads, T', head_dim)
+    padded = layout.pad(heads)
+    assert padded.shape == (2, 3, 6, 2)
+    torch.testing.assert_close(padded[1, :, 1], heads[0, :, 3])  # row 1's first real token
+    assert padded[0, :, 3:].abs().sum() == 0 and padded[1, :, 0].abs().sum() == 0  # padding: zeros
+    back = layout.unpad(padded.transpose(1, 2).reshape(2, 6, 6))
+    assert back.shape == (1, 8, 6)
+    torch.testing.assert_close(back[0, :7], heads[0, :, :7].transpose(0, 1).reshape(7, 6))
+    assert back[0, 7].abs().sum() == 0  # the spare row's attention output
+
+
+def test_no_layout_where_it_would_not_pay_or_would_stall_a_gpu(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 4)
+    assert decoder_layout(torch.ones(2, 6, dtype=torch.bool)) is None  # no padding
+    assert decoder_layout(torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)) is None  # 5 -> 8 rows > 6
+    assert decoder_layout(torch.zeros(2, 6, dtype=torch.bool, device="meta")) is None  # off the CPU
+
+
+# ---- exactness ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["tiny", "llama", "qwen2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("data.share_prefix=true", "model.padding_side=right"),
+        ("data.share_prefix=false", "data.padding_free=false", "model.padding_side=right"),
+        ("data.share_prefix=false", "data.padding_free=false", "model.padding_side=left"),
+    ],
+    ids=["shared-prefix", "stacked-right", "stacked-left"],
+)
+def test_pairwise_rewards_loss_and_gradients_equal_the_padded_decoder(tmp_path: Path, kind: str, layout, every_batch):
+    method = _method(PairwiseMethod, _model_dir(tmp_path, kind), *layout, "method.center_rewards_coefficient=0.01")
+    torch.manual_seed(0)
+    model = method.build_model()
+    features = _features(method, _pair_rows(random.Random(kind), 6, conversational=kind == "tiny"))
+    batch = method.collate(features)
+    _assert_gathered_equals_padded(method, model, batch, ("chosen_reward", "rejected_reward"), every_batch)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("final_layer_at_reads", [True, False])
+def test_ranklist_k_2_to_9_equals_the_padded_decoder(tmp_path: Path, attention: str, final_layer_at_reads, every_batch):
+    method = _method(
+        RanklistMethod,
+        _model_dir(tmp_path, "qwen2"),
+        f"model.attn_implementation={attention}",
+        f"model.final_layer_at_reads={str(final_layer_at_reads).lower()}",
+    )
+    torch.manual_seed(0)
+    model = method.build_model()
+    assert (model.read_only_blocker() is None) == final_layer_at_reads
+    batch = method.collate(_features(method, lists_k_2_to_9()))
+    _assert_gathered_equals_padded(method, model, batch, ("rewards",), every_batch)
+
+
+def test_lora_keeps_the_gathered_forward_exact_and_the_base_weights_untouched(every_batch):
+    method = _method(PairwiseMethod, TINY, "peft=lora", "peft.dropout=0.0", "data.share_prefix=true")
+    torch.manual_seed(0)
+    model = method.build_model()
+    model.train()
+    batch = method.collate(_features(method, _pair_rows(random.Random(2), 4, False)))
+    _assert_gathered_equals_padded(method, model, batch, ("chosen_reward", "rejected_reward"), every_batch)
+    _, _, grads = _step(method, model, batch)
+    assert grads and all("lora_" in name or "score" in name for name in grads)
+
+
+def test_the_spare_rows_of_the_default_rounding_change_nothing():
+    """A batch with enough padding for the default rounding: the spare rows (copies of a padding
+    position) run through the layers but are never attended to, read, or given a gradient."""
+    torch.manual_seed(0)
+    model = SequenceRewardModel(_tiny())
+    rows = [[list(range(5, 5 + n)), list(range(5, 9)) + list(range(40, 40 + n))] for n in (3, 30, 6, 9)]
+    batch = pack_rows(rows, 0)
+    layout = decoder_layout(batch["segment_ids"] != PAD_SEGMENT)
+    assert layout is not None and layout.index.numel() % unpadded_decoder.TOKEN_ROWS_MULTIPLE == 0
+    assert layout.index.numel() > layout.tokens  # spare rows present
+    reads = batch.pop("reward_index").T.flatten()
+    results = []
+    for skip in (True, False):
+        model.skip_padding = skip
+        model.zero_grad(set_to_none=True)
+        rewards = model(
+            batch["input_ids"], reward_index=reads, **{k: batch[k] for k in ("segment_ids", "position_ids")}
+        )
+        rewards.pow(2).sum().backward()
+        results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_layers_before_the_last_see_the_real_tokens_only(every_batch):
+    """What makes it faster: every projection and MLP sees T tokens, not B * L; the last layer's MLP
+    sees one token per reward and its key projection the T tokens."""
+    model = SequenceRewardModel(_tiny())
+    rows = [[[5, 6, 7, 8, 9, 17, 18, 19], [5, 6, 7, 10]], [[5, 11, 12], [5, 13]]]
+    batch = pack_rows(rows, 0)
+    real = int((batch["segment_ids"] != PAD_SEGMENT).sum())
+    assert real < batch["input_ids"].numel()
+    reads = batch.pop("reward_index").T.flatten()
+    reads = reads[reads >= 0]
+    seen: dict[str, list[torch.Size]] = {}
+    layers = model.classifier.model.layers
+    watched = {"first.mlp": layers[0].mlp, "first.q_proj": layers[0].self_attn.q_proj}
+    watched |= {"last.mlp": layers[-1].mlp, "last.k_proj": layers[-1].self_attn.k_proj}
+    for name, module in watched.items():
+        module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0].shape))
+    model(batch["input_ids"], reward_index=reads, **{k: batch[k] for k in ("segment_ids", "position_ids")})
+    assert len(every_batch) == 1
+    assert seen["first.mlp"][0][:-1].numel() == seen["first.q_proj"][0][:-1].numel() == real
+    assert seen["last.k_proj"][0][:-1].numel() == real and seen["last.mlp"][0][:-1].numel() == 4
+
+
+# ---- where the padded forward runs -------------------------------------------------------------------
+def test_the_padded_decoder_runs_where_the_gathered_one_would_not_be_exact(every_batch):
+    def blocker(classifier, **kwargs) -> str | None:
+        return SequenceRewardModel(classifier, **kwargs).skip_padding_blocker()
+
+    assert blocker(_tiny()) is None and SequenceRewardModel(_tiny()).skip_padding
+    assert blocker(_tiny(), skip_padding=False) == "model.skip_padding=false"
+    gpt2 = AutoModelForSequenceClassification.from_config(
+        GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, pad_token_id=0, num_labels=1)
+    )
+    assert blocker(gpt2) == "GPT2Model has no decoder layer list"
+    assert blocker(_tiny("flex_attention")) == "attn_implementation=flex_attention is not sdpa or eager"
+    checkpointed = _tiny()
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.train()
+    assert blocker(checkpointed) == "gradient checkpointing (the layers run their own checkpointed call)"
+
+    # a sliding window narrower than the batch: the stock mask applies it, the segment mask would not
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=0,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=0,
+    )
+    windowed = SequenceRewardModel(AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa"))
+    assert unpadded_decoder.narrowest_window(windowed.classifier.model) == 4
+    ids = torch.randint(1, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4])
+    windowed(ids, mask)
+    model = SequenceRewardModel(_tiny())
+    model(ids, mask)
+    assert len(every_batch) == 1  # the tiny Llama only
