@@ -105,7 +105,7 @@ class SequenceRewardModel(nn.Module):
         """Why this model's layers run over the padding too (None: over the real tokens, on a CPU)."""
         hf = _unwrap_hf(self.classifier)
         if self.pooling == "last_token":
-            blocker = unpadded_blocker(getattr(hf, hf.base_model_prefix))
+            blocker = unpadded_blocker(getattr(hf, hf.base_model_prefix), training_setup=True)
             return "model.skip_padding=false" if blocker is None and not self._skip_padding else blocker
         blocker = skip_padding_blocker(hf)
         if blocker is None and not self._skip_padding:

@@ -25,10 +25,15 @@ stock forward's within fp32 rounding (tested). T' rounds T up to a multiple of `
 with copies of a padding position, for the allocator's sake: those rows are never scattered into the
 attention, never read, and get zero gradient.
 
-Where the stock padded forward runs instead (``unpadded_blocker``, ``decoder_layout``): layers other
-than ``final_layer.READ_ONLY_LAYERS``, attention other than sdpa or eager, sharded weights, gradient
-checkpointing, a sliding window narrower than the batch, a GPU batch (padding-free batches cover GPUs),
-too little padding to pay for the rounding, and ``train.compile``'s traced forward.
+Measured on the benchmark decoder's own 60 training batches, each trained forward + backward both
+ways: 1.045x faster for shared-prefix rows (92.4% real), 1.20x for stacked rows (80.4% real).
+
+Where the stock padded forward runs instead (``unpadded_blocker``, ``decoder_layout``): anything but
+transformers' own ``BACKBONES`` and ``final_layer.READ_ONLY_LAYERS`` (this module reproduces their
+forward), attention other than sdpa or eager, sharded weights, hooks on the backbone, its layers or
+their attention (called directly here, so hooks would be skipped), gradient checkpointing, a sliding
+window narrower than the batch, a GPU batch (padding-free batches cover GPUs), too little padding to
+pay for the rounding, and ``train.compile``'s traced forward.
 """
 
 from __future__ import annotations
@@ -107,24 +112,44 @@ def _sharded(layer: nn.Module) -> bool:
     return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
 
 
-def unpadded_blocker(backbone: nn.Module) -> str | None:
+#: The backbones whose forward ``hidden_at_reads`` reproduces: embeddings, rotary tables, the layers, the
+#: final norm, nothing else (transformers 5's own classes, not remote code reusing their names).
+BACKBONES = ("LlamaModel", "MistralModel", "Qwen2Model")
+
+
+def _stock_class(module: nn.Module, names: tuple[str, ...]) -> bool:
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks run around ``module``'s call (accelerate's offload hook, a user's): the gathered
+    forward calls its parts directly, so they would be skipped."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:
     """Why ``backbone``'s layers must run on the padded batch, or None when they can run on the real
-    tokens only (every layer one of ``READ_ONLY_LAYERS``, sdpa or eager attention, unsharded)."""
-    layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return f"{type(backbone).__name__} has no decoder layer list"
-    for part in ("embed_tokens", "rotary_emb", "norm"):
-        if not isinstance(getattr(backbone, part, None), nn.Module):
-            return f"{type(backbone).__name__} has no {part}"
+    tokens only: transformers' own Llama / Mistral / Qwen2 backbone and layers, sdpa or eager
+    attention, unsharded, unhooked, and no gradient checkpointing while training (``training_setup``:
+    judge the setting itself, whatever mode the model is in now, as the run's log does)."""
+    if not _stock_class(backbone, BACKBONES):
+        return f"{type(backbone).__name__} is not one of transformers' {', '.join(BACKBONES)}"
+    layers = backbone.layers
     for layer in layers:
-        if type(layer).__name__ not in READ_ONLY_LAYERS:
-            return f"{type(layer).__name__} is not one of {', '.join(READ_ONLY_LAYERS)}"
+        if not _stock_class(layer, READ_ONLY_LAYERS):
+            return f"{type(layer).__name__} is not one of transformers' {', '.join(READ_ONLY_LAYERS)}"
         if _sharded(layer):
             return "sharded weights (FSDP or DeepSpeed ZeRO-3)"
+        if _hooked(layer) or _hooked(layer.self_attn):
+            return f"hooks on {type(layer).__name__} (the gathered forward would skip them)"
+    if _hooked(backbone):
+        return f"hooks on {type(backbone).__name__} (the gathered forward would skip them)"
     attention = backbone.config._attn_implementation
     if attention not in READ_ONLY_ATTENTION:
         return f"attn_implementation={attention} is not sdpa or eager"
-    if backbone.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    if checkpointed and (backbone.training or training_setup):
         return "gradient checkpointing (the layers run their own checkpointed call)"
     return None
 

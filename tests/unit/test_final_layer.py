@@ -46,7 +46,9 @@ def _step(method, model, batch):
 
 
 def _assert_read_only_equals_full(method, model, batch, keys):
-    """Same model, same batch: the read-only last layer against the full one, fp32."""
+    """Same model, same batch: the read-only last layer against the full one, fp32, through the stock
+    padded forward (the gathered one has its own comparison: test_unpadded_decoder.py)."""
+    model.skip_padding = False
     assert model.read_only_blocker() is None
     fast = _step(method, model, batch)
     model.final_layer_at_reads = False

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, BertConfig, LlamaConfig, Qwen2Config
+from transformers import AutoTokenizer, BertConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from rewardctl.config.schema import Overlength, Truncation
 from rewardctl.data.collate import pad_sequences, padded_length
@@ -155,7 +155,7 @@ def _model_dir(tmp_path: Path, kind: str) -> Path:
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**common)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind](**common)
     path = tmp_path / kind
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -172,16 +172,20 @@ def _loss_and_grads(method, model, features):
 
 
 def _assert_same(packed, stacked, features, reward_keys):
+    """Packed and stacked batches of the same rows give the same rewards, loss and gradients, with the
+    layers over the padded batch and over its real tokens only (``model.skip_padding``)."""
     torch.manual_seed(0)
     model = packed.build_model()
-    a_out, a_loss, a_grads = _loss_and_grads(packed, model, features)
-    b_out, b_loss, b_grads = _loss_and_grads(stacked, model, features)
-    for key in reward_keys:
-        torch.testing.assert_close(a_out[key], b_out[key], atol=1e-5, rtol=0)
-    torch.testing.assert_close(a_loss, b_loss, atol=1e-5, rtol=0)
-    assert a_grads.keys() == b_grads.keys() and len(a_grads) > 5
-    for name in a_grads:
-        torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    for skip_padding in (False, True):
+        model.skip_padding = skip_padding
+        a_out, a_loss, a_grads = _loss_and_grads(packed, model, features)
+        b_out, b_loss, b_grads = _loss_and_grads(stacked, model, features)
+        for key in reward_keys:
+            torch.testing.assert_close(a_out[key], b_out[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a_loss, b_loss, atol=1e-5, rtol=0)
+        assert a_grads.keys() == b_grads.keys() and len(a_grads) > 5
+        for name in a_grads:
+            torch.testing.assert_close(a_grads[name], b_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["tiny", "llama", "qwen2"])

@@ -44,7 +44,6 @@ def _assert_gathered_equals_padded(method, model, batch, keys, seen: list[Decode
     assert model.skip_padding and model.skip_padding_blocker() is None
     fast = _step(method, model, batch)
     assert seen, "the gathered forward never ran"
-    assert all(layout.tokens < layout.rows * layout.width for layout in seen)
     model.skip_padding = False
     calls = len(seen)
     padded = _step(method, model, batch)
@@ -85,7 +84,7 @@ def test_no_layout_where_it_would_not_pay_or_would_stall_a_gpu(monkeypatch: pyte
 
 
 # ---- exactness ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["tiny", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["tiny", "llama", "qwen2", "mistral"])
 @pytest.mark.parametrize(
     "layout",
     [
@@ -131,9 +130,14 @@ def test_lora_keeps_the_gathered_forward_exact_and_the_base_weights_untouched(ev
     assert grads and all("lora_" in name or "score" in name for name in grads)
 
 
-def test_the_spare_rows_of_the_default_rounding_change_nothing():
+def test_the_spare_rows_of_the_default_rounding_change_nothing(monkeypatch: pytest.MonkeyPatch):
     """A batch with enough padding for the default rounding: the spare rows (copies of a padding
     position) run through the layers but are never attended to, read, or given a gradient."""
+    seen: list[DecoderLayout] = []
+    original = unpadded_decoder.hidden_at_reads
+    monkeypatch.setattr(
+        unpadded_decoder, "hidden_at_reads", lambda *args, **kwargs: seen.append(args[4]) or original(*args, **kwargs)
+    )
     torch.manual_seed(0)
     model = SequenceRewardModel(_tiny())
     rows = [[list(range(5, 5 + n)), list(range(5, 9)) + list(range(40, 40 + n))] for n in (3, 30, 6, 9)]
@@ -151,6 +155,7 @@ def test_the_spare_rows_of_the_default_rounding_change_nothing():
         )
         rewards.pow(2).sum().backward()
         results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(seen) == 1 and seen[0].index.numel() > seen[0].tokens  # gathered, with spare rows, once
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -188,12 +193,18 @@ def test_the_padded_decoder_runs_where_the_gathered_one_would_not_be_exact(every
     gpt2 = AutoModelForSequenceClassification.from_config(
         GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, pad_token_id=0, num_labels=1)
     )
-    assert blocker(gpt2) == "GPT2Model has no decoder layer list"
+    assert blocker(gpt2) == "GPT2Model is not one of transformers' LlamaModel, MistralModel, Qwen2Model"
+    hooked = _tiny()
+    hooked.model.layers[0].register_forward_pre_hook(lambda module, args: None)
+    assert blocker(hooked) == "hooks on LlamaDecoderLayer (the gathered forward would skip them)"
     assert blocker(_tiny("flex_attention")) == "attn_implementation=flex_attention is not sdpa or eager"
     checkpointed = _tiny()
     checkpointed.gradient_checkpointing_enable()
-    checkpointed.train()
+    checkpointed.eval()  # how a run logs it: before training starts
     assert blocker(checkpointed) == "gradient checkpointing (the layers run their own checkpointed call)"
+    assert unpadded_decoder.unpadded_blocker(checkpointed.model) is None  # eval batches: no checkpointing
+    checkpointed.train()
+    assert unpadded_decoder.unpadded_blocker(checkpointed.model) == blocker(checkpointed)
 
     # a sliding window narrower than the batch: the stock mask applies it, the segment mask would not
     config = Qwen2Config(
