@@ -26,7 +26,7 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
              the same held-out metric: accuracy over every ordered pair of the held-out lists.
 4. default   Wall time of `rewardctl train` with no overrides (fresh cwd, fresh HF_DATASETS_CACHE)
              against the previous behaviour (hardware.mixed_precision=no data.share_prefix=false
-             data.truncation=sequence_end).
+             data.truncation=sequence_end), three pairs of runs in alternating order: the median ratio.
 
 TRL-best = TRL's RewardTrainer with bf16=True (autocast) where the CPU computes bf16 natively (AVX512-BF16 or
 AMX; `--precision auto`, the default) and fp32 where it does not (on an AVX2-only AMD EPYC one forward and
@@ -87,6 +87,8 @@ DECODER_SHAPE = {
 # x TRL on items/s that rewardctl's main row of each case should reach.
 TARGETS = {"minilm": 1.3, "decoder": 2.0, "ranklist": 3.0}
 PREVIOUS_DEFAULT = ["hardware.mixed_precision=no", "data.share_prefix=false", "data.truncation=sequence_end"]
+# now/before pairs of the default case per round (its ratio is the median over pairs).
+DEFAULT_PAIRS = 3
 
 
 class ChildFailed(RuntimeError):
@@ -507,31 +509,43 @@ def ranklist_case(args: argparse.Namespace, work: Path, data: dict[str, Any], re
     record("ranklist", run_rewardctl(label, overrides, work, numerator, lists))
 
 
-def default_case(work: Path, record, extra: list[str]) -> None:
-    # "now" first: if the first run pays for a cold file cache, the new default pays it.
-    for label, overrides in (("now: no overrides", []), ("before: " + " ".join(PREVIOUS_DEFAULT), PREVIOUS_DEFAULT)):
-        name = "default-" + ("now" if not overrides else "before")
-        cwd = work / name
-        cwd.mkdir()
-        cmd = [sys.executable, "-m", "rewardctl", "train", *overrides, *extra]
-        wall, rss = run_child(cmd, work / f"{name}.log", child_env(work / f"{name}-hfcache"), cwd=cwd)
-        [summary_path] = list(cwd.glob("outputs/*/*/summary.json"))
-        summary = json.loads(summary_path.read_text())
-        record(
-            "default",
-            {
-                "system": label,
-                "overrides": overrides,
-                "wall_seconds": wall,
-                "peak_rss_mib": rss,
-                "train_seconds": summary["train_seconds"],
-                "steps": summary["step"],
-                "items_per_sec": summary.get("pairs_per_sec"),
-                "mixed_precision": summary.get("mixed_precision"),
-                "eval_accuracy": (summary.get("final_eval") or {}).get("accuracy"),
-            },
-        )
-        shutil.rmtree(cwd, ignore_errors=True)
+def default_case(work: Path, record, extra: list[str], first_pair: int) -> None:
+    """DEFAULT_PAIRS pairs of runs, now and before, the order alternating (the first pair runs "now"
+    first, so a cold file cache is paid by the new default); each pair is its own round for the ratio.
+    One pair is not enough: a ~20 s run of the 64-wide model moves by up to 25% from run to run here,
+    more than the difference being measured."""
+    now = ("now: no overrides", [])
+    before = ("before: " + " ".join(PREVIOUS_DEFAULT), PREVIOUS_DEFAULT)
+    for pair in range(DEFAULT_PAIRS):
+        for label, overrides in (now, before) if pair % 2 == 0 else (before, now):
+            _default_run(work / f"pair-{pair}", record, extra, label, overrides, first_pair + pair)
+
+
+def _default_run(work: Path, record, extra: list[str], label: str, overrides: list[str], pair: int) -> None:
+    name = "default-" + ("now" if not overrides else "before")
+    work.mkdir(parents=True, exist_ok=True)
+    cwd = work / name
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "rewardctl", "train", *overrides, *extra]
+    wall, rss = run_child(cmd, work / f"{name}.log", child_env(work / f"{name}-hfcache"), cwd=cwd)
+    [summary_path] = list(cwd.glob("outputs/*/*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    record(
+        "default",
+        {
+            "system": label,
+            "overrides": overrides,
+            "wall_seconds": wall,
+            "peak_rss_mib": rss,
+            "train_seconds": summary["train_seconds"],
+            "steps": summary["step"],
+            "items_per_sec": summary.get("pairs_per_sec"),
+            "mixed_precision": summary.get("mixed_precision"),
+            "eval_accuracy": (summary.get("final_eval") or {}).get("accuracy"),
+            "round": pair,
+        },
+    )
+    shutil.rmtree(cwd, ignore_errors=True)
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -794,7 +808,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             results["warnings"].append(f"{case}: {row['system']} took {row['steps']} steps, not {args.steps}")
         if case != "default" and row["rows_used"] != row["rows_given"]:
             results["warnings"].append(f"{case}: {row['system']} kept {row['rows_used']} of {row['rows_given']} rows")
-        row["round"] = current_round
+        row.setdefault("round", current_round)
         results["cases"].setdefault(case, []).append(row)
         save()
         print(
@@ -846,7 +860,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
                     elif case == "ranklist":
                         ranklist_case(args, runs, data, record)
                     else:
-                        default_case(runs, record, args.default_extra.split())
+                        default_case(runs, record, args.default_extra.split(), current_round * DEFAULT_PAIRS)
                 except ChildFailed as exc:
                     results["failures"].append({"case": case, "round": current_round, "error": str(exc)})
                     print(f"{case} FAILED: {exc}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ from rewardctl.modeling.sequence import SequenceRewardModel
 from rewardctl.modeling.unpadded_decoder import DecoderLayout, decoder_layout
 
 from ..conftest import TINY, _features, _pair_rows
-from .test_final_layer import _method, _step, _tiny, lists_k_2_to_9
+from .test_final_layer import _assert_steps_equal, _method, _step, _tiny, lists_k_2_to_9
 from .test_packing import _model_dir
 
 
@@ -49,12 +49,7 @@ def _assert_gathered_equals_padded(method, model, batch, keys, seen: list[Decode
     padded = _step(method, model, batch)
     assert len(seen) == calls  # off means off
     model.skip_padding = True
-    for key in keys:
-        torch.testing.assert_close(fast[0][key], padded[0][key], atol=1e-5, rtol=0, msg=key)
-    torch.testing.assert_close(fast[1], padded[1], atol=1e-5, rtol=0)
-    assert fast[2].keys() == padded[2].keys() and len(fast[2]) > 5
-    for name in padded[2]:
-        torch.testing.assert_close(fast[2][name], padded[2][name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_steps_equal(fast, padded, keys)
 
 
 # ---- the layout --------------------------------------------------------------------------------------
