@@ -64,7 +64,7 @@ lint: setup
 	$(BIN)/lint-imports
 
 ## Speed against TRL's RewardTrainer at its best CPU settings on ../shared/data, one run, ratios against
-## TRL measured in the same run (about 11-12 min on 2 CPU cores): MiniLM pairwise, decoder pairwise with
+## TRL measured in the same run (about 13-15 min on 2 CPU cores): MiniLM pairwise, decoder pairwise with
 ## a shared prompt, decoder ranklist, and the embedded default's wall time. Sizes: --steps, --batch,
 ## --eval-rows, --cases (BENCH_ARGS="--cases minilm --steps 10"). The ranklist vs per-text-loop
 ## comparison no longer fits this budget; run it alone: python benchmarks/ranklist_vs_per_text_loop.py

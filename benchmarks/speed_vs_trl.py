@@ -2,7 +2,7 @@
 
     python benchmarks/speed_vs_trl.py [--steps 60] [--batch 8] [--list-batch 8] [--eval-rows 500]
                                       [--eval-lists 100] [--cases minilm,decoder,ranklist,default] [--repeat 1]
-    # smoke test of every path (~5 min on a busy 2-core CPU; the numbers mean nothing at 2 steps):
+    # smoke test of every path (~6 min on a busy 2-core CPU; the numbers mean nothing at 2 steps):
     python benchmarks/speed_vs_trl.py --steps 2 --batch 2 --eval-rows 8 --list-batch 2 --eval-lists 4 \
         --default-extra train.max_steps=5
 
@@ -511,13 +511,14 @@ def ranklist_case(args: argparse.Namespace, work: Path, data: dict[str, Any], re
 
 def default_case(work: Path, record, extra: list[str], first_pair: int) -> None:
     """DEFAULT_PAIRS pairs of runs, now and before, the order alternating (the first pair runs "now"
-    first, so a cold file cache is paid by the new default); each pair is its own round for the ratio.
+    first, so a cold file cache is paid by the new default; the order alternates across --repeat rounds
+    too); each pair is its own round for the ratio.
     One pair is not enough: a ~20 s run of the 64-wide model moves by up to 25% from run to run here,
     more than the difference being measured."""
     now = ("now: no overrides", [])
     before = ("before: " + " ".join(PREVIOUS_DEFAULT), PREVIOUS_DEFAULT)
     for pair in range(DEFAULT_PAIRS):
-        for label, overrides in (now, before) if pair % 2 == 0 else (before, now):
+        for label, overrides in (now, before) if (first_pair + pair) % 2 == 0 else (before, now):
             _default_run(work / f"pair-{pair}", record, extra, label, overrides, first_pair + pair)
 
 
