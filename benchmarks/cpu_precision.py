@@ -190,12 +190,12 @@ def table(results: list[dict[str, Any]]) -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    from rewardctl.machine import cpu_has_native_bf16
+    from rewardctl.machine import cpu_description, cpu_has_native_bf16
 
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "native_bf16": cpu_has_native_bf16(),

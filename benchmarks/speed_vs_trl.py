@@ -652,7 +652,7 @@ def print_speed_table(results: dict[str, Any]) -> None:
     print(
         f"\nrewardctl vs TRL {results['versions'].get('trl')} RewardTrainer "
         f"({dtype_label(settings['precision'])}: {settings['precision_reason']}; no gradient checkpointing, "
-        f"group_by_length), CPU ({os.cpu_count()} cores); {settings['steps']} optimizer steps, {settings['batch']} pairs "
+        f"group_by_length), {results['machine']['cpu']}, {os.cpu_count()} cores; {settings['steps']} optimizer steps, {settings['batch']} pairs "
         f"or {settings['list_batch']} lists per step, lr {settings['lr']}, <= {MAX_LENGTH} tokens, seed {settings['seed']}"
         + (
             f"; medians of {settings['repeat']} rounds (ratio ranges in brackets)"
@@ -771,6 +771,8 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "speed_vs_trl.json"
+    from rewardctl.machine import cpu_description
+
     results: dict[str, Any] = {
         "settings": {
             "default_extra": args.default_extra,
@@ -788,7 +790,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             "repeat": args.repeat,
             "decoder_shape": DECODER_SHAPE,
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_description()},
         "versions": versions(),
         "data": {},
         "cases": {},

@@ -156,6 +156,31 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+# /proc/cpuinfo flags that decide how a CPU computes bf16, most capable first.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """This CPU in one line for benchmark records: its model name and how it computes bf16 (AMX,
+    AVX512-BF16, or not natively). Hosts of one name differ in exactly this (an AVX2-only EPYC and an
+    AVX-512 BF16 EPYC both report "AMD EPYC"), and it decides which precision a benchmark runs.
+    ``cpuinfo``: the text of /proc/cpuinfo (read here when None; absent off Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model name") or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    return f"{name} ({', '.join(found) if found else 'no native bf16 flags'})"
+
+
 def has_cxx_compiler() -> bool:
     """Inductor builds CPU kernels with the C++ compiler named by $CXX (default g++)."""
     return shutil.which(os.environ.get("CXX", "g++")) is not None

@@ -251,6 +251,24 @@ def test_auto_precision_is_no_without_native_bf16(monkeypatch):
     assert machine.check_precision(Device.cpu, MixedPrecision.auto, "mixed_precision") == MixedPrecision.no
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "Intel(R) Xeon(R) Platinum (amx_bf16, avx512_bf16)"),
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", "Intel(R) Xeon(R) Platinum (avx512_bf16)"),
+        ("fpu avx2 fma", "Intel(R) Xeon(R) Platinum (no native bf16 flags)"),
+    ],
+)
+def test_a_benchmark_names_the_cpu_by_how_it_computes_bf16(flags: str, expected: str):
+    """Two processors (the first block wins); hosts of one model name differ in these flags only."""
+    from rewardctl.machine import cpu_description
+
+    block = "processor\t: {n}\nmodel name\t: {name}\nflags\t\t: {flags}\n"
+    first = block.format(n=0, name="Intel(R) Xeon(R) Platinum", flags=flags)
+    assert cpu_description(first + "\n" + block.format(n=1, name="other", flags="fpu amx_bf16")) == expected
+    assert cpu_description("") == "unknown CPU (no native bf16 flags)"
+
+
 def test_the_commented_loop_block_of_train_yaml_shows_every_loop_setting_with_its_schema_default():
     """conf/train.yaml documents the loop's settings as a commented block; the schema stays their only
     source, and this keeps the block from drifting (a renamed key, a changed default, a new setting)."""
