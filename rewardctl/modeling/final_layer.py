@@ -26,6 +26,7 @@ runs the full layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,6 +107,15 @@ def keys_values(attention: nn.Module, normed: Tensor, cos: Tensor, sin: Tensor) 
     return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1), value
 
 
+def attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+    """A Llama-family attention module's own attention function from transformers' registry (sdpa:
+    rewardctl's fp32 CPU attention under bf16 autocast, ``cpu_attention``; eager where configured so)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+
+
 def output_at_reads(
     layer: nn.Module,
     hidden: Tensor,
@@ -119,19 +129,16 @@ def output_at_reads(
     """The layer's output (N, H) at N read tokens, given their hidden states and normed hidden states
     (N, H), their rotary rows (N, head_dim), the keys and values each read attends over
     (N, kv_heads, L, head_dim) and its mask row (N, 1, 1, L), boolean or additive."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+    from transformers.models.llama.modeling_llama import rotate_half
 
     attn = layer.self_attn
     reads = hidden.shape[0]
     query = attn.q_proj(normed).view(reads, -1, 1, attn.head_dim)  # (N, heads, 1, head_dim)
     cos, sin = cos[:, None, None, :], sin[:, None, None, :]
     query = query * cos + rotate_half(query) * sin
-    implementation = attn.config._attn_implementation
-    if implementation == "eager" and row_mask.dtype == torch.bool:
+    if attn.config._attn_implementation == "eager" and row_mask.dtype == torch.bool:
         row_mask = additive_mask(row_mask)
-    attend = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-    output, _ = attend(
+    output, _ = attention_function(attn)(
         attn,
         query,
         key,

@@ -30,6 +30,7 @@ ZeRO-3-partitioned layer runs the stock forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -99,6 +100,15 @@ def sharded(layer: nn.Module) -> bool:
     return hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"
 
 
+def encoder_attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+    """A BERT-family self-attention's own attention function from transformers' registry (sdpa:
+    rewardctl's fp32 CPU attention under bf16 autocast, ``cpu_attention``; eager where configured so)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+
+
 def _first_token_forward(
     layer: nn.Module, hidden: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any
 ) -> Tensor:
@@ -107,9 +117,6 @@ def _first_token_forward(
     its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer runs its stock forward."""
     if sharded(layer):
         return _FIRST_TOKEN.stock_forward(layer)(layer, hidden, attention_mask, *args, **kwargs)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bert.modeling_bert import eager_attention_forward
-
     attn = layer.attention.self
     batch, length, _ = hidden.shape
     head = attn.attention_head_size
@@ -118,7 +125,7 @@ def _first_token_forward(
     key = attn.key(hidden).view(batch, length, -1, head).transpose(1, 2)
     value = attn.value(hidden).view(batch, length, -1, head).transpose(1, 2)
     mask = attention_mask[:, :, :1, :] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    attend = encoder_attention_function(attn)
     dropout = attn.dropout.p if attn.training else 0.0
     output, _ = attend(attn, query, key, value, mask, dropout=dropout, scaling=attn.scaling)
     attention_output = layer.attention.output(output.reshape(batch, 1, -1), first)

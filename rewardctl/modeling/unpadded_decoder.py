@@ -38,9 +38,7 @@ pay for the rounding, and ``train.compile``'s traced forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +47,7 @@ from rewardctl.modeling.final_layer import (
     READ_ONLY_ATTENTION,
     READ_ONLY_LAYERS,
     additive_mask,
+    attention_function,
     keys_values,
     output_at_reads,
 )
@@ -164,14 +163,6 @@ def narrowest_window(backbone: nn.Module) -> int | None:
     return min(found) if found else None
 
 
-def _attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
-    """The model's own attention function (sdpa: rewardctl's fp32 CPU attention under bf16; eager)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-
-
 def _layer_on_tokens(
     layer: nn.Module, hidden: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, layout: DecoderLayout
 ) -> Tensor:
@@ -183,7 +174,7 @@ def _layer_on_tokens(
     query = attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim).transpose(1, 2)
     query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
     key, value = keys_values(attn, normed, cos, sin)
-    output, _ = _attention_function(attn)(
+    output, _ = attention_function(attn)(
         attn,
         layout.pad(query),
         layout.pad(key),

@@ -43,6 +43,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from rewardctl.modeling.first_token_layer import (
     FIRST_TOKEN_ATTENTION,
     FIRST_TOKEN_CLASSIFIERS,
+    encoder_attention_function,
     encoder_layers,
     encoder_of,
     is_first_token_only,
@@ -153,15 +154,6 @@ def _heads(x: Tensor, head_size: int) -> Tensor:
     return x.view(1, x.shape[0], -1, head_size).transpose(1, 2)
 
 
-def _attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
-    """The model's own attention function from transformers' registry (sdpa: rewardctl's fp32 CPU
-    attention under bf16 autocast, ``cpu_attention``; eager where the model is configured so)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bert.modeling_bert import eager_attention_forward
-
-    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-
-
 def _attend(attend: Callable[..., tuple[Tensor, Any]], attention: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """One sequence's queries (l_q, H) over its keys and values (l, H), no mask; (l_q, H) out."""
     head = attention.attention_head_size
@@ -184,7 +176,7 @@ def _attend_per_sequence(
 ) -> Tensor:
     """Self-attention of each sequence over its own tokens; (T', H) in, (T', H) out (the rows past the
     real tokens, ``TokenLayout.spare``, come out as zeros)."""
-    attend = _attention_function(attention)
+    attend = encoder_attention_function(attention)
     outputs = [
         _attend(attend, attention, q, k, v)
         for q, k, v in zip(
@@ -209,7 +201,7 @@ def _first_token_on_tokens(layer: nn.Module, tokens: Tensor, layout: TokenLayout
     """The layer's output at each sequence's first token only (``first_token_layer``), (B, 1, H):
     keys and values over every real token, the query and the rest at the first."""
     attention = layer.attention.self
-    attend = _attention_function(attention)
+    attend = encoder_attention_function(attention)
     first = tokens.index_select(0, layout.starts)
     keys, values = _per_sequence(attention.key(tokens), layout), _per_sequence(attention.value(tokens), layout)
     attended = torch.cat(
