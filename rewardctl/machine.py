@@ -87,8 +87,14 @@ CPU_BF16_MIN_HIDDEN = 256
 
 
 def model_hidden_size(model: Any) -> int | None:
-    """The backbone's width from its config (a cheap read), or None when it cannot be read here."""
+    """The backbone's width from its config (a cheap read) as ``model.config_overrides`` leave it, or
+    None when it cannot be read here."""
     from transformers import AutoConfig
+
+    for key in ("hidden_size", "d_model"):  # the width the model will be built with, e.g. a benchmark shape
+        width = (getattr(model, "config_overrides", None) or {}).get(key)
+        if isinstance(width, int):
+            return width
 
     try:
         config = AutoConfig.from_pretrained(

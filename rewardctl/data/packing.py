@@ -136,3 +136,30 @@ def unpad_index(attention_mask: Tensor) -> dict[str, Tensor]:
     flat_index = attention_mask.flatten().nonzero().squeeze(1)
     positions = (attention_mask.long().cumsum(-1) - 1).flatten()[flat_index]
     return {"flat_index": flat_index, "flat_position_ids": positions[None]}
+
+
+def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = None) -> dict[str, Tensor]:
+    """Where a policy's logits are needed, computed at collate time (no device sync): token t of a
+    completion is predicted by the logits at t - 1, so only those positions need the (usually huge)
+    vocabulary projection; the prompt's positions and the padding never do.
+
+    ``logit_columns`` (rows, K): each row's predicting columns in order, left-aligned, K the most any
+    row has; the spare entries repeat column 0 and ``logit_valid`` (rows, K) is False there. With a
+    padding-free batch's ``flat_index`` (``unpad_index``), ``logit_packed`` (rows * K,) holds the same
+    positions in the one concatenated row (spare entries: position 0)."""
+    predicting = torch.zeros_like(completion_mask, dtype=torch.bool)
+    predicting[:, :-1] = completion_mask[:, 1:].bool()
+    counts = predicting.sum(1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    # A stable sort of "not predicting" lists each row's predicting columns first, in column order.
+    order = torch.sort((~predicting).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width)[None, :] < counts[:, None]
+    columns = torch.where(valid, order, 0)
+    out = {"logit_columns": columns, "logit_valid": valid}
+    if flat_index is not None:
+        packed_at = torch.zeros(completion_mask.numel(), dtype=torch.long)
+        packed_at[flat_index] = torch.arange(flat_index.numel())
+        rows = torch.arange(completion_mask.shape[0])[:, None]
+        flat = rows * completion_mask.shape[1] + columns
+        out["logit_packed"] = torch.where(valid, packed_at[flat], 0).flatten()
+    return out

@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import Overlength, RunConfig
 from rewardctl.data.collate import pad_sequences
-from rewardctl.data.packing import unpad_index
+from rewardctl.data.packing import completion_logit_index, unpad_index
 from rewardctl.data.prepare import (
     ROW_COLUMN,
     ROW_ERROR_COLUMN,
@@ -456,7 +456,8 @@ class PolicyMethod(Method):
         return list_lengths(dataset, "input_ids")
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
-        """Right-padded ``input_ids``; ``completion_mask`` marks the tokens whose log-probs count."""
+        """Right-padded ``input_ids``; ``completion_mask`` marks the tokens whose log-probs count, and
+        ``completion_logit_index`` the positions whose logits they need."""
         sequences = [f["input_ids"] for f in features]
         input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, side="right", **self.padding)
         positions = torch.arange(input_ids.shape[1])
@@ -471,6 +472,7 @@ class PolicyMethod(Method):
         }
         if self.padding_free:
             batch.update(unpad_index(attention_mask))
+        batch.update(completion_logit_index(completion_mask, batch.get("flat_index")))
         for column, key in ((ROW_COLUMN, "row"), (INDEX_COLUMN, "index")):
             if column in features[0]:
                 batch[key] = torch.tensor([f[column] for f in features], dtype=torch.long)

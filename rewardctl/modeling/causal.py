@@ -14,8 +14,17 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
+from rewardctl.data.packing import completion_logit_index
 from rewardctl.modeling.adapters import load_model_dir
-from rewardctl.modeling.common import instantiate, load_config, load_kwargs, token_logits
+from rewardctl.modeling.common import (
+    instantiate,
+    load_config,
+    load_kwargs,
+    logits_at_positions,
+    takes_logit_positions,
+    takes_logits_to_keep,
+    token_logits,
+)
 
 
 def build_causal_lm(
@@ -52,20 +61,46 @@ def wants_router_logits(model: nn.Module) -> bool:
 
 def completion_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
     """Sum of log pi(token) over completion tokens, shape (B,), in float32; plus the MoE auxiliary
-    loss when the model emits router logits (else None). Token t is predicted by logits at t - 1.
+    loss when the model emits router logits (else None). Token t is predicted by logits at t - 1:
+
+        log pi(y | x) = sum_{t in completion} (z_{t-1}[y_t] - logsumexp(z_{t-1}))
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask`` (rows, L), and the
-    padding-free index when the collator made one (``token_logits``)."""
+    padding-free index when the collator made one. Where the model can (``takes_logit_positions``),
+    only the positions that predict a completion token are projected onto the vocabulary
+    (``logit_columns``, made at collate time, or here for a hand-built batch): a prompt's positions
+    and the padding never get a row of V logits, nor its float32 copy."""
     kwargs: dict[str, Any] = {"use_cache": False}
     if wants_router_logits(_config_holder(model)):
         kwargs["output_router_logits"] = True
+    if takes_logit_positions(model):
+        if "logit_columns" not in batch:
+            batch = {**batch, **_logit_index(batch)}
+        logits, out = logits_at_positions(model, batch, **kwargs)  # (B, K, V)
+        logits = logits.float()
+        columns, valid = batch["logit_columns"], batch["logit_valid"]
+        targets = batch["input_ids"].gather(1, (columns + 1).clamp(max=batch["input_ids"].shape[1] - 1))
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return (picked * valid.to(picked.dtype)).sum(-1), _aux_loss(out, kwargs)
     logits, out = token_logits(model, batch, **kwargs)
     logits = logits[:, :-1].float()
     targets = batch["input_ids"][:, 1:]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     mask = batch["completion_mask"][:, 1:].to(picked.dtype)
     logps = (picked * mask).sum(-1)
-    return logps, getattr(out, "aux_loss", None) if "output_router_logits" in kwargs else None
+    return logps, _aux_loss(out, kwargs)
+
+
+def _aux_loss(out: Any, kwargs: dict[str, Any]) -> Tensor | None:
+    return getattr(out, "aux_loss", None) if "output_router_logits" in kwargs else None
+
+
+def _logit_index(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``completion_logit_index`` for a batch built without the collator (tests, scripts)."""
+    device = batch["input_ids"].device
+    flat_index = batch.get("flat_index")
+    found = completion_logit_index(batch["completion_mask"].cpu(), None if flat_index is None else flat_index.cpu())
+    return {key: value.to(device) for key, value in found.items()}
 
 
 def _config_holder(model: nn.Module) -> nn.Module:
@@ -75,7 +110,9 @@ def _config_holder(model: nn.Module) -> nn.Module:
 
 def mean_pooled_prompt(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Mean of the last hidden states over attended tokens, shape (B, hidden), float32."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    # A causal LM would project every position onto its vocabulary; the last one is the least it allows.
+    extra = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False, **extra)
     hidden = (out.hidden_states[-1] if getattr(out, "hidden_states", None) else out.last_hidden_state).float()
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -188,3 +191,74 @@ def token_logits(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> t
     flat = out.logits[0]
     full = flat.new_zeros((batch["input_ids"].numel(), *flat.shape[1:])).index_copy(0, index, flat)
     return full.view(*batch["input_ids"].shape, *flat.shape[1:]), out
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside its wrappers: DDP / DeepSpeed / FSDP1 (``.module``), torch.compile
+    (``._orig_mod``), PEFT (``get_base_model()``)."""
+    while True:
+        if isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+            model = model.get_base_model()
+        else:
+            return model
+
+
+@functools.cache
+def _slicer_takes_positions() -> bool:
+    """Whether this transformers' ``slice_logits_to_keep`` takes (rows, K) integer positions."""
+    from transformers import modeling_utils
+
+    slicer = getattr(modeling_utils, "slice_logits_to_keep", None)
+    if slicer is None:
+        return False
+    # An older slicer indexes every row's columns with the whole tensor: (2, 2, 1, 1), [2, 0, 5, 3].
+    kept = slicer(torch.arange(6.0).view(2, 3, 1), torch.tensor([[2], [0]]))
+    return kept.flatten().tolist() == [2.0, 3.0]
+
+
+def takes_logit_positions(model: nn.Module) -> bool:
+    """Whether ``model``'s forward projects onto the vocabulary only at given positions
+    (``logits_to_keep`` as (rows, K) positions, or 1-D positions of its one row): transformers' own
+    causal LMs, which slice their hidden states with ``modeling_utils.slice_logits_to_keep`` before
+    ``lm_head``. Remote code and other heads get every position's logits."""
+    if not _slicer_takes_positions():
+        return False
+    from transformers import modeling_utils
+
+    for cls in type(transformers_model(model)).__mro__:  # FSDP2 puts a class of its own first
+        if cls.__module__.startswith("transformers.models."):
+            module = sys.modules.get(cls.__module__)
+            uses_slicer = getattr(module, "slice_logits_to_keep", None) is modeling_utils.slice_logits_to_keep
+            return uses_slicer and "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return False
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` at all (``logits_to_keep=1``: the last position only)."""
+    return "logits_to_keep" in inspect.signature(type(transformers_model(model)).forward).parameters
+
+
+def logits_at_positions(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> tuple[Tensor, Any]:
+    """Logits (rows, K, V) at the batch's ``logit_columns`` (``rewardctl.data.packing.completion_logit_index``),
+    the vocabulary projection computed at those positions only, and the model output. A padding-free
+    batch (``flat_index``) runs as one row and is read at ``logit_packed``. Needs
+    ``takes_logit_positions(model)``."""
+    kwargs["use_cache"] = False  # with a cache, transformers would not read sequence boundaries from positions
+    columns = batch["logit_columns"]
+    if "flat_index" not in batch:
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=columns, **kwargs
+        )
+        return out.logits, out
+    index = batch["flat_index"]
+    out = model(
+        input_ids=batch["input_ids"].flatten()[index][None],
+        position_ids=batch["flat_position_ids"],
+        logits_to_keep=batch["logit_packed"],
+        **kwargs,
+    )
+    return out.logits.view(*columns.shape, -1), out

@@ -240,6 +240,17 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_for_a_wide_enough_mode
     assert OmegaConf.create(resolved_config_yaml(cfg, tmp_path)).hardware.mixed_precision == "bf16"
 
 
+def test_auto_precision_reads_the_width_the_config_overrides_give(monkeypatch):
+    from rewardctl import machine
+    from rewardctl.config.schema import MixedPrecision
+
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
+    plain = compose_train(["hardware.mixed_precision=auto"])  # the bundled model: 64 wide
+    assert to_run_config(plain).hardware.mixed_precision == MixedPrecision.no
+    wide = compose_train(["hardware.mixed_precision=auto", "+model.config_overrides.hidden_size=896"])
+    assert to_run_config(wide).hardware.mixed_precision == MixedPrecision.bf16
+
+
 def test_auto_precision_is_no_without_native_bf16(monkeypatch):
     from rewardctl import machine
     from rewardctl.config.schema import Device, MixedPrecision
