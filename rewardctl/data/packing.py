@@ -145,8 +145,10 @@ def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = 
 
     ``logit_columns`` (rows, K): each row's predicting columns in order, left-aligned, K the most any
     row has; the spare entries repeat column 0 and ``logit_valid`` (rows, K) is False there. With a
-    padding-free batch's ``flat_index`` (``unpad_index``), ``logit_packed`` (rows * K,) holds the same
-    positions in the one concatenated row (spare entries: position 0)."""
+    padding-free batch's ``flat_index`` (``unpad_index``) the one concatenated row is read at exactly
+    the N predicting positions, ``logit_packed`` (N,), in row order, and ``logit_slots`` (rows, K)
+    says which of the N each valid entry is (0 at the spare ones). A batch with no completion token
+    still gets one (spare) entry, so no tensor is empty."""
     predicting = torch.zeros_like(completion_mask, dtype=torch.bool)
     predicting[:, :-1] = completion_mask[:, 1:].bool()
     counts = predicting.sum(1)
@@ -159,7 +161,10 @@ def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = 
     if flat_index is not None:
         packed_at = torch.zeros(completion_mask.numel(), dtype=torch.long)
         packed_at[flat_index] = torch.arange(flat_index.numel())
-        rows = torch.arange(completion_mask.shape[0])[:, None]
-        flat = rows * completion_mask.shape[1] + columns
-        out["logit_packed"] = torch.where(valid, packed_at[flat], 0).flatten()
+        flat = torch.arange(completion_mask.shape[0])[:, None] * completion_mask.shape[1] + columns
+        packed = packed_at[flat[valid]]  # row by row, column order: the order of ``valid``'s True entries
+        slots = torch.zeros(valid.shape, dtype=torch.long)
+        slots[valid] = torch.arange(packed.numel())
+        out["logit_packed"] = packed if packed.numel() else torch.zeros(1, dtype=torch.long)
+        out["logit_slots"] = slots
     return out

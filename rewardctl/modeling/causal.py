@@ -76,11 +76,18 @@ def completion_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor
     if takes_logit_positions(model):
         if "logit_columns" not in batch:
             batch = {**batch, **_logit_index(batch)}
-        logits, out = logits_at_positions(model, batch, **kwargs)  # (B, K, V)
+        logits, out = logits_at_positions(model, batch, **kwargs)  # (B, K, V), or (N, V) padding-free
         logits = logits.float()
-        columns, valid = batch["logit_columns"], batch["logit_valid"]
-        targets = batch["input_ids"].gather(1, (columns + 1).clamp(max=batch["input_ids"].shape[1] - 1))
+        valid = batch["logit_valid"]
+        if "flat_index" in batch:  # the N predicting positions of the one row; the next token is the target
+            packed_ids = batch["input_ids"].flatten()[batch["flat_index"]]
+            targets = packed_ids[(batch["logit_packed"] + 1).clamp(max=packed_ids.shape[0] - 1)]
+        else:
+            last = batch["input_ids"].shape[1] - 1
+            targets = batch["input_ids"].gather(1, (batch["logit_columns"] + 1).clamp(max=last))
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        if "flat_index" in batch:
+            picked = picked[batch["logit_slots"]]  # (N,) -> each row's (K,) slots
         return (picked * valid.to(picked.dtype)).sum(-1), _aux_loss(out, kwargs)
     logits, out = token_logits(model, batch, **kwargs)
     logits = logits[:, :-1].float()

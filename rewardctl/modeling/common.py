@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import sys
 from typing import Any
 
 import torch
@@ -196,7 +195,7 @@ def token_logits(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> t
 def transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model inside its wrappers: DDP / DeepSpeed / FSDP1 (``.module``), torch.compile
     (``._orig_mod``), PEFT (``get_base_model()``)."""
-    while True:
+    for _ in range(16):  # wrappers nest a few deep; a bound rules out a cycle
         if isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -204,7 +203,8 @@ def transformers_model(model: nn.Module) -> nn.Module:
         elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
             model = model.get_base_model()
         else:
-            return model
+            break
+    return model
 
 
 @functools.cache
@@ -216,25 +216,30 @@ def _slicer_takes_positions() -> bool:
     if slicer is None:
         return False
     # An older slicer indexes every row's columns with the whole tensor: (2, 2, 1, 1), [2, 0, 5, 3].
+    # torch.equal, not .tolist(): the first call comes inside a training step (tests/unit/test_host_sync.py).
     kept = slicer(torch.arange(6.0).view(2, 3, 1), torch.tensor([[2], [0]]))
-    return kept.flatten().tolist() == [2.0, 3.0]
+    return kept.shape == (2, 1, 1) and torch.equal(kept.flatten(), torch.tensor([2.0, 3.0]))
 
 
 def takes_logit_positions(model: nn.Module) -> bool:
     """Whether ``model``'s forward projects onto the vocabulary only at given positions
-    (``logits_to_keep`` as (rows, K) positions, or 1-D positions of its one row): transformers' own
-    causal LMs, which slice their hidden states with ``modeling_utils.slice_logits_to_keep`` before
-    ``lm_head``. Remote code and other heads get every position's logits."""
+    (``logits_to_keep`` as (rows, K) positions, or 1-D positions of its one row): the forward that
+    runs (the first class defining one, so a subclass overriding it is judged by its own) belongs to
+    transformers and slices its hidden states with ``modeling_utils.slice_logits_to_keep`` before
+    ``lm_head``. Remote code, hand-written slicing and other heads get every position's logits."""
     if not _slicer_takes_positions():
         return False
-    from transformers import modeling_utils
-
-    for cls in type(transformers_model(model)).__mro__:  # FSDP2 puts a class of its own first
-        if cls.__module__.startswith("transformers.models."):
-            module = sys.modules.get(cls.__module__)
-            uses_slicer = getattr(module, "slice_logits_to_keep", None) is modeling_utils.slice_logits_to_keep
-            return uses_slicer and "logits_to_keep" in inspect.signature(cls.forward).parameters
-    return False
+    cls = type(transformers_model(model))
+    owner = next((c for c in cls.__mro__ if "forward" in vars(c)), None)  # FSDP2's own class defines none
+    if owner is None or not owner.__module__.startswith("transformers.models."):
+        return False
+    forward = inspect.unwrap(owner.forward)
+    code = getattr(forward, "__code__", None)
+    return (
+        code is not None
+        and "slice_logits_to_keep" in code.co_names
+        and "logits_to_keep" in inspect.signature(forward).parameters
+    )
 
 
 def takes_logits_to_keep(model: nn.Module) -> bool:
@@ -243,15 +248,17 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
 
 
 def logits_at_positions(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> tuple[Tensor, Any]:
-    """Logits (rows, K, V) at the batch's ``logit_columns`` (``rewardctl.data.packing.completion_logit_index``),
-    the vocabulary projection computed at those positions only, and the model output. A padding-free
-    batch (``flat_index``) runs as one row and is read at ``logit_packed``. Needs
-    ``takes_logit_positions(model)``."""
+    """Logits at the batch's completion-predicting positions (``rewardctl.data.packing.completion_logit_index``),
+    the vocabulary projection computed there only, and the model output: (rows, K, V) at
+    ``logit_columns`` for a padded batch; (N, V) at ``logit_packed`` for a padding-free batch
+    (``flat_index``), which runs as one row. Needs ``takes_logit_positions(model)``."""
     kwargs["use_cache"] = False  # with a cache, transformers would not read sequence boundaries from positions
-    columns = batch["logit_columns"]
     if "flat_index" not in batch:
         out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=columns, **kwargs
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=batch["logit_columns"],
+            **kwargs,
         )
         return out.logits, out
     index = batch["flat_index"]
@@ -261,4 +268,4 @@ def logits_at_positions(model: nn.Module, batch: dict[str, Tensor], **kwargs: An
         logits_to_keep=batch["logit_packed"],
         **kwargs,
     )
-    return out.logits.view(*columns.shape, -1), out
+    return out.logits[0], out

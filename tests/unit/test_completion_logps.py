@@ -72,9 +72,12 @@ def test_logit_index_lists_each_rows_predicting_columns_and_their_packed_positio
         [True, True, True, True],
         [True, False, False, False],
     ]
-    # the packed row holds rows 0, 1, 2 at positions 0-3, 4-8, 9-12
-    assert found["logit_packed"].tolist() == [1, 2, 0, 0, 4, 5, 6, 7, 11, 0, 0, 0]
+    # the packed row holds rows 0, 1, 2 at positions 0-3, 4-8, 9-12: exactly the 7 predicting ones
+    assert found["logit_packed"].tolist() == [1, 2, 4, 5, 6, 7, 11]
+    assert found["logit_slots"].tolist() == [[0, 1, 0, 0], [2, 3, 4, 5], [6, 0, 0, 0]]
     assert "logit_packed" not in completion_logit_index(completion_mask)
+    none = completion_logit_index(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1, 3]))
+    assert none["logit_valid"].tolist() == [[False], [False]] and none["logit_packed"].tolist() == [0]
 
 
 @pytest.mark.parametrize("build", [llama, qwen2], ids=["llama", "qwen2-tied"])
@@ -96,9 +99,24 @@ def test_logps_and_gradients_equal_every_position_logits(build, padding_free):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
-    most = max(length - prompt for length, prompt in zip(lengths, prompts, strict=True))  # 8 predicting positions
-    # 4 x 8 rows of V logits (the most any row needs, per row), not 4 x 14
-    assert projected == ([(1, 4 * most, 32)] if padding_free else [(4, most, 32)])
+    completions = [length - prompt for length, prompt in zip(lengths, prompts, strict=True)]  # 6, 4, 1, 10
+    # padded: 4 x 10 positions (the most any row needs, per row), not 4 x 14; one row: the 21 needed
+    assert projected == ([(1, sum(completions), 32)] if padding_free else [(4, max(completions), 32)])
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+@pytest.mark.parametrize(
+    ("lengths", "prompts"),
+    [([5, 7, 3], [5, 2, 1]), ([4, 6], [4, 6]), ([1, 3], [1, 0]), ([6], [0])],
+    ids=["a-row-without-completion", "no-completion-at-all", "a-one-token-row", "empty-prompt"],
+)
+def test_edge_batches_equal_every_position_logits(lengths, prompts, padding_free):
+    batch = batch_of(lengths, prompts, padding_free=padding_free)
+    model = llama()
+    with torch.no_grad():
+        got = completion_logps(model, batch)[0]
+        torch.testing.assert_close(got, every_position_logps(model, batch), atol=1e-5, rtol=1e-5)
+    assert got[[p >= n for n, p in zip(lengths, prompts, strict=True)]].eq(0).all()
 
 
 def test_a_batch_built_by_hand_gets_its_index_on_the_fly():
@@ -134,6 +152,27 @@ def test_a_model_without_logits_to_keep_gets_every_positions_logits():
     assert projected[0] == (2, 11, 32)
 
 
+class OwnForward(LlamaForCausalLM):
+    """A subclass overriding forward (as remote code does): judged by its own forward, not Llama's."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_only_a_forward_that_slices_with_transformers_helper_gets_positions():
+    from transformers.models.csm.configuration_csm import CsmDepthDecoderConfig
+    from transformers.models.csm.modeling_csm import CsmDepthDecoderForCausalLM
+
+    with torch.device("meta"):
+        config = LlamaConfig(**SHAPE)
+        # its module imports the helper, but its forward slices by hand with the tensor
+        csm = CsmDepthDecoderForCausalLM(CsmDepthDecoderConfig(**SHAPE, backbone_hidden_size=32))
+        assert takes_logit_positions(LlamaForCausalLM(config))
+        assert not takes_logit_positions(OwnForward(config))
+        assert not takes_logit_positions(csm)
+        assert takes_logits_to_keep(csm)
+
+
 def test_lora_and_wrappers_are_looked_through():
     from peft import LoraConfig, get_peft_model
 
@@ -142,6 +181,7 @@ def test_lora_and_wrappers_are_looked_through():
     wrapped = nn.Module()
     wrapped.module = model  # what DDP and DeepSpeed look like from outside
     assert transformers_model(wrapped) is base
+    assert transformers_model(torch.compile(model)) is base  # OptimizedModule keeps it in _orig_mod
     assert takes_logit_positions(model) and takes_logit_positions(wrapped)
     batch = batch_of([8, 5, 10], [4, 1, 9], padding_free=False)
     with torch.no_grad():
