@@ -8,13 +8,15 @@ rows x L x 151,936 values per pass, for the policy and again for the reference. 
 positions it needs as ``logits_to_keep`` (``rewardctl.modeling.causal.completion_logps``); "every
 position" here is the same code with that check switched off in the child process.
 
-    python benchmarks/policy_logits.py                        # Qwen2.5-0.5B shape, 3 steps of 4 rows
+    python benchmarks/policy_logits.py --pairs 2              # Qwen2.5-0.5B shape, 3 steps of 4 rows
     python benchmarks/policy_logits.py --shape tiny --steps 20 --batch 8 --max-length 512
+    python benchmarks/policy_logits.py --hardware gpu --steps 20 --batch 16 --max-length 512   # a GPU
 
 Each setting trains in its own subprocess (its peak resident memory is its own), ``--pairs`` pairs of
-runs in alternating order, on ../shared/data/hh_rlhf_unpaired (real prompt and completion lengths),
-bf16 autocast where the CPU computes bf16 natively (``hardware=cpu``'s auto rule). Reports train
-seconds, peak RSS and the last step's loss of each run (both settings compute the same maths, so the
+runs in alternating order, on ../shared/data/hh_rlhf_unpaired (real prompt and completion lengths;
+``--data-root``), bf16 autocast where the CPU computes bf16 natively (``hardware=cpu``'s auto rule) or
+on a GPU (``--hardware gpu``). Reports train seconds, peak RSS (and peak GPU memory on a GPU) and the
+last step's loss of each run (both settings compute the same maths, so the
 losses agree to rounding), and the median ratios. Writes <--out>/policy_logits-<shape>.json.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DATA = REPO.parent / "shared" / "data" / "hh_rlhf_unpaired"
+SHARED = REPO.parent / "shared" / "data"
 #: The child process of the "every position" setting: rewardctl with the positions check switched off.
 EVERY_POSITION = (
     "import sys, rewardctl.modeling.causal as causal; causal.takes_logit_positions = lambda model: False; "
@@ -54,9 +56,9 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         "model=tiny",
         *[f"+model.config_overrides.{k}={v}" for k, v in shape.items()],
         f"model.max_length={args.max_length}",
-        "hardware=cpu",
-        f"data.train={DATA / 'train.jsonl'}",
-        f"data.eval={DATA / 'test.jsonl'}",
+        f"hardware={args.hardware}",
+        f"data.train={args.data_root / 'hh_rlhf_unpaired' / 'train.jsonl'}",
+        f"data.eval={args.data_root / 'hh_rlhf_unpaired' / 'test.jsonl'}",
         f"data.max_train_rows={args.steps * args.batch}",
         "data.max_eval_rows=8",
         f"train.max_steps={args.steps}",
@@ -83,6 +85,7 @@ def run(setting: str, args: argparse.Namespace, work: Path, index: int) -> dict[
         "setting": setting,
         "train_seconds": summary["train_seconds"],
         "peak_rss_mib": rss,
+        "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
         "wall_seconds": wall,
         "tokens": summary["totals"].get("tokens"),
         "losses": [r.get("loss") for r in train],
@@ -97,10 +100,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=1, help="pairs of runs, alternating which goes first")
+    parser.add_argument("--hardware", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="holds hh_rlhf_unpaired/")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     args = parser.parse_args()
-    if not (DATA / "train.jsonl").is_file():
-        sys.exit(f"{DATA} is missing: this benchmark reads ../shared/data/hh_rlhf_unpaired")
+    if not (args.data_root / "hh_rlhf_unpaired" / "train.jsonl").is_file():
+        sys.exit(f"{args.data_root / 'hh_rlhf_unpaired'} is missing: this benchmark reads its train.jsonl")
     from rewardctl.machine import cpu_description
 
     runs: list[dict[str, Any]] = []
@@ -123,15 +128,18 @@ def main() -> None:
         f"\n{cpu_description()}, {args.shape}, {args.steps} steps x {args.batch} rows, <= {args.max_length} tokens, "
         f"{now[0]['mixed_precision']}\n"
     )
-    print("| setting | train s | peak RSS MiB | last loss |\n|---|---|---|---|")
+    print("| setting | train s | peak RSS MiB | peak GPU GiB | last loss |\n|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['setting']} | {r['train_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['losses'][-1]:.6f} |")
+        gpu = "n/a" if r["peak_gpu_memory_gib"] is None else f"{r['peak_gpu_memory_gib']:.2f}"
+        print(
+            f"| {r['setting']} | {r['train_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {gpu} | {r['losses'][-1]:.6f} |"
+        )
     print(
         f"\nspeed x every position: {statistics.median(speed):.2f} (pairs {', '.join(f'{s:.2f}' for s in speed)}); "
         f"peak memory x every position: {statistics.median(memory):.2f}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"policy_logits-{args.shape}.json"
+    path = args.out / f"policy_logits-{args.shape}-{args.hardware}.json"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path.write_text(json.dumps({"settings": settings, "machine": cpu_description(), "runs": runs}, indent=2) + "\n")
     print(f"written to {path}")
