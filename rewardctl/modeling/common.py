@@ -227,9 +227,12 @@ def takes_logit_positions(model: nn.Module) -> bool:
     runs (the first class defining one, so a subclass overriding it is judged by its own) belongs to
     transformers and slices its hidden states with ``modeling_utils.slice_logits_to_keep`` before
     ``lm_head``. Remote code, hand-written slicing and other heads get every position's logits."""
-    if not _slicer_takes_positions():
-        return False
-    cls = type(transformers_model(model))
+    return _slicer_takes_positions() and _forward_slices_positions(type(transformers_model(model)))
+
+
+@functools.cache
+def _forward_slices_positions(cls: type) -> bool:
+    """``takes_logit_positions`` for a class: judged once per class, not on every forward."""
     owner = next((c for c in cls.__mro__ if "forward" in vars(c)), None)  # FSDP2's own class defines none
     if owner is None or not owner.__module__.startswith("transformers.models."):
         return False
