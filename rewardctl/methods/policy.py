@@ -76,6 +76,7 @@ from rewardctl.modeling.adapters import (
     wrap_with_adapter,
 )
 from rewardctl.modeling.causal import build_causal_lm, completion_logps, frozen_copy, load_causal_lm
+from rewardctl.modeling.common import takes_logit_positions
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -379,6 +380,13 @@ class PolicyMethod(Method):
             self.run.train,
             disable_dropout=self.cfg.disable_dropout,
             quantization=quantization_config(self.run.peft),
+        )
+        log.info(
+            "vocabulary logits %s",
+            "at the completion-predicting positions only"
+            if takes_logit_positions(model)
+            else f"at every position: {type(model).__name__}'s forward does not slice with transformers' "
+            "slice_logits_to_keep",
         )
         return wrap_with_adapter(model, self.run.peft, head=[], task_type="CAUSAL_LM")
 

@@ -444,3 +444,18 @@ def test_eval_drops_precomputed_tables_and_rebuilds_the_reference():
     method.ref_tables = {"eval": torch.zeros(3), "train": torch.zeros(3)}  # as restored from a checkpoint
     method.on_eval_start(method.build_model(), LocalRuntime())
     assert method.ref_tables == {} and method.reference is not None
+
+
+def test_the_log_says_where_the_policy_projects_onto_its_vocabulary(caplog, monkeypatch):
+    from rewardctl.methods import policy
+
+    with caplog.at_level("INFO", logger="rewardctl.methods.policy"):
+        make_method().build_model()
+        monkeypatch.setattr(policy, "takes_logit_positions", lambda model: False)
+        make_method().build_model()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("vocabulary logits")]
+    assert lines == [
+        "vocabulary logits at the completion-predicting positions only",
+        "vocabulary logits at every position: LlamaForCausalLM's forward does not slice with transformers' "
+        "slice_logits_to_keep",
+    ]
