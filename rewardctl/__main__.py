@@ -1,5 +1,3 @@
-import sys
+from rewardctl.cli import entry
 
-from rewardctl.cli import main
-
-sys.exit(main())
+entry()
