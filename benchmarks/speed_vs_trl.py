@@ -26,7 +26,7 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
              the same held-out metric: accuracy over every ordered pair of the held-out lists.
 4. default   Wall time of `rewardctl train` with no overrides (fresh cwd, fresh HF_DATASETS_CACHE)
              against the previous behaviour (hardware.mixed_precision=no data.share_prefix=false
-             data.truncation=sequence_end), three pairs of runs in alternating order: the median ratio.
+             data.truncation=sequence_end), five pairs of runs in alternating order: the median ratio.
 
 TRL-best = TRL's RewardTrainer with bf16=True (autocast) where the CPU computes bf16 natively (AVX512-BF16 or
 AMX; `--precision auto`, the default) and fp32 where it does not (on an AVX2-only AMD EPYC one forward and
@@ -88,7 +88,7 @@ DECODER_SHAPE = {
 TARGETS = {"minilm": 1.3, "decoder": 2.0, "ranklist": 3.0}
 PREVIOUS_DEFAULT = ["hardware.mixed_precision=no", "data.share_prefix=false", "data.truncation=sequence_end"]
 # now/before pairs of the default case per round (its ratio is the median over pairs).
-DEFAULT_PAIRS = 3
+DEFAULT_PAIRS = 5
 
 
 class ChildFailed(RuntimeError):
@@ -514,7 +514,7 @@ def default_case(work: Path, record, extra: list[str], first_pair: int) -> None:
     first, so a cold file cache is paid by the new default; the order alternates across --repeat rounds
     too); each pair is its own round for the ratio.
     One pair is not enough: a ~20 s run of the 64-wide model moves by up to 25% from run to run here,
-    more than the difference being measured."""
+    more than the difference being measured; three pairs read 0.92 and 1.02 on one host in two days."""
     now = ("now: no overrides", [])
     before = ("before: " + " ".join(PREVIOUS_DEFAULT), PREVIOUS_DEFAULT)
     for pair in range(DEFAULT_PAIRS):

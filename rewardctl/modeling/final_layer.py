@@ -176,7 +176,7 @@ def last_layer_at(
         normed[rows, cols],
         cos.expand(batch, -1, -1)[rows, cols],
         sin.expand(batch, -1, -1)[rows, cols],
-        key[rows],
-        value[rows],
+        key.index_select(0, rows),  # not key[rows]: index_select's backward (index_add) is faster on CPU
+        value.index_select(0, rows),
         row_mask,
     )

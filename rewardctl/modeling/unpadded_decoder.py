@@ -217,12 +217,12 @@ def hidden_at_reads(
     rows, cols = reads // layout.width, reads % layout.width
     out = output_at_reads(
         last,
-        hidden[0, at],
-        normed[0, at],
+        hidden[0].index_select(0, at),  # index_select, not [at]: its backward (index_add) is faster on CPU
+        normed[0].index_select(0, at),
         cos[0, at],
         sin[0, at],
-        layout.pad(key)[rows],
-        layout.pad(value)[rows],
+        layout.pad(key).index_select(0, rows),
+        layout.pad(value).index_select(0, rows),
         mask[rows, :, cols, :].unsqueeze(2),
     )
     return backbone.norm(out)
