@@ -217,7 +217,7 @@ def hidden_at_reads(
     rows, cols = reads // layout.width, reads % layout.width
     out = output_at_reads(
         last,
-        hidden[0].index_select(0, at),  # index_select, not [at]: its backward (index_add) is faster on CPU
+        hidden[0].index_select(0, at),  # CPU batches only: index_select's backward beats indexing's there
         normed[0].index_select(0, at),
         cos[0, at],
         sin[0, at],
