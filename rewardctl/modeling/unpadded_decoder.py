@@ -50,6 +50,7 @@ from rewardctl.modeling.final_layer import (
     attention_function,
     keys_values,
     output_at_reads,
+    rows_of,
 )
 from rewardctl.modeling.unpadded_encoder import real_token_index
 
@@ -217,12 +218,12 @@ def hidden_at_reads(
     rows, cols = reads // layout.width, reads % layout.width
     out = output_at_reads(
         last,
-        hidden[0].index_select(0, at),  # CPU batches only: index_select's backward beats indexing's there
-        normed[0].index_select(0, at),
+        rows_of(hidden[0], at),
+        rows_of(normed[0], at),
         cos[0, at],
         sin[0, at],
-        layout.pad(key).index_select(0, rows),
-        layout.pad(value).index_select(0, rows),
+        rows_of(layout.pad(key), rows),
+        rows_of(layout.pad(value), rows),
         mask[rows, :, cols, :].unsqueeze(2),
     )
     return backbone.norm(out)
