@@ -87,21 +87,22 @@ CPU_BF16_MIN_HIDDEN = 256
 
 
 def model_hidden_size(model: Any) -> int | None:
-    """The backbone's width from its config (a cheap read) as ``model.config_overrides`` leave it, or
-    None when it cannot be read here."""
+    """The backbone's width from its config (a cheap read), with ``model.config_overrides`` applied
+    as ``load_config`` applies them (so a composite config's text width is read where the model takes
+    it from), or None when it cannot be read here. Offline, an overridden width is taken as given."""
     from transformers import AutoConfig
 
-    for key in ("hidden_size", "d_model"):  # the width the model will be built with, e.g. a benchmark shape
-        width = (getattr(model, "config_overrides", None) or {}).get(key)
-        if isinstance(width, int):
-            return width
-
+    overrides = getattr(model, "config_overrides", None) or {}
     try:
         config = AutoConfig.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except (OSError, ValueError):
-        return None
+        widths = [overrides.get(key) for key in ("hidden_size", "d_model")]
+        return next((w for w in widths if isinstance(w, int)), None)
+    for key, value in overrides.items():
+        if hasattr(config, key):  # an unknown key is load_config's error to raise, with its name
+            setattr(config, key, value)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     width = text.to_dict().get("hidden_size") or text.to_dict().get("d_model")
     return width if isinstance(width, int) else None

@@ -80,8 +80,8 @@ def completion_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor
         logits = logits.float()
         valid = batch["logit_valid"]
         if "flat_index" in batch:  # the N predicting positions of the one row; the next token is the target
-            packed_ids = batch["input_ids"].flatten()[batch["flat_index"]]
-            targets = packed_ids[(batch["logit_packed"] + 1).clamp(max=packed_ids.shape[0] - 1)]
+            index = batch["flat_index"]
+            targets = batch["input_ids"].flatten()[index[(batch["logit_packed"] + 1).clamp(max=index.shape[0] - 1)]]
         else:
             last = batch["input_ids"].shape[1] - 1
             targets = batch["input_ids"].gather(1, (batch["logit_columns"] + 1).clamp(max=last))

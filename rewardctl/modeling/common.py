@@ -247,7 +247,13 @@ def _forward_slices_positions(cls: type) -> bool:
 
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` at all (``logits_to_keep=1``: the last position only)."""
-    return "logits_to_keep" in inspect.signature(type(transformers_model(model)).forward).parameters
+    return _forward_takes_logits_to_keep(type(transformers_model(model)))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """``takes_logits_to_keep`` for a class: its signature is read once, not on every batch."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def logits_at_positions(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> tuple[Tensor, Any]:

@@ -251,6 +251,30 @@ def test_auto_precision_reads_the_width_the_config_overrides_give(monkeypatch):
     assert to_run_config(wide).hardware.mixed_precision == MixedPrecision.bf16
 
 
+def test_model_width_is_the_text_models_with_the_overrides_applied_as_the_build_applies_them(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlavaConfig
+
+    from rewardctl.machine import model_hidden_size
+
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    LlavaConfig(text_config=text.to_dict()).save_pretrained(tmp_path / "composite")
+    text.save_pretrained(tmp_path / "plain")
+
+    def model(path: Path | str, **overrides: object) -> SimpleNamespace:
+        return SimpleNamespace(
+            name_or_path=str(path), revision=None, trust_remote_code=False, config_overrides=overrides
+        )
+
+    assert model_hidden_size(model(tmp_path / "composite")) == 64  # the text model's width, not the vision tower's
+    # A key the composite config does not have is load_config's error; it does not change the width read here.
+    assert model_hidden_size(model(tmp_path / "composite", hidden_size=896)) == 64
+    assert model_hidden_size(model(tmp_path / "plain", hidden_size=896)) == 896
+    assert model_hidden_size(model(tmp_path / "missing", hidden_size=896)) == 896  # offline: taken as given
+    assert model_hidden_size(model(tmp_path / "missing")) is None
+
+
 def test_auto_precision_is_no_without_native_bf16(monkeypatch):
     from rewardctl import machine
     from rewardctl.config.schema import Device, MixedPrecision
