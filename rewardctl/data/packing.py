@@ -168,3 +168,17 @@ def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = 
         out["logit_packed"] = packed if packed.numel() else torch.zeros(1, dtype=torch.long)
         out["logit_slots"] = slots
     return out
+
+
+def token_read_index(read_mask: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    """Where a token classifier's logits are read (a PRM: its labelled tokens), computed at collate
+    time (no device sync): ``read_columns`` (rows, R), each row's read columns in order, left-aligned,
+    R the most any row has (at least 1), and ``read_valid`` (rows, R). A row's spare entries (and a
+    row with no read) repeat its last real token, so every entry's query attends over something."""
+    reading = read_mask.bool() & attention_mask.bool()
+    counts = reading.sum(1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.sort((~reading).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width)[None, :] < counts[:, None]
+    last_real = (torch.arange(attention_mask.shape[1]) * attention_mask.bool().long()).argmax(1)
+    return {"read_columns": torch.where(valid, order, last_real[:, None]), "read_valid": valid}

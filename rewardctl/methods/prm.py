@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import MethodConfig, Overlength, RunConfig
 from rewardctl.data.collate import pad_sequences
-from rewardctl.data.packing import unpad_index
+from rewardctl.data.packing import token_read_index, unpad_index
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import (
     Fit,
@@ -49,7 +49,12 @@ from rewardctl.methods.base import (
 from rewardctl.modeling.adapters import quantization_config, wants_merged_copy, wrap_with_adapter
 from rewardctl.modeling.common import token_logits
 from rewardctl.modeling.sequence import head_name
-from rewardctl.modeling.token import build_token_classifier, load_token_classifier, save_token_classifier
+from rewardctl.modeling.token import (
+    build_token_classifier,
+    compute_labelled_tokens_only,
+    load_token_classifier,
+    save_token_classifier,
+)
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
 IGNORE = -100
@@ -207,10 +212,11 @@ class PrmMethod(Method):
         model = build_token_classifier(
             self.run.model, self.tokenizer, self.run.train, quantization_config(self.run.peft)
         )
-        return wrap_with_adapter(model, self.run.peft, head=[head_name(model)], task_type="TOKEN_CLS")
+        model = wrap_with_adapter(model, self.run.peft, head=[head_name(model)], task_type="TOKEN_CLS")
+        return compute_labelled_tokens_only(model, self.run.model, compiled=self.run.train.compile)
 
     def load_trained(self, path: Path) -> nn.Module:
-        return load_token_classifier(path, self.run.model)
+        return compute_labelled_tokens_only(load_token_classifier(path, self.run.model), self.run.model)
 
     def save_model(self, model: nn.Module, path: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         meta = {"method": self.cfg.name, "step_separator": self.cfg.step_separator}
@@ -316,6 +322,8 @@ class PrmMethod(Method):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets}
         if self.padding_free:
             batch.update(unpad_index(attention_mask))
+        else:  # where the logits are read: a model that can computes those only (modeling/token_reads.py)
+            batch.update(token_read_index(labels != IGNORE, attention_mask))
         if ROW_COLUMN in features[0]:
             batch["row"] = torch.tensor([f[ROW_COLUMN] for f in features], dtype=torch.long)
         return batch

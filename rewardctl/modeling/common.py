@@ -179,10 +179,16 @@ def token_logits(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> t
     With ``flat_index`` in the batch (``rewardctl.data.packing.unpad_index``) the model runs on the
     real tokens only, concatenated in one row with restarting position ids, and its logits are put
     back in the padded layout (zeros at padding, which every loss masks), so the method's loss code
-    is the same either way.
+    is the same either way. With ``read_columns`` / ``read_valid`` in a padded batch
+    (``rewardctl.data.packing.token_read_index``), a token classifier built for it (``token_reads``)
+    computes the logits at those tokens only; the others are then zeros.
     """
+    from rewardctl.modeling.token_reads import READS_KEY, computes_reads_only
+
     kwargs["use_cache"] = False  # with a cache, transformers would not read sequence boundaries from positions
     if "flat_index" not in batch:
+        if "read_columns" in batch and computes_reads_only(model):
+            kwargs[READS_KEY] = (batch["read_columns"], batch["read_valid"])
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         return out.logits, out
     index = batch["flat_index"]

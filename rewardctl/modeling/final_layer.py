@@ -73,10 +73,10 @@ def read_only_blocker(backbone: nn.Module) -> str | None:
     return None
 
 
-def hidden_at_reads(backbone: nn.Module, rows: Tensor, cols: Tensor, **inputs: Any) -> Tensor:
-    """The backbone's final hidden states (after its last norm) at tokens ``(rows[n], cols[n])``,
-    shape (N, hidden): what ``backbone(**inputs).last_hidden_state[rows, cols]`` returns, with the
-    last layer computed at those tokens only. ``inputs`` are the backbone's forward arguments."""
+def last_layer_inputs(backbone: nn.Module, **inputs: Any) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+    """What the backbone's own forward hands its last layer: the hidden state (B, L, H), the attention
+    mask (None: plain causal) and the rotary (cos, sin). The forward stops there (a pre-hook raises),
+    so mask construction, positions and every earlier layer stay stock transformers."""
     last = backbone.layers[-1]
 
     def stop(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -87,12 +87,18 @@ def hidden_at_reads(backbone: nn.Module, rows: Tensor, cols: Tensor, **inputs: A
     try:
         backbone(**inputs)
     except _LastLayerInputs as captured:
-        hidden, kwargs = captured.hidden, captured.kwargs
-    else:  # pragma: no cover - the hook always fires for a model with layers
-        raise RuntimeError(f"{type(backbone).__name__} never called its last layer")
+        return captured.hidden, captured.kwargs.get("attention_mask"), captured.kwargs["position_embeddings"]
     finally:
         handle.remove()
-    out = last_layer_at(last, hidden, kwargs.get("attention_mask"), kwargs["position_embeddings"], rows, cols)
+    raise RuntimeError(f"{type(backbone).__name__} never called its last layer")  # pragma: no cover
+
+
+def hidden_at_reads(backbone: nn.Module, rows: Tensor, cols: Tensor, **inputs: Any) -> Tensor:
+    """The backbone's final hidden states (after its last norm) at tokens ``(rows[n], cols[n])``,
+    shape (N, hidden): what ``backbone(**inputs).last_hidden_state[rows, cols]`` returns, with the
+    last layer computed at those tokens only. ``inputs`` are the backbone's forward arguments."""
+    hidden, mask, position_embeddings = last_layer_inputs(backbone, **inputs)
+    out = last_layer_at(backbone.layers[-1], hidden, mask, position_embeddings, rows, cols)
     return backbone.norm(out)
 
 
@@ -124,30 +130,31 @@ def output_at_reads(
     sin: Tensor,
     key: Tensor,
     value: Tensor,
-    row_mask: Tensor,
+    mask: Tensor,
 ) -> Tensor:
-    """The layer's output (N, H) at N read tokens, given their hidden states and normed hidden states
-    (N, H), their rotary rows (N, head_dim), the keys and values each read attends over
-    (N, kv_heads, L, head_dim) and its mask row (N, 1, 1, L), boolean or additive."""
+    """The layer's output (B, R, H) at R read tokens of each of B rows of keys and values, given the
+    reads' hidden states and normed hidden states (B, R, H), their rotary rows (B, R, head_dim), the
+    keys and values they attend over (B, kv_heads, L, head_dim) and their mask rows (B, 1, R, L),
+    boolean or additive. One read per row (R = 1) takes each read's own copy of its row's keys."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     attn = layer.self_attn
-    reads = hidden.shape[0]
-    query = attn.q_proj(normed).view(reads, -1, 1, attn.head_dim)  # (N, heads, 1, head_dim)
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    batch, reads, _ = hidden.shape
+    query = attn.q_proj(normed).view(batch, reads, -1, attn.head_dim).transpose(1, 2)  # (B, heads, R, head_dim)
+    cos, sin = cos[:, None], sin[:, None]
     query = query * cos + rotate_half(query) * sin
-    if attn.config._attn_implementation == "eager" and row_mask.dtype == torch.bool:
-        row_mask = additive_mask(row_mask)
+    if attn.config._attn_implementation == "eager" and mask.dtype == torch.bool:
+        mask = additive_mask(mask)
     output, _ = attention_function(attn)(
         attn,
         query,
         key,
         value,
-        row_mask,
+        mask,
         dropout=0.0 if not attn.training else attn.attention_dropout,
         scaling=attn.scaling,
-    )
-    out = hidden + attn.o_proj(output.reshape(reads, -1))
+    )  # (B, R, heads, head_dim)
+    out = hidden + attn.o_proj(output.reshape(batch, reads, -1))
     return out + layer.mlp(layer.post_attention_layernorm(out))
 
 
@@ -172,14 +179,14 @@ def last_layer_at(
         row_mask = mask[rows, :, cols, :].unsqueeze(2)  # (N, 1, 1, L)
     return output_at_reads(
         layer,
-        hidden[rows, cols],
-        normed[rows, cols],
-        cos.expand(batch, -1, -1)[rows, cols],
-        sin.expand(batch, -1, -1)[rows, cols],
+        hidden[rows, cols][:, None],
+        normed[rows, cols][:, None],
+        cos.expand(batch, -1, -1)[rows, cols][:, None],
+        sin.expand(batch, -1, -1)[rows, cols][:, None],
         rows_of(key, rows),
         rows_of(value, rows),
         row_mask,
-    )
+    )[:, 0]
 
 
 def rows_of(tensor: Tensor, rows: Tensor) -> Tensor:

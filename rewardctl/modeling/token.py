@@ -7,6 +7,7 @@ scorer can rebuild sequences exactly as training did.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs
+from rewardctl.modeling.token_reads import ReadSettings, compute_reads_only, reads_blocker
+
+log = logging.getLogger(__name__)
 
 LABELS = {0: "incorrect", 1: "correct"}
 
@@ -55,3 +59,22 @@ def save_token_classifier(
     save_merged: bool = False,
 ) -> None:
     save_model_dir(model, tokenizer, path, model_cfg, meta=meta, state_dict=state_dict, save_merged=save_merged)
+
+
+def compute_labelled_tokens_only(model: nn.Module, model_cfg: ModelConfig, *, compiled: bool = False) -> nn.Module:
+    """Let ``model`` compute the logits a PRM reads only (``token_reads``): its layers on a CPU batch's
+    real tokens (``model.skip_padding``), its last layer and head at the labelled tokens
+    (``model.final_layer_at_reads``), wherever that is exact for it; the log says which."""
+    settings = ReadSettings(skip_padding=model_cfg.skip_padding, last_at_reads=model_cfg.final_layer_at_reads)
+    blocker = reads_blocker(model)
+    if blocker is None and not (settings.skip_padding or settings.last_at_reads):
+        blocker = "model.skip_padding=false and model.final_layer_at_reads=false"
+    if blocker is not None:
+        log.info("token classifier: every layer over every position: %s", blocker)
+        return model
+    compute_reads_only(model, settings)
+    parts = ["layers on the real tokens of CPU batches" if settings.skip_padding else "layers over the padding"]
+    parts.append("last layer and head at the labelled tokens only" if settings.last_at_reads else "last layer in full")
+    note = " (train.compile traces the stock forward in training)" if compiled else ""
+    log.info("token classifier: %s%s", "; ".join(parts), note)
+    return model

@@ -188,6 +188,23 @@ def _layer_on_tokens(
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
+def layers_before_last(
+    backbone: nn.Module, input_ids: Tensor, position_ids: Tensor, mask: Tensor, layout: DecoderLayout
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every layer but the last on the batch's real tokens: the hidden state entering the last layer
+    (1, T', H), its rotary cos and sin (1, T', head_dim) and the mask as the layers take it (additive
+    for eager attention). ``mask`` and ``position_ids`` as ``hidden_at_reads`` takes them."""
+    if backbone.config._attn_implementation == "eager" and mask.dtype == torch.bool:
+        mask = additive_mask(mask)
+    ids = input_ids.flatten().index_select(0, layout.index)[None]
+    positions = position_ids.flatten().index_select(0, layout.index)[None]
+    hidden = backbone.embed_tokens(ids)
+    cos, sin = backbone.rotary_emb(hidden, positions)  # (1, T', head_dim)
+    for layer in backbone.layers[: backbone.config.num_hidden_layers - 1]:
+        hidden = _layer_on_tokens(layer, hidden, mask, cos, sin, layout)
+    return hidden, cos, sin, mask
+
+
 def hidden_at_reads(
     backbone: nn.Module,
     input_ids: Tensor,
@@ -201,15 +218,8 @@ def hidden_at_reads(
     positions (row * L + column) are ``reads``, shape (N, H): what the stock forward over the padded
     (B, L) batch returns there. ``mask`` is the batch's (B, 1, L, L) mask, boolean (True: may attend)
     or additive; ``last_at_reads`` computes the last layer at the read tokens only (``final_layer``)."""
-    if backbone.config._attn_implementation == "eager" and mask.dtype == torch.bool:
-        mask = additive_mask(mask)
-    ids = input_ids.flatten().index_select(0, layout.index)[None]
-    positions = position_ids.flatten().index_select(0, layout.index)[None]
-    hidden = backbone.embed_tokens(ids)
-    cos, sin = backbone.rotary_emb(hidden, positions)  # (1, T', head_dim)
-    *layers, last = backbone.layers[: backbone.config.num_hidden_layers]
-    for layer in layers:
-        hidden = _layer_on_tokens(layer, hidden, mask, cos, sin, layout)
+    hidden, cos, sin, mask = layers_before_last(backbone, input_ids, position_ids, mask, layout)
+    last = backbone.layers[backbone.config.num_hidden_layers - 1]
     at = layout.gathered(reads)
     if not last_at_reads:
         return backbone.norm(_layer_on_tokens(last, hidden, mask, cos, sin, layout)[0, at])
@@ -218,12 +228,12 @@ def hidden_at_reads(
     rows, cols = reads // layout.width, reads % layout.width
     out = output_at_reads(
         last,
-        rows_of(hidden[0], at),
-        rows_of(normed[0], at),
-        cos[0, at],
-        sin[0, at],
+        rows_of(hidden[0], at)[:, None],
+        rows_of(normed[0], at)[:, None],
+        cos[0, at][:, None],
+        sin[0, at][:, None],
         rows_of(layout.pad(key), rows),
         rows_of(layout.pad(value), rows),
         mask[rows, :, cols, :].unsqueeze(2),
-    )
+    )[:, 0]
     return backbone.norm(out)

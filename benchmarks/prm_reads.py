@@ -1,0 +1,170 @@
+"""PRM training with the token classifier computing the logits it is read at only, against every
+position (the stock forward, what TRL's PRMTrainer runs).
+
+A process reward model is read at its labelled tokens only (each step's separator), yet the stock token
+classifier runs every layer over every position of the padded batch and projects each onto its labels.
+With ``model.skip_padding`` and ``model.final_layer_at_reads`` (both default on) rewardctl runs the layers
+on a CPU batch's real tokens and the last layer and head at the labelled tokens only
+(``rewardctl/modeling/token_reads.py``); "every position" is the same run with both switched off.
+
+    python benchmarks/prm_reads.py --pairs 3                         # bench decoder shape, 40 steps of 8 rows
+    python benchmarks/prm_reads.py --last-step-only --pairs 3        # method.train_on_last_step_only=true
+    python benchmarks/prm_reads.py --shape qwen2.5-0.5b --steps 3 --batch 4
+
+Data: ../shared/data/prm800k_stepwise (real PRM800K step lengths; ``--data-root``), the bundled tiny
+tokenizer, the model from scratch at the benchmark decoder's compute shape (hidden 384, 6 layers of 6
+heads, MLP 1536: ``make bench``'s decoder) or the Qwen2.5-0.5B shape. ``hardware=cpu``'s auto precision
+(bf16 where the CPU computes it natively and the model is at least 256 wide). Each setting trains in its
+own subprocess, ``--pairs`` pairs in alternating order; reports train seconds, peak RSS, the last train
+loss and the held-out step accuracy of each run (the same maths both ways: they agree to rounding), and
+the median ratios. Writes <--out>/prm_reads-<shape>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared" / "data"
+#: ``make bench``'s decoder compute shape (benchmarks/speed_vs_trl.py), with the tiny model's vocabulary.
+BENCH_SHAPE = {
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "head_dim": 64,
+}
+SETTINGS = {
+    "labelled tokens only": ["model.skip_padding=true", "model.final_layer_at_reads=true"],
+    "every position": ["model.skip_padding=false", "model.final_layer_at_reads=false"],
+}
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def overrides(args: argparse.Namespace, run_dir: Path, setting: str) -> list[str]:
+    shape = _load("gpu_methods").QWEN25_05B_SHAPE if args.shape == "qwen2.5-0.5b" else BENCH_SHAPE
+    data = args.data_root / "prm800k_stepwise"
+    return [
+        "method=prm",
+        "model=tiny",
+        *[f"+model.config_overrides.{k}={v}" for k, v in shape.items()],
+        f"model.max_length={args.max_length}",
+        "hardware=cpu",
+        f"method.train_on_last_step_only={str(args.last_step_only).lower()}",
+        f"data.train={data / 'train.jsonl'}",
+        f"data.eval={data / 'test.jsonl'}",
+        f"data.max_train_rows={args.steps * args.batch}",
+        f"data.max_eval_rows={args.eval_rows}",
+        "data.bad_rows=skip",  # rows whose first step does not fit the budget (the acceptance run skips them too)
+        "train.epochs=1",
+        f"train.max_steps={args.steps}",
+        f"train.per_device_batch_size={args.batch}",
+        "train.lr=1e-4",
+        "train.eval_every=0",
+        "train.eval_at_start=false",
+        "train.save_every=0",
+        "train.log_every=10",
+        "train.progress_bar=false",
+        *SETTINGS[setting],
+        f"output_dir={run_dir}",
+    ]
+
+
+def run(setting: str, args: argparse.Namespace, work: Path, index: int) -> dict[str, Any]:
+    bench = _load("speed_vs_trl")
+    name = f"{'reads' if setting == 'labelled tokens only' else 'every'}-{index}"
+    run_dir = work / name
+    cmd = [sys.executable, "-m", "rewardctl", "train", *overrides(args, run_dir, setting)]
+    wall, rss = bench.run_child(cmd, work / f"{name}.log", bench.child_env(work / f"{name}-hfcache"))
+    if not (run_dir / "summary.json").is_file():
+        sys.exit(f"{setting} failed: {(work / f'{name}.log').read_text()[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    return {
+        "setting": setting,
+        "train_seconds": summary["train_seconds"],
+        "peak_rss_mib": rss,
+        "wall_seconds": wall,
+        "tokens": summary["totals"].get("tokens"),
+        "labelled_steps": summary["totals"].get("steps"),
+        "last_loss": train[-1]["loss"],
+        "eval_step_accuracy": evals[-1]["step_accuracy"] if evals else None,
+        "eval_loss": evals[-1]["loss"] if evals else None,
+        "mixed_precision": summary.get("mixed_precision"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["bench", "qwen2.5-0.5b"], default="bench")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--eval-rows", type=int, default=100)
+    parser.add_argument("--last-step-only", action="store_true", help="method.train_on_last_step_only=true")
+    parser.add_argument("--pairs", type=int, default=1, help="pairs of runs, alternating which goes first")
+    parser.add_argument("--data-root", type=Path, default=SHARED, help="holds prm800k_stepwise/")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    args = parser.parse_args()
+    if not (args.data_root / "prm800k_stepwise" / "train.jsonl").is_file():
+        sys.exit(f"{args.data_root / 'prm800k_stepwise'} is missing: this benchmark reads its train.jsonl")
+    from rewardctl.machine import cpu_description
+
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            order = list(SETTINGS) if pair % 2 == 0 else list(reversed(SETTINGS))
+            for setting in order:
+                result = run(setting, args, Path(tmp), pair)
+                runs.append(result)
+                print(
+                    f"{setting}: {result['train_seconds']:.1f} train s, {result['peak_rss_mib']:.0f} MiB peak, "
+                    f"last loss {result['last_loss']:.6f}, held-out step accuracy {result['eval_step_accuracy']}",
+                    flush=True,
+                )
+    reads = [r for r in runs if r["setting"] == "labelled tokens only"]
+    every = [r for r in runs if r["setting"] == "every position"]
+    speed = [e["train_seconds"] / r["train_seconds"] for r, e in zip(reads, every, strict=True)]
+    memory = [r["peak_rss_mib"] / e["peak_rss_mib"] for r, e in zip(reads, every, strict=True)]
+    labels = "last step only" if args.last_step_only else "every step"
+    print(
+        f"\n{cpu_description()}, {args.shape}, {args.steps} steps x {args.batch} rows, <= {args.max_length} tokens, "
+        f"labels at {labels}, {reads[0]['mixed_precision']}\n"
+    )
+    print("| setting | train s | peak RSS MiB | last train loss | held-out step accuracy |\n|---|---|---|---|---|")
+    for r in runs:
+        print(
+            f"| {r['setting']} | {r['train_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['last_loss']:.6f} "
+            f"| {r['eval_step_accuracy']:.4f} |"
+        )
+    print(
+        f"\nspeed x every position: {statistics.median(speed):.2f} (pairs {', '.join(f'{s:.2f}' for s in speed)}); "
+        f"peak memory x every position: {statistics.median(memory):.2f}"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-last-step" if args.last_step_only else ""
+    path = args.out / f"prm_reads-{args.shape}{suffix}.json"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(json.dumps({"settings": settings, "machine": cpu_description(), "runs": runs}, indent=2) + "\n")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""A PRM token classifier computing the logits it is read at only (rewardctl/modeling/token_reads.py):
+each read logit, the loss and every gradient equal the stock forward's in fp32, for the layers on the
+real tokens, the last layer at the reads, both and neither; the stock forward wherever that would not be
+exact; and the saved model stays stock."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForTokenClassification, LlamaConfig, Qwen2Config
+
+from rewardctl.config.schema import ModelConfig
+from rewardctl.data.packing import token_read_index
+from rewardctl.methods.prm import IGNORE
+from rewardctl.modeling import token_reads, unpadded_decoder
+from rewardctl.modeling.common import token_logits
+from rewardctl.modeling.token import compute_labelled_tokens_only
+from rewardctl.modeling.token_reads import ReadSettings, compute_reads_only, computes_reads_only
+
+SETTINGS = [
+    pytest.param(ReadSettings(skip_padding=True, last_at_reads=True), id="real-tokens+last-at-reads"),
+    pytest.param(ReadSettings(skip_padding=True, last_at_reads=False), id="real-tokens"),
+    pytest.param(ReadSettings(skip_padding=False, last_at_reads=True), id="last-at-reads"),
+]
+
+
+def _classifier(kind: str, attention: str = "sdpa") -> torch.nn.Module:
+    shape = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    config = LlamaConfig(**shape) if kind == "llama" else Qwen2Config(**shape, use_sliding_window=False)
+    config.classifier_dropout = 0.0
+    torch.manual_seed(0)
+    return AutoModelForTokenClassification.from_config(config, attn_implementation=attention).float()
+
+
+def _batch(seed: int = 1, every_step: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, labels at a few step ends (or the last one only)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [13, 7, 10, 4]
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full((len(lengths), width), IGNORE)
+    for row, length in enumerate(lengths):
+        input_ids[row, :length] = torch.randint(1, 97, (length,), generator=generator)
+        ends = list(range(2, length, 3)) + [length - 1] if every_step else [length - 1]
+        labels[row, sorted(set(ends))] = torch.randint(0, 2, (len(set(ends)),), generator=generator)
+    attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {**batch, **token_read_index(labels != IGNORE, attention_mask)}
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad()
+    read = batch["labels"] != IGNORE
+    logits = token_logits(model, batch)[0]
+    picked = logits[read]
+    loss = torch.nn.functional.cross_entropy(picked, batch["labels"][read])
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return picked.detach(), loss.detach(), grads
+
+
+@pytest.fixture
+def no_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny batches hold less padding than one rounding step of the gathered row."""
+    monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("every_step", [True, False], ids=["every-step", "last-step"])
+def test_read_logits_loss_and_gradients_equal_the_stock_forward(kind, settings, every_step, no_rounding):
+    model = _classifier(kind)
+    batch = _batch(every_step=every_step)
+    stock = _loss_and_grads(model, batch)
+    compute_reads_only(model, settings)
+    assert computes_reads_only(model)
+    fast = _loss_and_grads(model, batch)
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1], stock[1], atol=1e-6, rtol=0)
+    assert fast[2].keys() == stock[2].keys()
+    for name, grad in stock[2].items():
+        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_layers_and_head_see_the_real_tokens_and_the_reads_only(no_rounding):
+    model = _classifier("llama")
+    compute_reads_only(model, ReadSettings(skip_padding=True, last_at_reads=True))
+    batch = _batch()
+    seen: dict[str, tuple[int, ...]] = {}
+    modules = {
+        "first_q": model.model.layers[0].self_attn.q_proj,
+        "last_q": model.model.layers[-1].self_attn.q_proj,
+        "score": model.score,
+    }
+
+    def record(name: str):
+        def hook(_module, args, _output) -> None:
+            seen.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    for name, module in modules.items():
+        module.register_forward_hook(record(name))
+    token_logits(model, batch)
+    real = int(batch["attention_mask"].sum())
+    most = int((batch["labels"] != IGNORE).sum(1).max())
+    assert seen["first_q"] == (1, real, 32)  # the real tokens, one gathered row
+    assert seen["last_q"] == (4, most, 32)  # each row's reads (slots up to the most reads of a row)
+    assert seen["score"] == (4, most, 32)  # the head at the read slots only
+
+
+def test_unread_positions_are_zero_and_read_ones_are_not():
+    model = _classifier("llama")
+    compute_reads_only(model, ReadSettings(skip_padding=False, last_at_reads=True))
+    batch = _batch(every_step=False)
+    read = batch["labels"] != IGNORE
+    logits = token_logits(model, batch)[0]
+    assert logits[~read].abs().sum() == 0
+    assert (logits[read].abs().sum(-1) > 0).all()
+
+
+def test_read_slots_are_left_aligned_and_padded_with_the_rows_last_real_token():
+    read = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    real = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    found = token_read_index(read, real)
+    assert found["read_columns"].tolist() == [[1, 3, 4], [2, 2, 2], [0, 3, 3], [3, 3, 3]]  # (3, 4) is padding
+    assert found["read_valid"].tolist() == [[True] * 3, [False] * 3, [True, False, False], [True, False, False]]
+    empty = token_read_index(torch.zeros(2, 3, dtype=torch.bool), torch.ones(2, 3))
+    assert empty["read_columns"].tolist() == [[2], [2]] and not empty["read_valid"].any()
+
+
+def test_stock_forward_where_the_reads_path_would_not_be_exact_or_is_not_asked_for(no_rounding):
+    batch = _batch()
+    read = batch["labels"] != IGNORE
+    eager = _classifier("llama", attention="eager")
+    compute_reads_only(eager, ReadSettings(skip_padding=True, last_at_reads=True))
+    stock_logits = _classifier("llama", attention="eager")(
+        **{k: batch[k] for k in ("input_ids", "attention_mask")}
+    ).logits
+    # eager attention is exact too (additive masks): same logits at the reads
+    torch.testing.assert_close(token_logits(eager, batch)[0][read], stock_logits[read], atol=1e-5, rtol=0)
+    # no reads in the batch: every position, as stock
+    unread = {k: v for k, v in batch.items() if not k.startswith("read_")}
+    torch.testing.assert_close(token_logits(eager, unread)[0], stock_logits, atol=1e-5, rtol=0)
+    # hidden states requested: stock
+    out = eager(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        **{token_reads.READS_KEY: (batch["read_columns"], batch["read_valid"])},
+    )
+    assert out.hidden_states is not None and out.logits[~read].abs().sum() > 0
+
+
+def test_blockers_name_why(tmp_path: Path):
+    flash = _classifier("llama")
+    flash.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in token_reads.reads_blocker(flash)
+    checkpointed = _classifier("llama")
+    checkpointed.gradient_checkpointing_enable()
+    assert "checkpointing" in token_reads.reads_blocker(checkpointed)
+    assert token_reads.reads_blocker(_classifier("qwen2")) is None
+
+
+def test_the_switch_logs_and_saves_a_stock_classifier(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    model = _classifier("llama")
+    cfg = ModelConfig(name_or_path="unused")
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+        compute_labelled_tokens_only(model, cfg)
+    assert "layers on the real tokens of CPU batches; last layer and head at the labelled tokens only" in caplog.text
+    assert type(model).__name__ == "LlamaForTokenClassification" and computes_reads_only(model)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "saved")
+    assert not computes_reads_only(reloaded) and reloaded.config.architectures == ["LlamaForTokenClassification"]
+    off = _classifier("llama")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+        compute_labelled_tokens_only(
+            off, ModelConfig(name_or_path="unused", skip_padding=False, final_layer_at_reads=False)
+        )
+    assert not computes_reads_only(off) and "every layer over every position" in caplog.text
+
+
+def test_a_lora_classifier_reads_the_same_logits_and_trains_the_same_adapter(no_rounding):
+    from peft import LoraConfig, get_peft_model
+
+    def lora(model: torch.nn.Module) -> torch.nn.Module:
+        config = LoraConfig(
+            task_type="TOKEN_CLS",
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            modules_to_save=["score"],
+            init_lora_weights=False,
+        )
+        torch.manual_seed(3)
+        return get_peft_model(model, config)
+
+    batch = _batch()
+    stock_model, fast_model = lora(_classifier("llama")), lora(_classifier("llama"))
+    compute_reads_only(fast_model, ReadSettings(skip_padding=True, last_at_reads=True))
+    assert computes_reads_only(fast_model) and not computes_reads_only(stock_model)
+    stock, fast = _loss_and_grads(stock_model, batch), _loss_and_grads(fast_model, batch)
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    assert stock[2].keys() == fast[2].keys() and all("lora_" in k or "score" in k for k in fast[2])
+    for name, grad in stock[2].items():
+        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_prm_method_trains_and_evaluates_the_same_through_the_reads(no_rounding):
+    """The bundled PRM run's own batches, through ``PrmMethod``'s collator, step and eval step."""
+    from accelerate.utils import set_seed
+
+    from rewardctl.data.loading import load_rows
+    from rewardctl.methods.prm import PrmMethod
+    from rewardctl.methods.registry import to_run_config
+
+    from ..conftest import compose_train
+
+    run = to_run_config(compose_train(["method=prm"]))
+    method = PrmMethod(run.method, run)
+    rows = load_rows(run.data.train, split="train").select(range(6))
+    features = list(method.prepare(rows, run.data.train, training=True).dataset)
+    batch = method.collate(features)
+    assert batch["read_columns"].shape[0] == 6 and batch["read_valid"].sum() == (batch["labels"] != IGNORE).sum()
+    set_seed(0)
+    model = method.build_model()
+    assert computes_reads_only(model)
+    outputs = {}
+    for name in ("reads", "stock"):
+        model.zero_grad()
+        out = method.train_step(model, batch)
+        out.loss_sum.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        with torch.no_grad():
+            evaluated = method.eval_step(model.eval(), batch)
+        model.train()
+        outputs[name] = (out.loss_sum.detach(), grads, evaluated)
+        compute_reads_only(model, ReadSettings(skip_padding=False, last_at_reads=False))
+    assert not computes_reads_only(model)
+    (loss, grads, evaluated), (stock_loss, stock_grads, stock_evaluated) = outputs["reads"], outputs["stock"]
+    torch.testing.assert_close(loss, stock_loss, atol=1e-5, rtol=1e-6)
+    for name, grad in stock_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    for key in ("step_prob", "loss_sum", "present"):
+        torch.testing.assert_close(evaluated[key], stock_evaluated[key], atol=1e-5, rtol=1e-6, msg=key)
