@@ -174,7 +174,8 @@ def token_read_index(read_mask: Tensor, attention_mask: Tensor) -> dict[str, Ten
     """Where a token classifier's logits are read (a PRM: its labelled tokens), computed at collate
     time (no device sync): ``read_columns`` (rows, R), each row's read columns in order, left-aligned,
     R the most any row has (at least 1), and ``read_valid`` (rows, R). A row's spare entries (and a
-    row with no read) repeat its last real token, so every entry's query attends over something."""
+    row with no read) repeat its last real token, so every entry's query attends over something (a row
+    must hold a real token; every collated PRM row does)."""
     reading = read_mask.bool() & attention_mask.bool()
     counts = reading.sum(1)
     width = max(int(counts.max()) if counts.numel() else 0, 1)

@@ -181,7 +181,7 @@ def token_logits(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> t
     back in the padded layout (zeros at padding, which every loss masks), so the method's loss code
     is the same either way. With ``read_columns`` / ``read_valid`` in a padded batch
     (``rewardctl.data.packing.token_read_index``), a token classifier built for it (``token_reads``)
-    computes the logits at those tokens only; the others are then zeros.
+    computes the logits at those tokens only where it takes that path; the others are then zeros.
     """
     from rewardctl.modeling.token_reads import READS_KEY, computes_reads_only
 

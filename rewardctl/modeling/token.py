@@ -17,7 +17,8 @@ from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTr
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError, ModelMismatchError
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
-from rewardctl.modeling.common import instantiate, load_config, load_kwargs
+from rewardctl.modeling.common import instantiate, load_config, load_kwargs, transformers_model
+from rewardctl.modeling.final_layer import read_only_blocker
 from rewardctl.modeling.token_reads import ReadSettings, compute_reads_only, reads_blocker
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,29 @@ def compute_labelled_tokens_only(model: nn.Module, model_cfg: ModelConfig, *, co
     """Let ``model`` compute the logits a PRM reads only (``token_reads``): its layers on a CPU batch's
     real tokens (``model.skip_padding``), its last layer and head at the labelled tokens
     (``model.final_layer_at_reads``), wherever that is exact for it; the log says which."""
-    settings = ReadSettings(skip_padding=model_cfg.skip_padding, last_at_reads=model_cfg.final_layer_at_reads)
     blocker = reads_blocker(model)
-    if blocker is None and not (settings.skip_padding or settings.last_at_reads):
-        blocker = "model.skip_padding=false and model.final_layer_at_reads=false"
     if blocker is not None:
         log.info("token classifier: every layer over every position: %s", blocker)
         return model
+    hf = transformers_model(model)
+    last_blocker = read_only_blocker(getattr(hf, hf.base_model_prefix))
+    if model_cfg.final_layer_at_reads and last_blocker is not None:
+        log.info("token classifier: last layer at every position: %s", last_blocker)
+    settings = ReadSettings(
+        skip_padding=model_cfg.skip_padding, last_at_reads=model_cfg.final_layer_at_reads and last_blocker is None
+    )
+    if not (settings.skip_padding or settings.last_at_reads):
+        why = "model.skip_padding=false" + ("" if last_blocker else " and model.final_layer_at_reads=false")
+        log.info("token classifier: every layer over every position: %s", why)
+        compute_reads_only(model, settings)  # the stock class again, if it was swapped before
+        return model
     compute_reads_only(model, settings)
     parts = ["layers on the real tokens of CPU batches" if settings.skip_padding else "layers over the padding"]
-    parts.append("last layer and head at the labelled tokens only" if settings.last_at_reads else "last layer in full")
+    parts.append(
+        "last layer and head at the labelled tokens only (GPU batches too)"
+        if settings.last_at_reads
+        else "last layer in full"
+    )
     note = " (train.compile traces the stock forward in training)" if compiled else ""
     log.info("token classifier: %s%s", "; ".join(parts), note)
     return model

@@ -24,9 +24,12 @@ real token attends over the real tokens before it, as under the stock causal-and
 in it reads a tensor back on the host (the slots' width comes from the collator), so the last layer
 at the reads serves GPU batches too; the real-tokens layout is CPU-only (``unpadded_decoder``).
 
-Where the stock forward runs instead: no reads given; hidden states, attentions or a loss requested;
-explicit position ids, embeddings or a cache; ``train.compile``'s trace; and every model
-``reads_blocker`` names.
+Where the stock forward runs instead: no reads given; ``train.compile``'s trace; hidden states,
+attentions, a loss or a tuple requested; any other keyword the stock forward would hand its backbone
+(explicit position ids, embeddings, a cache); no 2-D attention mask; every model ``reads_blocker``
+names, and what ``unpadded_decoder.unpadded_blocker`` finds at call time (hooks, gradient checkpointing
+in training, sharded weights); a batch where neither saving applies (a GPU batch whose last layer cannot
+run at its reads, ``final_layer.read_only_blocker``: a sliding window, ZeRO-3).
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ READS_KEY = "rewardctl_reads"
 
 @dataclass(frozen=True)
 class ReadSettings:
-    """Which of the two savings a classifier's forward makes (``model.skip_padding``,
-    ``model.final_layer_at_reads``), judged once when the model is built."""
+    """Which of the two savings a classifier's forward may make (``model.skip_padding``,
+    ``model.final_layer_at_reads`` where ``final_layer.read_only_blocker`` allows it when the model is
+    built); each forward still checks that its batch and the model allow them."""
 
     skip_padding: bool
     last_at_reads: bool
@@ -160,12 +164,22 @@ def _hidden_at_slots(
 
 
 def _layout(backbone: nn.Module, real: Tensor) -> unpadded_decoder.DecoderLayout | None:
+    """The real-tokens layout of a CPU batch (None on a GPU, where ``decoder_layout`` reads nothing),
+    or None where it would not be exact: a sliding window narrower than the batch, or a row with no
+    real token (its spare read slots would have no gathered position)."""
     layout = unpadded_decoder.decoder_layout(real)
+    if layout is None:
+        return None
     window = unpadded_decoder.narrowest_window(backbone)
-    return None if layout is None or (window is not None and window < layout.width) else layout
+    if window is not None and window < layout.width:
+        return None
+    # ``real`` is a CPU tensor here (decoder_layout gives GPU batches no layout): nothing to wait for.
+    every_row_real = torch.equal(real.any(1), torch.ones(real.shape[0], dtype=torch.bool))
+    return layout if every_row_real else None
 
 
-_STOCK_ONLY = ("position_ids", "inputs_embeds", "labels", "cache", "past_key_values")
+#: Keywords the reads path takes as the stock forward does (the rest of ``_reads_forward``'s checks).
+_HANDLED = ("attention_mask", "use_cache", "return_dict", "output_attentions", "output_hidden_states")
 
 
 def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -178,18 +192,18 @@ def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args
     settings: ReadSettings | None = getattr(classifier, _SETTINGS_ATTRIBUTE, None)
     backbone = getattr(classifier, classifier.base_model_prefix)
     if (
-        reads is None
+        torch.compiler.is_compiling()  # first: dynamo then traces none of the checks below
+        or reads is None
         or settings is None
         or args
         or input_ids is None
         or attention_mask is None
         or attention_mask.dim() != 2
-        or any(kwargs.get(key) is not None for key in _STOCK_ONLY)
+        or any(value is not None for key, value in kwargs.items() if key not in _HANDLED)  # labels, positions...
         or kwargs.get("output_hidden_states")
         or kwargs.get("output_attentions")
         or kwargs.get("return_dict") is False
         or unpadded_decoder.unpadded_blocker(backbone) is not None
-        or torch.compiler.is_compiling()
     ):
         return stock(classifier, input_ids, *args, **kwargs)
     layout = _layout(backbone, attention_mask.bool()) if settings.skip_padding else None  # CPU batches only

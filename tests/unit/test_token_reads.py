@@ -257,3 +257,41 @@ def test_the_prm_method_trains_and_evaluates_the_same_through_the_reads(no_round
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     for key in ("step_prob", "loss_sum", "present"):
         torch.testing.assert_close(evaluated[key], stock_evaluated[key], atol=1e-5, rtol=1e-6, msg=key)
+
+
+def test_a_sliding_last_layer_runs_in_full_and_the_log_says_so(no_rounding, caplog: pytest.LogCaptureFixture):
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=0,
+        use_sliding_window=True,
+        sliding_window=32,
+        max_window_layers=0,
+    )
+    config.classifier_dropout = 0.0
+    torch.manual_seed(0)
+    model = AutoModelForTokenClassification.from_config(config, attn_implementation="sdpa").float()
+    assert model.model.layers[-1].self_attn.sliding_window == 32  # wider than the batch: the layout still applies
+    batch = _batch()
+    stock = _loss_and_grads(model, batch)
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+        compute_labelled_tokens_only(model, ModelConfig(name_or_path="unused"))
+    assert "last layer at every position: the last layer attends through a sliding window" in caplog.text
+    assert "layers on the real tokens of CPU batches; last layer in full" in caplog.text
+    fast = _loss_and_grads(model, batch)
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    for name, grad in stock[2].items():
+        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_real_tokens_layout_for_a_batch_with_an_empty_row(no_rounding):
+    model = _classifier("llama")
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert token_reads._layout(model.model, real) is not None
+    assert token_reads._layout(model.model, torch.cat([real, torch.zeros(1, 4, dtype=torch.bool)])) is None
