@@ -105,7 +105,8 @@ class SequenceRewardModel(nn.Module):
         """Why this model's layers run over the padding too (None: over the real tokens, on a CPU)."""
         hf = _unwrap_hf(self.classifier)
         if self.pooling == "last_token":
-            blocker = unpadded_blocker(getattr(hf, hf.base_model_prefix), training_setup=True)
+            backbone = getattr(hf, hf.base_model_prefix)
+            blocker = unpadded_blocker(backbone, training_setup=True) or unpadded_decoder.too_narrow(backbone)
             return "model.skip_padding=false" if blocker is None and not self._skip_padding else blocker
         blocker = skip_padding_blocker(hf)
         if blocker is None and not self._skip_padding:
@@ -180,7 +181,12 @@ class SequenceRewardModel(nn.Module):
         """The ``DecoderLayout`` of a decoder batch whose real tokens are ``real`` (B, L), or None where
         its layers run on the padded batch (``model.skip_padding=false``, ``unpadded_blocker``, a traced
         forward, a GPU batch, little padding, a sliding window narrower than the batch)."""
-        if not self._skip_padding or torch.compiler.is_compiling() or unpadded_blocker(backbone) is not None:
+        if (
+            not self._skip_padding
+            or torch.compiler.is_compiling()
+            or unpadded_blocker(backbone) is not None
+            or unpadded_decoder.too_narrow(backbone) is not None
+        ):
             return None
         layout = unpadded_decoder.decoder_layout(real)
         window = unpadded_decoder.narrowest_window(backbone)

@@ -16,6 +16,7 @@ from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTr
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError, ModelMismatchError
+from rewardctl.modeling import unpadded_decoder
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
 from rewardctl.modeling.common import instantiate, load_config, load_kwargs, transformers_model
 from rewardctl.modeling.final_layer import read_only_blocker
@@ -83,7 +84,13 @@ def compute_labelled_tokens_only(model: nn.Module, model_cfg: ModelConfig, *, co
         compute_reads_only(model, settings)  # the stock class again, if it was swapped before
         return model
     compute_reads_only(model, settings)
-    parts = ["layers on the real tokens of CPU batches" if settings.skip_padding else "layers over the padding"]
+    narrow = unpadded_decoder.too_narrow(getattr(hf, hf.base_model_prefix))
+    if not settings.skip_padding:
+        parts = ["layers over the padding"]
+    elif narrow is not None:
+        parts = [f"layers over the padding: {narrow}"]
+    else:
+        parts = ["layers on the real tokens of CPU batches"]
     parts.append(
         "last layer and head at the labelled tokens only (GPU batches too)"
         if settings.last_at_reads

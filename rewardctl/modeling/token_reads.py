@@ -165,8 +165,11 @@ def _hidden_at_slots(
 
 def _layout(backbone: nn.Module, real: Tensor) -> unpadded_decoder.DecoderLayout | None:
     """The real-tokens layout of a CPU batch (None on a GPU, where ``decoder_layout`` reads nothing),
-    or None where it would not be exact: a sliding window narrower than the batch, or a row with no
-    real token (its spare read slots would have no gathered position)."""
+    or None where it would not pay (``unpadded_decoder.too_narrow``) or not be exact: a sliding window
+    narrower than the batch, or a row with no real token (its spare slots would have no gathered
+    position)."""
+    if unpadded_decoder.too_narrow(backbone) is not None:
+        return None
     layout = unpadded_decoder.decoder_layout(real)
     if layout is None:
         return None

@@ -154,6 +154,24 @@ def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> st
     return None
 
 
+#: Below this width the gathered forward costs more than the padding it skips: its extra operations
+#: (the gather, and per layer the scatter into the padded attention layout and back) cost the same at
+#: any width, while the work on padding shrinks with the width squared. Measured paired per batch over
+#: a run's own batches (``benchmarks/skip_padding_replay.py``), forward + backward, fp32 unless said:
+#: the bundled 2-layer model at 64 wide 0.935-0.960x (shared prompts, 94% real) and 0.973x (stacked,
+#: 78% real); widened to 128: 0.978x; to 256: 1.019x; the benchmark decoder (6 layers of 384) 1.045x
+#: in fp32, 1.033x in bf16.
+MIN_HIDDEN = 256
+
+
+def too_narrow(backbone: nn.Module) -> str | None:
+    """Why gathering the real tokens would not pay for ``backbone`` (``MIN_HIDDEN``), or None."""
+    width = getattr(backbone.config, "hidden_size", None)
+    if isinstance(width, int) and width < MIN_HIDDEN:
+        return f"hidden size {width} < {MIN_HIDDEN} (at this width the gather costs more than the padding)"
+    return None
+
+
 def narrowest_window(backbone: nn.Module) -> int | None:
     """The smallest sliding window of any layer (Qwen2's sliding layers, Mistral's config), or None."""
     windows = [getattr(layer.self_attn, "sliding_window", None) for layer in backbone.layers]

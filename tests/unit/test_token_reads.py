@@ -72,6 +72,12 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return picked.detach(), loss.detach(), grads
 
 
+@pytest.fixture(autouse=True)
+def any_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models are narrower than ``unpadded_decoder.MIN_HIDDEN``: let them gather anyway."""
+    monkeypatch.setattr(unpadded_decoder, "MIN_HIDDEN", 0)
+
+
 @pytest.fixture
 def no_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny batches hold less padding than one rounding step of the gathered row."""
@@ -295,3 +301,21 @@ def test_no_real_tokens_layout_for_a_batch_with_an_empty_row(no_rounding):
     real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     assert token_reads._layout(model.model, real) is not None
     assert token_reads._layout(model.model, torch.cat([real, torch.zeros(1, 4, dtype=torch.bool)])) is None
+
+
+def test_a_narrow_model_keeps_its_padded_layers_and_still_reads_at_the_labels(
+    monkeypatch: pytest.MonkeyPatch, no_rounding, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setattr(unpadded_decoder, "MIN_HIDDEN", 256)
+    model = _classifier("llama")
+    batch = _batch()
+    stock = _loss_and_grads(model, batch)
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+        compute_labelled_tokens_only(model, ModelConfig(name_or_path="unused"))
+    assert "layers over the padding: hidden size 32 < 256" in caplog.text
+    assert "last layer and head at the labelled tokens only" in caplog.text
+    gathered = []
+    monkeypatch.setattr(unpadded_decoder, "layers_before_last", lambda *a, **k: gathered.append(1))
+    fast = _loss_and_grads(model, batch)
+    assert gathered == []  # no real-tokens layout at this width
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)

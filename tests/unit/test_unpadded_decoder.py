@@ -23,6 +23,12 @@ from .test_final_layer import _assert_steps_equal, _method, _step, _tiny, lists_
 from .test_packing import _model_dir
 
 
+@pytest.fixture(autouse=True)
+def any_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models are narrower than ``MIN_HIDDEN``: let them gather, to test the gathered forward."""
+    monkeypatch.setattr(unpadded_decoder, "MIN_HIDDEN", 0)
+
+
 @pytest.fixture
 def every_batch(monkeypatch: pytest.MonkeyPatch) -> list[DecoderLayout]:
     """No rounding of the gathered rows (tiny test batches hold less padding than one rounding step),
@@ -223,3 +229,22 @@ def test_the_padded_decoder_runs_where_the_gathered_one_would_not_be_exact(every
     model = SequenceRewardModel(_tiny())
     model(ids, mask)
     assert len(every_batch) == 1  # the tiny Llama only
+
+
+def test_a_model_narrower_than_min_hidden_keeps_its_padded_layers(monkeypatch: pytest.MonkeyPatch, every_batch):
+    """At the bundled model's 64 wide the gather cost more than the padding it skips (MIN_HIDDEN):
+    the padded forward runs, and the log's reason says why."""
+    monkeypatch.setattr(unpadded_decoder, "MIN_HIDDEN", 256)
+    method = _method(PairwiseMethod, TINY)
+    model = method.build_model()
+    assert model.skip_padding  # the setting stays on: the width is judged per model
+    assert model.skip_padding_blocker() == (
+        "hidden size 64 < 256 (at this width the gather costs more than the padding)"
+    )
+    batch = method.collate(_features(method, _pair_rows(random.Random(0), 6, False)))
+    _step(method, model, batch)
+    assert every_batch == []  # the gathered forward never ran
+    monkeypatch.setattr(unpadded_decoder, "MIN_HIDDEN", 64)
+    assert model.skip_padding_blocker() is None
+    _step(method, model, batch)
+    assert every_batch  # the same batch gathers at a width the rule allows
