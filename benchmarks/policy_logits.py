@@ -27,7 +27,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,25 +107,19 @@ def main() -> None:
         sys.exit(f"{args.data_root / 'hh_rlhf_unpaired'} is missing: this benchmark reads its train.jsonl")
     from rewardctl.machine import cpu_description
 
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for pair in range(args.pairs):
-            order = list(SETTINGS) if pair % 2 == 0 else list(reversed(SETTINGS))
-            for setting in order:
-                result = run(setting, args, Path(tmp), pair)
-                runs.append(result)
-                print(
-                    f"{setting}: {result['train_seconds']:.1f} train s, {result['peak_rss_mib']:.0f} MiB peak, "
-                    f"last loss {result['losses'][-1]:.6f}",
-                    flush=True,
-                )
-    now = [r for r in runs if r["setting"] == "completion positions"]
-    before = [r for r in runs if r["setting"] == "every position"]
-    speed = [b["train_seconds"] / n["train_seconds"] for n, b in zip(now, before, strict=True)]
-    memory = [n["peak_rss_mib"] / b["peak_rss_mib"] for n, b in zip(now, before, strict=True)]
+    bench = _load("speed_vs_trl")
+    runs = bench.alternating_pairs(
+        list(SETTINGS),
+        args.pairs,
+        lambda setting, work, pair: run(setting, args, work, pair),
+        lambda r: (
+            f"{r['train_seconds']:.1f} train s, {r['peak_rss_mib']:.0f} MiB peak, last loss {r['losses'][-1]:.6f}"
+        ),
+    )
+    speed, memory = bench.paired_ratios(runs, "completion positions", "every position")
     print(
         f"\n{cpu_description()}, {args.shape}, {args.steps} steps x {args.batch} rows, <= {args.max_length} tokens, "
-        f"{now[0]['mixed_precision']}\n"
+        f"{runs[0]['mixed_precision']}\n"
     )
     print("| setting | train s | peak RSS MiB | peak GPU GiB | last loss |\n|---|---|---|---|---|")
     for r in runs:

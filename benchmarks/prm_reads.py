@@ -27,7 +27,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -127,26 +126,21 @@ def main() -> None:
         sys.exit(f"{args.data_root / 'prm800k_stepwise'} is missing: this benchmark reads its train.jsonl")
     from rewardctl.machine import cpu_description
 
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for pair in range(args.pairs):
-            order = list(SETTINGS) if pair % 2 == 0 else list(reversed(SETTINGS))
-            for setting in order:
-                result = run(setting, args, Path(tmp), pair)
-                runs.append(result)
-                print(
-                    f"{setting}: {result['train_seconds']:.1f} train s, {result['peak_rss_mib']:.0f} MiB peak, "
-                    f"last loss {result['last_loss']:.6f}, held-out step accuracy {result['eval_step_accuracy']}",
-                    flush=True,
-                )
-    reads = [r for r in runs if r["setting"] == "labelled tokens only"]
-    every = [r for r in runs if r["setting"] == "every position"]
-    speed = [e["train_seconds"] / r["train_seconds"] for r, e in zip(reads, every, strict=True)]
-    memory = [r["peak_rss_mib"] / e["peak_rss_mib"] for r, e in zip(reads, every, strict=True)]
+    bench = _load("speed_vs_trl")
+    runs = bench.alternating_pairs(
+        list(SETTINGS),
+        args.pairs,
+        lambda setting, work, pair: run(setting, args, work, pair),
+        lambda r: (
+            f"{r['train_seconds']:.1f} train s, {r['peak_rss_mib']:.0f} MiB peak, last loss {r['last_loss']:.6f}, "
+            f"held-out step accuracy {r['eval_step_accuracy']}"
+        ),
+    )
+    speed, memory = bench.paired_ratios(runs, "labelled tokens only", "every position")
     labels = "last step only" if args.last_step_only else "every step"
     print(
         f"\n{cpu_description()}, {args.shape}, {args.steps} steps x {args.batch} rows, <= {args.max_length} tokens, "
-        f"labels at {labels}, {reads[0]['mixed_precision']}\n"
+        f"labels at {labels}, {runs[0]['mixed_precision']}\n"
     )
     print("| setting | train s | peak RSS MiB | last train loss | held-out step accuracy |\n|---|---|---|---|---|")
     for r in runs:

@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,31 @@ def child_env(cache: Path) -> dict[str, str]:
     env = dict(os.environ, HF_DATASETS_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("HF_DATASETS_OFFLINE", None)
     return env
+
+
+def alternating_pairs(
+    settings: list[str], pairs: int, run_one: Callable[[str, Path, int], dict[str, Any]], summary: Callable[[dict], str]
+) -> list[dict[str, Any]]:
+    """Every setting once per pair, the order flipped every pair (so the host's drift falls on both),
+    in one temporary work folder; ``run_one(setting, work, pair)`` returns a row with ``setting``,
+    ``train_seconds`` and ``peak_rss_mib``, printed through ``summary`` as it comes."""
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(pairs):
+            for setting in settings if pair % 2 == 0 else list(reversed(settings)):
+                result = run_one(setting, Path(tmp), pair)
+                runs.append(result)
+                print(f"{setting}: {summary(result)}", flush=True)
+    return runs
+
+
+def paired_ratios(runs: list[dict[str, Any]], new: str, old: str) -> tuple[list[float], list[float]]:
+    """Per pair: old's train seconds / new's (speed of new) and new's peak RSS / old's (memory)."""
+    news = [r for r in runs if r["setting"] == new]
+    olds = [r for r in runs if r["setting"] == old]
+    speed = [o["train_seconds"] / n["train_seconds"] for n, o in zip(news, olds, strict=True)]
+    memory = [n["peak_rss_mib"] / o["peak_rss_mib"] for n, o in zip(news, olds, strict=True)]
+    return speed, memory
 
 
 def run_child(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> tuple[float, float]:

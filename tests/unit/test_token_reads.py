@@ -27,7 +27,8 @@ SETTINGS = [
 ]
 
 
-def _classifier(kind: str, attention: str = "sdpa") -> torch.nn.Module:
+def _classifier(kind: str, attention: str = "sdpa", **qwen2: object) -> torch.nn.Module:
+    """A 3-layer token classifier; ``qwen2`` keywords reach a Qwen2 config (sliding windows)."""
     shape = dict(
         vocab_size=97,
         hidden_size=32,
@@ -39,7 +40,7 @@ def _classifier(kind: str, attention: str = "sdpa") -> torch.nn.Module:
         num_labels=2,
         pad_token_id=0,
     )
-    config = LlamaConfig(**shape) if kind == "llama" else Qwen2Config(**shape, use_sliding_window=False)
+    config = LlamaConfig(**shape) if kind == "llama" else Qwen2Config(**shape, **{"use_sliding_window": False, **qwen2})
     config.classifier_dropout = 0.0
     torch.manual_seed(0)
     return AutoModelForTokenClassification.from_config(config, attn_implementation=attention).float()
@@ -266,23 +267,7 @@ def test_the_prm_method_trains_and_evaluates_the_same_through_the_reads(no_round
 
 
 def test_a_sliding_last_layer_runs_in_full_and_the_log_says_so(no_rounding, caplog: pytest.LogCaptureFixture):
-    config = Qwen2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        num_labels=2,
-        pad_token_id=0,
-        use_sliding_window=True,
-        sliding_window=32,
-        max_window_layers=0,
-    )
-    config.classifier_dropout = 0.0
-    torch.manual_seed(0)
-    model = AutoModelForTokenClassification.from_config(config, attn_implementation="sdpa").float()
+    model = _classifier("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0)
     assert model.model.layers[-1].self_attn.sliding_window == 32  # wider than the batch: the layout still applies
     batch = _batch()
     stock = _loss_and_grads(model, batch)
