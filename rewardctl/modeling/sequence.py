@@ -179,8 +179,9 @@ class SequenceRewardModel(nn.Module):
 
     def _decoder_layout(self, backbone: nn.Module, real: Tensor) -> DecoderLayout | None:
         """The ``DecoderLayout`` of a decoder batch whose real tokens are ``real`` (B, L), or None where
-        its layers run on the padded batch (``model.skip_padding=false``, ``unpadded_blocker``, a traced
-        forward, a GPU batch, little padding, a sliding window narrower than the batch)."""
+        its layers run on the padded batch (``model.skip_padding=false``, ``unpadded_blocker``, a model
+        narrower than ``unpadded_decoder.MIN_HIDDEN``, a traced forward, a GPU batch, little padding, a
+        sliding window narrower than the batch)."""
         if (
             not self._skip_padding
             or torch.compiler.is_compiling()
