@@ -10,11 +10,13 @@ on a CPU batch's real tokens and the last layer and head at the labelled tokens 
     python benchmarks/prm_reads.py --pairs 3                         # bench decoder shape, 40 steps of 8 rows
     python benchmarks/prm_reads.py --last-step-only --pairs 3        # method.train_on_last_step_only=true
     python benchmarks/prm_reads.py --shape qwen2.5-0.5b --steps 3 --batch 4
+    python benchmarks/prm_reads.py --shape qwen2.5-0.5b --hardware gpu --steps 20 --batch 16 --max-length 512
 
 Data: ../shared/data/prm800k_stepwise (real PRM800K step lengths; ``--data-root``), the bundled tiny
 tokenizer, the model from scratch at the benchmark decoder's compute shape (hidden 384, 6 layers of 6
 heads, MLP 1536: ``make bench``'s decoder) or the Qwen2.5-0.5B shape. ``hardware=cpu``'s auto precision
-(bf16 where the CPU computes it natively and the model is at least 256 wide). Each setting trains in its
+(bf16 where the CPU computes it natively and the model is at least 256 wide), or ``--hardware gpu``
+(there only the last layer and head at the labels apply: the real-tokens layout is CPU-only). Each setting trains in its
 own subprocess, ``--pairs`` pairs in alternating order; reports train seconds, peak RSS, the last train
 loss and the held-out step accuracy of each run (the same maths both ways: they agree to rounding), and
 the median ratios. Writes <--out>/prm_reads-<shape>.json.
@@ -63,7 +65,7 @@ def overrides(args: argparse.Namespace, run_dir: Path, setting: str) -> list[str
         "model=tiny",
         *[f"+model.config_overrides.{k}={v}" for k, v in shape.items()],
         f"model.max_length={args.max_length}",
-        "hardware=cpu",
+        f"hardware={args.hardware}",
         f"method.train_on_last_step_only={str(args.last_step_only).lower()}",
         f"data.train={data / 'train.jsonl'}",
         f"data.eval={data / 'test.jsonl'}",
@@ -100,6 +102,7 @@ def run(setting: str, args: argparse.Namespace, work: Path, index: int) -> dict[
         "setting": setting,
         "train_seconds": summary["train_seconds"],
         "peak_rss_mib": rss,
+        "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
         "wall_seconds": wall,
         "tokens": summary["totals"].get("tokens"),
         "labelled_steps": summary["totals"].get("steps"),
@@ -113,6 +116,7 @@ def run(setting: str, args: argparse.Namespace, work: Path, index: int) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["bench", "qwen2.5-0.5b"], default="bench")
+    parser.add_argument("--hardware", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
@@ -154,7 +158,7 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-last-step" if args.last_step_only else ""
-    path = args.out / f"prm_reads-{args.shape}{suffix}.json"
+    path = args.out / f"prm_reads-{args.shape}-{args.hardware}{suffix}.json"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path.write_text(json.dumps({"settings": settings, "machine": cpu_description(), "runs": runs}, indent=2) + "\n")
     print(f"written to {path}")
