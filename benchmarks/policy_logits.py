@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,6 @@ def main() -> None:
             f"{r['train_seconds']:.1f} train s, {r['peak_rss_mib']:.0f} MiB peak, last loss {r['losses'][-1]:.6f}"
         ),
     )
-    speed, memory = bench.paired_ratios(runs, "completion positions", "every position")
     print(
         f"\n{cpu_description()}, {args.shape}, {args.steps} steps x {args.batch} rows, <= {args.max_length} tokens, "
         f"{runs[0]['mixed_precision']}\n"
@@ -127,15 +125,9 @@ def main() -> None:
         print(
             f"| {r['setting']} | {r['train_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {gpu} | {r['losses'][-1]:.6f} |"
         )
-    print(
-        f"\nspeed x every position: {statistics.median(speed):.2f} (pairs {', '.join(f'{s:.2f}' for s in speed)}); "
-        f"peak memory x every position: {statistics.median(memory):.2f}"
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
+    bench.print_paired_ratios(runs, "completion positions", "every position")
     path = args.out / f"policy_logits-{args.shape}-{args.hardware}.json"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    path.write_text(json.dumps({"settings": settings, "machine": cpu_description(), "runs": runs}, indent=2) + "\n")
-    print(f"written to {path}")
+    bench.write_runs(path, args, cpu_description(), runs)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,15 +34,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared" / "data"
-#: ``make bench``'s decoder compute shape (benchmarks/speed_vs_trl.py), with the tiny model's vocabulary.
-BENCH_SHAPE = {
-    "hidden_size": 384,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 6,
-    "num_key_value_heads": 6,
-    "head_dim": 64,
-}
 SETTINGS = {
     "labelled tokens only": ["model.skip_padding=true", "model.final_layer_at_reads=true"],
     "every position": ["model.skip_padding=false", "model.final_layer_at_reads=false"],
@@ -58,7 +48,10 @@ def _load(name: str) -> Any:
 
 
 def overrides(args: argparse.Namespace, run_dir: Path, setting: str) -> list[str]:
-    shape = _load("gpu_methods").QWEN25_05B_SHAPE if args.shape == "qwen2.5-0.5b" else BENCH_SHAPE
+    # make bench's decoder compute shape (speed_vs_trl.DECODER_SHAPE), with the tiny model's vocabulary
+    shape = (
+        _load("gpu_methods").QWEN25_05B_SHAPE if args.shape == "qwen2.5-0.5b" else _load("speed_vs_trl").DECODER_SHAPE
+    )
     data = args.data_root / "prm800k_stepwise"
     return [
         "method=prm",
@@ -140,7 +133,6 @@ def main() -> None:
             f"held-out step accuracy {r['eval_step_accuracy']}"
         ),
     )
-    speed, memory = bench.paired_ratios(runs, "labelled tokens only", "every position")
     labels = "last step only" if args.last_step_only else "every step"
     print(
         f"\n{cpu_description()}, {args.shape}, {args.steps} steps x {args.batch} rows, <= {args.max_length} tokens, "
@@ -152,16 +144,10 @@ def main() -> None:
             f"| {r['setting']} | {r['train_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['last_loss']:.6f} "
             f"| {r['eval_step_accuracy']:.4f} |"
         )
-    print(
-        f"\nspeed x every position: {statistics.median(speed):.2f} (pairs {', '.join(f'{s:.2f}' for s in speed)}); "
-        f"peak memory x every position: {statistics.median(memory):.2f}"
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
+    bench.print_paired_ratios(runs, "labelled tokens only", "every position")
     suffix = "-last-step" if args.last_step_only else ""
     path = args.out / f"prm_reads-{args.shape}-{args.hardware}{suffix}.json"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    path.write_text(json.dumps({"settings": settings, "machine": cpu_description(), "runs": runs}, indent=2) + "\n")
-    print(f"written to {path}")
+    bench.write_runs(path, args, cpu_description(), runs)
 
 
 if __name__ == "__main__":

@@ -120,13 +120,25 @@ def alternating_pairs(
     return runs
 
 
-def paired_ratios(runs: list[dict[str, Any]], new: str, old: str) -> tuple[list[float], list[float]]:
-    """Per pair: old's train seconds / new's (speed of new) and new's peak RSS / old's (memory)."""
+def print_paired_ratios(runs: list[dict[str, Any]], new: str, old: str) -> None:
+    """Per pair: old's train seconds / new's (the speed of new) and new's peak RSS / old's (its memory),
+    printed with their medians."""
     news = [r for r in runs if r["setting"] == new]
     olds = [r for r in runs if r["setting"] == old]
     speed = [o["train_seconds"] / n["train_seconds"] for n, o in zip(news, olds, strict=True)]
     memory = [n["peak_rss_mib"] / o["peak_rss_mib"] for n, o in zip(news, olds, strict=True)]
-    return speed, memory
+    print(
+        f"\nspeed x {old}: {statistics.median(speed):.2f} (pairs {', '.join(f'{s:.2f}' for s in speed)}); "
+        f"peak memory x {old}: {statistics.median(memory):.2f}"
+    )
+
+
+def write_runs(path: Path, args: argparse.Namespace, machine: str, runs: list[dict[str, Any]]) -> None:
+    """An A/B benchmark's runs as JSON, with its arguments and the machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(json.dumps({"settings": settings, "machine": machine, "runs": runs}, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 def run_child(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> tuple[float, float]:

@@ -138,6 +138,16 @@ def unpad_index(attention_mask: Tensor) -> dict[str, Tensor]:
     return {"flat_index": flat_index, "flat_position_ids": positions[None]}
 
 
+def _left_aligned(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's True columns of ``mask`` (rows, L) in column order, left-aligned: (order, valid), both
+    (rows, K) with K the most any row has (at least 1); ``order`` is arbitrary where ``valid`` is False."""
+    counts = mask.sum(1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    # A stable sort of "not in the mask" lists each row's True columns first, in column order.
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    return order, torch.arange(width)[None, :] < counts[:, None]
+
+
 def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = None) -> dict[str, Tensor]:
     """Where a policy's logits are needed, computed at collate time (no device sync): token t of a
     completion is predicted by the logits at t - 1, so only those positions need the (usually huge)
@@ -151,11 +161,7 @@ def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = 
     still gets one (spare) entry, so no tensor is empty."""
     predicting = torch.zeros_like(completion_mask, dtype=torch.bool)
     predicting[:, :-1] = completion_mask[:, 1:].bool()
-    counts = predicting.sum(1)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    # A stable sort of "not predicting" lists each row's predicting columns first, in column order.
-    order = torch.sort((~predicting).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width)[None, :] < counts[:, None]
+    order, valid = _left_aligned(predicting)
     columns = torch.where(valid, order, 0)
     out = {"logit_columns": columns, "logit_valid": valid}
     if flat_index is not None:
@@ -176,10 +182,6 @@ def token_read_index(read_mask: Tensor, attention_mask: Tensor) -> dict[str, Ten
     R the most any row has (at least 1), and ``read_valid`` (rows, R). A row's spare entries (and a
     row with no read) repeat its last real token, so every entry's query attends over something (a row
     must hold a real token; every collated PRM row does)."""
-    reading = read_mask.bool() & attention_mask.bool()
-    counts = reading.sum(1)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    order = torch.sort((~reading).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width)[None, :] < counts[:, None]
+    order, valid = _left_aligned(read_mask.bool() & attention_mask.bool())
     last_real = (torch.arange(attention_mask.shape[1]) * attention_mask.bool().long()).argmax(1)
     return {"read_columns": torch.where(valid, order, last_real[:, None]), "read_valid": valid}

@@ -182,16 +182,9 @@ class SequenceRewardModel(nn.Module):
         its layers run on the padded batch (``model.skip_padding=false``, ``unpadded_blocker``, a model
         narrower than ``unpadded_decoder.MIN_HIDDEN``, a traced forward, a GPU batch, little padding, a
         sliding window narrower than the batch)."""
-        if (
-            not self._skip_padding
-            or torch.compiler.is_compiling()
-            or unpadded_blocker(backbone) is not None
-            or unpadded_decoder.too_narrow(backbone) is not None
-        ):
+        if not self._skip_padding or torch.compiler.is_compiling() or unpadded_blocker(backbone) is not None:
             return None
-        layout = unpadded_decoder.decoder_layout(real)
-        window = unpadded_decoder.narrowest_window(backbone)
-        return None if layout is None or (window is not None and window < layout.width) else layout
+        return unpadded_decoder.layout_for(backbone, real)
 
     def _hidden_unpadded(
         self,

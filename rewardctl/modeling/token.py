@@ -72,7 +72,8 @@ def compute_labelled_tokens_only(model: nn.Module, model_cfg: ModelConfig, *, co
         log.info("token classifier: every layer over every position: %s", blocker)
         return model
     hf = transformers_model(model)
-    last_blocker = read_only_blocker(getattr(hf, hf.base_model_prefix))
+    backbone = getattr(hf, hf.base_model_prefix)
+    last_blocker = read_only_blocker(backbone)
     if model_cfg.final_layer_at_reads and last_blocker is not None:
         log.info("token classifier: last layer at every position: %s", last_blocker)
     settings = ReadSettings(
@@ -84,7 +85,7 @@ def compute_labelled_tokens_only(model: nn.Module, model_cfg: ModelConfig, *, co
         compute_reads_only(model, settings)  # the stock class again, if it was swapped before
         return model
     compute_reads_only(model, settings)
-    narrow = unpadded_decoder.too_narrow(getattr(hf, hf.base_model_prefix))
+    narrow = unpadded_decoder.too_narrow(backbone)
     if not settings.skip_padding:
         parts = ["layers over the padding"]
     elif narrow is not None:

@@ -165,16 +165,10 @@ def _hidden_at_slots(
 
 def _layout(backbone: nn.Module, real: Tensor) -> unpadded_decoder.DecoderLayout | None:
     """The real-tokens layout of a CPU batch (None on a GPU, where ``decoder_layout`` reads nothing),
-    or None where it would not pay (``unpadded_decoder.too_narrow``) or not be exact: a sliding window
-    narrower than the batch, or a row with no real token (its spare slots would have no gathered
-    position)."""
-    if unpadded_decoder.too_narrow(backbone) is not None:
-        return None
-    layout = unpadded_decoder.decoder_layout(real)
+    or None where ``unpadded_decoder.layout_for`` gives none, or a row has no real token (its spare
+    slots would have no gathered position)."""
+    layout = unpadded_decoder.layout_for(backbone, real)
     if layout is None:
-        return None
-    window = unpadded_decoder.narrowest_window(backbone)
-    if window is not None and window < layout.width:
         return None
     # ``real`` is a CPU tensor here (decoder_layout gives GPU batches no layout): nothing to wait for.
     every_row_real = torch.equal(real.any(1), torch.ones(real.shape[0], dtype=torch.bool))

@@ -172,6 +172,17 @@ def too_narrow(backbone: nn.Module) -> str | None:
     return None
 
 
+def layout_for(backbone: nn.Module, real: Tensor) -> DecoderLayout | None:
+    """``decoder_layout`` of a batch for ``backbone``, or None where gathering would not pay for it
+    (``too_narrow``) or not be exact (a sliding window narrower than the batch). The caller judges
+    the model's own blockers (``unpadded_blocker``)."""
+    if too_narrow(backbone) is not None:
+        return None
+    layout = decoder_layout(real)
+    window = narrowest_window(backbone)
+    return None if layout is None or (window is not None and window < layout.width) else layout
+
+
 def narrowest_window(backbone: nn.Module) -> int | None:
     """The smallest sliding window of any layer (Qwen2's sliding layers, Mistral's config), or None."""
     windows = [getattr(layer.self_attn, "sliding_window", None) for layer in backbone.layers]

@@ -73,6 +73,13 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return picked.detach(), loss.detach(), grads
 
 
+def _assert_same_gradients(fast: dict, stock: dict) -> None:
+    """The same parameters got gradients, each equal within fp32 rounding."""
+    assert fast.keys() == stock.keys()
+    for name, grad in stock.items():
+        torch.testing.assert_close(fast[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.fixture(autouse=True)
 def any_width(monkeypatch: pytest.MonkeyPatch) -> None:
     """The test models are narrower than ``unpadded_decoder.MIN_HIDDEN``: let them gather anyway."""
@@ -97,9 +104,7 @@ def test_read_logits_loss_and_gradients_equal_the_stock_forward(kind, settings, 
     fast = _loss_and_grads(model, batch)
     torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(fast[1], stock[1], atol=1e-6, rtol=0)
-    assert fast[2].keys() == stock[2].keys()
-    for name, grad in stock[2].items():
-        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_gradients(fast[2], stock[2])
 
 
 def test_the_layers_and_head_see_the_real_tokens_and_the_reads_only(no_rounding):
@@ -222,9 +227,8 @@ def test_a_lora_classifier_reads_the_same_logits_and_trains_the_same_adapter(no_
     assert computes_reads_only(fast_model) and not computes_reads_only(stock_model)
     stock, fast = _loss_and_grads(stock_model, batch), _loss_and_grads(fast_model, batch)
     torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
-    assert stock[2].keys() == fast[2].keys() and all("lora_" in k or "score" in k for k in fast[2])
-    for name, grad in stock[2].items():
-        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert all("lora_" in k or "score" in k for k in fast[2])
+    _assert_same_gradients(fast[2], stock[2])
 
 
 def test_the_prm_method_trains_and_evaluates_the_same_through_the_reads(no_rounding):
@@ -260,8 +264,7 @@ def test_the_prm_method_trains_and_evaluates_the_same_through_the_reads(no_round
     assert not computes_reads_only(model)
     (loss, grads, evaluated), (stock_loss, stock_grads, stock_evaluated) = outputs["reads"], outputs["stock"]
     torch.testing.assert_close(loss, stock_loss, atol=1e-5, rtol=1e-6)
-    for name, grad in stock_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_gradients(grads, stock_grads)
     for key in ("step_prob", "loss_sum", "present"):
         torch.testing.assert_close(evaluated[key], stock_evaluated[key], atol=1e-5, rtol=1e-6, msg=key)
 
@@ -277,8 +280,7 @@ def test_a_sliding_last_layer_runs_in_full_and_the_log_says_so(no_rounding, capl
     assert "layers on the real tokens of CPU batches; last layer in full" in caplog.text
     fast = _loss_and_grads(model, batch)
     torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
-    for name, grad in stock[2].items():
-        torch.testing.assert_close(fast[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_gradients(fast[2], stock[2])
 
 
 def test_no_real_tokens_layout_for_a_batch_with_an_empty_row(no_rounding):
