@@ -238,10 +238,12 @@ def test_an_interrupted_run_resumed_by_its_command_matches_an_uninterrupted_one(
 
 
 def test_a_second_signal_stops_the_command_at_once(tmp_path: Path):
-    """Slow steps (3,072 pairs each, several seconds on a quiet machine: with 512 a quiet machine finished
+    """Slow steps (3,072 pairs each, about 3 s on a quiet machine: with 512 a quiet machine finished
     the step, saved and exited within the 0.7 s between the signals), so the second signal lands while
-    the first is still being honoured. The first signal comes right after step 1's record, i.e. at the
-    start of step 2."""
+    the first is still being honoured. The first signal comes 0.3 s after step 1's record, i.e. inside
+    step 2: sent the moment the record appeared, it could land before step 1's own stop check (a few
+    lines after the record is written), and then the run checkpointed step 1 and was exiting, its
+    handlers gone, when the second signal came (exit status -15, seen once in `make test`)."""
     out = tmp_path / "run"
     proc, err = start(
         [
@@ -257,6 +259,7 @@ def test_a_second_signal_stops_the_command_at_once(tmp_path: Path):
         tmp_path,
     )
     wait_for_training(proc, out)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     time.sleep(guards.DUPLICATE_WINDOW_S + 0.2)
     proc.send_signal(signal.SIGTERM)
