@@ -75,7 +75,13 @@ from rewardctl.modeling.adapters import (
     wants_merged_copy,
     wrap_with_adapter,
 )
-from rewardctl.modeling.causal import build_causal_lm, completion_logps, frozen_copy, load_causal_lm
+from rewardctl.modeling.causal import (
+    build_causal_lm,
+    completion_logps,
+    compute_predicting_positions_only,
+    frozen_copy,
+    load_causal_lm,
+)
 from rewardctl.modeling.common import takes_logit_positions
 from rewardctl.modeling.tokenizer import load_tokenizer, tokenizer_identity
 
@@ -388,10 +394,12 @@ class PolicyMethod(Method):
             else f"at every position: {type(model).__name__}'s forward does not slice with transformers' "
             "slice_logits_to_keep",
         )
-        return wrap_with_adapter(model, self.run.peft, head=[], task_type="CAUSAL_LM")
+        model = wrap_with_adapter(model, self.run.peft, head=[], task_type="CAUSAL_LM")
+        return compute_predicting_positions_only(model, self.run.model, compiled=self.run.train.compile)
 
     def load_trained(self, path: Path) -> nn.Module:
         model = load_causal_lm(path, self.run.model, disable_dropout=self.cfg.disable_dropout)
+        model = compute_predicting_positions_only(model, self.run.model)
         saved = read_saved_meta(path)
         self.restore_saved_meta(saved)
         self.adopt_reward_stats(saved)
@@ -529,7 +537,8 @@ class PolicyMethod(Method):
             self.reference = runtime.prepare_frozen(self.build_model())
 
     def _load_reference(self) -> nn.Module:
-        return load_causal_lm(self.cfg.ref_model, self.run.model, disable_dropout=self.cfg.disable_dropout)
+        reference = load_causal_lm(self.cfg.ref_model, self.run.model, disable_dropout=self.cfg.disable_dropout)
+        return compute_predicting_positions_only(reference, self.run.model)
 
     def _logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         return completion_logps(model, batch)

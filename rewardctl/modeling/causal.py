@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.data.packing import completion_logit_index
+from rewardctl.modeling import read_slots
 from rewardctl.modeling.adapters import load_model_dir
+from rewardctl.modeling.causal_reads import compute_positions_only, positions_blocker
 from rewardctl.modeling.common import (
     instantiate,
     load_config,
@@ -52,6 +54,22 @@ def load_causal_lm(path: str | Path, model_cfg: ModelConfig, *, disable_dropout:
         return model
 
     return load_model_dir(Path(path), model_cfg, plain)
+
+
+def compute_predicting_positions_only(model: nn.Module, model_cfg: ModelConfig, *, compiled: bool = False) -> nn.Module:
+    """Let the policy ``model`` run its layers on a CPU batch's real tokens (``model.skip_padding``)
+    and its last layer at the completion-predicting positions only (``model.final_layer_at_reads``)
+    when ``completion_logps`` asks for those positions (``causal_reads``), wherever that is exact for
+    it; the log says which."""
+    return read_slots.enable(
+        model,
+        model_cfg,
+        blocker=positions_blocker(model),
+        apply=compute_positions_only,
+        subject="policy",
+        reads="the completion-predicting positions",
+        compiled=compiled,
+    )
 
 
 def wants_router_logits(model: nn.Module) -> bool:

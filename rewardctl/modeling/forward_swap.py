@@ -13,6 +13,19 @@ from typing import Any
 
 from torch import nn
 
+#: Set on every generated class, so code that judges a model by its class's stock forward (its
+#: signature, what it slices) can look past the swap (``stock_class``).
+GENERATED = "_rewardctl_generated_by_forward_swap"
+
+
+def stock_class(cls: type) -> type:
+    """The first class in ``cls``'s MRO that no ``ForwardSwap`` generated: ``cls`` itself for a stock
+    class, the stock class under a swapped one (or under a wrapper of a swapped one)."""
+    generated = [klass for klass in cls.__mro__ if vars(klass).get(GENERATED)]
+    if not generated:
+        return cls
+    return cls.__mro__[cls.__mro__.index(generated[-1]) + 1]
+
 
 class ForwardSwap:
     """One replacement ``forward``; one generated subclass per stock class it is applied to."""
@@ -53,6 +66,7 @@ class ForwardSwap:
                     "forward": self._forward,
                     "__qualname__": f"{self._prefix}{stock.__name__}",
                     "__module__": self._module_name,
+                    GENERATED: True,
                 },
             )
         module.__class__ = self._classes[stock]

@@ -7,7 +7,6 @@ scorer can rebuild sequences exactly as training did.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,10 @@ from transformers import AutoModelForTokenClassification, PreTrainedModel, PreTr
 
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError, ModelMismatchError
-from rewardctl.modeling import unpadded_decoder
+from rewardctl.modeling import read_slots
 from rewardctl.modeling.adapters import load_model_dir, save_model_dir
-from rewardctl.modeling.common import instantiate, load_config, load_kwargs, transformers_model
-from rewardctl.modeling.final_layer import read_only_blocker
-from rewardctl.modeling.token_reads import ReadSettings, compute_reads_only, reads_blocker
-
-log = logging.getLogger(__name__)
+from rewardctl.modeling.common import instantiate, load_config, load_kwargs
+from rewardctl.modeling.token_reads import compute_reads_only, reads_blocker
 
 LABELS = {0: "incorrect", 1: "correct"}
 
@@ -67,36 +63,12 @@ def compute_labelled_tokens_only(model: nn.Module, model_cfg: ModelConfig, *, co
     """Let ``model`` compute the logits a PRM reads only (``token_reads``): its layers on a CPU batch's
     real tokens (``model.skip_padding``), its last layer and head at the labelled tokens
     (``model.final_layer_at_reads``), wherever that is exact for it; the log says which."""
-    blocker = reads_blocker(model)
-    if blocker is not None:
-        log.info("token classifier: every layer over every position: %s", blocker)
-        return model
-    hf = transformers_model(model)
-    backbone = getattr(hf, hf.base_model_prefix)
-    last_blocker = read_only_blocker(backbone)
-    if model_cfg.final_layer_at_reads and last_blocker is not None:
-        log.info("token classifier: last layer at every position: %s", last_blocker)
-    settings = ReadSettings(
-        skip_padding=model_cfg.skip_padding, last_at_reads=model_cfg.final_layer_at_reads and last_blocker is None
+    return read_slots.enable(
+        model,
+        model_cfg,
+        blocker=reads_blocker(model),
+        apply=compute_reads_only,
+        subject="token classifier",
+        reads="the labelled tokens",
+        compiled=compiled,
     )
-    if not (settings.skip_padding or settings.last_at_reads):
-        why = "model.skip_padding=false" + ("" if last_blocker else " and model.final_layer_at_reads=false")
-        log.info("token classifier: every layer over every position: %s", why)
-        compute_reads_only(model, settings)  # the stock class again, if it was swapped before
-        return model
-    compute_reads_only(model, settings)
-    narrow = unpadded_decoder.too_narrow(backbone)
-    if not settings.skip_padding:
-        parts = ["layers over the padding"]
-    elif narrow is not None:
-        parts = [f"layers over the padding: {narrow}"]
-    else:
-        parts = ["layers on the real tokens of CPU batches"]
-    parts.append(
-        "last layer and head at the labelled tokens only (GPU batches too)"
-        if settings.last_at_reads
-        else "last layer in full"
-    )
-    note = " (train.compile traces the stock forward in training)" if compiled else ""
-    log.info("token classifier: %s%s", "; ".join(parts), note)
-    return model

@@ -34,40 +34,19 @@ run at its reads, ``final_layer.read_only_blocker``: a sliding window, ZeRO-3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rewardctl.data.packing import PAD_SEGMENT, segment_attention_mask
-from rewardctl.modeling import unpadded_decoder
+from rewardctl.modeling import read_slots, unpadded_decoder
 from rewardctl.modeling.common import transformers_model
-from rewardctl.modeling.final_layer import (
-    keys_values,
-    last_layer_inputs,
-    output_at_reads,
-    read_only_blocker,
-    rows_of,
-)
 from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.read_slots import ReadSettings
 
 #: The keyword the swapped forward takes the reads under: ``(read_columns, read_valid)``, each (B, R), as
 #: ``rewardctl.data.packing.token_read_index`` makes them at collate time (PEFT passes it through).
 READS_KEY = "rewardctl_reads"
-
-
-@dataclass(frozen=True)
-class ReadSettings:
-    """Which of the two savings a classifier's forward may make (``model.skip_padding``,
-    ``model.final_layer_at_reads`` where ``final_layer.read_only_blocker`` allows it when the model is
-    built); each forward still checks that its batch and the model allow them."""
-
-    skip_padding: bool
-    last_at_reads: bool
-
-
-_SETTINGS_ATTRIBUTE = "_rewardctl_read_settings"
 
 
 def _stock_forward_owner(cls: type) -> type | None:
@@ -97,86 +76,12 @@ def reads_blocker(classifier: nn.Module) -> str | None:
 def compute_reads_only(classifier: nn.Module, settings: ReadSettings) -> None:
     """Let ``classifier`` (``reads_blocker`` None) honour ``READS_KEY`` with ``settings``; with
     neither saving on, its stock class again."""
-    hf = transformers_model(classifier)
-    if not (settings.skip_padding or settings.last_at_reads):
-        _READS.undo(hf)
-        hf.__dict__.pop(_SETTINGS_ATTRIBUTE, None)
-        return
-    setattr(hf, _SETTINGS_ATTRIBUTE, settings)
-    _READS.apply(hf)
+    read_slots.apply_settings(transformers_model(classifier), settings, _READS)
 
 
 def computes_reads_only(classifier: nn.Module) -> bool:
     """Whether ``classifier``'s forward takes ``READS_KEY``."""
     return _READS.applied(transformers_model(classifier))
-
-
-def _at_slots(tensor: Tensor, flat: Tensor) -> Tensor:
-    """``tensor`` (B, L, ...) at the (B, R) flat positions ``flat`` (row * L + column): (B, R, ...)."""
-    rows = tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
-    return rows_of(rows, flat.flatten()).view(*flat.shape, *tensor.shape[2:])
-
-
-def _hidden_at_slots(
-    backbone: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    columns: Tensor,
-    layout: unpadded_decoder.DecoderLayout | None,
-    last_at_reads: bool,
-) -> Tensor:
-    """The backbone's final hidden states (after its last norm) at ``columns`` (B, R): (B, R, H), the
-    layers on the real tokens only given a ``layout``, the last layer at the reads only if
-    ``last_at_reads`` (one of the two at least)."""
-    batch, width = input_ids.shape
-    real = attention_mask.bool()
-    flat = torch.arange(batch, device=columns.device)[:, None] * width + columns  # (B, R) padded positions
-    if layout is not None:
-        position_ids = torch.arange(width, device=input_ids.device).expand(batch, width)  # the stock forward's
-        mask = segment_attention_mask(torch.where(real, 0, PAD_SEGMENT))  # causal over each row's real tokens
-        if not last_at_reads:
-            reads = unpadded_decoder.hidden_at_reads(
-                backbone, input_ids, position_ids, mask, layout, flat.flatten(), False
-            )
-            return reads.view(*columns.shape, -1)
-        hidden, cos, sin, mask = unpadded_decoder.layers_before_last(backbone, input_ids, position_ids, mask, layout)
-        last = backbone.layers[backbone.config.num_hidden_layers - 1]
-        normed = last.input_layernorm(hidden)
-        key, value = keys_values(last.self_attn, normed, cos, sin)
-        key, value = layout.pad(key), layout.pad(value)
-        at = layout.gathered(flat)  # (B, R) positions in the gathered row
-        hidden, normed, cos, sin = (_at_slots(t, at) for t in (hidden, normed, cos, sin))
-    else:  # the stock layers over the padded batch, stopped at the last one (last_at_reads is set here)
-        hidden, mask, (cos, sin) = last_layer_inputs(
-            backbone, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
-        last = backbone.layers[-1]
-        normed = last.input_layernorm(hidden)
-        key, value = keys_values(last.self_attn, normed, cos, sin)
-        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        hidden, normed, cos, sin = (_at_slots(t, flat) for t in (hidden, normed, cos, sin))
-    if mask is None:  # the model left causality to the kernel: key j is visible from query i iff j <= i
-        rows_mask = torch.arange(width, device=columns.device)[None, None, :] <= columns[:, :, None]
-    else:
-        rows_mask = _at_slots(mask[:, 0], flat)  # (B, R, L)
-    out = output_at_reads(last, hidden, normed, cos, sin, key, value, rows_mask.unsqueeze(1))
-    return backbone.norm(out)
-
-
-def _layout(backbone: nn.Module, real: Tensor) -> unpadded_decoder.DecoderLayout | None:
-    """The real-tokens layout of a CPU batch (None on a GPU, where ``decoder_layout`` reads nothing),
-    or None where ``unpadded_decoder.layout_for`` gives none, or a row has no real token (its spare
-    slots would have no gathered position)."""
-    layout = unpadded_decoder.layout_for(backbone, real)
-    if layout is None:
-        return None
-    # ``real`` is a CPU tensor here (decoder_layout gives GPU batches no layout): nothing to wait for.
-    every_row_real = torch.equal(real.any(1), torch.ones(real.shape[0], dtype=torch.bool))
-    return layout if every_row_real else None
-
-
-#: Keywords the reads path takes as the stock forward does (the rest of ``_reads_forward``'s checks).
-_HANDLED = ("attention_mask", "use_cache", "return_dict", "output_attentions", "output_hidden_states")
 
 
 def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -185,30 +90,15 @@ def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args
 
     reads: tuple[Tensor, Tensor] | None = kwargs.pop(READS_KEY, None)
     stock = _READS.stock_forward(classifier)
-    attention_mask = kwargs.get("attention_mask")
-    settings: ReadSettings | None = getattr(classifier, _SETTINGS_ATTRIBUTE, None)
-    backbone = getattr(classifier, classifier.base_model_prefix)
-    if (
-        torch.compiler.is_compiling()  # first: dynamo then traces none of the checks below
-        or reads is None
-        or settings is None
-        or args
-        or input_ids is None
-        or attention_mask is None
-        or attention_mask.dim() != 2
-        or any(value is not None for key, value in kwargs.items() if key not in _HANDLED)  # labels, positions...
-        or kwargs.get("output_hidden_states")
-        or kwargs.get("output_attentions")
-        or kwargs.get("return_dict") is False
-        or unpadded_decoder.unpadded_blocker(backbone) is not None
-    ):
+    if read_slots.needs_stock_forward(input_ids, args, kwargs) or reads is None:
         return stock(classifier, input_ids, *args, **kwargs)
-    layout = _layout(backbone, attention_mask.bool()) if settings.skip_padding else None  # CPU batches only
-    last_at_reads = settings.last_at_reads and read_only_blocker(backbone) is None
-    if layout is None and not last_at_reads:
+    attention_mask = kwargs["attention_mask"]
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    plan = read_slots.plan(classifier, backbone, attention_mask)
+    if plan is None:
         return stock(classifier, input_ids, *args, **kwargs)
     columns, valid = reads
-    hidden = _hidden_at_slots(backbone, input_ids, attention_mask, columns, layout, last_at_reads)  # (B, R, H)
+    hidden = read_slots.hidden_at_slots(backbone, input_ids, attention_mask, columns, *plan)  # (B, R, H)
     logits = classifier.score(classifier.dropout(hidden))  # (B, R, labels)
     # Back to (B, L, labels): each valid slot to its position, each spare slot to a row of its own past
     # the end (dropped), so no position is written twice and nothing is read back on the host.

@@ -122,10 +122,20 @@ def _stock_class(module: nn.Module, names: tuple[str, ...]) -> bool:
     return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
+#: transformers 5 installs these forward hooks on every layer and attention module the first time a
+#: forward asks for hidden states or attentions (``install_output_capuring_hook``) and leaves them
+#: there; they record only inside a forward that asked (which runs the stock path). Counting them as
+#: hooks turned the gathered forward off for the rest of a run after one such call: BCO's prompt
+#: embeddings (``output_hidden_states``) did, before this was excluded.
+OUTPUT_CAPTURING_HOOKS = "transformers.utils.output_capturing"
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether hooks run around ``module``'s call (accelerate's offload hook, a user's): the gathered
-    forward calls its parts directly, so they would be skipped."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    forward calls its parts directly, so they would be skipped. transformers' own inert output-capturing
+    hooks (``OUTPUT_CAPTURING_HOOKS``) do not count."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(getattr(hook, "__module__", None) != OUTPUT_CAPTURING_HOOKS for hook in hooks)
 
 
 def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:

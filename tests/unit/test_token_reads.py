@@ -15,7 +15,7 @@ from transformers import AutoModelForTokenClassification, LlamaConfig, Qwen2Conf
 from rewardctl.config.schema import ModelConfig
 from rewardctl.data.packing import token_read_index
 from rewardctl.methods.prm import IGNORE
-from rewardctl.modeling import token_reads, unpadded_decoder
+from rewardctl.modeling import read_slots, token_reads, unpadded_decoder
 from rewardctl.modeling.common import token_logits
 from rewardctl.modeling.token import compute_labelled_tokens_only
 from rewardctl.modeling.token_reads import ReadSettings, compute_reads_only, computes_reads_only
@@ -190,7 +190,7 @@ def test_blockers_name_why(tmp_path: Path):
 def test_the_switch_logs_and_saves_a_stock_classifier(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     model = _classifier("llama")
     cfg = ModelConfig(name_or_path="unused")
-    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_labelled_tokens_only(model, cfg)
     assert "layers on the real tokens of CPU batches; last layer and head at the labelled tokens only" in caplog.text
     assert type(model).__name__ == "LlamaForTokenClassification" and computes_reads_only(model)
@@ -199,7 +199,7 @@ def test_the_switch_logs_and_saves_a_stock_classifier(tmp_path: Path, caplog: py
     assert not computes_reads_only(reloaded) and reloaded.config.architectures == ["LlamaForTokenClassification"]
     off = _classifier("llama")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_labelled_tokens_only(
             off, ModelConfig(name_or_path="unused", skip_padding=False, final_layer_at_reads=False)
         )
@@ -274,7 +274,7 @@ def test_a_sliding_last_layer_runs_in_full_and_the_log_says_so(no_rounding, capl
     assert model.model.layers[-1].self_attn.sliding_window == 32  # wider than the batch: the layout still applies
     batch = _batch()
     stock = _loss_and_grads(model, batch)
-    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_labelled_tokens_only(model, ModelConfig(name_or_path="unused"))
     assert "last layer at every position: the last layer attends through a sliding window" in caplog.text
     assert "layers on the real tokens of CPU batches; last layer in full" in caplog.text
@@ -286,8 +286,8 @@ def test_a_sliding_last_layer_runs_in_full_and_the_log_says_so(no_rounding, capl
 def test_no_real_tokens_layout_for_a_batch_with_an_empty_row(no_rounding):
     model = _classifier("llama")
     real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    assert token_reads._layout(model.model, real) is not None
-    assert token_reads._layout(model.model, torch.cat([real, torch.zeros(1, 4, dtype=torch.bool)])) is None
+    assert read_slots.real_tokens_layout(model.model, real) is not None
+    assert read_slots.real_tokens_layout(model.model, torch.cat([real, torch.zeros(1, 4, dtype=torch.bool)])) is None
 
 
 def test_a_narrow_model_keeps_its_padded_layers_and_still_reads_at_the_labels(
@@ -297,7 +297,7 @@ def test_a_narrow_model_keeps_its_padded_layers_and_still_reads_at_the_labels(
     model = _classifier("llama")
     batch = _batch()
     stock = _loss_and_grads(model, batch)
-    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.token"):
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_labelled_tokens_only(model, ModelConfig(name_or_path="unused"))
     assert "layers over the padding: hidden size 32 < 256" in caplog.text
     assert "last layer and head at the labelled tokens only" in caplog.text

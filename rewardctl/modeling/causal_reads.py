@@ -1,0 +1,90 @@
+"""A causal LM policy's vocabulary logits at the positions its caller reads: the layers on a CPU
+batch's real tokens only, the last layer and the vocabulary projection at those positions only.
+
+A policy method (BCO) needs log pi(y_t | x, y_<t) at the completion tokens only, so its caller passes
+the positions that predict them as ``logits_to_keep`` ((B, K) columns, made at collate time by
+``rewardctl.data.packing.completion_logit_index``). The stock forward then projects only those
+positions onto the vocabulary, but still runs every layer over every position of the padded batch, the
+last layer's queries, output projection and MLP included, for the policy and again for the reference.
+The policy's forward (swapped in with ``forward_swap``, so parameters, hooks and saved files stay
+stock) instead, given (B, K) positions:
+
+- runs every layer but the last on the batch's real tokens only (``unpadded_decoder``, where
+  ``model.skip_padding`` is on, the model is wide enough and a CPU batch holds enough padding), else the
+  stock layers over the padded batch;
+- runs the last layer at the K positions of each row only (``model.final_layer_at_reads``): keys and
+  values over every token, queries, output projection and MLP at the positions;
+- projects those positions onto the vocabulary, as the stock forward does: (B, K, V) logits.
+
+The positions are those a PRM reads in ``token_reads``, so both share ``read_slots``. Each logit is
+the stock forward's within float rounding (tested in fp32 against the stock forward, gradients
+included). Nothing is read back on the host, so the last layer at the positions serves GPU batches
+too; a GPU's padding-free batches (one packed row, 1-D positions) keep the stock forward.
+
+Where the stock forward runs instead: ``logits_to_keep`` not a (B, K) tensor (an int, as the prompt
+embeddings of BCO's UDM pass); ``train.compile``'s trace; labels, a cache, explicit positions or
+embeddings, hidden states or attentions requested, or any other keyword; no 2-D attention mask; a
+class other than transformers' own Llama / Mistral / Qwen2 causal LM (``positions_blocker``); what
+``unpadded_decoder.unpadded_blocker`` finds at call time; a batch where neither saving applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from rewardctl.modeling import read_slots, unpadded_decoder
+from rewardctl.modeling.common import transformers_model
+from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.read_slots import ReadSettings
+
+#: transformers' causal LMs whose forward is the backbone, then ``lm_head`` on the kept positions (no
+#: logit scaling or soft-capping), over one of ``unpadded_decoder.BACKBONES``.
+POLICIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def positions_blocker(policy: nn.Module) -> str | None:
+    """Why ``policy`` runs the stock forward at every position (None: it can run at the kept ones)."""
+    hf = transformers_model(policy)
+    cls = _POSITIONS.stock_class(type(hf))
+    if cls.__name__ not in POLICIES or not cls.__module__.startswith("transformers.models."):
+        return f"{cls.__name__} is not one of transformers' {', '.join(POLICIES)}"
+    if not isinstance(getattr(hf, "lm_head", None), nn.Module):
+        return f"{cls.__name__} has no lm_head"
+    return unpadded_decoder.unpadded_blocker(getattr(hf, hf.base_model_prefix), training_setup=True)
+
+
+def compute_positions_only(policy: nn.Module, settings: ReadSettings) -> None:
+    """Let ``policy`` (``positions_blocker`` None) run its forward at (B, K) ``logits_to_keep`` with
+    ``settings``; with neither saving on, its stock class again."""
+    read_slots.apply_settings(transformers_model(policy), settings, _POSITIONS)
+
+
+def computes_positions_only(policy: nn.Module) -> bool:
+    return _POSITIONS.applied(transformers_model(policy))
+
+
+def _positions_forward(policy: nn.Module, input_ids: Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+    """The causal LM's forward at (B, K) ``logits_to_keep`` (module docstring)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    stock = _POSITIONS.stock_forward(policy)
+    columns = kwargs.get("logits_to_keep")
+    if (
+        read_slots.needs_stock_forward(input_ids, args, kwargs, (*read_slots.HANDLED, "logits_to_keep"))
+        or not isinstance(columns, Tensor)
+        or columns.dim() != 2
+    ):
+        return stock(policy, input_ids, *args, **kwargs)
+    attention_mask = kwargs["attention_mask"]
+    backbone = getattr(policy, policy.base_model_prefix)
+    plan = read_slots.plan(policy, backbone, attention_mask)
+    if plan is None:
+        return stock(policy, input_ids, *args, **kwargs)
+    hidden = read_slots.hidden_at_slots(backbone, input_ids, attention_mask, columns, *plan)  # (B, K, H)
+    return CausalLMOutputWithPast(logits=policy.lm_head(hidden))
+
+
+#: The causal LM's class becomes a subclass with ``_positions_forward`` (``compute_positions_only``).
+_POSITIONS = ForwardSwap(_positions_forward, "PositionsOnly", __name__)
