@@ -118,14 +118,15 @@ class ModelConfig:
     # Reward models train more stably without dropout (TRL and OpenRLHF do the same).
     disable_dropout: bool = True
     # Compute the last layer only where the reward is read (keys/values everywhere): decoders at the
-    # reward tokens (Llama/Mistral/Qwen2 layers; a PRM's token classifier at its labelled tokens, head
-    # included), BERT-family encoders at the pooled first token; exact, ~1/7 less work on a 6-layer
-    # model; sdpa/eager attention.
+    # reward tokens (Llama/Mistral/Qwen2 layers; a PRM's token classifier at its labelled tokens and a
+    # BCO policy and its reference at their completion-predicting positions, head included),
+    # BERT-family encoders at the pooled first token; exact, ~1/7 less work on a 6-layer model;
+    # sdpa/eager attention.
     final_layer_at_reads: bool = True
     # Run the layers on the real tokens of a padded CPU batch only (gathered once): a BERT-family
-    # encoder's (attention per sequence) and a Llama/Mistral/Qwen2 decoder's, a PRM's token classifier
-    # included (attention in the padded layout); exact; as much less work as the batch held padding
-    # (15% / 8% on HH-RLHF pairs).
+    # encoder's (attention per sequence) and a Llama/Mistral/Qwen2 decoder's at least 256 wide, a PRM's
+    # token classifier and a BCO policy and its reference included (attention in the padded layout);
+    # exact; as much less work as the batch held padding (15% / 8% on HH-RLHF pairs).
     skip_padding: bool = True
     # Extra attributes set on the transformers config before the model is built.
     config_overrides: Dict[str, Any] = field(default_factory=dict)

@@ -138,21 +138,24 @@ def unpad_index(attention_mask: Tensor) -> dict[str, Tensor]:
     return {"flat_index": flat_index, "flat_position_ids": positions[None]}
 
 
-#: A policy's completion-predicting columns come in widths rounded up to this multiple (at most the
-#: batch's width), so the tensors made at them come in few sizes: with exact widths every batch's
-#: (rows, K, ...) buffers had a size of their own and the heap fragmented. BCO on the benchmark decoder
-#: (HH-RLHF unpaired rows, 30 steps of 8, bf16) peaked at 1736-1750 MiB with the last layer at the
-#: positions and exact widths, 1562 at multiples of 32 (1568 at 64); the stock layers 1563-1580 / 1501.
-LOGIT_COLUMNS_MULTIPLE = 32
+#: A policy's completion-predicting columns come in one of this many widths per doubling (at most 1/8
+#: more slots than the batch's row with the most needs, never past the batch's width; ``padded_length``),
+#: so the tensors made at them come in few sizes: with exact widths every batch's (rows, K, ...) buffers
+#: had a size of their own and the heap fragmented. BCO on the benchmark decoder (HH-RLHF unpaired rows,
+#: 30 steps of 8, bf16, a 1,024-token vocabulary) peaked at 1736-1750 MiB with the last layer at the
+#: positions and exact widths, 1562 at multiples of 32. Buckets rather than a fixed multiple: each
+#: spare slot costs a row of vocabulary logits (and its float32 copy), 151,936 wide for Qwen2.5, so a
+#: batch of short completions must not triple them.
+LOGIT_COLUMN_BUCKETS = 8
 
 
-def _left_aligned(mask: Tensor, multiple: int = 1) -> tuple[Tensor, Tensor]:
+def _left_aligned(mask: Tensor, buckets: int = 0) -> tuple[Tensor, Tensor]:
     """Each row's True columns of ``mask`` (rows, L) in column order, left-aligned: (order, valid), both
-    (rows, K) with K the most any row has (at least 1), rounded up to ``multiple`` (at most L);
-    ``order`` is arbitrary where ``valid`` is False."""
+    (rows, K) with K the most any row has (at least 1), rounded up to one of ``buckets`` widths per
+    doubling (``padded_length``; at most L); ``order`` is arbitrary where ``valid`` is False."""
     counts = mask.sum(1)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    width = max(min(-(-width // multiple) * multiple, mask.shape[1]), width)
+    most = max(int(counts.max()) if counts.numel() else 0, 1)
+    width = max(min(padded_length(most, buckets=buckets), mask.shape[1]), most)
     # A stable sort of "not in the mask" lists each row's True columns first, in column order.
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     return order, torch.arange(width)[None, :] < counts[:, None]
@@ -164,14 +167,14 @@ def completion_logit_index(completion_mask: Tensor, flat_index: Tensor | None = 
     vocabulary projection; the prompt's positions and the padding never do.
 
     ``logit_columns`` (rows, K): each row's predicting columns in order, left-aligned, K the most any
-    row has rounded up to ``LOGIT_COLUMNS_MULTIPLE`` (at most L); the spare entries repeat column 0 and ``logit_valid`` (rows, K) is False there. With a
+    row has rounded up to one of ``LOGIT_COLUMN_BUCKETS`` widths per doubling (at most L); the spare entries repeat column 0 and ``logit_valid`` (rows, K) is False there. With a
     padding-free batch's ``flat_index`` (``unpad_index``) the one concatenated row is read at exactly
     the N predicting positions, ``logit_packed`` (N,), in row order, and ``logit_slots`` (rows, K)
     says which of the N each valid entry is (0 at the spare ones). A batch with no completion token
-    still gets one (spare) entry, so no tensor is empty."""
+    still gets one spare entry per row, so no tensor is empty."""
     predicting = torch.zeros_like(completion_mask, dtype=torch.bool)
     predicting[:, :-1] = completion_mask[:, 1:].bool()
-    order, valid = _left_aligned(predicting, LOGIT_COLUMNS_MULTIPLE)
+    order, valid = _left_aligned(predicting, LOGIT_COLUMN_BUCKETS)
     columns = torch.where(valid, order, 0)
     out = {"logit_columns": columns, "logit_valid": valid}
     if flat_index is not None:

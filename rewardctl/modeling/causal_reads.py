@@ -21,22 +21,25 @@ the stock forward's within float rounding (tested in fp32 against the stock forw
 included). Nothing is read back on the host, so the last layer at the positions serves GPU batches
 too; a GPU's padding-free batches (one packed row, 1-D positions) keep the stock forward.
 
-Where the stock forward runs instead: ``logits_to_keep`` not a (B, K) tensor (an int, as the prompt
-embeddings of BCO's UDM pass); ``train.compile``'s trace; labels, a cache, explicit positions or
-embeddings, hidden states or attentions requested, or any other keyword; no 2-D attention mask; a
-class other than transformers' own Llama / Mistral / Qwen2 causal LM (``positions_blocker``); what
-``unpadded_decoder.unpadded_blocker`` finds at call time; a batch where neither saving applies.
+Where the stock forward runs instead: ``logits_to_keep`` not a (B, K) tensor of (non-negative) column
+indices (an int, as the prompt embeddings of BCO's UDM pass, 1-D positions, a boolean mask); a cache
+asked for (``use_cache``, or the config's when not given); ``train.compile``'s trace; labels,
+explicit positions or embeddings, or any other keyword; hidden states or attentions requested (by
+keyword or by the config); no 2-D attention mask; a class other than transformers' own Llama /
+Mistral / Qwen2 causal LM (``positions_blocker``); what ``unpadded_decoder.unpadded_blocker`` finds at
+call time; a batch where neither saving applies.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from rewardctl.modeling import read_slots, unpadded_decoder
 from rewardctl.modeling.common import transformers_model
-from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.forward_swap import ForwardSwap, stock_class
 from rewardctl.modeling.read_slots import ReadSettings
 
 #: transformers' causal LMs whose forward is the backbone, then ``lm_head`` on the kept positions (no
@@ -47,7 +50,7 @@ POLICIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 def positions_blocker(policy: nn.Module) -> str | None:
     """Why ``policy`` runs the stock forward at every position (None: it can run at the kept ones)."""
     hf = transformers_model(policy)
-    cls = _POSITIONS.stock_class(type(hf))
+    cls = stock_class(type(hf))
     if cls.__name__ not in POLICIES or not cls.__module__.startswith("transformers.models."):
         return f"{cls.__name__} is not one of transformers' {', '.join(POLICIES)}"
     if not isinstance(getattr(hf, "lm_head", None), nn.Module):
@@ -71,10 +74,13 @@ def _positions_forward(policy: nn.Module, input_ids: Tensor | None = None, *args
 
     stock = _POSITIONS.stock_forward(policy)
     columns = kwargs.get("logits_to_keep")
+    use_cache = kwargs.get("use_cache")
     if (
-        read_slots.needs_stock_forward(input_ids, args, kwargs, (*read_slots.HANDLED, "logits_to_keep"))
+        read_slots.needs_stock_forward(policy.config, input_ids, args, kwargs, (*read_slots.HANDLED, "logits_to_keep"))
         or not isinstance(columns, Tensor)
         or columns.dim() != 2
+        or columns.dtype not in (torch.int64, torch.int32)  # a boolean mask of positions is another request
+        or (use_cache if use_cache is not None else getattr(policy.config, "use_cache", False))  # a cache returned
     ):
         return stock(policy, input_ids, *args, **kwargs)
     attention_mask = kwargs["attention_mask"]

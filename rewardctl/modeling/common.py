@@ -13,7 +13,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from rewardctl.config.schema import DType, ModelConfig, TrainConfig
 from rewardctl.errors import ConfigError
-from rewardctl.modeling.forward_swap import stock_class
+from rewardctl.modeling.forward_swap import forward_owner, stock_class
 
 DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 
@@ -240,8 +240,7 @@ def takes_logit_positions(model: nn.Module) -> bool:
 @functools.cache
 def _forward_slices_positions(cls: type) -> bool:
     """``takes_logit_positions`` for a class: judged once per class, not on every forward."""
-    cls = stock_class(cls)  # a swapped forward (``causal_reads``) honours what the stock one takes
-    owner = next((c for c in cls.__mro__ if "forward" in vars(c)), None)  # FSDP2's own class defines none
+    owner = forward_owner(cls)  # a swapped forward (``causal_reads``) honours what the stock one takes
     if owner is None or not owner.__module__.startswith("transformers.models."):
         return False
     forward = inspect.unwrap(owner.forward)

@@ -27,6 +27,12 @@ def stock_class(cls: type) -> type:
     return cls.__mro__[cls.__mro__.index(generated[-1]) + 1]
 
 
+def forward_owner(cls: type) -> type | None:
+    """The class whose ``forward`` the stock class under ``cls`` runs (the first in its MRO defining
+    one: FSDP2's wrapper class defines none), or None."""
+    return next((klass for klass in stock_class(cls).__mro__ if "forward" in vars(klass)), None)
+
+
 class ForwardSwap:
     """One replacement ``forward``; one generated subclass per stock class it is applied to."""
 
@@ -42,17 +48,9 @@ class ForwardSwap:
         generated = set(self._classes.values())
         return any(klass in generated for klass in type(module).__mro__)
 
-    def stock_class(self, cls: type) -> type:
-        """The stock class under a generated class ``cls`` (or a wrapper of it); ``cls`` otherwise."""
-        generated = set(self._classes.values())
-        for index, klass in enumerate(cls.__mro__):
-            if klass in generated:
-                return cls.__mro__[index + 1]
-        return cls
-
     def stock_forward(self, module: nn.Module) -> Callable[..., Any]:
         """The stock class's ``forward``, unbound: call it with ``module`` first."""
-        return self.stock_class(type(module)).forward
+        return stock_class(type(module)).forward
 
     def apply(self, module: nn.Module) -> None:
         if self.applied(module):
@@ -74,4 +72,4 @@ class ForwardSwap:
     def undo(self, module: nn.Module) -> None:
         """The stock class again. A module whose class was wrapped again since keeps it."""
         if type(module) in self._classes.values():
-            module.__class__ = self.stock_class(type(module))
+            module.__class__ = stock_class(type(module))

@@ -64,12 +64,21 @@ HANDLED = ("attention_mask", "use_cache", "return_dict", "output_attentions", "o
 
 
 def needs_stock_forward(
-    input_ids: Tensor | None, args: tuple[Any, ...], kwargs: dict[str, Any], handled: tuple[str, ...] = HANDLED
+    config: Any,
+    input_ids: Tensor | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    handled: tuple[str, ...] = HANDLED,
 ) -> bool:
     """Whether a call must run the stock forward whatever the model's settings: under
     ``train.compile``'s trace (checked first: dynamo then traces none of the rest), with positional
     arguments past the ids, no ids, no 2-D attention mask, any keyword outside ``handled``, or hidden
-    states, attentions or a tuple asked for."""
+    states, attentions or a tuple asked for, by keyword or by the model's ``config``."""
+
+    def asked(flag: str) -> bool:  # the keyword, else the config's setting (as the stock forward reads them)
+        value = kwargs.get(flag)
+        return bool(getattr(config, flag, flag == "return_dict") if value is None else value)
+
     attention_mask = kwargs.get("attention_mask")
     return bool(
         torch.compiler.is_compiling()
@@ -78,9 +87,9 @@ def needs_stock_forward(
         or not isinstance(attention_mask, Tensor)
         or attention_mask.dim() != 2
         or any(value is not None for key, value in kwargs.items() if key not in handled)
-        or kwargs.get("output_hidden_states")
-        or kwargs.get("output_attentions")
-        or kwargs.get("return_dict") is False
+        or asked("output_hidden_states")
+        or asked("output_attentions")
+        or not asked("return_dict")
     )
 
 

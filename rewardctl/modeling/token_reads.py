@@ -25,7 +25,7 @@ in it reads a tensor back on the host (the slots' width comes from the collator)
 at the reads serves GPU batches too; the real-tokens layout is CPU-only (``unpadded_decoder``).
 
 Where the stock forward runs instead: no reads given; ``train.compile``'s trace; hidden states,
-attentions, a loss or a tuple requested; any other keyword the stock forward would hand its backbone
+attentions (by keyword or by the config), a loss or a tuple requested; any other keyword the stock forward would hand its backbone
 (explicit position ids, embeddings, a cache); no 2-D attention mask; every model ``reads_blocker``
 names, and what ``unpadded_decoder.unpadded_blocker`` finds at call time (hooks, gradient checkpointing
 in training, sharded weights); a batch where neither saving applies (a GPU batch whose last layer cannot
@@ -41,16 +41,12 @@ from torch import Tensor, nn
 
 from rewardctl.modeling import read_slots, unpadded_decoder
 from rewardctl.modeling.common import transformers_model
-from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.forward_swap import ForwardSwap, forward_owner, stock_class
 from rewardctl.modeling.read_slots import ReadSettings
 
 #: The keyword the swapped forward takes the reads under: ``(read_columns, read_valid)``, each (B, R), as
 #: ``rewardctl.data.packing.token_read_index`` makes them at collate time (PEFT passes it through).
 READS_KEY = "rewardctl_reads"
-
-
-def _stock_forward_owner(cls: type) -> type | None:
-    return next((c for c in cls.__mro__ if "forward" in vars(c)), None)
 
 
 def reads_blocker(classifier: nn.Module) -> str | None:
@@ -59,8 +55,8 @@ def reads_blocker(classifier: nn.Module) -> str | None:
     ``unpadded_decoder.BACKBONES``, with sdpa or eager attention, unsharded, unhooked and without
     gradient checkpointing."""
     hf = transformers_model(classifier)
-    cls = _READS.stock_class(type(hf))
-    owner = _stock_forward_owner(cls)
+    cls = stock_class(type(hf))
+    owner = forward_owner(cls)
     if owner is None or owner.__name__ != "GenericForTokenClassification":
         return f"{cls.__name__} has its own forward (not transformers' generic token classifier)"
     if not owner.__module__.startswith("transformers.") or not cls.__module__.startswith("transformers.models."):
@@ -90,7 +86,7 @@ def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args
 
     reads: tuple[Tensor, Tensor] | None = kwargs.pop(READS_KEY, None)
     stock = _READS.stock_forward(classifier)
-    if read_slots.needs_stock_forward(input_ids, args, kwargs) or reads is None:
+    if read_slots.needs_stock_forward(classifier.config, input_ids, args, kwargs) or reads is None:
         return stock(classifier, input_ids, *args, **kwargs)
     attention_mask = kwargs["attention_mask"]
     backbone = getattr(classifier, classifier.base_model_prefix)

@@ -124,9 +124,10 @@ def _stock_class(module: nn.Module, names: tuple[str, ...]) -> bool:
 
 #: transformers 5 installs these forward hooks on every layer and attention module the first time a
 #: forward asks for hidden states or attentions (``install_output_capuring_hook``) and leaves them
-#: there; they record only inside a forward that asked (which runs the stock path). Counting them as
-#: hooks turned the gathered forward off for the rest of a run after one such call: BCO's prompt
-#: embeddings (``output_hidden_states``) did, before this was excluded.
+#: there; they record only inside a forward that asks for those outputs, which the gathered forwards
+#: leave to the stock one (``read_slots.needs_stock_forward``; a reward model returns rewards only).
+#: Counting them as hooks turned the gathered forward off for the rest of a run after one such call:
+#: BCO's prompt embeddings (``output_hidden_states``) did, until this was excluded.
 OUTPUT_CAPTURING_HOOKS = "transformers.utils.output_capturing"
 
 

@@ -88,12 +88,16 @@ def _assert_same(fast: tuple[torch.Tensor, dict], stock: tuple[torch.Tensor, dic
 def test_logps_and_gradients_equal_the_stock_forward(kind, settings):
     model = _policy(kind)
     batch = _batch()
-    assert batch["logit_columns"].shape == (4, 13)  # 8 positions rounded up to the batch's width: 5 spare
+    assert batch["logit_columns"].shape == (4, 8)  # rows needing 4 and 1 positions hold spare slots
     stock = _logps_and_grads(model, batch)
     compute_positions_only(model, settings)
     assert computes_positions_only(model)
+    first, last = _query_rows(model, 0), _query_rows(model, -1)
     fast = _logps_and_grads(model, batch)
     _assert_same(fast, stock)
+    # the savings asked for really ran: the gathered row of real tokens, the last layer at 8 slots
+    assert first[0] == ((1, sum(LENGTHS)) if settings.skip_padding else (4, max(LENGTHS)))
+    assert last[0] == ((4, 8) if settings.last_at_reads else (1, sum(LENGTHS)))
 
 
 def test_the_layers_see_the_real_tokens_and_the_last_layer_and_head_the_positions_only(
@@ -101,7 +105,7 @@ def test_the_layers_see_the_real_tokens_and_the_last_layer_and_head_the_position
 ):
     import rewardctl.data.packing as packing
 
-    monkeypatch.setattr(packing, "LOGIT_COLUMNS_MULTIPLE", 1)  # exact widths: the slots are the positions
+    monkeypatch.setattr(packing, "LOGIT_COLUMN_BUCKETS", 0)  # exact widths: the slots are the positions
     model = _policy("llama")
     compute_positions_only(model, ReadSettings(skip_padding=True, last_at_reads=True))
     batch = _batch()
@@ -130,16 +134,17 @@ def test_the_layers_see_the_real_tokens_and_the_last_layer_and_head_the_position
     assert seen["lm_head"] == (4, most, 32)
 
 
-def _last_layer_query_rows(model: torch.nn.Module) -> list[int]:
-    """The rows the last layer's queries are computed for, per call: every position on the stock path,
-    the kept positions on the positions path (a hook on the projection, which no blocker looks at)."""
-    rows: list[int] = []
+def _query_rows(model: torch.nn.Module, layer: int) -> list[tuple[int, int]]:
+    """The (rows, positions) a layer's queries are computed for, per call: (B, L) on the stock path,
+    (1, real tokens) gathered, (B, K) for the last layer at the kept positions (a hook on the
+    projection, which no blocker looks at)."""
+    seen: list[tuple[int, int]] = []
 
     def hook(_module, args, _output) -> None:
-        rows.append(args[0].shape[1])
+        seen.append(tuple(args[0].shape[:2]))
 
-    model.model.layers[-1].self_attn.q_proj.register_forward_hook(hook)
-    return rows
+    model.model.layers[layer].self_attn.q_proj.register_forward_hook(hook)
+    return seen
 
 
 def test_the_stock_forward_runs_where_positions_are_not_given_as_rows_of_columns():
@@ -148,22 +153,49 @@ def test_the_stock_forward_runs_where_positions_are_not_given_as_rows_of_columns
     compute_positions_only(model, ReadSettings(skip_padding=True, last_at_reads=True))
     batch = _batch()
     ids, mask, columns = batch["input_ids"], batch["attention_mask"], batch["logit_columns"]
-    rows = _last_layer_query_rows(model)
+    calls = _query_rows(model, -1)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=columns)
-        assert rows == [columns.shape[1]]  # the positions path: the last layer at the kept positions only
+        assert calls == [(4, columns.shape[1])]  # the positions path: the last layer at the kept positions only
         for kwargs in (
             {"logits_to_keep": 1},  # BCO's UDM prompt embeddings: the last position only
             {"logits_to_keep": torch.tensor([2, 5])},  # 1-D: one packed row's positions
-            {"logits_to_keep": columns, "labels": ids},  # a loss asked for
+            {"logits_to_keep": torch.arange(ids.shape[1]).expand_as(ids), "labels": ids},  # a loss asked for
             {"logits_to_keep": columns, "output_hidden_states": True},
             {"logits_to_keep": columns, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)},
         ):
-            rows.clear()
+            calls.clear()
             got = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
             want = stock(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
-            assert rows == [ids.shape[1]], kwargs.keys()  # every position: the stock forward
+            assert calls == [(4, ids.shape[1])], kwargs.keys()  # every position: the stock forward
             torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+
+
+def test_the_stock_forward_runs_where_the_config_or_the_positions_ask_for_something_else():
+    """A boolean mask of positions, a cache by the config's default, hidden states by the config's
+    flag: each returns what the stock forward returns (same logits, same extra outputs)."""
+    batch = _batch()
+    ids, mask, columns = batch["input_ids"], batch["attention_mask"], batch["logit_columns"]
+    for change, kwargs in (
+        ({}, {"use_cache": False, "logits_to_keep": batch["completion_mask"].bool()}),  # (N, V) in stock
+        ({}, {"logits_to_keep": columns}),  # use_cache left to the config (True): stock returns a cache
+        ({"output_hidden_states": True}, {"use_cache": False, "logits_to_keep": columns}),
+    ):
+        model = _policy("llama")
+        for key, value in change.items():
+            setattr(model.config, key, value)
+        stock = copy.deepcopy(model)
+        compute_positions_only(model, ReadSettings(skip_padding=True, last_at_reads=True))
+        calls = _query_rows(model, -1)
+        with torch.no_grad():
+            got, want = (
+                model(input_ids=ids, attention_mask=mask, **kwargs),
+                stock(input_ids=ids, attention_mask=mask, **kwargs),
+            )
+        assert calls == [(4, ids.shape[1])], (change, kwargs.keys())
+        torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+        assert (got.past_key_values is None) == (want.past_key_values is None)
+        assert (got.hidden_states is None) == (want.hidden_states is None)
 
 
 def test_transformers_output_capturing_hooks_leave_the_positions_path_on():
@@ -176,11 +208,11 @@ def test_transformers_output_capturing_hooks_leave_the_positions_path_on():
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     assert model.model.layers[0]._forward_hooks  # transformers' own, installed by that call
     assert unpadded_decoder.unpadded_blocker(model.model) is None
-    rows = _last_layer_query_rows(model)
+    calls = _query_rows(model, -1)
     stock = copy.deepcopy(model)
     compute_positions_only(stock, ReadSettings(skip_padding=False, last_at_reads=False))
     torch.testing.assert_close(completion_logps(model, batch)[0], completion_logps(stock, batch)[0], atol=1e-5, rtol=0)
-    assert rows[0] == batch["logit_columns"].shape[1]
+    assert calls[0] == (4, batch["logit_columns"].shape[1])
     model.model.layers[0].register_forward_hook(lambda *_: None)
     assert "hooks on LlamaDecoderLayer" in unpadded_decoder.unpadded_blocker(model.model)
 

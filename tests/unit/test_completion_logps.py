@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rewardctl.data import packing
-from rewardctl.data.packing import LOGIT_COLUMNS_MULTIPLE, completion_logit_index, unpad_index
+from rewardctl.data.packing import LOGIT_COLUMN_BUCKETS, completion_logit_index, unpad_index
 from rewardctl.modeling.causal import completion_logps, mean_pooled_prompt
 from rewardctl.modeling.common import takes_logit_positions, takes_logits_to_keep, transformers_model
 
@@ -66,27 +66,27 @@ def test_logit_index_lists_each_rows_predicting_columns_and_their_packed_positio
     completion_mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 1, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     found = completion_logit_index(completion_mask, unpad_index(attention_mask)["flat_index"])
-    # token t is predicted at t - 1; rows hold 2, 4 and 1 completion tokens; K = 4 rounds up to the
-    # batch's width, 5 (LOGIT_COLUMNS_MULTIPLE is larger)
-    assert found["logit_columns"].tolist() == [[1, 2, 0, 0, 0], [0, 1, 2, 3, 0], [2, 0, 0, 0, 0]]
+    # token t is predicted at t - 1; rows hold 2, 4 and 1 completion tokens (K = 4: up to 8, exact)
+    assert found["logit_columns"].tolist() == [[1, 2, 0, 0], [0, 1, 2, 3], [2, 0, 0, 0]]
     assert found["logit_valid"].tolist() == [
-        [True, True, False, False, False],
-        [True, True, True, True, False],
-        [True, False, False, False, False],
+        [True, True, False, False],
+        [True, True, True, True],
+        [True, False, False, False],
     ]
     # the packed row holds rows 0, 1, 2 at positions 0-3, 4-8, 9-12: exactly the 7 predicting ones
     assert found["logit_packed"].tolist() == [1, 2, 4, 5, 6, 7, 11]
-    assert found["logit_slots"].tolist() == [[0, 1, 0, 0, 0], [2, 3, 4, 5, 0], [6, 0, 0, 0, 0]]
+    assert found["logit_slots"].tolist() == [[0, 1, 0, 0], [2, 3, 4, 5], [6, 0, 0, 0]]
     assert "logit_packed" not in completion_logit_index(completion_mask)
     none = completion_logit_index(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1, 3]))
-    assert none["logit_valid"].tolist() == [[False] * 3] * 2 and none["logit_packed"].tolist() == [0]
+    assert none["logit_valid"].tolist() == [[False], [False]] and none["logit_packed"].tolist() == [0]
 
 
-def test_logit_columns_come_in_widths_of_the_multiple_and_never_past_the_batch():
-    """Few buffer sizes (``LOGIT_COLUMNS_MULTIPLE``): 33 predicting columns take 64 slots in a 70-wide
-    batch, 31 take 32, and 65 in a 66-wide batch take all 66; the extra slots are spare."""
-    assert LOGIT_COLUMNS_MULTIPLE == 32
-    for width, tokens, slots in [(70, 33, 64), (70, 31, 32), (66, 65, 66)]:
+def test_logit_columns_come_in_few_widths_and_never_past_the_batch():
+    """Few buffer sizes (``LOGIT_COLUMN_BUCKETS`` widths per doubling, at most 1/8 spare): 33 predicting
+    columns take 36 slots in a 70-wide batch, 31 take 32, 8 take 8, and 65 in a 66-wide batch take 66
+    (72 would pass the batch's width); the extra slots are spare."""
+    assert LOGIT_COLUMN_BUCKETS == 8
+    for width, tokens, slots in [(70, 33, 36), (70, 31, 32), (70, 8, 8), (66, 65, 66)]:
         completion_mask = torch.zeros(2, width, dtype=torch.long)
         completion_mask[0, width - tokens :] = 1
         completion_mask[1, width - 3 :] = 1
@@ -99,7 +99,7 @@ def test_logit_columns_come_in_widths_of_the_multiple_and_never_past_the_batch()
 @pytest.mark.parametrize("build", [llama, qwen2], ids=["llama", "qwen2-tied"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
 def test_logps_and_gradients_equal_every_position_logits(build, padding_free, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(packing, "LOGIT_COLUMNS_MULTIPLE", 1)  # exact widths: these rows are narrower than 32
+    monkeypatch.setattr(packing, "LOGIT_COLUMN_BUCKETS", 0)  # exact widths: the projection sees the needed rows only
     lengths, prompts = [9, 14, 6, 12], [3, 10, 5, 2]
     batch = batch_of(lengths, prompts, padding_free=padding_free)
     model = build()

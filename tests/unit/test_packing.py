@@ -319,8 +319,8 @@ def test_padding_free_token_methods_equal_padded(cls):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 5
     for key in grads_a:
         torch.testing.assert_close(grads_a[key], grads_b[key], atol=1e-5, rtol=1e-4, msg=key)
-    for key in out_b:
-        torch.testing.assert_close(out_a[key], out_b[key], atol=1e-5, rtol=0, msg=key)
+    for key in out_b:  # BCO's summed log-probs reach |562|, where one float32 step is 6e-5: relative
+        torch.testing.assert_close(out_a[key], out_b[key], atol=1e-5, rtol=1e-6, msg=key)
 
 
 def test_auto_picks_padding_free_on_a_gpu_with_varlen_attention_and_sharing_elsewhere(monkeypatch, tmp_path: Path):
