@@ -11,6 +11,10 @@
 #   bash benchmarks/gpu_session.sh run-lora  # the same with LoRA and gradient checkpointing (a second call)
 #   bash benchmarks/gpu_session.sh profile   # where a step's time goes (benchmarks/gpu_profile.py): pairwise
 #                                            # in each layout, torch.profiler over 3 steps after 8
+#   bash benchmarks/gpu_session.sh reads     # PRM and BCO computing what their loss reads vs every position
+#                                            # (benchmarks/reads_only.py), and BCO's vocabulary projection at
+#                                            # the completion positions (benchmarks/policy_logits.py), padded
+#                                            # sdpa batches on the Qwen2.5-0.5B shape, 20 steps of 16 x 512
 # Arguments after the mode go to the script, e.g. `run --methods bco,prm` or `profile --layouts padded`.
 #
 # With the device tool: run(command="bash benchmarks/gpu_session.sh run", carry=[".whl", ".gpu-data"],
@@ -59,7 +63,7 @@ case "${1:-}" in
     done
     du -sh .whl .gpu-data
     ;;
-  run | run-lora | profile)
+  run | run-lora | profile | reads)
     mode=$1
     shift
     out=${OUT:-bench-results}
@@ -83,10 +87,18 @@ case "${1:-}" in
         python3 benchmarks/gpu_profile.py --steps 12 --profile-steps 3 --data-root .gpu-data --out "$out" \
           --layouts shared,padded,padding_free "$@" 2>&1 | tee -a "$out/gpu_session.log"
         ;;
+      reads)
+        gpu=(--shape qwen2.5-0.5b --hardware gpu --data-root .gpu-data --steps 20 --batch 16 --max-length 512 --out "$out")
+        for method in prm bco; do
+          python3 benchmarks/reads_only.py --method "$method" "${gpu[@]}" "$@" 2>&1 | tee -a "$out/gpu_session.log"
+        done
+        python3 benchmarks/policy_logits.py --hardware gpu --data-root .gpu-data --steps 20 --batch 16 \
+          --max-length 512 --out "$out" "$@" 2>&1 | tee -a "$out/gpu_session.log"
+        ;;
     esac
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh prepare|run|run-lora|profile [script arguments]" >&2
+    echo "usage: bash benchmarks/gpu_session.sh prepare|run|run-lora|profile|reads [script arguments]" >&2
     exit 2
     ;;
 esac
