@@ -24,9 +24,13 @@ real token attends over the real tokens before it, as under the stock causal-and
 in it reads a tensor back on the host (the slots' width comes from the collator), so the last layer
 at the reads serves GPU batches too; the real-tokens layout is CPU-only (``unpadded_decoder``).
 
+The per-call decision and the hidden states at the read slots are ``read_slots``' (shared with a BCO
+policy's ``causal_reads``).
+
 Where the stock forward runs instead: no reads given; ``train.compile``'s trace; hidden states,
-attentions (by keyword or by the config), a loss or a tuple requested; any other keyword the stock forward would hand its backbone
-(explicit position ids, embeddings, a cache); no 2-D attention mask; every model ``reads_blocker``
+attentions (by keyword or by the config), a loss or a tuple requested; any other keyword the stock
+forward would hand its backbone (explicit position ids, embeddings, a cache); no 2-D attention mask;
+every model ``reads_blocker``
 names, and what ``unpadded_decoder.unpadded_blocker`` finds at call time (hooks, gradient checkpointing
 in training, sharded weights); a batch where neither saving applies (a GPU batch whose last layer cannot
 run at its reads, ``final_layer.read_only_blocker``: a sliding window, ZeRO-3).
