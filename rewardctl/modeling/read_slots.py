@@ -27,7 +27,6 @@ from rewardctl.modeling.final_layer import (
     last_layer_inputs,
     output_at_reads,
     read_only_blocker,
-    rows_of,
 )
 from rewardctl.modeling.forward_swap import ForwardSwap
 
@@ -110,12 +109,6 @@ def plan(
     return layout, last_at_reads
 
 
-def _at_slots(tensor: Tensor, flat: Tensor) -> Tensor:
-    """``tensor`` (B, L, ...) at the (B, R) flat positions ``flat`` (row * L + column): (B, R, ...)."""
-    rows = tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
-    return rows_of(rows, flat.flatten()).view(*flat.shape, *tensor.shape[2:])
-
-
 def hidden_at_slots(
     backbone: nn.Module,
     input_ids: Tensor,
@@ -140,24 +133,21 @@ def hidden_at_slots(
             return reads.view(*columns.shape, -1)
         hidden, cos, sin, mask = unpadded_decoder.layers_before_last(backbone, input_ids, position_ids, mask, layout)
         last = backbone.layers[backbone.config.num_hidden_layers - 1]
-        normed = last.input_layernorm(hidden)
-        key, value = keys_values(last.self_attn, normed, cos, sin)
-        key, value = layout.pad(key), layout.pad(value)
-        at = layout.gathered(flat)  # (B, R) positions in the gathered row
-        hidden, normed, cos, sin = (_at_slots(t, at) for t in (hidden, normed, cos, sin))
-    else:  # the stock layers over the padded batch, stopped at the last one (last_at_reads is set here)
-        hidden, mask, (cos, sin) = last_layer_inputs(
-            backbone, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
-        last = backbone.layers[-1]
-        normed = last.input_layernorm(hidden)
-        key, value = keys_values(last.self_attn, normed, cos, sin)
-        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        hidden, normed, cos, sin = (_at_slots(t, flat) for t in (hidden, normed, cos, sin))
+        out = unpadded_decoder.last_layer_at_slots(last, hidden, cos, sin, mask, layout, flat)
+        return backbone.norm(out)
+    # the stock layers over the padded batch, stopped at the last one (last_at_reads is set here)
+    hidden, mask, (cos, sin) = last_layer_inputs(
+        backbone, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    )
+    last = backbone.layers[-1]
+    normed = last.input_layernorm(hidden)
+    key, value = keys_values(last.self_attn, normed, cos, sin)
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    hidden, normed, cos, sin = (unpadded_decoder.at_slots(t, flat) for t in (hidden, normed, cos, sin))
     if mask is None:  # the model left causality to the kernel: key j is visible from query i iff j <= i
         rows_mask = torch.arange(width, device=columns.device)[None, None, :] <= columns[:, :, None]
     else:
-        rows_mask = _at_slots(mask[:, 0], flat)  # (B, R, L)
+        rows_mask = unpadded_decoder.at_slots(mask[:, 0], flat)  # (B, R, L)
     out = output_at_reads(last, hidden, normed, cos, sin, key, value, rows_mask.unsqueeze(1))
     return backbone.norm(out)
 

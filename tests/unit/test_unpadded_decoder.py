@@ -77,6 +77,88 @@ def test_the_layout_lists_the_real_tokens_row_by_row_and_puts_them_back(monkeypa
     assert back[0, 7].abs().sum() == 0  # the spare row's attention output
 
 
+def test_attention_sees_the_span_of_real_columns_only(monkeypatch: pytest.MonkeyPatch):
+    """Columns no row has a real token in (a bucketed width's right end, a left-padded batch's left
+    end) stay out of the attention layout: its width is the span of real columns rounded up to
+    ``ATTENTION_WIDTH_MULTIPLE``, and masks and read positions are moved into it."""
+    monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 1)
+    monkeypatch.setattr(unpadded_decoder, "ATTENTION_WIDTH_MULTIPLE", 4)
+    real = torch.zeros(2, 12, dtype=torch.bool)
+    real[0, 2:5] = True  # columns 2-4
+    real[1, 3:7] = True  # columns 3-6
+    layout = decoder_layout(real)
+    assert (layout.first, layout.span) == (2, 8)  # columns 2-6: 5 wide, rounded up to 8
+    assert layout.attention_index.tolist() == [0, 1, 2, 9, 10, 11, 12]  # row * 8 + column - 2
+    heads = torch.arange(7 * 2, dtype=torch.float32).view(1, 1, 7, 2)
+    padded = layout.pad(heads)
+    assert padded.shape == (2, 1, 8, 2)
+    torch.testing.assert_close(padded[1, 0, 1:5], heads[0, 0, 3:7])  # row 1's tokens at columns 3-6
+    assert padded[0, 0, 3:].abs().sum() == 0 and padded[1, 0, 0].abs().sum() == 0
+    torch.testing.assert_close(layout.unpad(padded.transpose(1, 2).reshape(2, 8, 2))[0], heads[0, 0])
+    mask = torch.rand(2, 1, 12, 12) > 0.5
+    assert torch.equal(layout.crop(mask), mask[:, :, 2:10, 2:10])
+    flat = torch.tensor([4, 12 + 6, 12 + 11, 0])  # two reads, then padding columns right and left of the span
+    assert layout.attention_positions(flat).tolist() == [2, 8 + 4, 8 + 7, 0]  # the last two clamped into it
+    # the span never reaches past the batch: columns 9-11 of 12 would round up to 4 columns
+    late = torch.zeros(1, 12, dtype=torch.bool)
+    late[0, 9:12] = True
+    assert (decoder_layout(late).first, decoder_layout(late).span) == (9, 3)
+
+
+def test_reads_are_grouped_by_row_and_land_back_in_their_order():
+    layout = DecoderLayout(
+        index=torch.arange(1), tokens=1, rows=3, width=10, first=0, span=10, attention_index=torch.arange(1)
+    )
+    reads = torch.tensor([25, 3, 21, 7, 24, 5])  # row 2, 0, 2, 0, 2, 0: three reads in rows 0 and 2, none in 1
+    slots, landing = unpadded_decoder.reads_by_row(reads, layout)
+    assert slots.shape == (3, 3)
+    assert slots[0].tolist() == [3, 7, 5] and slots[2].tolist() == [25, 21, 24]  # each row's reads, in order
+    assert torch.equal(slots.flatten()[landing], reads)  # every read's output comes back to its place
+    assert slots[1].tolist() == [25] * 3  # a row without reads repeats a read; its outputs are never taken
+    lists = torch.tensor([0, 4, 11, 9, 8, 13, 22])  # rows with 4, 2 and 1 reads
+    slots, landing = unpadded_decoder.reads_by_row(lists, layout)
+    assert slots.tolist() == [
+        [0, 4, 9, 8],
+        [11, 13, 11, 11],
+        [22, 22, 22, 22],
+    ]  # spare slots repeat the row's first read
+    assert torch.equal(slots.flatten()[landing], lists)
+
+
+def test_a_batch_wider_than_its_real_columns_equals_the_padded_forward(every_batch):
+    """Padding columns left and right of every row (a bucketed width, a left-padded batch): attention
+    over the span of real columns only, with one to three reads a row, changes no reward or gradient."""
+    torch.manual_seed(0)
+    model = SequenceRewardModel(_tiny())
+    rows = [[list(range(5, 5 + n)), list(range(5, 9)) + list(range(40, 40 + n))] for n in (3, 7)]
+    rows.append([[5, 6, 7], [5, 6, 8, 9], [5, 10]])  # a list of three
+    packed = pack_rows(rows, 0)
+    left, right = 3, 13
+    width = packed["input_ids"].shape[1]
+    batch = {
+        key: torch.nn.functional.pad(packed[key], (left, right), value=value)
+        for key, value in (("input_ids", 0), ("position_ids", 0), ("segment_ids", PAD_SEGMENT))
+    }
+    index = packed["reward_index"]
+    widened = index // width * (width + left + right) + index % width + left
+    reads = torch.where(index >= 0, widened, -1).T.flatten()
+    reads = reads[reads >= 0]
+    results = []
+    for skip in (True, False):
+        model.skip_padding = skip
+        model.zero_grad(set_to_none=True)
+        rewards = model(
+            batch["input_ids"], reward_index=reads, segment_ids=batch["segment_ids"], position_ids=batch["position_ids"]
+        )
+        rewards.pow(2).sum().backward()
+        results.append((rewards.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(every_batch) == 1
+    assert every_batch[0].first == left and every_batch[0].span < width + right  # the attention was cut
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_no_layout_where_it_would_not_pay_or_would_stall_a_gpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 4)
     assert decoder_layout(torch.ones(2, 6, dtype=torch.bool)) is None  # no padding
