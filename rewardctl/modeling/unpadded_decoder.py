@@ -138,6 +138,8 @@ def decoder_layout(real: Tensor) -> DecoderLayout | None:
     if found is None:
         return None
     index, tokens = found
+    if not tokens:  # nothing real to attend
+        return None
     rows, width = real.shape
     columns = real.any(0).nonzero().squeeze(1)
     first = int(columns[0])
@@ -287,7 +289,7 @@ def _layer_on_tokens(
         mask,
         dropout=0.0 if not attn.training else attn.attention_dropout,
         scaling=attn.scaling,
-    )  # (B, L, heads, head_dim)
+    )  # (B, span, heads, head_dim)
     hidden = hidden + attn.o_proj(layout.unpad(output))
     return hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
 

@@ -164,6 +164,7 @@ def test_no_layout_where_it_would_not_pay_or_would_stall_a_gpu(monkeypatch: pyte
     assert decoder_layout(torch.ones(2, 6, dtype=torch.bool)) is None  # no padding
     assert decoder_layout(torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)) is None  # 5 -> 8 rows > 6
     assert decoder_layout(torch.zeros(2, 6, dtype=torch.bool, device="meta")) is None  # off the CPU
+    assert decoder_layout(torch.zeros(2, 40, dtype=torch.bool)) is None  # no real token at all
 
 
 # ---- exactness ---------------------------------------------------------------------------------------
