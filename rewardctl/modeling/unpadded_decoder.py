@@ -176,9 +176,12 @@ OUTPUT_CAPTURING_HOOKS = "transformers.utils.output_capturing"
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether hooks run around ``module``'s call (accelerate's offload hook, a user's): the gathered
-    forward calls its parts directly, so they would be skipped. transformers' own inert output-capturing
-    hooks (``OUTPUT_CAPTURING_HOOKS``) do not count."""
+    """Whether hooks run around ``module``'s call (a user's torch hooks, accelerate's offload and
+    device-map hooks, which replace the module's ``forward`` and leave ``_hf_hook``): the gathered
+    forward calls its parts directly, so they would be skipped. transformers' own inert
+    output-capturing hooks (``OUTPUT_CAPTURING_HOOKS``) do not count."""
+    if hasattr(module, "_hf_hook"):
+        return True
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return any(getattr(hook, "__module__", None) != OUTPUT_CAPTURING_HOOKS for hook in hooks)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 from transformers import AutoModelForSequenceClassification, GPT2Config, Qwen2Config
 
 from rewardctl.data.packing import PAD_SEGMENT, pack_rows
@@ -267,6 +268,13 @@ def test_the_layers_before_the_last_see_the_real_tokens_only(every_batch):
     assert seen["last.k_proj"][0][:-1].numel() == real and seen["last.mlp"][0][:-1].numel() == 4
 
 
+class _Doubled(ModelHook):
+    """An accelerate hook that changes its module's output, so skipping it would show."""
+
+    def post_forward(self, module, output):
+        return output * 2
+
+
 # ---- where the padded forward runs -------------------------------------------------------------------
 def test_the_padded_decoder_runs_where_the_gathered_one_would_not_be_exact(every_batch):
     def blocker(classifier, **kwargs) -> str | None:
@@ -281,6 +289,13 @@ def test_the_padded_decoder_runs_where_the_gathered_one_would_not_be_exact(every
     hooked = _tiny()
     hooked.model.layers[0].register_forward_pre_hook(lambda module, args: None)
     assert blocker(hooked) == "hooks on LlamaDecoderLayer (the gathered forward would skip them)"
+    offloaded = _tiny()  # accelerate's hooks replace ``forward`` instead of registering a torch hook
+    add_hook_to_module(offloaded.model.layers[1], ModelHook())
+    assert blocker(offloaded) == "hooks on LlamaDecoderLayer (the gathered forward would skip them)"
+    norm = _tiny().model.layers[0].input_layernorm
+    add_hook_to_module(norm, _Doubled())
+    hidden = torch.randn(1, 3, norm.weight.numel())
+    torch.testing.assert_close(unpadded_decoder.rms_norm(norm, hidden), norm(hidden))  # the hook runs
     assert blocker(_tiny("flex_attention")) == "attn_implementation=flex_attention is not sdpa or eager"
     checkpointed = _tiny()
     checkpointed.gradient_checkpointing_enable()
