@@ -83,12 +83,9 @@ def _positions_forward(policy: nn.Module, input_ids: Tensor | None = None, *args
         or (use_cache if use_cache is not None else getattr(policy.config, "use_cache", False))  # a cache returned
     ):
         return stock(policy, input_ids, *args, **kwargs)
-    attention_mask = kwargs["attention_mask"]
-    backbone = getattr(policy, policy.base_model_prefix)
-    plan = read_slots.plan(policy, backbone, attention_mask)
-    if plan is None:
+    hidden = read_slots.model_hidden_at_slots(policy, input_ids, kwargs["attention_mask"], columns)  # (B, K, H)
+    if hidden is None:
         return stock(policy, input_ids, *args, **kwargs)
-    hidden = read_slots.hidden_at_slots(backbone, input_ids, attention_mask, columns, *plan)  # (B, K, H)
     return CausalLMOutputWithPast(logits=policy.lm_head(hidden))
 
 

@@ -4,8 +4,8 @@ batch's real tokens only, the last layer at the read slots only.
 Two heads read a decoder at a few positions of each row: a PRM's token classifier at its labelled
 tokens (``token_reads``) and a policy's vocabulary projection at the positions that predict its
 completion tokens (``causal_reads``). Both swap their model's forward for one that calls
-``hidden_at_slots`` with each row's read columns, (B, R), made at collate time, and apply their own
-head there. This module holds what the two share: the settings a model was built with, the per-call
+``model_hidden_at_slots`` with each row's read columns, (B, R), made at collate time, and apply their
+own head there (or run the stock forward where it returns None). This module holds what the two share: the settings a model was built with, the per-call
 decision (``plan``) and the hidden states themselves.
 """
 
@@ -107,6 +107,15 @@ def plan(
     if layout is None and not last_at_reads:
         return None
     return layout, last_at_reads
+
+
+def model_hidden_at_slots(hf: nn.Module, input_ids: Tensor, attention_mask: Tensor, columns: Tensor) -> Tensor | None:
+    """The final hidden states (B, R, H) of transformers model ``hf``'s backbone at ``columns`` (B, R),
+    as this call's ``plan`` allows; None where neither saving applies (the caller runs the stock
+    forward)."""
+    backbone = getattr(hf, hf.base_model_prefix)
+    found = plan(hf, backbone, attention_mask)
+    return None if found is None else hidden_at_slots(backbone, input_ids, attention_mask, columns, *found)
 
 
 def hidden_at_slots(

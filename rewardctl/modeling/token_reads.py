@@ -92,13 +92,10 @@ def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args
     stock = _READS.stock_forward(classifier)
     if read_slots.needs_stock_forward(classifier.config, input_ids, args, kwargs) or reads is None:
         return stock(classifier, input_ids, *args, **kwargs)
-    attention_mask = kwargs["attention_mask"]
-    backbone = getattr(classifier, classifier.base_model_prefix)
-    plan = read_slots.plan(classifier, backbone, attention_mask)
-    if plan is None:
-        return stock(classifier, input_ids, *args, **kwargs)
     columns, valid = reads
-    hidden = read_slots.hidden_at_slots(backbone, input_ids, attention_mask, columns, *plan)  # (B, R, H)
+    hidden = read_slots.model_hidden_at_slots(classifier, input_ids, kwargs["attention_mask"], columns)  # (B, R, H)
+    if hidden is None:
+        return stock(classifier, input_ids, *args, **kwargs)
     logits = classifier.score(classifier.dropout(hidden))  # (B, R, labels)
     # Back to (B, L, labels): each valid slot to its position, each spare slot to a row of its own past
     # the end (dropped), so no position is written twice and nothing is read back on the host.

@@ -99,8 +99,7 @@ class DecoderLayout:
         layout (row * span + column - first). A column outside the span (a spare slot at a padding
         column, which nothing reads) is moved to the span's edge: its mask row there is finite, as
         every row of the mask sees at least its own position."""
-        column = (flat % self.width).clamp(self.first, self.first + self.span - 1) - self.first
-        return torch.div(flat, self.width, rounding_mode="floor") * self.span + column
+        return _span_positions(flat, self.width, self.first, self.span)
 
     def crop(self, mask: Tensor) -> Tensor:
         """The batch's (B, 1, L, L) mask cut to the attention layout's (B, 1, span, span)."""
@@ -128,6 +127,13 @@ class DecoderLayout:
         return real[None]
 
 
+def _span_positions(flat: Tensor, width: int, first: int, span: int) -> Tensor:
+    """Flat positions in a (B, width) batch -> flat positions in its (B, span) attention layout of
+    columns ``[first, first + span)``; columns outside are clamped onto the span's edge."""
+    column = (flat % width).clamp(first, first + span - 1) - first
+    return torch.div(flat, width, rounding_mode="floor") * span + column
+
+
 def decoder_layout(real: Tensor) -> DecoderLayout | None:
     """The layout of a (B, L) batch's real tokens (``real`` True there), or None where the padded
     forward should run: a GPU batch (reading the token count would stall its queue; padding-free
@@ -144,8 +150,7 @@ def decoder_layout(real: Tensor) -> DecoderLayout | None:
     columns = real.any(0).nonzero().squeeze(1)
     first = int(columns[0])
     span = min(-(-(int(columns[-1]) + 1 - first) // ATTENTION_WIDTH_MULTIPLE) * ATTENTION_WIDTH_MULTIPLE, width - first)
-    real_index = index[:tokens]
-    attention_index = torch.div(real_index, width, rounding_mode="floor") * span + real_index % width - first
+    attention_index = _span_positions(index[:tokens], width, first, span)
     return DecoderLayout(
         index=index, tokens=tokens, rows=rows, width=width, first=first, span=span, attention_index=attention_index
     )
