@@ -19,9 +19,11 @@ The hidden state entering the last layer, its attention mask and rotary embeddin
 from the model's own forward (a pre-hook on the last layer stops it there), so mask construction,
 position handling and every layer before stay stock transformers. The last layer is recomputed
 here, which needs its structure: the Llama-family layers listed in ``READ_ONLY_LAYERS`` (q/k/v/o
-projections with rotary embeddings, two RMS norms, one MLP module). Anything else, a sharded last
-layer (FSDP wraps it, ZeRO-3 partitions it) or an attention implementation without a dense mask,
-runs the full layer.
+projections with rotary embeddings, two RMS norms, one MLP module), also under FSDP2's wrapper class
+(its pre-forward hook gathers the weights before the stop, and the backward reshards them: exact,
+``tests/e2e/test_distributed_runs.py``). Anything else, a ZeRO-3-partitioned last layer, an attention
+implementation without a dense mask, or hooks whose calls this skips (the layer's forward hooks, any
+on its attention module: ``hooks``), runs the full layer.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rewardctl.modeling.hooks import hooked_module
+
 #: Decoder-layer classes whose forward is exactly: pre-norm, rotary self-attention over q/k/v/o
 #: projections, residual, pre-norm, MLP, residual (transformers 5).
 READ_ONLY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 #: Attention implementations that take the dense (or absent = causal) mask this module slices.
 READ_ONLY_ATTENTION = ("sdpa", "eager")
+#: How the log names this module's forward where hooks stop it (``hooks.hooked_module``): the last
+#: layer's pre-forward hooks run (its call is stopped after them), its forward, post-forward hooks and
+#: its attention module's call do not.
+READ_ONLY = "the last layer at the reads"
 
 
 class _LastLayerInputs(Exception):  # noqa: N818 (control flow, never an error a caller sees)
@@ -55,13 +63,21 @@ def additive_mask(visible: Tensor) -> Tensor:
     )
 
 
+def _unwrapped_class(layer: nn.Module) -> type:
+    """``layer``'s class, or under FSDP2's ``fully_shard`` the class it wrapped (``FSDPLlamaDecoderLayer``
+    has the bases ``(FSDPModule, LlamaDecoderLayer)`` and no forward of its own)."""
+    cls = type(layer)
+    bases = cls.__bases__
+    return bases[1] if len(bases) == 2 and bases[0].__name__ == "FSDPModule" else cls
+
+
 def read_only_blocker(backbone: nn.Module) -> str | None:
     """Why the last layer of ``backbone`` must run in full, or None when it can run at reads only."""
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not hasattr(backbone, "norm"):
         return f"{type(backbone).__name__} has no decoder layer list"
     last = layers[-1]
-    if type(last).__name__ not in READ_ONLY_LAYERS:
+    if _unwrapped_class(last).__name__ not in READ_ONLY_LAYERS:
         return f"{type(last).__name__} is not a layer this module can recompute ({', '.join(READ_ONLY_LAYERS)})"
     config = backbone.config
     if config._attn_implementation not in READ_ONLY_ATTENTION:
@@ -70,7 +86,7 @@ def read_only_blocker(backbone: nn.Module) -> str | None:
         return "the last layer is partitioned by DeepSpeed ZeRO-3"
     if getattr(last.self_attn, "sliding_window", None):
         return "the last layer attends through a sliding window"
-    return None
+    return hooked_module((last,), READ_ONLY, pre_hooks_run=True) or hooked_module((last.self_attn,), READ_ONLY)
 
 
 def last_layer_inputs(backbone: nn.Module, **inputs: Any) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:

@@ -25,7 +25,8 @@ attention. The result equals the stock layer's without dropout (both trainers' d
 What the in-memory model no longer gives: its ``last_hidden_state`` (and ``hidden_states[-1]``) holds the
 first token only, and the last layer records no attention weights. rewardctl reads only the logits.
 Under FSDP the layer runs on unsharded weights, so the first-token forward still applies. A
-ZeRO-3-partitioned layer runs the stock forward.
+ZeRO-3-partitioned layer runs the stock forward, and so does one whose attention modules carry hooks
+(``hooks``: their calls are skipped here).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.hooks import hooked_module
 
 #: Classifiers whose head reads only the first token's final hidden state (transformers 5).
 FIRST_TOKEN_CLASSIFIERS = (
@@ -59,7 +61,7 @@ def first_token_blocker(classifier: nn.Module) -> str | None:
     layers = encoder_layers(classifier)
     if isinstance(layers, str):
         return layers
-    reason = layer_blocker(layers[-1])
+    reason = layer_blocker(layers[-1]) or hooked_module(bypassed(layers[-1])[1:], FIRST_TOKEN)
     if reason is not None:
         return reason
     attention = classifier.config._attn_implementation
@@ -94,6 +96,16 @@ def last_encoder_layer(classifier: nn.Module) -> nn.Module:
     return encoder_of(classifier).layer[-1]
 
 
+#: How the log names the first-token forward where hooks stop it (``hooks.hooked_module``).
+FIRST_TOKEN = "the last layer at the first token"
+
+
+def bypassed(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules of a BERT-family layer whose ``__call__`` a forward calling the layer's parts
+    directly skips (their hooks would not run): the layer and its attention modules."""
+    return layer, layer.attention, layer.attention.self
+
+
 def sharded(layer: nn.Module) -> bool:
     """Whether ``layer``'s weights are partitioned (ZeRO-3) or sharded (FSDP2 DTensors) right now."""
     weight = layer.attention.self.query.weight
@@ -114,8 +126,9 @@ def _first_token_forward(
 ) -> Tensor:
     """The output of BERT-family ``layer`` at token 0 of ``hidden`` (B, L, H), shape (B, 1, H): keys and
     values over every token, the rest at the first only. ``attention_mask`` is what the encoder hands
-    its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer runs its stock forward."""
-    if sharded(layer):
+    its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer, or one whose attention
+    modules carry hooks (called directly here, so they would be skipped), runs its stock forward."""
+    if sharded(layer) or hooked_module(bypassed(layer)[1:], FIRST_TOKEN) is not None:
         return _FIRST_TOKEN.stock_forward(layer)(layer, hidden, attention_mask, *args, **kwargs)
     attn = layer.attention.self
     batch, length, _ = hidden.shape

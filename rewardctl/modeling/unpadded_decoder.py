@@ -57,6 +57,7 @@ from rewardctl.modeling.final_layer import (
     output_at_reads,
     rows_of,
 )
+from rewardctl.modeling.hooks import GATHERED, hooked, hooked_module
 from rewardctl.modeling.unpadded_encoder import real_token_index
 
 #: The gathered row gets a multiple of this many tokens (copies of a padding position after the real
@@ -171,26 +172,6 @@ def _stock_class(module: nn.Module, names: tuple[str, ...]) -> bool:
     return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
-#: transformers 5 installs these forward hooks on every layer and attention module the first time a
-#: forward asks for hidden states or attentions (``install_output_capuring_hook``) and leaves them
-#: there; they record only inside a forward that asks for those outputs, which the gathered forwards
-#: leave to the stock one (``read_slots.needs_stock_forward``; a reward model returns rewards only).
-#: Counting them as hooks turned the gathered forward off for the rest of a run after one such call:
-#: BCO's prompt embeddings (``output_hidden_states``) did, until this was excluded.
-OUTPUT_CAPTURING_HOOKS = "transformers.utils.output_capturing"
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether hooks run around ``module``'s call (a user's torch hooks, accelerate's offload and
-    device-map hooks, which replace the module's ``forward`` and leave ``_hf_hook``): the gathered
-    forward calls its parts directly, so they would be skipped. transformers' own inert
-    output-capturing hooks (``OUTPUT_CAPTURING_HOOKS``) do not count."""
-    if hasattr(module, "_hf_hook"):
-        return True
-    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return any(getattr(hook, "__module__", None) != OUTPUT_CAPTURING_HOOKS for hook in hooks)
-
-
 def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:
     """Why ``backbone``'s layers must run on the padded batch, or None when they can run on the real
     tokens only: transformers' own Llama / Mistral / Qwen2 backbone and layers, sdpa or eager
@@ -204,10 +185,12 @@ def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> st
             return f"{type(layer).__name__} is not one of transformers' {', '.join(READ_ONLY_LAYERS)}"
         if _sharded(layer):
             return "sharded weights (FSDP or DeepSpeed ZeRO-3)"
-        if _hooked(layer) or _hooked(layer.self_attn):
-            return f"hooks on {type(layer).__name__} (the gathered forward would skip them)"
-    if _hooked(backbone):
-        return f"hooks on {type(backbone).__name__} (the gathered forward would skip them)"
+        reason = hooked_module((layer, layer.self_attn), GATHERED)
+        if reason is not None:
+            return reason
+    reason = hooked_module((backbone,), GATHERED)
+    if reason is not None:
+        return reason
     attention = backbone.config._attn_implementation
     if attention not in READ_ONLY_ATTENTION:
         return f"attn_implementation={attention} is not sdpa or eager"
@@ -272,7 +255,7 @@ def rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
         and isinstance(weight, Tensor)
         and weight.dtype == torch.float32
         and _stock_class(norm, RMS_NORMS)
-        and not _hooked(norm)
+        and not hooked(norm)
     ):
         return torch.nn.functional.rms_norm(hidden, weight.shape, weight, norm.variance_epsilon)
     return norm(hidden)

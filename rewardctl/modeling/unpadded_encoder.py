@@ -23,11 +23,11 @@ padding (sum of l_i^2 against B * L^2).
 
 Where the stock encoder runs instead: no ``TokenLayout`` given (no padding, left padding, a GPU batch,
 ``train.compile``'s traced forward: see ``token_layout`` and ``SequenceRewardModel``), gradient
-checkpointing on (the layers must run through their own checkpointed ``__call__``), sharded weights,
-or hidden states / attention weights requested (transformers collects them with hooks on the stock
-layers). The result equals the stock encoder's for every real token within fp32 rounding, without
-dropout (both trainers' default, ``model.disable_dropout``); with dropout it is the same in
-distribution only.
+checkpointing on (the layers must run through their own checkpointed ``__call__``), hooks on a layer
+or its attention modules (their calls are skipped here: ``hooks``), sharded weights, or hidden states
+/ attention weights requested (transformers collects them with hooks on the stock layers). The result
+equals the stock encoder's for every real token within fp32 rounding, without dropout (both trainers'
+default, ``model.disable_dropout``); with dropout it is the same in distribution only.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from rewardctl.modeling.first_token_layer import (
     FIRST_TOKEN_ATTENTION,
     FIRST_TOKEN_CLASSIFIERS,
+    bypassed,
     encoder_attention_function,
     encoder_layers,
     encoder_of,
@@ -51,6 +52,7 @@ from rewardctl.modeling.first_token_layer import (
     sharded,
 )
 from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.hooks import GATHERED, hooked_module
 
 #: The keyword under which the reward model hands the encoder its ``TokenLayout`` (transformers passes
 #: unknown keywords from the classifier's forward down to the encoder's).
@@ -140,7 +142,7 @@ def skip_padding_blocker(classifier: nn.Module) -> str | None:
     if isinstance(layers, str):
         return layers
     for layer in layers:
-        reason = layer_blocker(layer)
+        reason = layer_blocker(layer) or hooked_module(bypassed(layer), GATHERED)
         if reason is not None:
             return reason
     attention = classifier.config._attn_implementation
@@ -224,9 +226,11 @@ def _outputs_requested() -> bool:
 
 
 def _runs_stock(encoder: nn.Module) -> bool:
-    """Whether the layers must run their own ``__call__`` (checkpointed) or hold sharded weights."""
+    """Whether the layers must run their own ``__call__``: checkpointed, or hooks on a layer or its
+    attention modules (``hooks``: this forward calls their parts directly), or sharded weights."""
     checkpointed = encoder.training and any(getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer)
-    return checkpointed or any(sharded(layer) for layer in encoder.layer)
+    hooks = hooked_module((module for layer in encoder.layer for module in bypassed(layer)), GATHERED)
+    return checkpointed or hooks is not None or any(sharded(layer) for layer in encoder.layer)
 
 
 def _skip_padding_forward(

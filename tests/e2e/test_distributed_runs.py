@@ -77,3 +77,66 @@ def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(
         load_file(str(emulated_dir / "model/model.safetensors")),
     )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def _fsdp2_read_only_worker(rank: int, store: str) -> None:
+    """One of two gloo processes: a Llama reward model under FSDP2 (each layer and the root sharded, as
+    accelerate's transformer auto-wrap does): an evaluation forward, two accumulated backward passes,
+    an optimizer step and another forward, with the last layer at the reads and then in full; rewards,
+    every gathered gradient and the stepped rewards must agree."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from rewardctl.modeling.sequence import SequenceRewardModel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, num_labels=1,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1 + rank)  # each rank its own batch
+    ids = torch.randint(1, 64, (3, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    results = []
+    for at_reads in (True, False):
+        torch.manual_seed(0)
+        classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+        model = SequenceRewardModel(classifier, final_layer_at_reads=at_reads, skip_padding=False)
+        for layer in classifier.model.layers:
+            fully_shard(layer)
+        fully_shard(model)  # the root: the module the loop prepares
+        assert type(classifier.model.layers[-1]).__name__ == "FSDPLlamaDecoderLayer"
+        assert (model.read_only_blocker() is None) == at_reads  # FSDP2's class and hooks do not turn it off
+        seen: list[int] = []  # tokens the last layer's MLP ran on: the reads only, or every position
+        classifier.model.layers[-1].mlp.register_forward_hook(
+            lambda _m, args, _o, seen=seen: seen.append(args[0].shape[:-1].numel())
+        )
+        with torch.no_grad():
+            before = model(ids, mask)  # an evaluation first: no backward follows this forward
+        for _ in range(2):
+            rewards = model(ids, mask)
+            (rewards * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        assert seen == ([3, 3, 3] if at_reads else [21, 21, 21])
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+        with torch.no_grad():
+            after = model(ids, mask)  # the sharded weights took the step
+        assert (after - before).abs().max() > 1e-3
+        results.append((torch.stack([before, rewards.detach(), after]), grads))
+    (fast, fast_grads), (full, full_grads) = results
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 20
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    dist.destroy_process_group()
+
+
+def test_the_last_layer_at_the_reads_under_fsdp2_equals_the_full_layer(tmp_path: Path):
+    """The read-only last layer stops the layer's call after its pre-forward hooks, where FSDP2 gathers
+    the weights and hooks the gradients' reduce-scatter, and skips its post-forward resharding: two
+    gloo processes on this CPU check that the sharded gradients still come out the full layer's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp2_read_only_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)

@@ -331,3 +331,63 @@ def test_fsdp_auto_wrap_finds_the_layer_class_of_a_one_layer_encoder():
     [layer] = model.classifier.bert.encoder.layer
     assert is_first_token_only(layer) and "BertLayer" in model._no_split_modules
     assert get_module_class_from_name(model, "BertLayer") is type(layer)
+
+
+# ---- hooks: what the faster forwards would skip keeps the stock call; what runs anyway does not ------
+def _scaled_output(_module, _args, out):
+    """A forward hook that changes its module's output (an attention's (output, weights) tuple), so a
+    forward skipping it would show."""
+    return (out[0].flip(-1) * 3.0, *out[1:])
+
+
+def test_hooks_on_the_last_decoder_layer_keep_or_run_with_the_read_only_layer():
+    """A hook on the last layer's attention (whose call the read-only layer skips) or a forward hook on
+    the layer (its output is never made) turns the read-only layer off, and the rewards are the full
+    layer's with the hook; a pre-forward hook on the layer (which runs before the read-only layer takes
+    over) leaves it on and still acts."""
+    ids, mask = _padded_batch()
+    model = SequenceRewardModel(_tiny(), skip_padding=False)
+    last = model.classifier.model.layers[-1]
+    handle = last.self_attn.register_forward_hook(_scaled_output)
+    assert model.read_only_blocker() == "hooks on LlamaAttention (the last layer at the reads would skip them)"
+    with torch.no_grad():
+        hooked = model(ids, mask)
+        model.final_layer_at_reads = False
+        torch.testing.assert_close(hooked, model(ids, mask), atol=1e-6, rtol=0)
+        handle.remove()
+        model.final_layer_at_reads = True
+        assert (model(ids, mask) - hooked).abs().max() > 1e-3  # the hook changed the rewards
+    handle = last.register_forward_hook(lambda _m, _a, out: out)
+    assert model.read_only_blocker() == "hooks on LlamaDecoderLayer (the last layer at the reads would skip them)"
+    handle.remove()
+    handle = last.register_forward_pre_hook(lambda _m, args: (args[0] * 0.5, *args[1:]))
+    assert model.read_only_blocker() is None
+    with torch.no_grad():
+        read_only = model(ids, mask)
+        model.final_layer_at_reads = False
+        torch.testing.assert_close(read_only, model(ids, mask), atol=1e-5, rtol=0)
+        handle.remove()
+        assert (model(ids, mask) - read_only).abs().max() > 1e-3  # the pre-hook acted on both
+
+
+def test_a_hook_on_an_encoders_last_attention_keeps_the_full_layer():
+    """The first-token layer calls its attention modules' parts directly: a hook on them (added after the
+    model was set up, as a user or library would) makes the layer run its stock forward, hook included."""
+    ids, mask = _padded_batch()
+    model = SequenceRewardModel(_encoder("bert"), skip_padding=False)
+    model.eval()
+    attention = model.classifier.bert.encoder.layer[-1].attention.self
+    with torch.no_grad():
+        plain = model(ids, mask)
+        handle = attention.register_forward_hook(_scaled_output)
+        assert SequenceRewardModel(_encoder("bert"), skip_padding=False).read_only_blocker() is None
+        hooked = model(ids, mask)
+        assert (hooked - plain).abs().max() > 1e-4  # rewards of about 0.03: the hook shows
+        model.final_layer_at_reads = False  # the stock full layer, the same hook
+        torch.testing.assert_close(hooked, model(ids, mask), atol=1e-6, rtol=0)
+    fresh = _encoder("bert")
+    fresh.bert.encoder.layer[-1].attention.self.register_forward_hook(_scaled_output)
+    assert SequenceRewardModel(fresh, skip_padding=False).read_only_blocker() == (
+        "hooks on BertSelfAttention (the last layer at the first token would skip them)"
+    )
+    handle.remove()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 from transformers import AutoModelForSequenceClassification
 
 from rewardctl.modeling import unpadded_encoder
@@ -326,3 +327,40 @@ def test_requested_hidden_states_come_from_the_stock_padded_encoder():
     assert len(out.hidden_states) == 3 and len(with_layout.hidden_states) == 3
     assert all(shape == (8, 40, 32) for shape in shapes)
     torch.testing.assert_close(with_layout.logits, out.logits, atol=0, rtol=0)
+
+
+class _FlippedOutput(ModelHook):
+    """An accelerate hook (it replaces the module's ``forward``, no torch hook) that changes the output."""
+
+    def post_forward(self, module, output):
+        return (output[0].flip(-1), *output[1:]) if isinstance(output, tuple) else output.flip(-1)
+
+
+def _flipped_attention(_module, _args, out):
+    return (out[0].flip(-1) * 3.0, *out[1:])
+
+
+@pytest.mark.parametrize("where", ["torch hook on the attention", "accelerate hook on the layer"])
+def test_hooks_on_a_layer_or_its_attention_keep_the_stock_layers(where: str):
+    """The gathered forward calls each layer's parts directly. A hook there, added after the model was
+    set up (as a user or library would), sends the batch through the stock layers, so the hook runs:
+    the rewards are the padded forward's with the hook, and differ from those without it."""
+    model = SequenceRewardModel(_encoder("bert", layers=2), final_layer_at_reads=False)
+    model.eval()
+    ids, mask = _batch()
+    layer = model.classifier.bert.encoder.layer[0]
+    with torch.no_grad():
+        plain = model(ids, mask)
+        if where == "torch hook on the attention":
+            layer.attention.self.register_forward_hook(_flipped_attention)
+        else:
+            add_hook_to_module(layer, _FlippedOutput())
+        hooked = model(ids, mask)
+        model.skip_padding = False
+        torch.testing.assert_close(hooked, model(ids, mask), atol=1e-6, rtol=0)
+    assert (hooked - plain).abs().max() > 1e-4  # rewards of about 0.03: the hook shows
+    expected = "BertSelfAttention" if where.startswith("torch") else "BertLayer"
+    hooked_at_setup = copy.deepcopy(model.classifier)
+    assert SequenceRewardModel(hooked_at_setup).skip_padding_blocker() == (
+        f"hooks on {expected} (the gathered forward would skip them)"
+    )
