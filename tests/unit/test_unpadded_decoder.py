@@ -275,6 +275,40 @@ class _Doubled(ModelHook):
         return output * 2
 
 
+def _saved_bytes(model: SequenceRewardModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, list]:
+    """Bytes the forward keeps for its backward (each storage once), and the float tensors among them
+    shaped like one layer's gathered heads (T, heads, head_dim)."""
+    kept: dict[int, int] = {}
+    heads: list[tuple[int, ...]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        if tensor.is_floating_point() and tensor.dim() == 3 and tensor.shape[1:] == (4, 16):
+            heads.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(ids, mask)
+    return sum(kept.values()), heads
+
+
+def test_the_gathered_forward_keeps_no_more_for_its_backward_than_the_padded_one(every_batch):
+    """Scattering the gathered queries, keys and values into the attention layout keeps only the
+    positions for the backward (autograd's ``index_copy`` kept a copy of each: more memory than the
+    padded forward on batches with little padding, as PRM's and BCO's long rows are); the gradient
+    is the same (the equality tests above)."""
+    model = SequenceRewardModel(_tiny())  # 64 wide, 4 heads of 16
+    model.train()
+    ids = torch.randint(5, 100, (4, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 34:] = mask[3, 30:] = 0  # 144 real tokens of 160
+    gathered, heads = _saved_bytes(model, ids * mask, mask)
+    assert every_batch and not heads
+    model.skip_padding = False
+    padded, _ = _saved_bytes(model, ids * mask, mask)
+    assert gathered < padded
+
+
 # ---- where the padded forward runs -------------------------------------------------------------------
 def test_the_padded_decoder_runs_where_the_gathered_one_would_not_be_exact(every_batch):
     def blocker(classifier, **kwargs) -> str | None:
