@@ -20,8 +20,10 @@ from the model's own forward (a pre-hook on the last layer stops it there), so m
 position handling and every layer before stay stock transformers. The last layer is recomputed
 here, which needs its structure: the Llama-family layers listed in ``READ_ONLY_LAYERS`` (q/k/v/o
 projections with rotary embeddings, two RMS norms, one MLP module), also under FSDP2's wrapper class
-(its pre-forward hook gathers the weights before the stop, and the backward reshards them: exact,
-``tests/e2e/test_distributed_runs.py``). Anything else, a ZeRO-3-partitioned last layer, an attention
+(its pre-forward hook gathers the weights before the stop; its post-forward hook, which the stop skips,
+is replayed on the read-only output: ``close_stopped_call``; exact, ``tests/e2e/test_distributed_runs.py``).
+That serves the sequence reward models (pairwise, ranklist); the PRM's and BCO's read slots
+(``read_slots``) run the stock forward under FSDP2, whose wrapper class ``unpadded_blocker`` refuses. Anything else, a ZeRO-3-partitioned last layer, an attention
 implementation without a dense mask, or hooks whose calls this skips (the layer's forward hooks, any
 on its attention module: ``hooks``), runs the full layer.
 """
@@ -34,16 +36,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rewardctl.modeling.hooks import hooked_module
+from rewardctl.modeling.forward_swap import fsdp_unwrapped_class
+from rewardctl.modeling.hooks import hooked_module, sharding_forward_hooks
 
 #: Decoder-layer classes whose forward is exactly: pre-norm, rotary self-attention over q/k/v/o
 #: projections, residual, pre-norm, MLP, residual (transformers 5).
 READ_ONLY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 #: Attention implementations that take the dense (or absent = causal) mask this module slices.
 READ_ONLY_ATTENTION = ("sdpa", "eager")
-#: How the log names this module's forward where hooks stop it (``hooks.hooked_module``): the last
-#: layer's pre-forward hooks run (its call is stopped after them), its forward, post-forward hooks and
-#: its attention module's call do not.
+#: How the log names this module's forward where hooks stop it (``hooks.hooked_module``): the
+#: backbone's and the last layer's pre-forward hooks run (the backbone's call is stopped inside, the
+#: layer's after them), their post-forward hooks, the layer's forward and its attention module's call
+#: do not (FSDP2's post-forward hook is replayed: ``close_stopped_call``).
 READ_ONLY = "the last layer at the reads"
 
 
@@ -63,21 +67,13 @@ def additive_mask(visible: Tensor) -> Tensor:
     )
 
 
-def _unwrapped_class(layer: nn.Module) -> type:
-    """``layer``'s class, or under FSDP2's ``fully_shard`` the class it wrapped (``FSDPLlamaDecoderLayer``
-    has the bases ``(FSDPModule, LlamaDecoderLayer)`` and no forward of its own)."""
-    cls = type(layer)
-    bases = cls.__bases__
-    return bases[1] if len(bases) == 2 and bases[0].__name__ == "FSDPModule" else cls
-
-
 def read_only_blocker(backbone: nn.Module) -> str | None:
     """Why the last layer of ``backbone`` must run in full, or None when it can run at reads only."""
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or not hasattr(backbone, "norm"):
         return f"{type(backbone).__name__} has no decoder layer list"
     last = layers[-1]
-    if _unwrapped_class(last).__name__ not in READ_ONLY_LAYERS:
+    if fsdp_unwrapped_class(last).__name__ not in READ_ONLY_LAYERS:
         return f"{type(last).__name__} is not a layer this module can recompute ({', '.join(READ_ONLY_LAYERS)})"
     config = backbone.config
     if config._attn_implementation not in READ_ONLY_ATTENTION:
@@ -86,7 +82,11 @@ def read_only_blocker(backbone: nn.Module) -> str | None:
         return "the last layer is partitioned by DeepSpeed ZeRO-3"
     if getattr(last.self_attn, "sliding_window", None):
         return "the last layer attends through a sliding window"
-    return hooked_module((last,), READ_ONLY, pre_hooks_run=True) or hooked_module((last.self_attn,), READ_ONLY)
+    return (
+        hooked_module((backbone,), READ_ONLY, pre_hooks_run=True)
+        or hooked_module((last,), READ_ONLY, pre_hooks_run=True, sharding_replayed=True)
+        or hooked_module((last.self_attn,), READ_ONLY)
+    )
 
 
 def last_layer_inputs(backbone: nn.Module, **inputs: Any) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
@@ -114,8 +114,23 @@ def hidden_at_reads(backbone: nn.Module, rows: Tensor, cols: Tensor, **inputs: A
     shape (N, hidden): what ``backbone(**inputs).last_hidden_state[rows, cols]`` returns, with the
     last layer computed at those tokens only. ``inputs`` are the backbone's forward arguments."""
     hidden, mask, position_embeddings = last_layer_inputs(backbone, **inputs)
-    out = last_layer_at(backbone.layers[-1], hidden, mask, position_embeddings, rows, cols)
+    last = backbone.layers[-1]
+    out = close_stopped_call(last, hidden, last_layer_at(last, hidden, mask, position_embeddings, rows, cols))
     return backbone.norm(out)
+
+
+def close_stopped_call(layer: nn.Module, hidden: Tensor, output: Tensor) -> Tensor:
+    """The read-only ``output`` of the last ``layer`` after the post-forward hooks that its stopped call
+    skipped and that shard its weights (FSDP2's: ``hooks.sharding_forward_hooks``): they reshard the
+    weights the pre-forward hook gathered, hook their re-gathering onto the output's backward and close
+    the layer's forward. Without them a forward with no backward after it (an evaluation between a
+    backward and the optimizer step) left the weights gathered, and the step never reached the copy
+    the next forward used (a review found rewards 0.2 off the full layer's, two gloo processes)."""
+    for hook, with_kwargs in sharding_forward_hooks(layer):
+        output = output.clone() if output._is_view() else output  # FSDP2 warns on a view (in-place risk)
+        result = hook(layer, (hidden,), {}, output) if with_kwargs else hook(layer, (hidden,), output)
+        output = output if result is None else result
+    return output
 
 
 def keys_values(attention: nn.Module, normed: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rewardctl.modeling.forward_swap import ForwardSwap
+from rewardctl.modeling.forward_swap import ForwardSwap, fsdp_unwrapped_class
 from rewardctl.modeling.hooks import hooked_module
 
 #: Classifiers whose head reads only the first token's final hidden state (transformers 5).
@@ -85,7 +85,7 @@ def encoder_layers(classifier: nn.Module) -> nn.ModuleList | str:
 
 def layer_blocker(layer: nn.Module) -> str | None:
     """Why ``layer`` is not a BERT-family encoder layer this package can run in parts, or None."""
-    if type(layer).__name__ not in FIRST_TOKEN_LAYERS:
+    if fsdp_unwrapped_class(layer).__name__ not in FIRST_TOKEN_LAYERS:
         return f"{type(layer).__name__} is not a layer this module can recompute ({', '.join(FIRST_TOKEN_LAYERS)})"
     if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False):
         return f"{type(layer).__name__} is a decoder layer (causal or cross-attention)"

@@ -33,6 +33,14 @@ def forward_owner(cls: type) -> type | None:
     return next((klass for klass in stock_class(cls).__mro__ if "forward" in vars(klass)), None)
 
 
+def fsdp_unwrapped_class(module: nn.Module) -> type:
+    """``module``'s class, or under FSDP2's ``fully_shard`` the class it wrapped (``FSDPLlamaDecoderLayer``
+    has the bases ``(FSDPModule, LlamaDecoderLayer)``), for checks that judge a layer by its class."""
+    cls = type(module)
+    bases = cls.__bases__
+    return bases[1] if len(bases) == 2 and bases[0].__name__ == "FSDPModule" else cls
+
+
 class ForwardSwap:
     """One replacement ``forward``; one generated subclass per stock class it is applied to."""
 

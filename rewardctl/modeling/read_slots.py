@@ -23,6 +23,7 @@ from rewardctl.data.packing import PAD_SEGMENT, segment_attention_mask
 from rewardctl.modeling import unpadded_decoder
 from rewardctl.modeling.common import transformers_model
 from rewardctl.modeling.final_layer import (
+    close_stopped_call,
     keys_values,
     last_layer_inputs,
     output_at_reads,
@@ -148,7 +149,7 @@ def hidden_at_slots(
     hidden, mask, (cos, sin) = last_layer_inputs(
         backbone, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     )
-    last = backbone.layers[-1]
+    stopped_at, last = hidden, backbone.layers[-1]
     normed = last.input_layernorm(hidden)
     key, value = keys_values(last.self_attn, normed, cos, sin)
     cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
@@ -158,7 +159,7 @@ def hidden_at_slots(
     else:
         rows_mask = unpadded_decoder.at_slots(mask[:, 0], flat)  # (B, R, L)
     out = output_at_reads(last, hidden, normed, cos, sin, key, value, rows_mask.unsqueeze(1))
-    return backbone.norm(out)
+    return backbone.norm(close_stopped_call(last, stopped_at, out))
 
 
 def real_tokens_layout(backbone: nn.Module, real: Tensor) -> unpadded_decoder.DecoderLayout | None:

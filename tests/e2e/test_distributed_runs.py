@@ -1,9 +1,11 @@
 """The distribution contracts checked through real CPU runs: what the loop tells DeepSpeed's engine
-about accumulation boundaries, and the update when the engine divides by its accumulation count
-(FSDP wrapping and the launcher's arguments are in tests/unit/test_distributed.py)."""
+about accumulation boundaries, the update when the engine divides by its accumulation count, and the
+read-only last layer under FSDP2 in two gloo processes (FSDP's auto-wrap policy and the launcher's
+arguments are in tests/unit/test_distributed.py)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -82,15 +84,17 @@ def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(
 def _fsdp2_read_only_worker(rank: int, store: str) -> None:
     """One of two gloo processes: a Llama reward model under FSDP2 (each layer and the root sharded, as
     accelerate's transformer auto-wrap does): an evaluation forward, two accumulated backward passes,
-    an optimizer step and another forward, with the last layer at the reads and then in full; rewards,
-    every gathered gradient and the stepped rewards must agree."""
+    another evaluation before the optimizer step and a forward after it, with the last layer at the
+    reads and then in full; rewards, every gathered gradient and the stepped rewards must agree."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
     from rewardctl.modeling.sequence import SequenceRewardModel
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group(  # a desynchronised regression fails within two minutes instead of hanging
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, num_labels=1,
@@ -118,13 +122,15 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
         for _ in range(2):
             rewards = model(ids, mask)
             (rewards * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
-        assert seen == ([3, 3, 3] if at_reads else [21, 21, 21])
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        with torch.no_grad():  # between the backward and the step: the last layer must not stay gathered
+            between = model(ids, mask)  # (FSDP2 itself then drops the root's gradients, the stock layer too)
+        assert seen == ([3, 3, 3, 3] if at_reads else [21, 21, 21, 21])
         torch.optim.SGD(model.parameters(), lr=0.5).step()
         with torch.no_grad():
-            after = model(ids, mask)  # the sharded weights took the step
+            after = model(ids, mask)  # the sharded weights took the step, the last layer's included
         assert (after - before).abs().max() > 1e-3
-        results.append((torch.stack([before, rewards.detach(), after]), grads))
+        results.append((torch.stack([before, rewards.detach(), between, after]), grads))
     (fast, fast_grads), (full, full_grads) = results
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
     assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 20
@@ -135,8 +141,11 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
 
 def test_the_last_layer_at_the_reads_under_fsdp2_equals_the_full_layer(tmp_path: Path):
     """The read-only last layer stops the layer's call after its pre-forward hooks, where FSDP2 gathers
-    the weights and hooks the gradients' reduce-scatter, and skips its post-forward resharding: two
-    gloo processes on this CPU check that the sharded gradients still come out the full layer's."""
+    the weights and hooks the gradients' reduce-scatter, and replays FSDP2's post-forward hook on its own
+    output (reshard, re-gather in the backward): two gloo processes on this CPU (a few seconds, so in
+    ``make test``) check that the sharded gradients and the stepped weights come out the full layer's,
+    an evaluation between the backward and the step included (without the replay it left the weights
+    gathered and the step missed them)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_fsdp2_read_only_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)

@@ -342,9 +342,9 @@ def _scaled_output(_module, _args, out):
 
 def test_hooks_on_the_last_decoder_layer_keep_or_run_with_the_read_only_layer():
     """A hook on the last layer's attention (whose call the read-only layer skips) or a forward hook on
-    the layer (its output is never made) turns the read-only layer off, and the rewards are the full
-    layer's with the hook; a pre-forward hook on the layer (which runs before the read-only layer takes
-    over) leaves it on and still acts."""
+    the layer or the backbone (their outputs are never made) turns the read-only layer off, and the
+    rewards are the full layer's with the hook; a pre-forward hook on the layer (which runs before the
+    read-only layer takes over) leaves it on and still acts."""
     ids, mask = _padded_batch()
     model = SequenceRewardModel(_tiny(), skip_padding=False)
     last = model.classifier.model.layers[-1]
@@ -359,6 +359,17 @@ def test_hooks_on_the_last_decoder_layer_keep_or_run_with_the_read_only_layer():
         assert (model(ids, mask) - hooked).abs().max() > 1e-3  # the hook changed the rewards
     handle = last.register_forward_hook(lambda _m, _a, out: out)
     assert model.read_only_blocker() == "hooks on LlamaDecoderLayer (the last layer at the reads would skip them)"
+    handle.remove()
+    # the backbone's call is stopped inside its forward: its forward hooks would never see the output
+    handle = model.classifier.model.register_forward_hook(
+        lambda _m, _a, out: type(out)(last_hidden_state=out.last_hidden_state.flip(-1))
+    )
+    assert model.read_only_blocker() == "hooks on LlamaModel (the last layer at the reads would skip them)"
+    with torch.no_grad():
+        hooked = model(ids, mask)
+        model.final_layer_at_reads = False
+        torch.testing.assert_close(hooked, model(ids, mask), atol=1e-6, rtol=0)
+        model.final_layer_at_reads = True
     handle.remove()
     handle = last.register_forward_pre_hook(lambda _m, args: (args[0] * 0.5, *args[1:]))
     assert model.read_only_blocker() is None
