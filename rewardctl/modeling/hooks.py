@@ -3,7 +3,8 @@
 The gathered decoder and encoder forwards (``unpadded_decoder``, ``unpadded_encoder``), the last layer
 at the reads (``final_layer``) and the encoder's last layer at its first token (``first_token_layer``)
 compute a layer from its projections, norms and MLP, so the layer's (and its attention module's) own
-``__call__`` never runs: hooks there would be skipped. Each of them asks ``hooked_module`` first and
+``__call__`` never runs, and the read-only last layer stops the backbone's call inside its forward:
+hooks there would be skipped. Each of them asks ``hooked_module`` first and
 runs the stock forward where a hook sits. Two kinds count: torch hooks (a user's forward, pre-forward
 or backward hooks) and accelerate's (offload and device-map hooks replace the module's ``forward`` and
 leave ``_hf_hook``, no torch hook). transformers' own output-capturing hooks do not: they record only
