@@ -61,7 +61,7 @@ def first_token_blocker(classifier: nn.Module) -> str | None:
     layers = encoder_layers(classifier)
     if isinstance(layers, str):
         return layers
-    reason = layer_blocker(layers[-1]) or hooked_module(bypassed(layers[-1])[1:], FIRST_TOKEN)
+    reason = layer_blocker(layers[-1]) or _attention_hooked(layers[-1])
     if reason is not None:
         return reason
     attention = classifier.config._attn_implementation
@@ -106,6 +106,12 @@ def bypassed(layer: nn.Module) -> tuple[nn.Module, ...]:
     return layer, layer.attention, layer.attention.self
 
 
+def _attention_hooked(layer: nn.Module) -> str | None:
+    """Why the first-token forward must not run on ``layer``: hooks on its attention modules, whose calls
+    it skips (the layer's own call runs, hooks included), or None."""
+    return hooked_module(bypassed(layer)[1:], FIRST_TOKEN)
+
+
 def sharded(layer: nn.Module) -> bool:
     """Whether ``layer``'s weights are partitioned (ZeRO-3) or sharded (FSDP2 DTensors) right now."""
     weight = layer.attention.self.query.weight
@@ -128,7 +134,7 @@ def _first_token_forward(
     values over every token, the rest at the first only. ``attention_mask`` is what the encoder hands
     its layers: (B, 1, L, L) boolean or additive, or None. A sharded layer, or one whose attention
     modules carry hooks (called directly here, so they would be skipped), runs its stock forward."""
-    if sharded(layer) or hooked_module(bypassed(layer)[1:], FIRST_TOKEN) is not None:
+    if sharded(layer) or _attention_hooked(layer) is not None:
         return _FIRST_TOKEN.stock_forward(layer)(layer, hidden, attention_mask, *args, **kwargs)
     attn = layer.attention.self
     batch, length, _ = hidden.shape

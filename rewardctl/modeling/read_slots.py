@@ -5,8 +5,9 @@ Two heads read a decoder at a few positions of each row: a PRM's token classifie
 tokens (``token_reads``) and a policy's vocabulary projection at the positions that predict its
 completion tokens (``causal_reads``). Both swap their model's forward for one that calls
 ``model_hidden_at_slots`` with each row's read columns, (B, R), made at collate time, and apply their
-own head there (or run the stock forward where it returns None). This module holds what the two share: the settings a model was built with, the per-call
-decision (``plan``) and the hidden states themselves.
+own head there (or run the stock forward where it returns None). This module holds what the two
+share: the settings a model was built with, the per-call decision (``plan``) and the hidden states
+themselves.
 """
 
 from __future__ import annotations

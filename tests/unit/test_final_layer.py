@@ -334,7 +334,7 @@ def test_fsdp_auto_wrap_finds_the_layer_class_of_a_one_layer_encoder():
 
 
 # ---- hooks: what the faster forwards would skip keeps the stock call; what runs anyway does not ------
-def _scaled_output(_module, _args, out):
+def _changed_attention_output(_module, _args, out):
     """A forward hook that changes its module's output (an attention's (output, weights) tuple), so a
     forward skipping it would show."""
     return (out[0].flip(-1) * 3.0, *out[1:])
@@ -348,7 +348,7 @@ def test_hooks_on_the_last_decoder_layer_keep_or_run_with_the_read_only_layer():
     ids, mask = _padded_batch()
     model = SequenceRewardModel(_tiny(), skip_padding=False)
     last = model.classifier.model.layers[-1]
-    handle = last.self_attn.register_forward_hook(_scaled_output)
+    handle = last.self_attn.register_forward_hook(_changed_attention_output)
     assert model.read_only_blocker() == "hooks on LlamaAttention (the last layer at the reads would skip them)"
     with torch.no_grad():
         hooked = model(ids, mask)
@@ -390,14 +390,14 @@ def test_a_hook_on_an_encoders_last_attention_keeps_the_full_layer():
     attention = model.classifier.bert.encoder.layer[-1].attention.self
     with torch.no_grad():
         plain = model(ids, mask)
-        handle = attention.register_forward_hook(_scaled_output)
+        handle = attention.register_forward_hook(_changed_attention_output)
         assert SequenceRewardModel(_encoder("bert"), skip_padding=False).read_only_blocker() is None
         hooked = model(ids, mask)
         assert (hooked - plain).abs().max() > 1e-4  # rewards of about 0.03: the hook shows
         model.final_layer_at_reads = False  # the stock full layer, the same hook
         torch.testing.assert_close(hooked, model(ids, mask), atol=1e-6, rtol=0)
     fresh = _encoder("bert")
-    fresh.bert.encoder.layer[-1].attention.self.register_forward_hook(_scaled_output)
+    fresh.bert.encoder.layer[-1].attention.self.register_forward_hook(_changed_attention_output)
     assert SequenceRewardModel(fresh, skip_padding=False).read_only_blocker() == (
         "hooks on BertSelfAttention (the last layer at the first token would skip them)"
     )

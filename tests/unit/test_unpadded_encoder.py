@@ -17,7 +17,7 @@ from rewardctl.modeling.first_token_layer import is_first_token_only
 from rewardctl.modeling.sequence import SequenceRewardModel
 from rewardctl.modeling.unpadded_encoder import TOKEN_ROWS_MULTIPLE, skips_padding, token_layout
 
-from .test_final_layer import _encoder
+from .test_final_layer import _changed_attention_output, _encoder
 
 LENGTHS = (40, 7, 3, 19, 1, 33, 12, 25)  # 140 real tokens in 8 x 40 = 320: 256 rows with the spare ones
 
@@ -336,10 +336,6 @@ class _FlippedOutput(ModelHook):
         return (output[0].flip(-1), *output[1:]) if isinstance(output, tuple) else output.flip(-1)
 
 
-def _flipped_attention(_module, _args, out):
-    return (out[0].flip(-1) * 3.0, *out[1:])
-
-
 @pytest.mark.parametrize("where", ["torch hook on the attention", "accelerate hook on the layer"])
 def test_hooks_on_a_layer_or_its_attention_keep_the_stock_layers(where: str):
     """The gathered forward calls each layer's parts directly. A hook there, added after the model was
@@ -352,7 +348,7 @@ def test_hooks_on_a_layer_or_its_attention_keep_the_stock_layers(where: str):
     with torch.no_grad():
         plain = model(ids, mask)
         if where == "torch hook on the attention":
-            layer.attention.self.register_forward_hook(_flipped_attention)
+            layer.attention.self.register_forward_hook(_changed_attention_output)
         else:
             add_hook_to_module(layer, _FlippedOutput())
         hooked = model(ids, mask)
