@@ -14,6 +14,7 @@ policy then still projects onto its vocabulary at the completion-predicting posi
     python benchmarks/reads_only.py --last-step-only --pairs 3        # method.train_on_last_step_only=true
     python benchmarks/reads_only.py --method bco --pairs 3            # BCO on HH-RLHF unpaired rows
     python benchmarks/reads_only.py --shape qwen2.5-0.5b --steps 3 --batch 4
+    python benchmarks/reads_only.py --set train.gradient_checkpointing=true   # any override, both settings
     python benchmarks/reads_only.py --shape qwen2.5-0.5b --hardware gpu --steps 20 --batch 16 --max-length 512
 
 Data: ../shared/data/prm800k_stepwise (real PRM800K step lengths) or hh_rlhf_unpaired (``--method bco``;
@@ -85,6 +86,7 @@ def overrides(args: argparse.Namespace, run_dir: Path, setting: str) -> list[str
         "train.save_every=0",
         "train.log_every=10",
         "train.progress_bar=false",
+        *args.set,
         *SETTINGS[setting],
         f"output_dir={run_dir}",
     ]
@@ -123,6 +125,9 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=100)
     parser.add_argument("--last-step-only", action="store_true", help="PRM: method.train_on_last_step_only=true")
     parser.add_argument("--pairs", type=int, default=1, help="pairs of runs, alternating which goes first")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a train override for both settings"
+    )
     parser.add_argument("--data-root", type=Path, default=SHARED, help="holds prm800k_stepwise/, hh_rlhf_unpaired/")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     args = parser.parse_args()
@@ -147,7 +152,9 @@ def main() -> None:
     )
     print(
         f"\n{cpu_description()}, {args.method}, {args.shape}, {args.steps} steps x {args.batch} rows, "
-        f"<= {args.max_length} tokens{labels}, {runs[0]['mixed_precision']}\n"
+        f"<= {args.max_length} tokens{labels}, {runs[0]['mixed_precision']}"
+        + (f", {' '.join(args.set)}" if args.set else "")
+        + "\n"
     )
     print(f"| setting | train s | peak RSS MiB | last train loss | held-out {metric} |\n|---|---|---|---|---|")
     for r in runs:
@@ -157,6 +164,7 @@ def main() -> None:
         )
     bench.print_paired_ratios(runs, "read tokens only", "every position")
     suffix = "-last-step" if args.method == "prm" and args.last_step_only else ""
+    suffix += "".join(f"-{override.split('=')[0].rsplit('.', 1)[-1]}" for override in args.set)
     path = args.out / f"reads_only-{args.method}-{args.shape}-{args.hardware}{suffix}.json"
     bench.write_runs(path, args, cpu_description(), runs)
 

@@ -26,8 +26,10 @@ indices (an int, as the prompt embeddings of BCO's UDM pass, 1-D positions, a bo
 asked for (``use_cache``, or the config's when not given); ``train.compile``'s trace; labels,
 explicit positions or embeddings, or any other keyword; hidden states or attentions requested (by
 keyword or by the config); no 2-D attention mask; a class other than transformers' own Llama /
-Mistral / Qwen2 causal LM (``positions_blocker``); what ``unpadded_decoder.unpadded_blocker`` finds at
-call time; a batch where neither saving applies.
+Mistral / Qwen2 causal LM (``positions_blocker``); a call where neither saving applies
+(``read_slots.plan``: where ``unpadded_decoder.unpadded_blocker`` keeps the layers on the padded batch,
+gradient checkpointing or FSDP2 among them, the last layer still runs at the positions unless
+``final_layer.read_only_blocker`` names a reason).
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ POLICIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 def positions_blocker(policy: nn.Module) -> str | None:
-    """Why ``policy`` runs the stock forward at every position (None: it can run at the kept ones)."""
+    """Why ``policy`` runs the stock forward at every position whatever its settings (None: one of the
+    two savings may apply, as ``read_slots.enable`` and each call's ``read_slots.plan`` judge)."""
     hf = transformers_model(policy)
     cls = stock_class(type(hf))
     if cls.__name__ not in POLICIES or not cls.__module__.startswith("transformers.models."):
         return f"{cls.__name__} is not one of transformers' {', '.join(POLICIES)}"
     if not isinstance(getattr(hf, "lm_head", None), nn.Module):
         return f"{cls.__name__} has no lm_head"
-    return unpadded_decoder.unpadded_blocker(getattr(hf, hf.base_model_prefix), training_setup=True)
+    return unpadded_decoder.backbone_blocker(getattr(hf, hf.base_model_prefix))
 
 
 def compute_positions_only(policy: nn.Module, settings: ReadSettings) -> None:

@@ -22,11 +22,11 @@ here, which needs its structure: the Llama-family layers listed in ``READ_ONLY_L
 projections with rotary embeddings, two RMS norms, one MLP module), also under FSDP2's wrapper class:
 its pre-forward hook gathers the weights before the stop, and its post-forward hook, which the stop
 skips, is replayed on the read-only output (``close_stopped_call``; exact,
-``tests/e2e/test_distributed_runs.py``). That serves the sequence reward models (pairwise, ranklist);
-the PRM's and BCO's read slots (``read_slots``) run the stock forward under FSDP2, whose wrapper class
-``unpadded_blocker`` refuses. Anything else, a ZeRO-3-partitioned last layer, an attention
-implementation without a dense mask, or hooks whose calls this skips (forward hooks on the backbone or
-the layer, any hook on the layer's attention module: ``hooks``), runs the full layer.
+``tests/e2e/test_distributed_runs.py``). That serves the sequence reward models (pairwise, ranklist)
+and the PRM's and BCO's read slots (``read_slots``) alike. Anything else, a ZeRO-3-partitioned last
+layer, an attention implementation without a dense mask, or hooks whose calls this skips (forward
+hooks on the backbone or the layer, any hook on the layer's attention module: ``hooks``), runs the
+full layer.
 """
 
 from __future__ import annotations

@@ -99,12 +99,16 @@ def plan(
 ) -> tuple[unpadded_decoder.DecoderLayout | None, bool] | None:
     """For one forward: the real-tokens layout (None: the stock layers over the padding) and whether
     the last layer runs at the reads only; None where neither saving applies (then the stock forward
-    runs): no settings, what ``unpadded_decoder.unpadded_blocker`` finds now (hooks, checkpointing in
-    training, sharding), a GPU batch whose last layer cannot run at its reads."""
+    runs). Each is judged on its own, as the sequence reward models' forward does: the layout where
+    ``unpadded_decoder.unpadded_blocker`` finds nothing now (a CPU batch; no hooks on the layers, no
+    checkpointing in training, no sharding), the last layer at the reads where
+    ``final_layer.read_only_blocker`` finds nothing (so under gradient checkpointing or FSDP2 too)."""
     settings: ReadSettings | None = getattr(hf, _SETTINGS_ATTRIBUTE, None)
-    if settings is None or unpadded_decoder.unpadded_blocker(backbone) is not None:
+    if settings is None:
         return None
-    layout = real_tokens_layout(backbone, attention_mask.bool()) if settings.skip_padding else None  # CPU only
+    layout = None
+    if settings.skip_padding and unpadded_decoder.unpadded_blocker(backbone) is None:
+        layout = real_tokens_layout(backbone, attention_mask.bool())  # CPU only
     last_at_reads = settings.last_at_reads and read_only_blocker(backbone) is None
     if layout is None and not last_at_reads:
         return None
@@ -195,26 +199,31 @@ def enable(
         return model
     hf = transformers_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
-    last_blocker = read_only_blocker(backbone)
-    if model_cfg.final_layer_at_reads and last_blocker is not None:
-        log.info("%s: last layer at every position: %s", subject, last_blocker)
-    settings = ReadSettings(
-        skip_padding=model_cfg.skip_padding, last_at_reads=model_cfg.final_layer_at_reads and last_blocker is None
+    layers_blocker = (
+        unpadded_decoder.unpadded_blocker(backbone, training_setup=True)
+        if model_cfg.skip_padding
+        else "model.skip_padding=false"
     )
+    last_blocker = read_only_blocker(backbone) if model_cfg.final_layer_at_reads else "model.final_layer_at_reads=false"
+    # The layout is judged again at each call (``plan``): an evaluation of a checkpointed model uses it.
+    settings = ReadSettings(skip_padding=model_cfg.skip_padding, last_at_reads=last_blocker is None)
+    if layers_blocker is not None and last_blocker is not None:
+        settings = ReadSettings(skip_padding=False, last_at_reads=False)
     apply(model, settings)  # with neither saving on: the stock class again, if it was swapped before
     if not (settings.skip_padding or settings.last_at_reads):
-        why = "model.skip_padding=false" + ("" if last_blocker else " and model.final_layer_at_reads=false")
-        log.info("%s: every layer over every position: %s", subject, why)
+        log.info("%s: every layer over every position: %s; %s", subject, layers_blocker, last_blocker)
         return model
     narrow = unpadded_decoder.too_narrow(backbone)
-    if not settings.skip_padding:
-        parts = ["layers over the padding"]
+    if layers_blocker is not None:
+        parts = [f"layers over the padding: {layers_blocker}"]
     elif narrow is not None:
         parts = [f"layers over the padding: {narrow}"]
     else:
         parts = ["layers on the real tokens of CPU batches"]
     parts.append(
-        f"last layer and head at {reads} only (GPU batches too)" if settings.last_at_reads else "last layer in full"
+        f"last layer and head at {reads} only (GPU batches too)"
+        if settings.last_at_reads
+        else f"last layer at every position: {last_blocker}"
     )
     note = " (train.compile traces the stock forward in training)" if compiled else ""
     log.info("%s: %s%s", subject, "; ".join(parts), note)

@@ -30,10 +30,11 @@ policy's ``causal_reads``).
 Where the stock forward runs instead: no reads given; ``train.compile``'s trace; hidden states,
 attentions (by keyword or by the config), a loss or a tuple requested; any other keyword the stock
 forward would hand its backbone (explicit position ids, embeddings, a cache); no 2-D attention mask;
-every model ``reads_blocker``
-names, and what ``unpadded_decoder.unpadded_blocker`` finds at call time (hooks, gradient checkpointing
-in training, sharded weights); a batch where neither saving applies (a GPU batch whose last layer cannot
-run at its reads, ``final_layer.read_only_blocker``: a sliding window, ZeRO-3).
+every model ``reads_blocker`` names; a call where neither saving applies (``read_slots.plan``). The
+two are judged apart: where ``unpadded_decoder.unpadded_blocker`` keeps the layers on the padded batch
+(gradient checkpointing in training, FSDP2's sharded layers, hooks on a layer, a GPU batch), the last
+layer and head still run at the reads unless ``final_layer.read_only_blocker`` names a reason (a
+sliding window, ZeRO-3, hooks on the last layer that the stop would skip).
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ READS_KEY = "rewardctl_reads"
 
 
 def reads_blocker(classifier: nn.Module) -> str | None:
-    """Why ``classifier`` computes every position (None: it can compute the read ones only): the
-    forward must be transformers' generic token classifier (backbone, dropout, ``score``) over one of
-    ``unpadded_decoder.BACKBONES``, with sdpa or eager attention, unsharded, unhooked and without
-    gradient checkpointing."""
+    """Why ``classifier`` computes every position whatever its settings (None: one of the two savings
+    may apply, as ``read_slots.enable`` and each call's ``read_slots.plan`` judge): the forward must be
+    transformers' generic token classifier (backbone, dropout, ``score``) over one of
+    ``unpadded_decoder.BACKBONES``."""
     hf = transformers_model(classifier)
     cls = stock_class(type(hf))
     owner = forward_owner(cls)
@@ -70,7 +71,7 @@ def reads_blocker(classifier: nn.Module) -> str | None:
     backbone = getattr(hf, hf.base_model_prefix, None)
     if backbone is None:
         return f"{cls.__name__} has no backbone"
-    return unpadded_decoder.unpadded_blocker(backbone, training_setup=True)
+    return unpadded_decoder.backbone_blocker(backbone)
 
 
 def compute_reads_only(classifier: nn.Module, settings: ReadSettings) -> None:

@@ -191,13 +191,22 @@ def _stock_class(module: nn.Module, names: tuple[str, ...]) -> bool:
     return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
+def backbone_blocker(backbone: nn.Module) -> str | None:
+    """Why neither faster forward can stand in for ``backbone``'s (None: it is transformers' own Llama,
+    Mistral or Qwen2 backbone, whose forward ends with its layers and its final norm)."""
+    if not _stock_class(backbone, BACKBONES):
+        return f"{type(backbone).__name__} is not one of transformers' {', '.join(BACKBONES)}"
+    return None
+
+
 def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:
     """Why ``backbone``'s layers must run on the padded batch, or None when they can run on the real
     tokens only: transformers' own Llama / Mistral / Qwen2 backbone and layers, sdpa or eager
     attention, unsharded, unhooked, and no gradient checkpointing while training (``training_setup``:
     judge the setting itself, whatever mode the model is in now, as the run's log does)."""
-    if not _stock_class(backbone, BACKBONES):
-        return f"{type(backbone).__name__} is not one of transformers' {', '.join(BACKBONES)}"
+    reason = backbone_blocker(backbone)
+    if reason is not None:
+        return reason
     layers = backbone.layers
     for layer in layers:
         if not _stock_class(layer, READ_ONLY_LAYERS):

@@ -81,61 +81,93 @@ def test_an_engine_that_divides_by_its_accumulation_count_gets_the_same_update(
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def _evaluate_train_evaluate_step(model: torch.nn.Module, forward, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """An evaluation forward, two accumulated backward passes, another evaluation before the optimizer
+    step and a forward after it: the outputs of the four stacked, and every gathered gradient."""
+    with torch.no_grad():
+        before = forward()  # an evaluation first: no backward follows this forward
+    for _ in range(2):
+        trained = forward()
+        (trained * weights).sum().backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    with torch.no_grad():  # between the backward and the step: the last layer must not stay gathered
+        between = forward()  # (FSDP2 itself then drops the root's gradients, the stock layer too)
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        after = forward()  # the sharded weights took the step, the last layer's included
+    assert (after - before).abs().max() > 1e-3
+    return torch.stack([before, trained.detach(), between, after]), grads
+
+
 def _fsdp2_read_only_worker(rank: int, store: str) -> None:
-    """One of two gloo processes: a Llama reward model under FSDP2 (each layer and the root sharded, as
-    accelerate's transformer auto-wrap does): an evaluation forward, two accumulated backward passes,
-    another evaluation before the optimizer step and a forward after it, with the last layer at the
-    reads and then in full; rewards, every gathered gradient and the stepped rewards must agree."""
+    """One of two gloo processes: a Llama reward model and a Llama PRM token classifier under FSDP2
+    (each layer and the root sharded, as accelerate's transformer auto-wrap does), each through
+    ``_evaluate_train_evaluate_step`` with the last layer at the reads and then in full; outputs, every
+    gathered gradient and the stepped outputs must agree."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, LlamaConfig
 
+    from rewardctl.data.packing import token_read_index
+    from rewardctl.modeling.common import token_logits
+    from rewardctl.modeling.read_slots import ReadSettings
     from rewardctl.modeling.sequence import SequenceRewardModel
+    from rewardctl.modeling.token_reads import compute_reads_only
 
     dist.init_process_group(  # a desynchronised regression fails within two minutes instead of hanging
         "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
     )
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0, num_labels=1,
+        num_key_value_heads=2, pad_token_id=0,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1 + rank)  # each rank its own batch
     ids = torch.randint(1, 64, (3, 7), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
-    results = []
-    for at_reads in (True, False):
-        torch.manual_seed(0)
-        classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
-        model = SequenceRewardModel(classifier, final_layer_at_reads=at_reads, skip_padding=False)
-        for layer in classifier.model.layers:
-            fully_shard(layer)
-        fully_shard(model)  # the root: the module the loop prepares
-        assert type(classifier.model.layers[-1]).__name__ == "FSDPLlamaDecoderLayer"
-        assert (model.read_only_blocker() is None) == at_reads  # FSDP2's class and hooks do not turn it off
-        seen: list[int] = []  # tokens the last layer's MLP ran on: the reads only, or every position
-        classifier.model.layers[-1].mlp.register_forward_hook(
-            lambda _m, args, _o, seen=seen: seen.append(args[0].shape[:-1].numel())
-        )
-        with torch.no_grad():
-            before = model(ids, mask)  # an evaluation first: no backward follows this forward
-        for _ in range(2):
-            rewards = model(ids, mask)
-            (rewards * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
-        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
-        with torch.no_grad():  # between the backward and the step: the last layer must not stay gathered
-            between = model(ids, mask)  # (FSDP2 itself then drops the root's gradients, the stock layer too)
-        assert seen == ([3, 3, 3, 3] if at_reads else [21, 21, 21, 21])
-        torch.optim.SGD(model.parameters(), lr=0.5).step()
-        with torch.no_grad():
-            after = model(ids, mask)  # the sharded weights took the step, the last layer's included
-        assert (after - before).abs().max() > 1e-3
-        results.append((torch.stack([before, rewards.detach(), between, after]), grads))
-    (fast, fast_grads), (full, full_grads) = results
-    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
-    assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 20
-    for name, grad in full_grads.items():
-        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    read = torch.zeros_like(ids, dtype=torch.bool)
+    read[0, [2, 6]] = read[1, 4] = read[2, [1, 3, 6]] = True  # a PRM's labelled step ends
+    batch = {"input_ids": ids, "attention_mask": mask, **token_read_index(read, mask)}
+    for kind in ("sequence", "token"):
+        results = []
+        for at_reads in (True, False):
+            torch.manual_seed(0)
+            if kind == "sequence":
+                classifier = AutoModelForSequenceClassification.from_config(
+                    LlamaConfig(**shape, num_labels=1), attn_implementation="sdpa"
+                )
+                model = SequenceRewardModel(classifier, final_layer_at_reads=at_reads, skip_padding=False)
+                weights = torch.tensor([1.0, -2.0, 0.5])
+            else:
+                model = classifier = AutoModelForTokenClassification.from_config(
+                    LlamaConfig(**shape, num_labels=2, classifier_dropout=0.0), attn_implementation="sdpa"
+                )  # no dropout before the head: both ways draw no random masks
+                compute_reads_only(model, ReadSettings(skip_padding=False, last_at_reads=at_reads))
+                weights = torch.linspace(-1.0, 2.0, 12).view(6, 2)
+            for layer in classifier.model.layers:
+                fully_shard(layer)
+            fully_shard(model)  # the root: the module the loop prepares
+            assert type(classifier.model.layers[-1]).__name__ == "FSDPLlamaDecoderLayer"
+            if kind == "sequence":  # FSDP2's class and hooks do not turn it off
+                assert (model.read_only_blocker() is None) == at_reads
+            seen: list[int] = []  # tokens the last layer's MLP ran on: the reads only, or every position
+            classifier.model.layers[-1].mlp.register_forward_hook(
+                lambda _m, args, _o, seen=seen: seen.append(args[0].shape[:-1].numel())
+            )
+            if kind == "sequence":
+                outputs = _evaluate_train_evaluate_step(model, lambda model=model: model(ids, mask), weights)
+                assert seen == [3 if at_reads else 21] * 5  # five forwards
+            else:
+                outputs = _evaluate_train_evaluate_step(
+                    model, lambda model=model: token_logits(model, batch)[0][read], weights
+                )
+                assert seen == [9 if at_reads else 21] * 5  # 3 rows x 3 read slots
+            results.append(outputs)
+        (fast, fast_grads), (full, full_grads) = results
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=0, msg=kind)
+        assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 20
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"{kind}: {name}")
     dist.destroy_process_group()
 
 
@@ -145,7 +177,8 @@ def test_the_last_layer_at_the_reads_under_fsdp2_equals_the_full_layer(tmp_path:
     output (reshard, re-gather in the backward): two gloo processes on this CPU (a few seconds, so in
     ``make test``) check that the sharded gradients and the stepped weights come out the full layer's,
     an evaluation between the backward and the step included (without the replay it left the weights
-    gathered and the step missed them)."""
+    gathered and the step missed them), for a pairwise reward model and a PRM's token classifier (its
+    read slots, shared with a BCO policy's positions)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_fsdp2_read_only_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)

@@ -217,13 +217,14 @@ def test_transformers_output_capturing_hooks_leave_the_positions_path_on():
     assert "hooks on LlamaDecoderLayer" in unpadded_decoder.unpadded_blocker(model.model)
 
 
-def test_blockers_name_why():
+def test_blockers_name_why(caplog: pytest.LogCaptureFixture):
     flex = _policy("llama")
     flex.config._attn_implementation = "flex_attention"
-    assert "flex_attention" in causal_reads.positions_blocker(flex)
-    checkpointed = _policy("llama")
-    checkpointed.gradient_checkpointing_enable()
-    assert "checkpointing" in causal_reads.positions_blocker(checkpointed)
+    assert causal_reads.positions_blocker(flex) is None  # the backbone is stock: each saving is judged apart
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
+        compute_predicting_positions_only(flex, ModelConfig(name_or_path="unused"))
+    assert not computes_positions_only(flex)
+    assert "policy: every layer over every position: attn_implementation=flex_attention" in caplog.text
 
     class OwnPolicy(type(_policy("llama"))):
         pass
@@ -232,6 +233,28 @@ def test_blockers_name_why():
     own.__class__ = OwnPolicy
     assert "is not one of transformers'" in causal_reads.positions_blocker(own)
     assert causal_reads.positions_blocker(_policy("qwen2")) is None
+
+
+def test_a_checkpointed_policy_runs_its_last_layer_and_head_at_the_positions(caplog: pytest.LogCaptureFixture):
+    """Gradient checkpointing keeps the stock layers over the padded batch, checkpointed, and the last
+    layer still runs at the completion-predicting positions only: log-probabilities and gradients
+    equal the unswapped, uncheckpointed forward's."""
+    batch = _batch()
+    stock = _logps_and_grads(_policy("llama"), batch)
+    model = _policy("llama")
+    model.activation_checkpointing_enable()
+    model.train()
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
+        compute_predicting_positions_only(model, ModelConfig(name_or_path="unused"))
+    assert (
+        "policy: layers over the padding: gradient checkpointing (the layers run their own checkpointed call); "
+        "last layer and head at the completion-predicting positions only" in caplog.text
+    )
+    first, last = _query_rows(model, 0), _query_rows(model, -1)
+    fast = _logps_and_grads(model, batch)
+    assert first == [(4, max(LENGTHS))] * 2  # padded, and recomputed in the backward (checkpointed)
+    assert last == [(4, batch["logit_columns"].shape[1])]  # the last layer at the positions, once
+    _assert_same(fast, stock)
 
 
 def test_the_switch_keeps_what_the_policy_takes_logs_and_saves_a_stock_model(

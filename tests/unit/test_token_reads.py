@@ -177,14 +177,67 @@ def test_stock_forward_where_the_reads_path_would_not_be_exact_or_is_not_asked_f
     assert out.hidden_states is not None and out.logits[~read].abs().sum() > 0
 
 
-def test_blockers_name_why(tmp_path: Path):
-    flash = _classifier("llama")
-    flash.config._attn_implementation = "flex_attention"
-    assert "flex_attention" in token_reads.reads_blocker(flash)
-    checkpointed = _classifier("llama")
-    checkpointed.gradient_checkpointing_enable()
-    assert "checkpointing" in token_reads.reads_blocker(checkpointed)
+def test_blockers_name_why(caplog: pytest.LogCaptureFixture):
     assert token_reads.reads_blocker(_classifier("qwen2")) is None
+    flex = _classifier("llama")
+    flex.config._attn_implementation = "flex_attention"
+    assert token_reads.reads_blocker(flex) is None  # the backbone is stock: each saving is judged apart
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
+        compute_labelled_tokens_only(flex, ModelConfig(name_or_path="unused"))
+    assert not computes_reads_only(flex)  # neither saving: the stock class
+    assert (
+        "token classifier: every layer over every position: attn_implementation=flex_attention is not sdpa or "
+        "eager; attn_implementation=flex_attention takes no dense mask" in caplog.text
+    )
+
+
+def _shapes_seen(model: torch.nn.Module) -> dict[str, list[tuple[int, ...]]]:
+    """The (rows, positions) the first layer's queries and the last layer's MLP run on, per call."""
+    seen: dict[str, list[tuple[int, ...]]] = {"first_q": [], "last_mlp": []}
+    for name, module in (("first_q", model.model.layers[0].self_attn.q_proj), ("last_mlp", model.model.layers[-1].mlp)):
+        module.register_forward_hook(lambda _m, args, _o, name=name: seen[name].append(tuple(args[0].shape[:2])))
+    return seen
+
+
+def test_gradient_checkpointing_and_a_hooked_layer_keep_the_last_layer_and_head_at_the_reads(
+    no_rounding, caplog: pytest.LogCaptureFixture
+):
+    """Either keeps the layers on the padded batch (``unpadded_blocker``), not the last layer at the
+    reads: the stock layers run, checkpointed or hooked, and the forward stops before the last one."""
+    batch = _batch()
+    stock = _loss_and_grads(_classifier("llama"), batch)
+    most = int((batch["labels"] != IGNORE).sum(1).max())
+    checkpointed = _classifier("llama")
+    checkpointed.activation_checkpointing_enable()
+    checkpointed.train()
+    with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
+        compute_labelled_tokens_only(checkpointed, ModelConfig(name_or_path="unused"))
+    assert (
+        "token classifier: layers over the padding: gradient checkpointing (the layers run their own "
+        "checkpointed call); last layer and head at the labelled tokens only (GPU batches too)" in caplog.text
+    )
+    seen = _shapes_seen(checkpointed)
+    fast = _loss_and_grads(checkpointed, batch)
+    # the padded layers, the first recomputed in the backward (checkpointed); the last at the reads, once
+    assert seen == {"first_q": [(4, 13), (4, 13)], "last_mlp": [(4, most)]}
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1], stock[1], atol=1e-6, rtol=0)
+    _assert_same_gradients(fast[2], stock[2])
+    checkpointed.eval()  # checkpointing applies in training only: an evaluation gathers the real tokens
+    seen["first_q"].clear()
+    with torch.no_grad():
+        token_logits(checkpointed, batch)
+    assert seen["first_q"] == [(1, int(batch["attention_mask"].sum()))]
+
+    hooked = _classifier("llama")
+    compute_reads_only(hooked, ReadSettings(skip_padding=True, last_at_reads=True))
+    calls = []
+    hooked.model.layers[0].register_forward_hook(lambda *_: calls.append(1))  # the stock layers run it
+    seen = _shapes_seen(hooked)
+    fast = _loss_and_grads(hooked, batch)
+    assert calls == [1] and seen == {"first_q": [(4, 13)], "last_mlp": [(4, most)]}
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    _assert_same_gradients(fast[2], stock[2])
 
 
 def test_the_switch_logs_and_saves_a_stock_classifier(tmp_path: Path, caplog: pytest.LogCaptureFixture):
@@ -276,8 +329,10 @@ def test_a_sliding_last_layer_runs_in_full_and_the_log_says_so(no_rounding, capl
     stock = _loss_and_grads(model, batch)
     with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_labelled_tokens_only(model, ModelConfig(name_or_path="unused"))
-    assert "last layer at every position: the last layer attends through a sliding window" in caplog.text
-    assert "layers on the real tokens of CPU batches; last layer in full" in caplog.text
+    assert (
+        "layers on the real tokens of CPU batches; last layer at every position: the last layer attends "
+        "through a sliding window" in caplog.text
+    )
     fast = _loss_and_grads(model, batch)
     torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
     _assert_same_gradients(fast[2], stock[2])
