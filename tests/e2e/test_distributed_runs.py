@@ -100,15 +100,22 @@ def _evaluate_train_evaluate_step(model: torch.nn.Module, forward, weights: torc
 
 
 def _fsdp2_read_only_worker(rank: int, store: str) -> None:
-    """One of two gloo processes: a Llama reward model and a Llama PRM token classifier under FSDP2
+    """One of two gloo processes: a Llama reward model, PRM token classifier and BCO policy under FSDP2
     (each layer and the root sharded, as accelerate's transformer auto-wrap does), each through
     ``_evaluate_train_evaluate_step`` with the last layer at the reads and then in full; outputs, every
     gathered gradient and the stepped outputs must agree."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, LlamaConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        LlamaConfig,
+    )
 
-    from rewardctl.data.packing import token_read_index
+    from rewardctl.data.packing import completion_logit_index, token_read_index
+    from rewardctl.modeling.causal import completion_logps
+    from rewardctl.modeling.causal_reads import compute_positions_only
     from rewardctl.modeling.common import token_logits
     from rewardctl.modeling.read_slots import ReadSettings
     from rewardctl.modeling.sequence import SequenceRewardModel
@@ -128,7 +135,11 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
     read = torch.zeros_like(ids, dtype=torch.bool)
     read[0, [2, 6]] = read[1, 4] = read[2, [1, 3, 6]] = True  # a PRM's labelled step ends
     batch = {"input_ids": ids, "attention_mask": mask, **token_read_index(read, mask)}
-    for kind in ("sequence", "token"):
+    completion = torch.zeros_like(ids)
+    completion[0, 3:] = completion[1, 2:5] = completion[2, 5:] = 1  # a policy's completion tokens
+    policy_batch = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
+    policy_batch |= completion_logit_index(completion)
+    for kind in ("sequence", "token", "policy"):
         results = []
         for at_reads in (True, False):
             torch.manual_seed(0)
@@ -137,6 +148,10 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
                     LlamaConfig(**shape, num_labels=1), attn_implementation="sdpa"
                 )
                 model = SequenceRewardModel(classifier, final_layer_at_reads=at_reads, skip_padding=False)
+                weights = torch.tensor([1.0, -2.0, 0.5])
+            elif kind == "policy":
+                model = classifier = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation="sdpa")
+                compute_positions_only(model, ReadSettings(skip_padding=False, last_at_reads=at_reads))
                 weights = torch.tensor([1.0, -2.0, 0.5])
             else:
                 model = classifier = AutoModelForTokenClassification.from_config(
@@ -157,6 +172,12 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
             if kind == "sequence":
                 outputs = _evaluate_train_evaluate_step(model, lambda model=model: model(ids, mask), weights)
                 assert seen == [3 if at_reads else 21] * 5  # five forwards
+            elif kind == "policy":
+                outputs = _evaluate_train_evaluate_step(
+                    model, lambda model=model: completion_logps(model, policy_batch)[0], weights
+                )
+                slots = policy_batch["logit_columns"].numel()  # the predicting positions' slots
+                assert seen == [slots if at_reads else 21] * 5
             else:
                 outputs = _evaluate_train_evaluate_step(
                     model, lambda model=model: token_logits(model, batch)[0][read], weights
@@ -177,8 +198,8 @@ def test_the_last_layer_at_the_reads_under_fsdp2_equals_the_full_layer(tmp_path:
     output (reshard, re-gather in the backward): two gloo processes on this CPU (a few seconds, so in
     ``make test``) check that the sharded gradients and the stepped weights come out the full layer's,
     an evaluation between the backward and the step included (without the replay it left the weights
-    gathered and the step missed them), for a pairwise reward model and a PRM's token classifier (its
-    read slots, shared with a BCO policy's positions)."""
+    gathered and the step missed them), for a pairwise reward model, a PRM's token classifier at its
+    labelled tokens and a BCO policy at its completion-predicting positions."""
     import torch.multiprocessing as mp
 
     mp.spawn(_fsdp2_read_only_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
