@@ -199,11 +199,11 @@ def enable(
         return model
     hf = transformers_model(model)
     backbone = getattr(hf, hf.base_model_prefix)
-    layers_blocker = (
-        unpadded_decoder.unpadded_blocker(backbone, training_setup=True)
-        if model_cfg.skip_padding
-        else "model.skip_padding=false"
-    )
+    if model_cfg.skip_padding:
+        layers_blocker = unpadded_decoder.layers_blocker(backbone)  # in training and evaluation alike
+        in_training = unpadded_decoder.checkpointing_blocker(backbone, training_setup=True)
+    else:
+        layers_blocker, in_training = "model.skip_padding=false", None
     last_blocker = read_only_blocker(backbone) if model_cfg.final_layer_at_reads else "model.final_layer_at_reads=false"
     # The layout is judged again at each call (``plan``): an evaluation of a checkpointed model uses it.
     settings = ReadSettings(skip_padding=model_cfg.skip_padding, last_at_reads=last_blocker is None)
@@ -218,6 +218,8 @@ def enable(
         parts = [f"layers over the padding: {layers_blocker}"]
     elif narrow is not None:
         parts = [f"layers over the padding: {narrow}"]
+    elif in_training is not None:
+        parts = [f"layers on the real tokens of CPU batches in evaluation, over the padding in training: {in_training}"]
     else:
         parts = ["layers on the real tokens of CPU batches"]
     parts.append(

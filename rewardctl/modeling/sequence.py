@@ -143,7 +143,7 @@ class SequenceRewardModel(nn.Module):
                 if layout is not None:
                     extra[LAYOUT_KEY] = layout
             logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-            return logits.squeeze(-1).float()
+            return rewards_of(logits)
         hf = _unwrap_hf(self.classifier)
         backbone = getattr(hf, hf.base_model_prefix)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -157,7 +157,7 @@ class SequenceRewardModel(nn.Module):
         else:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
             pooled = self._hidden_at(backbone, rows, cols, inputs)
-        return hf.score(pooled).squeeze(-1).float()
+        return rewards_of(hf.score(pooled))
 
     def read_only_blocker(self) -> str | None:
         """Why this model's last layer runs at every token (None: at the read tokens only)."""
@@ -216,14 +216,21 @@ class SequenceRewardModel(nn.Module):
         if layout is not None:
             mask = segment_attention_mask(segment_ids)
             pooled = self._hidden_unpadded(backbone, input_ids, position_ids, mask, layout, rows, cols)
-            return hf.score(pooled).squeeze(-1).float()
+            return rewards_of(hf.score(pooled))
         mask = None
         if segment_ids is not None:
             mask = segment_attention_mask(segment_ids)
             if hf.config._attn_implementation == "eager":  # eager adds the mask to the scores
                 mask = additive_mask(mask)
         inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-        return hf.score(self._hidden_at(backbone, rows, cols, inputs)).squeeze(-1).float()
+        return rewards_of(hf.score(self._hidden_at(backbone, rows, cols, inputs)))
+
+
+def rewards_of(scores: Tensor) -> Tensor:
+    """A scalar head's (N, 1) output as (N,) float32 rewards, a tensor of its own rather than a view of
+    ``scores``: FSDP2 warns when the module it wraps at the root returns a view (an in-place op on it
+    would skip FSDP2's backward hook)."""
+    return scores[..., 0].to(torch.float32, copy=True)
 
 
 PREFIX_SHARING_ATTENTION = ("eager", "sdpa")  # the implementations that take a 4-D mask as is

@@ -31,10 +31,11 @@ Where the stock forward runs instead: no reads given; ``train.compile``'s trace;
 attentions (by keyword or by the config), a loss or a tuple requested; any other keyword the stock
 forward would hand its backbone (explicit position ids, embeddings, a cache); no 2-D attention mask;
 every model ``reads_blocker`` names; a call where neither saving applies (``read_slots.plan``). The
-two are judged apart: where ``unpadded_decoder.unpadded_blocker`` keeps the layers on the padded batch
-(gradient checkpointing in training, FSDP2's sharded layers, hooks on a layer, a GPU batch), the last
-layer and head still run at the reads unless ``final_layer.read_only_blocker`` names a reason (a
-sliding window, ZeRO-3, hooks on the last layer that the stop would skip).
+two are judged apart: where the layers run on the padded batch (a GPU batch, or what
+``unpadded_decoder.unpadded_blocker`` finds: gradient checkpointing in training, FSDP2's sharded layers,
+hooks on a layer), the last layer and head still run at the reads unless
+``final_layer.read_only_blocker`` names a reason (a sliding window, ZeRO-3, hooks on the last layer that
+the stop would skip).
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ def _reads_forward(classifier: nn.Module, input_ids: Tensor | None = None, *args
     target = torch.where(valid, rows * width + columns, spare).flatten()
     full = logits.new_zeros(batch * width + columns.numel(), logits.shape[-1])
     full = full.index_copy(0, target, logits.flatten(0, 1))
-    return TokenClassifierOutput(logits=full[: batch * width].view(batch, width, -1))
+    # Not a view of ``full``: FSDP2 warns on a root module returning a view (in-place ops on it would
+    # skip its backward hook); (B, L, labels) is a few kilobytes.
+    return TokenClassifierOutput(logits=full[: batch * width].view(batch, width, -1).clone())
 
 
 #: The classifier's class becomes a subclass with ``_reads_forward`` (``compute_reads_only``).

@@ -202,13 +202,19 @@ def backbone_blocker(backbone: nn.Module) -> str | None:
 def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:
     """Why ``backbone``'s layers must run on the padded batch, or None when they can run on the real
     tokens only: transformers' own Llama / Mistral / Qwen2 backbone and layers, sdpa or eager
-    attention, unsharded, unhooked, and no gradient checkpointing while training (``training_setup``:
-    judge the setting itself, whatever mode the model is in now, as the run's log does)."""
+    attention, unsharded, unhooked (``layers_blocker``), and no gradient checkpointing while training
+    (``checkpointing_blocker``; ``training_setup``: judge the setting itself, whatever mode the model
+    is in now, as the run's log does)."""
+    return layers_blocker(backbone) or checkpointing_blocker(backbone, training_setup=training_setup)
+
+
+def layers_blocker(backbone: nn.Module) -> str | None:
+    """Why ``backbone``'s layers must run on the padded batch in training and evaluation alike (None:
+    only gradient checkpointing, in training, may still keep them there)."""
     reason = backbone_blocker(backbone)
     if reason is not None:
         return reason
-    layers = backbone.layers
-    for layer in layers:
+    for layer in backbone.layers:
         if not _stock_class(layer, READ_ONLY_LAYERS):
             return f"{type(layer).__name__} is not one of transformers' {', '.join(READ_ONLY_LAYERS)}"
         if _sharded(layer):
@@ -222,7 +228,13 @@ def unpadded_blocker(backbone: nn.Module, *, training_setup: bool = False) -> st
     attention = backbone.config._attn_implementation
     if attention not in READ_ONLY_ATTENTION:
         return f"attn_implementation={attention} is not sdpa or eager"
-    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    return None
+
+
+def checkpointing_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:
+    """Gradient checkpointing while training (or set at all, ``training_setup``): each layer then runs
+    its own checkpointed call, which the gathered forward would bypass."""
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in backbone.layers)
     if checkpointed and (backbone.training or training_setup):
         return "gradient checkpointing (the layers run their own checkpointed call)"
     return None

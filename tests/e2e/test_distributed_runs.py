@@ -5,8 +5,10 @@ arguments are in tests/unit/test_distributed.py)."""
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -99,12 +101,13 @@ def _evaluate_train_evaluate_step(model: torch.nn.Module, forward, weights: torc
     return torch.stack([before, trained.detach(), between, after]), grads
 
 
-def _fsdp2_read_only_worker(rank: int, store: str) -> None:
-    """One of two gloo processes: a Llama reward model, PRM token classifier and BCO policy under FSDP2
-    (each layer and the root sharded, as accelerate's transformer auto-wrap does), each through
-    ``_evaluate_train_evaluate_step`` with the last layer at the reads and then in full; outputs, every
-    gathered gradient and the stepped outputs must agree."""
-    import torch.distributed as dist
+def _fsdp2_case(
+    kind: str, at_reads: bool, rank: int
+) -> tuple[torch.nn.Module, torch.nn.Module, Any, torch.Tensor, int]:
+    """One model of the FSDP2 test, sharded as accelerate's transformer auto-wrap does (each layer,
+    then the root): the root, the transformers model, the forward giving its outputs at the reads,
+    the weights of those outputs in the loss, and how many tokens the last layer's MLP runs on at the
+    reads (3 rows of 7 tokens, one of them 5 long: 21 positions)."""
     from torch.distributed.fsdp import fully_shard
     from transformers import (
         AutoModelForCausalLM,
@@ -121,9 +124,6 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
     from rewardctl.modeling.sequence import SequenceRewardModel
     from rewardctl.modeling.token_reads import compute_reads_only
 
-    dist.init_process_group(  # a desynchronised regression fails within two minutes instead of hanging
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
-    )
     shape = dict(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0,
@@ -132,63 +132,75 @@ def _fsdp2_read_only_worker(rank: int, store: str) -> None:
     ids = torch.randint(1, 64, (3, 7), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
-    read = torch.zeros_like(ids, dtype=torch.bool)
-    read[0, [2, 6]] = read[1, 4] = read[2, [1, 3, 6]] = True  # a PRM's labelled step ends
-    batch = {"input_ids": ids, "attention_mask": mask, **token_read_index(read, mask)}
-    completion = torch.zeros_like(ids)
-    completion[0, 3:] = completion[1, 2:5] = completion[2, 5:] = 1  # a policy's completion tokens
-    policy_batch = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
-    policy_batch |= completion_logit_index(completion)
-    for kind in ("sequence", "token", "policy"):
-        results = []
-        for at_reads in (True, False):
-            torch.manual_seed(0)
-            if kind == "sequence":
-                classifier = AutoModelForSequenceClassification.from_config(
-                    LlamaConfig(**shape, num_labels=1), attn_implementation="sdpa"
+    settings = ReadSettings(skip_padding=False, last_at_reads=at_reads)
+    torch.manual_seed(0)
+    if kind == "sequence":
+        classifier = AutoModelForSequenceClassification.from_config(
+            LlamaConfig(**shape, num_labels=1), attn_implementation="sdpa"
+        )
+        model = SequenceRewardModel(classifier, final_layer_at_reads=at_reads, skip_padding=False)
+        forward, weights, reads = (lambda: model(ids, mask)), torch.tensor([1.0, -2.0, 0.5]), 3
+    elif kind == "token":  # a PRM's labelled step ends
+        read = torch.zeros_like(ids, dtype=torch.bool)
+        read[0, [2, 6]] = read[1, 4] = read[2, [1, 3, 6]] = True
+        batch = {"input_ids": ids, "attention_mask": mask, **token_read_index(read, mask)}
+        model = classifier = AutoModelForTokenClassification.from_config(
+            LlamaConfig(**shape, num_labels=2, classifier_dropout=0.0), attn_implementation="sdpa"
+        )  # no dropout before the head: both ways draw no random masks
+        compute_reads_only(model, settings)
+        forward, weights = (lambda: token_logits(model, batch)[0][read]), torch.linspace(-1.0, 2.0, 12).view(6, 2)
+        reads = batch["read_columns"].numel()  # 3 rows x 3 read slots
+    else:  # a BCO policy's completion tokens
+        completion = torch.zeros_like(ids)
+        completion[0, 3:] = completion[1, 2:5] = completion[2, 5:] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
+        batch |= completion_logit_index(completion)
+        model = classifier = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation="sdpa")
+        compute_positions_only(model, settings)
+        forward, weights = (lambda: completion_logps(model, batch)[0]), torch.tensor([1.0, -2.0, 0.5])
+        reads = batch["logit_columns"].numel()  # the predicting positions' slots
+    for layer in classifier.model.layers:
+        fully_shard(layer)
+    fully_shard(model)  # the root: the module the loop prepares
+    assert type(classifier.model.layers[-1]).__name__ == "FSDPLlamaDecoderLayer"
+    if kind == "sequence":  # FSDP2's class and hooks do not turn it off
+        assert (model.read_only_blocker() is None) == at_reads
+    return model, classifier, forward, weights, reads
+
+
+def _fsdp2_read_only_worker(rank: int, store: str) -> None:
+    """One of two gloo processes: a Llama reward model, PRM token classifier and BCO policy under FSDP2
+    (``_fsdp2_case``), each through ``_evaluate_train_evaluate_step`` with the last layer at the reads
+    and then in full; outputs, every gathered gradient and the stepped outputs must agree, and FSDP2
+    must not warn that a faster forward returned a view."""
+    import torch.distributed as dist
+
+    dist.init_process_group(  # a desynchronised regression fails within two minutes instead of hanging
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    views: list[str] = []  # the stock token classifier's and causal LM's outputs are views (``nn.Linear``
+    # on (B, L, H) returns one): only the faster forwards' count
+    with warnings.catch_warnings(record=True) as seen_warnings:
+        warnings.simplefilter("always")
+        for kind in ("sequence", "token", "policy"):
+            results = []
+            for at_reads in (True, False):
+                model, classifier, forward, weights, reads = _fsdp2_case(kind, at_reads, rank)
+                seen: list[int] = []  # tokens the last layer's MLP ran on: the reads only, or every position
+                classifier.model.layers[-1].mlp.register_forward_hook(
+                    lambda _m, args, _o, seen=seen: seen.append(args[0].shape[:-1].numel())
                 )
-                model = SequenceRewardModel(classifier, final_layer_at_reads=at_reads, skip_padding=False)
-                weights = torch.tensor([1.0, -2.0, 0.5])
-            elif kind == "policy":
-                model = classifier = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation="sdpa")
-                compute_positions_only(model, ReadSettings(skip_padding=False, last_at_reads=at_reads))
-                weights = torch.tensor([1.0, -2.0, 0.5])
-            else:
-                model = classifier = AutoModelForTokenClassification.from_config(
-                    LlamaConfig(**shape, num_labels=2, classifier_dropout=0.0), attn_implementation="sdpa"
-                )  # no dropout before the head: both ways draw no random masks
-                compute_reads_only(model, ReadSettings(skip_padding=False, last_at_reads=at_reads))
-                weights = torch.linspace(-1.0, 2.0, 12).view(6, 2)
-            for layer in classifier.model.layers:
-                fully_shard(layer)
-            fully_shard(model)  # the root: the module the loop prepares
-            assert type(classifier.model.layers[-1]).__name__ == "FSDPLlamaDecoderLayer"
-            if kind == "sequence":  # FSDP2's class and hooks do not turn it off
-                assert (model.read_only_blocker() is None) == at_reads
-            seen: list[int] = []  # tokens the last layer's MLP ran on: the reads only, or every position
-            classifier.model.layers[-1].mlp.register_forward_hook(
-                lambda _m, args, _o, seen=seen: seen.append(args[0].shape[:-1].numel())
-            )
-            if kind == "sequence":
-                outputs = _evaluate_train_evaluate_step(model, lambda model=model: model(ids, mask), weights)
-                assert seen == [3 if at_reads else 21] * 5  # five forwards
-            elif kind == "policy":
-                outputs = _evaluate_train_evaluate_step(
-                    model, lambda model=model: completion_logps(model, policy_batch)[0], weights
-                )
-                slots = policy_batch["logit_columns"].numel()  # the predicting positions' slots
-                assert seen == [slots if at_reads else 21] * 5
-            else:
-                outputs = _evaluate_train_evaluate_step(
-                    model, lambda model=model: token_logits(model, batch)[0][read], weights
-                )
-                assert seen == [9 if at_reads else 21] * 5  # 3 rows x 3 read slots
-            results.append(outputs)
-        (fast, fast_grads), (full, full_grads) = results
-        torch.testing.assert_close(fast, full, atol=1e-5, rtol=0, msg=kind)
-        assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 20
-        for name, grad in full_grads.items():
-            torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"{kind}: {name}")
+                results.append(_evaluate_train_evaluate_step(model, forward, weights))
+                assert seen == [reads if at_reads else 21] * 5, kind  # five forwards
+                if at_reads:
+                    views += [str(w.message) for w in seen_warnings if "returned a view tensor" in str(w.message)]
+                seen_warnings.clear()
+            (fast, fast_grads), (full, full_grads) = results
+            torch.testing.assert_close(fast, full, atol=1e-5, rtol=0, msg=kind)
+            assert fast_grads.keys() == full_grads.keys() and len(full_grads) > 20
+            for name, grad in full_grads.items():
+                torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"{kind}: {name}")
+    assert not views, views  # FSDP2 warns when its root module returns a view (in-place risk)
     dist.destroy_process_group()
 
 

@@ -247,8 +247,9 @@ def test_a_checkpointed_policy_runs_its_last_layer_and_head_at_the_positions(cap
     with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_predicting_positions_only(model, ModelConfig(name_or_path="unused"))
     assert (
-        "policy: layers over the padding: gradient checkpointing (the layers run their own checkpointed call); "
-        "last layer and head at the completion-predicting positions only" in caplog.text
+        "policy: layers on the real tokens of CPU batches in evaluation, over the padding in training: gradient "
+        "checkpointing (the layers run their own checkpointed call); last layer and head at the "
+        "completion-predicting positions only" in caplog.text
     )
     first, last = _query_rows(model, 0), _query_rows(model, -1)
     fast = _logps_and_grads(model, batch)

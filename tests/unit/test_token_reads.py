@@ -199,22 +199,25 @@ def _shapes_seen(model: torch.nn.Module) -> dict[str, list[tuple[int, ...]]]:
     return seen
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_gradient_checkpointing_and_a_hooked_layer_keep_the_last_layer_and_head_at_the_reads(
-    no_rounding, caplog: pytest.LogCaptureFixture
+    reentrant, no_rounding, caplog: pytest.LogCaptureFixture
 ):
     """Either keeps the layers on the padded batch (``unpadded_blocker``), not the last layer at the
     reads: the stock layers run, checkpointed or hooked, and the forward stops before the last one."""
     batch = _batch()
     stock = _loss_and_grads(_classifier("llama"), batch)
     most = int((batch["labels"] != IGNORE).sum(1).max())
+    real = int(batch["attention_mask"].sum())
     checkpointed = _classifier("llama")
-    checkpointed.activation_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable({"use_reentrant": reentrant})
     checkpointed.train()
     with caplog.at_level(logging.INFO, logger="rewardctl.modeling.read_slots"):
         compute_labelled_tokens_only(checkpointed, ModelConfig(name_or_path="unused"))
     assert (
-        "token classifier: layers over the padding: gradient checkpointing (the layers run their own "
-        "checkpointed call); last layer and head at the labelled tokens only (GPU batches too)" in caplog.text
+        "token classifier: layers on the real tokens of CPU batches in evaluation, over the padding in training: "
+        "gradient checkpointing (the layers run their own checkpointed call); last layer and head at the "
+        "labelled tokens only (GPU batches too)" in caplog.text
     )
     seen = _shapes_seen(checkpointed)
     fast = _loss_and_grads(checkpointed, batch)
@@ -227,7 +230,18 @@ def test_gradient_checkpointing_and_a_hooked_layer_keep_the_last_layer_and_head_
     seen["first_q"].clear()
     with torch.no_grad():
         token_logits(checkpointed, batch)
-    assert seen["first_q"] == [(1, int(batch["attention_mask"].sum()))]
+    assert seen["first_q"] == [(1, real)]
+
+    # The last layer in full by choice: training runs the stock forward, an evaluation still gathers.
+    full_last = _classifier("llama")
+    full_last.activation_checkpointing_enable({"use_reentrant": reentrant})
+    compute_labelled_tokens_only(full_last, ModelConfig(name_or_path="unused", final_layer_at_reads=False))
+    assert computes_reads_only(full_last)
+    seen = _shapes_seen(full_last)
+    full_last.eval()
+    with torch.no_grad():
+        token_logits(full_last, batch)
+    assert seen["first_q"] == [(1, real)]
 
     hooked = _classifier("llama")
     compute_reads_only(hooked, ReadSettings(skip_padding=True, last_at_reads=True))
