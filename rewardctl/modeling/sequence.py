@@ -227,10 +227,10 @@ class SequenceRewardModel(nn.Module):
 
 
 def rewards_of(scores: Tensor) -> Tensor:
-    """A scalar head's (N, 1) output as (N,) float32 rewards, a tensor of its own rather than a view of
-    ``scores``: FSDP2 warns when the module it wraps at the root returns a view (an in-place op on it
-    would skip FSDP2's backward hook)."""
-    return scores[..., 0].to(torch.float32, copy=True)
+    """The head's (N, 1) output as (N,) float32 rewards, or (N, K) as is for a multi-output head, in a
+    tensor of its own rather than a view of ``scores``: FSDP2 warns when the module it wraps at the root
+    returns a view (an in-place op on it would skip FSDP2's backward hook)."""
+    return scores.squeeze(-1).to(torch.float32, copy=True)
 
 
 PREFIX_SHARING_ATTENTION = ("eager", "sdpa")  # the implementations that take a 4-D mask as is

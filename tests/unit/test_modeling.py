@@ -13,7 +13,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rewardctl.config.schema import ModelConfig, TrainConfig
 from rewardctl.data.collate import pad_sequences
 from rewardctl.errors import ConfigError
-from rewardctl.modeling.sequence import SequenceRewardModel, build_sequence_classifier, last_attended_index
+from rewardctl.modeling.sequence import (
+    SequenceRewardModel,
+    build_sequence_classifier,
+    last_attended_index,
+    rewards_of,
+)
 from rewardctl.modeling.tokenizer import ensure_distinct_pad_token, load_tokenizer
 
 from ..conftest import TINY
@@ -200,3 +205,15 @@ def test_a_saved_classifier_with_other_outputs_is_refused_by_name(tiny_tokenizer
         load_saved_classifier(tmp_path, cfg)
     with pytest.raises(ModelMismatchError, match=r"not the expected \['verbosity', 'helpfulness'\]"):
         load_saved_classifier(tmp_path, cfg, labels=("verbosity", "helpfulness"))
+
+
+def test_rewards_are_float32_tensors_of_their_own_one_or_several_per_item():
+    """What the reward wrapper returns is never a view of the head's output (FSDP2 warns on a root
+    module returning one): (N, 1) becomes (N,) rewards, (N, K) stays one column per output."""
+    scalar = torch.tensor([[0.5], [-1.25]], dtype=torch.bfloat16)
+    single = torch.tensor([[0.5], [-1.25]])
+    several = torch.tensor([[0.5, 2.0], [-1.25, 3.0]])
+    for scores, expected in ((scalar, [0.5, -1.25]), (single, [0.5, -1.25]), (several, several.tolist())):
+        rewards = rewards_of(scores)
+        assert rewards.dtype == torch.float32 and rewards.tolist() == expected
+        assert not rewards._is_view() and rewards.data_ptr() != scores.data_ptr()
