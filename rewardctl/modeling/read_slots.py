@@ -206,9 +206,11 @@ def enable(
         layers_blocker, in_training = "model.skip_padding=false", None
     last_blocker = read_only_blocker(backbone) if model_cfg.final_layer_at_reads else "model.final_layer_at_reads=false"
     # The layout is judged again at each call (``plan``): an evaluation of a checkpointed model uses it.
-    settings = ReadSettings(skip_padding=model_cfg.skip_padding, last_at_reads=last_blocker is None)
-    if layers_blocker is not None and last_blocker is not None:
-        settings = ReadSettings(skip_padding=False, last_at_reads=False)
+    # Where both are blocked for good, neither: the stock class.
+    settings = ReadSettings(
+        skip_padding=model_cfg.skip_padding and (layers_blocker is None or last_blocker is None),
+        last_at_reads=last_blocker is None,
+    )
     apply(model, settings)  # with neither saving on: the stock class again, if it was swapped before
     if not (settings.skip_padding or settings.last_at_reads):
         log.info("%s: every layer over every position: %s; %s", subject, layers_blocker, last_blocker)
