@@ -59,7 +59,7 @@ from rewardctl.modeling.final_layer import (
     rows_of,
 )
 from rewardctl.modeling.hooks import GATHERED, hooked, hooked_module
-from rewardctl.modeling.unpadded_encoder import real_token_index
+from rewardctl.modeling.unpadded_encoder import any_checkpointed, real_token_index
 
 #: The gathered row gets a multiple of this many tokens (copies of a padding position after the real
 #: ones), so its buffers come in few sizes. A decoder batch holds less padding than an encoder's (8%
@@ -234,8 +234,7 @@ def layers_blocker(backbone: nn.Module) -> str | None:
 def checkpointing_blocker(backbone: nn.Module, *, training_setup: bool = False) -> str | None:
     """Gradient checkpointing while training (or set at all, ``training_setup``): each layer then runs
     its own checkpointed call, which the gathered forward would bypass."""
-    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in backbone.layers)
-    if checkpointed and (backbone.training or training_setup):
+    if any_checkpointed(backbone.layers) and (backbone.training or training_setup):
         return "gradient checkpointing (the layers run their own checkpointed call)"
     return None
 

@@ -32,7 +32,7 @@ default, ``model.disable_dropout``); with dropout it is the same in distribution
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,10 +225,16 @@ def _outputs_requested() -> bool:
     return bool(_active_collector.get())
 
 
+def any_checkpointed(layers: Iterable[nn.Module]) -> bool:
+    """Whether transformers' per-layer gradient-checkpointing flag is set on any of ``layers``: such a
+    layer must run its own checkpointed ``__call__``, which a forward calling its parts would bypass."""
+    return any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+
+
 def _runs_stock(encoder: nn.Module) -> bool:
     """Whether the layers must run their own ``__call__``: checkpointed, or hooks on a layer or its
     attention modules (``hooks``: this forward calls their parts directly), or sharded weights."""
-    checkpointed = encoder.training and any(getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer)
+    checkpointed = encoder.training and any_checkpointed(encoder.layer)
     hooks = hooked_module((module for layer in encoder.layer for module in bypassed(layer)), GATHERED)
     return checkpointed or hooks is not None or any(sharded(layer) for layer in encoder.layer)
 
