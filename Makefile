@@ -45,13 +45,13 @@ setup-bench: $(BENCH_VENV)/.installed-bench
 demo: setup
 	$(BIN)/rewardctl train
 
-## Lint, then the test suite: unit tests and the end-to-end runs of every command (about 12 min on
+## Lint, then the test suite: unit tests and the end-to-end runs of every command (7-15 min on
 ## 2 CPU cores). The long runs (real-data acceptance, several processes) are `make test-slow`.
 test: setup lint
 	REWARDCTL_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -m "not slow"
 
 ## The long runs: acceptance on ../shared/data (or $$REWARDCTL_SHARED_DATA) with the real MiniLM
-## encoder, and the multi-process runs (about 25 min on 2 CPU cores).
+## encoder, and the multi-process runs (8-19 min on 2 CPU cores).
 test-slow: setup
 	REWARDCTL_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -m slow
 
