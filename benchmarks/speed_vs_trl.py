@@ -25,8 +25,10 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
              per list, so both take the same optimizer steps over the same lists. Lists/s for both;
              the same held-out metric: accuracy over every ordered pair of the held-out lists.
 4. default   Wall time of `rewardctl train` with no overrides (fresh cwd, fresh HF_DATASETS_CACHE)
-             against the previous behaviour (hardware.mixed_precision=no data.share_prefix=false
-             data.truncation=sequence_end), five pairs of runs in alternating order: the median ratio.
+             against the code the speed issue was filed on (FILED_COMMIT, `git archive`d into the work
+             folder and run from there: the target) and against this code with the previous settings
+             (hardware.mixed_precision=no data.share_prefix=false data.truncation=sequence_end: what
+             the settings alone give), DEFAULT_ROUNDS rounds in rotating order: the median ratios.
 
 TRL-best = TRL's RewardTrainer with bf16=True (autocast) where the CPU computes bf16 natively (AVX512-BF16 or
 AMX; `--precision auto`, the default) and fp32 where it does not (on an AVX2-only AMD EPYC one forward and
@@ -56,6 +58,7 @@ writes bench-results/speed_vs_trl.json (rewritten after every system, so a late 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -63,6 +66,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,8 +92,10 @@ DECODER_SHAPE = {
 # x TRL on items/s that rewardctl's main row of each case should reach.
 TARGETS = {"minilm": 1.3, "decoder": 2.0, "ranklist": 3.0}
 PREVIOUS_DEFAULT = ["hardware.mixed_precision=no", "data.share_prefix=false", "data.truncation=sequence_end"]
-# now/before pairs of the default case per round (its ratio is the median over pairs).
-DEFAULT_PAIRS = 5
+# The code issue 11 ("the embedded default's wall time lower than today") was filed on.
+FILED_COMMIT = "7a7e677"
+# Rounds of the default case (now, before, as filed) per --repeat round; its ratios are medians over them.
+DEFAULT_ROUNDS = 4
 
 
 class ChildFailed(RuntimeError):
@@ -558,26 +564,73 @@ def ranklist_case(args: argparse.Namespace, work: Path, data: dict[str, Any], re
     record("ranklist", run_rewardctl(label, overrides, work, numerator, lists))
 
 
-def default_case(work: Path, record, extra: list[str], first_pair: int) -> None:
-    """DEFAULT_PAIRS pairs of runs, now and before, the order alternating (the first pair runs "now"
-    first, so a cold file cache is paid by the new default; the order alternates across --repeat rounds
-    too); each pair is its own round for the ratio.
-    One pair is not enough: a ~20 s run of the 64-wide model moves by up to 25% from run to run here,
-    more than the difference being measured; three pairs read 0.92 and 1.02 on one host in two days."""
-    now = ("now: no overrides", [])
-    before = ("before: " + " ".join(PREVIOUS_DEFAULT), PREVIOUS_DEFAULT)
-    for pair in range(DEFAULT_PAIRS):
-        for label, overrides in (now, before) if (first_pair + pair) % 2 == 0 else (before, now):
-            _default_run(work / f"pair-{pair}", record, extra, label, overrides, first_pair + pair)
+def filed_code(work: Path) -> tuple[Path | None, str]:
+    """FILED_COMMIT's source tree in ``work`` (``git archive``), its conf/ linked where an installed
+    copy has it (``rewardctl/conf``), importable with PYTHONPATH=<tree>: the embedded default as it
+    ran when the issue was filed, on today's libraries. (None, why) without git or that commit (a
+    shallow clone or a source archive): the default case then compares settings only."""
+    tree = work / f"rewardctl-{FILED_COMMIT}"
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", FILED_COMMIT], capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return None, f"default: no run of the code as filed ({FILED_COMMIT}): git archive failed ({exc})"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    (tree / "rewardctl" / "conf").symlink_to(Path("..") / "conf")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import rewardctl; print(rewardctl.__file__)"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+        cwd=work,  # as the runs: not the repository, whose own rewardctl/ would come first
+    )
+    if not probe.stdout.strip().startswith(str(tree)):
+        return (
+            None,
+            f"default: {FILED_COMMIT}'s copy is not what imports ({probe.stdout.strip() or probe.stderr[-200:]})",
+        )
+    return tree, f"default: the code as filed is {FILED_COMMIT}, run from {tree}"
 
 
-def _default_run(work: Path, record, extra: list[str], label: str, overrides: list[str], pair: int) -> None:
-    name = "default-" + ("now" if not overrides else "before")
+def default_case(work: Path, record, extra: list[str], first_round: int, filed: Path | None) -> None:
+    """DEFAULT_ROUNDS rounds of runs: now, before (previous settings) and, where ``filed`` is given, as
+    filed, the order reversed every other round (round 0 runs "now" first, so a cold file cache is paid
+    by the new default; the order keeps alternating across --repeat rounds); each round is its own
+    ratio. One round is not enough: a ~15-20 s run of the 64-wide model moves by up to 25% from run to
+    run here, more than the settings' difference; three pairs read 0.92 and 1.02 on one host in two days."""
+    systems: list[tuple[str, str, list[str], Path | None]] = [
+        ("now: no overrides", "now", [], None),
+        ("before: " + " ".join(PREVIOUS_DEFAULT), "before", PREVIOUS_DEFAULT, None),
+    ]
+    if filed is not None:
+        systems.append((f"as filed: the code of {FILED_COMMIT}", "filed", [], filed))
+    for turn in range(DEFAULT_ROUNDS):
+        order = systems if (first_round + turn) % 2 == 0 else list(reversed(systems))
+        for label, name, overrides, code in order:
+            _default_run(work / f"round-{turn}", record, extra, label, name, overrides, code, first_round + turn)
+
+
+def _default_run(
+    work: Path,
+    record,
+    extra: list[str],
+    label: str,
+    name: str,
+    overrides: list[str],
+    code: Path | None,
+    turn: int,
+) -> None:
+    name = f"default-{name}"
     work.mkdir(parents=True, exist_ok=True)
     cwd = work / name
     cwd.mkdir()
     cmd = [sys.executable, "-m", "rewardctl", "train", *overrides, *extra]
-    wall, rss = run_child(cmd, work / f"{name}.log", child_env(work / f"{name}-hfcache"), cwd=cwd)
+    env = child_env(work / f"{name}-hfcache")
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    wall, rss = run_child(cmd, work / f"{name}.log", env, cwd=cwd)
     [summary_path] = list(cwd.glob("outputs/*/*/summary.json"))
     summary = json.loads(summary_path.read_text())
     record(
@@ -587,12 +640,12 @@ def _default_run(work: Path, record, extra: list[str], label: str, overrides: li
             "overrides": overrides,
             "wall_seconds": wall,
             "peak_rss_mib": rss,
-            "train_seconds": summary["train_seconds"],
-            "steps": summary["step"],
+            "train_seconds": summary.get("train_seconds"),
+            "steps": summary.get("step"),
             "items_per_sec": summary.get("pairs_per_sec"),
             "mixed_precision": summary.get("mixed_precision"),
             "eval_accuracy": (summary.get("final_eval") or {}).get("accuracy"),
-            "round": pair,
+            "round": turn,
         },
     )
     shutil.rmtree(cwd, ignore_errors=True)
@@ -625,7 +678,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r.get(key) for r in runs]
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values if v is not None)
             merged.setdefault(key, _median(values) if numeric and key != "round" else runs[0][key])
-        for key in ("x_trl_items", "x_trl_memory", "x_before_wall"):
+        for key in ("x_trl_items", "x_trl_memory", "x_before_wall", "x_filed_wall"):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 merged[f"{key}_range"] = (min(values), max(values))
@@ -641,21 +694,20 @@ def add_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     for case, rows in results["cases"].items():
         if case == "default":
             for now in (r for r in rows if r["system"].startswith("now")):
-                before = next((r for r in rows if r["system"].startswith("before") and _round(r) == _round(now)), None)
-                if before:
-                    now["x_before_wall"] = now["wall_seconds"] / before["wall_seconds"]
+                for key, prefix in (("x_before_wall", "before"), ("x_filed_wall", "as filed")):
+                    base = next((r for r in rows if r["system"].startswith(prefix) and _round(r) == _round(now)), None)
+                    if base:
+                        now[key] = now["wall_seconds"] / base["wall_seconds"]
             table = results["table"][case] = aggregate(rows)
-            now = next((r for r in table if r["system"].startswith("now") and "x_before_wall" in r), None)
-            if now:
-                checks.append(
-                    {
-                        "case": case,
-                        "check": "default wall time lower than before",
-                        "value": now["x_before_wall"],
-                        "target": "< 1.00",
-                        "met": now["x_before_wall"] < 1.0,
-                    }
-                )
+            now = next((r for r in table if r["system"].startswith("now")), None)
+            for key, check in (
+                ("x_filed_wall", f"default wall time lower than the code as filed ({FILED_COMMIT})"),
+                ("x_before_wall", "default wall time lower than this code with the previous settings"),
+            ):
+                if now and key in now:
+                    checks.append(
+                        {"case": case, "check": check, "value": now[key], "target": "< 1.00", "met": now[key] < 1.0}
+                    )
             continue
         for row in rows:
             trl = next((r for r in rows if r["system"].startswith("TRL") and _round(r) == _round(row)), None)
@@ -735,12 +787,12 @@ def print_report(results: dict[str, Any]) -> None:
         print_speed_table(results)
     if cases.get("default"):
         print("\nEmbedded default (`rewardctl train`, fresh cwd and datasets cache)\n")
-        print("| run | mixed precision | wall s | x before | train s | held-out acc | peak RSS MiB |")
-        print("|---|---|---|---|---|---|---|")
+        print("| run | mixed precision | wall s | x as filed | x before | train s | held-out acc | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in cases["default"]:
             print(
-                f"| {row['system']} | {row.get('mixed_precision')} | {fmt(row['wall_seconds'], '.1f')} "
-                f"| {fmt_ratio(row, 'x_before_wall')} | {fmt(row['train_seconds'], '.1f')} "
+                f"| {row['system']} | {row.get('mixed_precision') or '-'} | {fmt(row['wall_seconds'], '.1f')} "
+                f"| {fmt_ratio(row, 'x_filed_wall')} | {fmt_ratio(row, 'x_before_wall')} | {fmt(row['train_seconds'], '.1f')} "
                 f"| {fmt(row['eval_accuracy'], '.3f')} | {fmt(row['peak_rss_mib'], '.0f')} |"
             )
     print("\nTargets\n")
@@ -791,7 +843,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     parser.add_argument(
         "--default-extra",
         default="",
-        help="overrides added to both default runs, for smoke tests only (e.g. 'train.max_steps=5')",
+        help="overrides added to every default run, for smoke tests only (e.g. 'train.max_steps=5')",
     )
     parser.add_argument(
         "--repeat",
@@ -875,6 +927,11 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     work = Path(tempfile.mkdtemp(prefix="speed_vs_trl-"))
     try:
         data: dict[str, Any] = {}
+        filed = None
+        if "default" in cases:
+            filed, note = filed_code(work)
+            (results["warnings"] if filed is None else results.setdefault("notes", [])).append(note)
+            print(note, flush=True)
         if any(c in cases for c in ("minilm", "decoder", "ranklist")):
             enc = encoder()
             if "ranklist" in cases or "decoder" in cases:
@@ -912,7 +969,7 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
                     elif case == "ranklist":
                         ranklist_case(args, runs, data, record)
                     else:
-                        default_case(runs, record, args.default_extra.split(), current_round * DEFAULT_PAIRS)
+                        default_case(runs, record, args.default_extra.split(), current_round * DEFAULT_ROUNDS, filed)
                 except ChildFailed as exc:
                     results["failures"].append({"case": case, "round": current_round, "error": str(exc)})
                     print(f"{case} FAILED: {exc}", file=sys.stderr, flush=True)

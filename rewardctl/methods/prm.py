@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from rewardctl.config.schema import MethodConfig, Overlength, RunConfig
-from rewardctl.data.collate import pad_sequences
+from rewardctl.data.collate import long_tensor, pad_sequences
 from rewardctl.data.packing import token_read_index, unpad_index
 from rewardctl.data.prepare import ROW_COLUMN, featurize_split, list_lengths, require_columns
 from rewardctl.data.text import (
@@ -314,11 +315,9 @@ class PrmMethod(Method):
             **self.padding,
         )
         width = input_ids.shape[1]
-        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-        targets = torch.zeros((len(features), width), dtype=torch.float32)
-        for b, f in enumerate(features):
-            labels[b, : len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
-            targets[b, : len(f["targets"])] = torch.tensor(f["targets"], dtype=torch.float32)
+        labels = long_tensor([list(f["labels"]) + [IGNORE] * (width - len(f["labels"])) for f in features])
+        targets = [list(f["targets"]) + [0.0] * (width - len(f["targets"])) for f in features]
+        targets = torch.from_numpy(np.array(targets, dtype=np.float32))
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "targets": targets}
         if self.padding_free:
             batch.update(unpad_index(attention_mask))

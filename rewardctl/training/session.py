@@ -42,7 +42,7 @@ from rewardctl.training.loop import LoopResult, TrainingLoop
 from rewardctl.training.metrics import MetricsLog
 from rewardctl.training.optim import build_optimizer, build_scheduler
 from rewardctl.training.peers import peer_failures_reported
-from rewardctl.training.plot import plot_curves
+from rewardctl.training.plot import CurveRedraws, plot_curves
 from rewardctl.training.reward_stats import stats_from_train_sample
 from rewardctl.training.run_directory import RunDirectory, check_resume
 from rewardctl.training.runtime import (
@@ -120,7 +120,7 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: RunDir
         max_steps=max_steps,
         run_dir=run_dir.path,
         metrics_log=metrics_log,
-        on_eval=lambda: draw_curves(metrics_log, method, run, run_dir),
+        on_eval=CurveRedraws(lambda: draw_curves(metrics_log, method, run, run_dir), run.train.curves_every_s),
         resume_guard=guard,
     )
     if resume_from is not None:

@@ -108,6 +108,7 @@ def test_unknown_keys_and_bad_types_are_refused_at_composition(override: str, ke
         ("method._target_=no.such.Method", "method._target_", "cannot import"),
         ("train.adam_beta1=1.5", "train.adam_beta1", "[0, 1)"),
         ("train.adam_eps=-1", "train.adam_eps", "> 0"),
+        ("train.curves_every_s=-1", "train.curves_every_s", ">= 0"),
         ("method.center_rewards_coefficient=-5", "method.center_rewards_coefficient", ">= 0"),
     ],
 )

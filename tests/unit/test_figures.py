@@ -243,3 +243,23 @@ def test_matplotlib_is_imported_only_when_a_picture_is_drawn():
     )
     read = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert read.stdout.split() == ["False", "True", "agg"]
+
+
+def test_curves_are_redrawn_after_an_eval_only_once_the_interval_has_passed():
+    from rewardctl.training.plot import CurveRedraws
+
+    now = [100.0]  # a fake clock: training starts at t = 100 s
+    drawn: list[float] = []
+    redraw = CurveRedraws(lambda: drawn.append(now[0]), interval_s=60.0, clock=lambda: now[0])
+    for t in (100.0, 130.0, 159.9, 160.0, 200.0, 219.0, 220.5, 400.0):  # eval times
+        now[0] = t
+        redraw()
+    # the eval at start and the early ones draw nothing; each drawing restarts the interval
+    assert drawn == [160.0, 220.5, 400.0]
+
+    every: list[float] = []
+    each_eval = CurveRedraws(lambda: every.append(now[0]), interval_s=0.0, clock=lambda: now[0])
+    for t in (400.0, 400.0, 401.0):
+        now[0] = t
+        each_eval()
+    assert every == [400.0, 400.0, 401.0]  # 0: after every eval, as before

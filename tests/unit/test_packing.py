@@ -40,6 +40,9 @@ def test_shared_prefix_length_leaves_every_sequence_a_token_of_its_own():
     assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # one is a prefix of the other
     assert shared_prefix_length([[7], [8]]) == 0
     assert shared_prefix_length([[1, 2, 3], [1, 2, 9], [1, 5]]) == 1
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 5]]) == 2  # capped by the shortest
+    assert shared_prefix_length([[1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], []]) == 0 and shared_prefix_length([[], [1]]) == 0
 
 
 def test_concat_sequences_restarts_positions_and_reads_each_last_token():
@@ -61,6 +64,15 @@ def test_pack_rows_exact_tensors_with_multiple_of():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]]
     assert packed["segment_ids"].tolist() == [[0, 0, 1, 2, 2, -1, -1, -1], [1, 2, 3, 3, -1, -1, -1, -1]]
     assert packed["reward_index"].tolist() == [[2, 4, -1], [8, 9, 11]]
+    assert {t.dtype for t in packed.values()} == {torch.long}
+
+
+def test_pad_sequences_exact_tensors_on_either_side():
+    values, mask = pad_sequences([[5, 6, 7], [8]], pad_value=0, side="right")
+    assert values.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    values, mask = pad_sequences([[5, 6, 7], (8,)], pad_value=9, side="left", multiple_of=4)
+    assert values.tolist() == [[9, 5, 6, 7], [9, 9, 9, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert values.dtype == mask.dtype == torch.long
 
 
 def test_padded_length_buckets_each_doubling_then_rounds_to_the_multiple():
