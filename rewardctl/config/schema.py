@@ -223,8 +223,9 @@ class TrainConfig:
     # Evaluate every N optimizer steps (0: only at the end); eval_at_start gives the baseline.
     eval_every: int = 0
     eval_at_start: bool = True
-    # Redraw curves.png after an eval at most once per this many seconds of training (0: after every
-    # eval); the run's final curves are always drawn when it ends.
+    # Redraw curves.png after an eval only when this many seconds of wall time have passed since the
+    # last drawing or the start of training (0: after every eval); the final curves are drawn when the
+    # run ends, and when it fails with an error.
     curves_every_s: float = 60.0
     # Save a resumable checkpoint every N optimizer steps (0: none until the end).
     save_every: int = 0

@@ -1,5 +1,5 @@
 """curves.png: the loss and the method's primary metric, train and eval, against optimizer steps,
-redrawn during training at most once a minute (``CurveRedraws``); and ``pyplot()``, the one way
+redrawn at evals at most once a minute (``CurveRedraws``); and ``pyplot()``, the one way
 rewardctl imports matplotlib."""
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ class CurveRedraws:
 
     Why: a picture costs 0.15-0.4 s on the main process while every other process waits at its next
     collective, and the first one also imports matplotlib. After every eval, the embedded default's
-    six evals spent about 1.5 s of its 16-20 s drawing pictures nobody looks at mid-run; a long run
-    still gets a curves.png at most a minute stale, and the session draws the final one at the end.
+    six evals spent about 1.5 s of its 16-20 s drawing pictures nobody looks at mid-run. A long run's
+    picture is still redrawn at its evals, at most once a minute, and the session draws the final one
+    when the run ends or fails with an error (what a SIGKILL or an out-of-memory kill leaves is the
+    last drawing, if any: metrics.jsonl holds every point).
     """
 
     def __init__(self, draw: Callable[[], None], interval_s: float, clock: Callable[[], float] = time.monotonic):

@@ -135,8 +135,16 @@ def _train_in(cfg: DictConfig, run: RunConfig, accelerator: Any, run_dir: RunDir
         accelerator.num_processes,
         "es" if accelerator.num_processes > 1 else "",
     )
-    result = loop.run()
-    return finish(result, method, run, accelerator, run_dir, parts, max_steps, metrics_log, data)
+    try:
+        result = loop.run()
+        return finish(result, method, run, accelerator, run_dir, parts, max_steps, metrics_log, data)
+    except Exception:  # a crash keeps its curves up to the last log (evals redraw at most once a minute)
+        if run_dir.main and metrics_log.records():
+            try:
+                draw_curves(metrics_log, method, run, run_dir)
+            except Exception as exc:  # noqa: BLE001 - never mask the error that ended the run
+                log.warning("curves.png not drawn: %s", exc)
+        raise
 
 
 @dataclass

@@ -23,7 +23,7 @@ from rewardctl.training import guards
 from rewardctl.training.loop import TrainingLoop
 
 from ..conftest import cli as run_cli
-from ..conftest import read_jsonl, run_training
+from ..conftest import read_jsonl, reset_accelerate, run_training
 
 TIMING_KEYS = {"train_seconds", "eval_seconds", "pairs_per_sec", "tokens_per_sec"}
 
@@ -121,6 +121,27 @@ def test_a_logged_loss_far_above_the_recent_median_ends_the_run_as_diverged(tmp_
     assert summary["status"] == "diverged" and summary["step"] == 13 and summary["skipped_steps"] == 0
     assert "over 100x the median" in summary["message"] and not (run_dir / "model").exists()
     assert sorted(checkpoint_weights(run_dir)) == ["step-12", "step-8"] and summary["checkpoint"].endswith("step-12")
+
+
+def test_a_run_that_fails_with_an_error_keeps_its_curves_up_to_the_failure(tmp_path: Path, monkeypatch):
+    # Evals redraw curves.png at most once a minute (train.curves_every_s): a short run draws at its end,
+    # and one that ends in an error draws on the way out, then the error propagates unchanged.
+    train_step, calls = PairwiseMethod.train_step, {"n": 0}
+
+    def failing(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("injected fault in micro-batch 6")
+        return train_step(self, model, batch)
+
+    monkeypatch.setattr(PairwiseMethod, "train_step", failing)
+    with pytest.raises(RuntimeError, match="injected fault in micro-batch 6"):
+        run_training(tmp_path, SHORT)
+    reset_accelerate()
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    evals = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals == [0, 4] and (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run_dir / "summary.json").exists()
 
 
 # ---- the real command ----------------------------------------------------------------------------

@@ -123,6 +123,21 @@ def test_labels_stay_int64_through_datasets_and_soft_labels_keep_their_value(tmp
     assert split.report["labelled_steps"] == 4
 
 
+def test_collate_pads_ids_labels_and_targets_exactly():
+    method = make_method()
+    pad = method.tokenizer.pad_token_id
+    features = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE, 1, 0], "targets": [0.0, 1.0, 0.0]},
+        {"input_ids": [8], "labels": [1], "targets": [0.75]},
+    ]
+    batch = method.collate(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 1, 0], [1, IGNORE, IGNORE]]
+    assert batch["targets"].tolist() == [[0.0, 1.0, 0.0], [0.75, 0.0, 0.0]]
+    assert batch["labels"].dtype == torch.int64 and batch["targets"].dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     ("row", "field", "text"),
     [
