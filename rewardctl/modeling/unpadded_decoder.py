@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rewardctl.modeling import cpu_attention
 from rewardctl.modeling.final_layer import (
     READ_ONLY_ATTENTION,
     READ_ONLY_LAYERS,
@@ -329,11 +330,13 @@ def layers_before_last(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every layer but the last on the batch's real tokens: the hidden state entering the last layer
     (1, T', H), its rotary cos and sin (1, T', head_dim) and the mask as the layers take it, cut to
-    the attention layout (``DecoderLayout.crop``) and additive for eager attention. ``mask`` and
+    the attention layout (``DecoderLayout.crop``), additive for eager attention and for sdpa's fp32
+    CPU attention (``cpu_attention.fp32_mask_once``). ``mask`` and
     ``position_ids`` as ``hidden_at_reads`` takes them."""
     mask = layout.crop(mask)
     if backbone.config._attn_implementation == "eager" and mask.dtype == torch.bool:
         mask = additive_mask(mask)
+    mask = cpu_attention.fp32_mask_once(mask, backbone.config._attn_implementation)
     ids = input_ids.flatten().index_select(0, layout.index)[None]
     positions = position_ids.flatten().index_select(0, layout.index)[None]
     hidden = backbone.embed_tokens(ids)

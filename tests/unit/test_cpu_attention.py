@@ -56,6 +56,20 @@ def test_fp32_inputs_reach_the_stock_function_unchanged_unless_autocast_would_lo
     torch.testing.assert_close(inside, want.to(torch.bfloat16), rtol=0, atol=0)
 
 
+def test_a_boolean_mask_becomes_sdpa_s_own_float_mask_only_where_attention_runs_in_fp32_on_cpu():
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    assert cpu_attention.fp32_mask_once(mask, "sdpa") is mask  # not installed: the stock sdpa converts
+    cpu_attention.install()
+    once = cpu_attention.fp32_mask_once(mask, "sdpa")
+    assert once.dtype == torch.float32 and torch.equal(once, torch.where(mask, 0.0, float("-inf")))
+    assert cpu_attention.fp32_mask_once(mask, "eager") is mask and cpu_attention.fp32_mask_once(once, "sdpa") is once
+    module = torch.nn.Module()
+    q, k, v = qkv(torch.bfloat16)
+    with_bool, _ = cpu_attention.fp32_cpu_sdpa(module, q, k, v, mask, scaling=0.5)
+    with_float, _ = cpu_attention.fp32_cpu_sdpa(module, q, k, v, once, scaling=0.5)
+    torch.testing.assert_close(with_float, with_bool, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_a_transformers_model_under_bf16_autocast_attends_through_it(kind: str, monkeypatch):
     if kind == "llama":

@@ -160,6 +160,52 @@ def test_a_batch_wider_than_its_real_columns_equals_the_padded_forward(every_bat
         torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_the_fp32_cpu_attention_takes_one_float_mask_for_every_layer_bit_for_bit(monkeypatch, every_batch):
+    """With ``fp32_cpu_sdpa`` installed, the gathered layers get the boolean mask as sdpa's own fp32
+    additive mask once (``cpu_attention.fp32_mask_once``) instead of converting it at every layer: the
+    same rewards and gradients to the bit under bf16 autocast, and one mask tensor shared by the layers."""
+    from rewardctl.modeling import cpu_attention
+
+    torch.manual_seed(0)
+    model = SequenceRewardModel(_tiny())
+    packed = pack_rows([[list(range(5, 12)), list(range(5, 9)) + [40, 41]], [[5, 6, 7], [5, 6, 8, 9], [5, 10]]], 0)
+    reads = packed["reward_index"].T.flatten()
+    reads = reads[reads >= 0]
+    masks: list[torch.Tensor] = []
+    sdpa = cpu_attention.fp32_cpu_sdpa
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    cpu_attention.install()
+    try:
+        results = []
+        for once in (True, False):
+            if not once:
+                monkeypatch.setattr(cpu_attention, "fp32_mask_once", lambda mask, implementation: mask)
+            masks.clear()
+            monkeypatch.setattr(unpadded_decoder, "attention_function", lambda attn: recording)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rewards = model(
+                    packed["input_ids"],
+                    reward_index=reads,
+                    segment_ids=packed["segment_ids"],
+                    position_ids=packed["position_ids"],
+                )
+            rewards.float().pow(2).sum().backward()
+            results.append((rewards.detach(), [p.grad.clone() for p in model.parameters()], list(masks)))
+    finally:
+        cpu_attention.uninstall()
+    (fast, fast_grads, fast_masks), (slow, slow_grads, slow_masks) = results
+    assert every_batch and torch.equal(fast, slow) and all(map(torch.equal, fast_grads, slow_grads))
+    layers = len(model.classifier.model.layers) - 1  # the last one attends at its reads, its own mask rows
+    assert len(fast_masks) == layers and all(m is fast_masks[0] for m in fast_masks)
+    assert fast_masks[0].dtype == torch.float32 and slow_masks[0].dtype == torch.bool
+    assert torch.equal(fast_masks[0] == 0, slow_masks[0]) and torch.isinf(fast_masks[0][~slow_masks[0]]).all()
+
+
 def test_no_layout_where_it_would_not_pay_or_would_stall_a_gpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 4)
     assert decoder_layout(torch.ones(2, 6, dtype=torch.bool)) is None  # no padding
