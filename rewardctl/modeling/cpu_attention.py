@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rewardctl.modeling.final_layer import additive_mask
+
 #: transformers' own sdpa function, kept so the wrapper can call it and ``uninstall`` restore it.
 _stock: dict[str, Callable[..., Any]] = {}
 
@@ -75,7 +77,7 @@ def fp32_mask_once(mask: Tensor, attn_implementation: str) -> Tensor:
 
     if ALL_ATTENTION_FUNCTIONS["sdpa"] is not fp32_cpu_sdpa:
         return mask
-    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+    return additive_mask(mask, float("-inf"))
 
 
 def install() -> None:

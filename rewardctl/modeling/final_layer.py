@@ -60,12 +60,11 @@ class _LastLayerInputs(Exception):  # noqa: N818 (control flow, never an error a
         self.hidden, self.kwargs = hidden, kwargs
 
 
-def additive_mask(visible: Tensor) -> Tensor:
-    """A boolean mask (True: may attend) as eager attention wants it: added to the scores, 0 where
-    visible and the float32 minimum elsewhere."""
-    return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill(
-        ~visible, torch.finfo(torch.float32).min
-    )
+def additive_mask(visible: Tensor, hidden: float = torch.finfo(torch.float32).min) -> Tensor:
+    """A boolean mask (True: may attend) as an fp32 mask added to the scores: 0 where visible and
+    ``hidden`` elsewhere (the float32 minimum, as eager attention wants it; sdpa's own conversion
+    uses -inf)."""
+    return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill(~visible, hidden)
 
 
 def read_only_blocker(backbone: nn.Module) -> str | None:
