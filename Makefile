@@ -37,9 +37,15 @@ $(BENCH_VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BENCH_BIN)/pyt
 	$(BENCH_BIN)/pip install $(if $(CONSTRAINTS),-c $(BENCH_VENV)/constraints.txt) -e ".[dev,bench]"
 	touch $@
 
+# Both also build rewardctl's fused CPU kernels for their torch (once per machine, about 30 s on 2 cores;
+# `rewardctl kernels build`). Without a C++ compiler they are skipped: runs then use torch's operators.
+KERNELS_SKIPPED := echo "make: fused CPU kernels not built (no C++ compiler or ninja?); runs use torch's operators"
+
 setup: $(VENV)/.installed-dev
+	@$(BIN)/rewardctl kernels build || $(KERNELS_SKIPPED)
 
 setup-bench: $(BENCH_VENV)/.installed-bench
+	@$(BENCH_BIN)/rewardctl kernels build || $(KERNELS_SKIPPED)
 
 ## Train the embedded default (tiny model, bundled sample, CPU) into outputs/<date>/<time>/.
 demo: setup

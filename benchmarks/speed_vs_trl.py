@@ -18,7 +18,9 @@ Cases (each system trains in its own subprocess, so its peak resident memory is 
              [SEP] EOS). Both systems start from random weights (same seed, same config); throughput does
              not depend on the weights, and accuracy from random weights after a few dozen steps is
              near chance by construction. rewardctl with prompt sharing (data.share_prefix=auto),
-             rewardctl with data.share_prefix=false (what sharing alone gives), TRL-best.
+             the same with hardware.cpu_fused_kernels=false (what the fused SwiGLU / RMS-norm kernels
+             give; they are built before any timed run, as `make setup` builds them), rewardctl with
+             data.share_prefix=false (what sharing alone gives), TRL-best.
 3. ranklist  Ranked lists of 4 reviews (../shared/data/rlhf_glm_sentiment_ranklist, best first) on the
              decoder: rewardctl method=ranklist (sharing) vs TRL-best trained on every ordered pair
              of the same lists (i above j: chosen=i, rejected=j), TRL's batch = lists per batch x pairs
@@ -532,6 +534,10 @@ def pairwise_case(case: str, args: argparse.Namespace, work: Path, data: dict[st
         model_path, scratch = str(data["decoder"]), True
         systems = [
             (f"rewardctl {dtype_label(args.precision)}, shared prompt", []),
+            (
+                f"rewardctl {dtype_label(args.precision)}, shared prompt, cpu_fused_kernels=false",
+                ["hardware.cpu_fused_kernels=false"],
+            ),
             (f"rewardctl {dtype_label(args.precision)}, share_prefix=false", ["data.share_prefix=false"]),
         ]
     record(
@@ -844,6 +850,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def prepare_fused_kernels() -> str:
+    """rewardctl's fused CPU kernels built before any timed run (as `make setup` or a user's one
+    `rewardctl kernels build` leaves them), so no run's train seconds hold their 30 s compile; the
+    runs' `hardware.cpu_fused_kernels=auto` then loads them. What happened, for the results."""
+    from rewardctl.kernels import build
+
+    try:
+        _, seconds = build.build()
+    except build.KernelBuildError as exc:
+        return f"not built ({exc}): rewardctl runs without them"
+    return f"built in {seconds:.0f} s before the runs" if seconds else "already built"
+
+
 def main() -> int:  # noqa: C901 - one case after another, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per system (pairwise and ranklist)")
@@ -943,6 +962,8 @@ def main() -> int:  # noqa: C901 - one case after another, read top to bottom
             flush=True,
         )
 
+    results["settings"]["fused_kernels"] = prepare_fused_kernels()
+    print(f"fused CPU kernels: {results['settings']['fused_kernels']}", flush=True)
     current_round = 0
     work = Path(tempfile.mkdtemp(prefix="speed_vs_trl-"))
     try:

@@ -53,6 +53,7 @@ commands:
   serve   an HTTP scoring server (POST /score, OpenRLHF's /get_reward): rewardctl serve run_dir=<run directory> [port=8000]
   export  write a run's model with its adapter merged, as a stock transformers directory:
           rewardctl export run_dir=<run directory> [checkpoint=step-N] [dtype=bfloat16] [output_dir=<dir>]
+  kernels build or check the fused CPU kernels (once per machine): rewardctl kernels build|status
 
 Each command takes Hydra overrides and Hydra's own flags; see `rewardctl <command> --help`.
 --debug (anywhere) shows the full stack of an error instead of its one-line summary.
@@ -373,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in COMPLETION_FLAGS for a in args[:2]):
         return shell_completion(args)
     command, rest = args[0], args[1:]
+    if command == "kernels":  # not a Hydra app: no config to compose
+        from rewardctl.kernels.cli import main as kernels_main
+
+        return kernels_main(rest)
     if command not in COMMANDS:
         print(f"rewardctl: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -98,6 +98,17 @@ def _clean_accelerate_state():
     reset_accelerate()
 
 
+@pytest.fixture(autouse=True)
+def _fused_kernels_as_they_were():
+    """A run in this process loads the fused CPU kernels process-wide (``hardware.cpu_fused_kernels``);
+    no test leaves them on or off for the next one."""
+    from rewardctl.kernels import ops
+
+    before = ops._loaded["module"]
+    yield
+    ops.use(before)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     from rewardctl.config.schema import ModelConfig

@@ -84,6 +84,13 @@ FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 def check_hardware(hw: Any) -> None:
     """Process counts, machines and sharding values (what this machine has: ``rewardctl.machine``)."""
+    mode = str(hw.cpu_fused_kernels).lower()  # a str field: OmegaConf turns true/false into 'True'/'False'
+    _require(
+        mode in SWITCH_VALUES,
+        "hardware.cpu_fused_kernels",
+        f"must be auto, true or false (got {hw.cpu_fused_kernels!r})",
+    )
+    hw.cpu_fused_kernels = mode
     _require(
         hw.num_processes >= 0,
         "hardware.num_processes",

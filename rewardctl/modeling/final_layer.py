@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rewardctl.kernels import ops as fused_kernels
 from rewardctl.modeling.forward_swap import fsdp_unwrapped_class
 from rewardctl.modeling.hooks import hooked_module, sharding_forward_hooks
 
@@ -136,12 +137,29 @@ def close_stopped_call(layer: nn.Module, hidden: Tensor, output: Tensor) -> Tens
 def keys_values(attention: nn.Module, normed: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """A Llama-family attention's rotated keys and its values over every token of ``normed`` (B, L, H),
     each (B, kv_heads, L, head_dim); ``cos``/``sin`` (B or 1, L, head_dim) as the rotary module gives."""
+    batch, length, _ = normed.shape
+    key = rotated(attention.k_proj(normed).view(batch, length, -1, attention.head_dim), cos, sin)
+    value = attention.v_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    return key, value
+
+
+def rotated(heads: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """A projection's output viewed as (B, L, heads, head_dim), rotated and returned as (B, heads, L,
+    head_dim): ``x * cos + rotate_half(x) * sin`` (transformers' ``apply_rotary_pos_emb``). In
+    rewardctl's fused CPU kernel where the run uses them (one pass each way, bit for bit the same),
+    else as transformers writes it."""
     from transformers.models.llama.modeling_llama import rotate_half
 
-    batch, length, _ = normed.shape
-    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    value = attention.v_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    return key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1), value
+    if (
+        fused_kernels.active()
+        and heads.device.type == "cpu"
+        and heads.dtype in fused_kernels.SWIGLU_DTYPES
+        and cos.dtype == sin.dtype == heads.dtype
+        and not (cos.requires_grad or sin.requires_grad)
+    ):
+        return fused_kernels.rotary(heads, cos, sin).transpose(1, 2)
+    heads = heads.transpose(1, 2)
+    return heads * cos.unsqueeze(1) + rotate_half(heads) * sin.unsqueeze(1)
 
 
 def attention_function(attention: nn.Module) -> Callable[..., tuple[Tensor, Any]]:

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rewardctl.kernels import ops as fused_kernels
 from rewardctl.modeling import cpu_attention
 from rewardctl.modeling.final_layer import (
     READ_ONLY_ATTENTION,
@@ -57,6 +58,7 @@ from rewardctl.modeling.final_layer import (
     attention_function,
     keys_values,
     output_at_reads,
+    rotated,
     rows_of,
 )
 from rewardctl.modeling.hooks import GATHERED, hooked, hooked_module
@@ -287,8 +289,10 @@ RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
-    """``norm(hidden)`` for a gathered CPU row: one fused ``rms_norm`` call where that is the stock
-    norm's exact maths (a stock RMS norm, fp32 input and weight, no hooks), else the module itself."""
+    """``norm(hidden)`` for a gathered CPU row: one fused call where that is the stock norm's maths (a
+    stock RMS norm, fp32 input and weight, no hooks), rewardctl's C++ kernel when the run uses them
+    (``rewardctl.kernels``: one pass forward and one backward, within fp32 rounding of the stock norm),
+    else ``torch.nn.functional.rms_norm``; anything else runs the module itself."""
     weight = getattr(norm, "weight", None)
     if (
         hidden.dtype == torch.float32
@@ -297,20 +301,50 @@ def rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
         and _stock_class(norm, RMS_NORMS)
         and not hooked(norm)
     ):
+        if fused_kernels.active():
+            return fused_kernels.rms_norm(hidden, weight, norm.variance_epsilon)
         return torch.nn.functional.rms_norm(hidden, weight.shape, weight, norm.variance_epsilon)
     return norm(hidden)
+
+
+#: transformers' gated MLPs of the ``BACKBONES`` layers: ``down(act(gate(x)) * up(x))``.
+GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+#: What ``hidden_act="silu"`` (transformers' ``SiLUActivation``) and ``"swish"`` (``nn.SiLU``) build:
+#: both ``torch.nn.functional.silu``.
+SILU_ACTIVATIONS = ("SiLUActivation", "SiLU")
+
+
+def _silu(module: Any) -> bool:
+    cls = type(module)
+    return cls.__name__ in SILU_ACTIVATIONS and cls.__module__.split(".")[0] in ("transformers", "torch")
+
+
+def mlp(module: nn.Module, hidden: Tensor) -> Tensor:
+    """``module(hidden)`` for a gathered CPU row, with ``silu(gate) * up`` in rewardctl's fused kernel
+    (one pass forward, one backward; bit for bit the stock result) when the run uses the kernels and
+    the MLP is a stock SiLU-gated one without hooks of its own; its projections run as modules, so
+    their hooks (LoRA's too) still apply."""
+    if not (
+        fused_kernels.active()
+        and _stock_class(module, GATED_MLPS)
+        and _silu(getattr(module, "act_fn", None))
+        and not hooked(module)
+        and not hooked(module.act_fn)
+    ):
+        return module(hidden)
+    gate, up = module.gate_proj(hidden), module.up_proj(hidden)
+    if gate.dtype not in fused_kernels.SWIGLU_DTYPES or up.dtype != gate.dtype:
+        return module.down_proj(module.act_fn(gate) * up)
+    return module.down_proj(fused_kernels.swiglu(gate, up))
 
 
 def _layer_on_tokens(
     layer: nn.Module, hidden: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, layout: DecoderLayout
 ) -> Tensor:
     """A Llama-family decoder layer (``LlamaDecoderLayer.forward``) on the gathered row (1, T', H)."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
     attn = layer.self_attn
     normed = rms_norm(layer.input_layernorm, hidden)
-    query = attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim).transpose(1, 2)
-    query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+    query = rotated(attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim), cos, sin)
     key, value = keys_values(attn, normed, cos, sin)
     output, _ = attention_function(attn)(
         attn,
@@ -322,7 +356,7 @@ def _layer_on_tokens(
         scaling=attn.scaling,
     )  # (B, span, heads, head_dim)
     hidden = hidden + attn.o_proj(layout.unpad(output))
-    return hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+    return hidden + mlp(layer.mlp, rms_norm(layer.post_attention_layernorm, hidden))
 
 
 def layers_before_last(

@@ -21,7 +21,10 @@ from accelerate.utils import (
 from torch import nn
 
 from rewardctl.config.schema import Device, HardwareConfig, TrainConfig
+from rewardctl.kernels import ops as fused_kernels
 from rewardctl.modeling import cpu_attention, rotary
+
+log = logging.getLogger(__name__)
 
 
 class AccelerateRuntime:
@@ -72,6 +75,9 @@ def build_accelerator(hardware: HardwareConfig, report_to: list[str], train: Tra
     use_cpu = hardware.device == Device.cpu or not torch.cuda.is_available()
     cpu_attention.configure(use_cpu and hardware.cpu_attention_fp32)
     rotary.configure(hardware.rotary_in_autocast_dtype)
+    kernels_line = fused_kernels.configure(str(hardware.cpu_fused_kernels).lower(), cpu=use_cpu)
+    if kernels_line:
+        log.info(kernels_line)
     if hardware.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -110,6 +110,7 @@ def test_unknown_keys_and_bad_types_are_refused_at_composition(override: str, ke
         ("train.adam_eps=-1", "train.adam_eps", "> 0"),
         ("train.curves_every_s=-1", "train.curves_every_s", ">= 0"),
         ("method.center_rewards_coefficient=-5", "method.center_rewards_coefficient", ">= 0"),
+        ("hardware.cpu_fused_kernels=maybe", "hardware.cpu_fused_kernels", "auto, true or false"),
     ],
 )
 def test_invalid_values_are_refused_before_anything_loads(override: str, key: str, text: str):
