@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
+import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -65,7 +68,8 @@ def extension_name() -> str:
     """The module name, unique to what the binary depends on (see the module docstring)."""
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    for part in (torch.__version__, torch.version.git_version, f"{sys.version_info[0]}.{sys.version_info[1]}"):
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}{sys.abiflags}"
+    for part in (torch.__version__, torch.version.git_version, python, platform.machine()):
         key.update(part.encode())
     key.update(" ".join(compile_flags()).encode())
     return f"rewardctl_cpu_fused_{key.hexdigest()[:16]}"
@@ -110,36 +114,60 @@ def _ensure_ninja_on_path() -> None:
         pass
 
 
+#: Lines of a compiler's or ninja's output that say what went wrong (torch's message starts with the
+#: command line it ran).
+_ERROR_LINE = re.compile(r"error|not found|no such file|FAILED", re.IGNORECASE)
+
+
+def _first_error(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line for line in lines[1:] if _ERROR_LINE.search(line)), lines[0] if lines else "no output")
+    return found[:200]
+
+
 def build() -> tuple[ModuleType, float]:
-    """Compile (or find already compiled) and load the extension; (module, seconds spent building)."""
-    module = load_built()
+    """Compile (unless already compiled) and load the extension; (module, seconds spent building).
+
+    Each build runs in a directory of its own and the finished library is moved into place in one
+    rename, so processes building at once (the ranks of a run, jobs of a sweep) never load a half-written
+    file, and a build killed midway leaves no lock behind. A library that is there but does not load
+    (truncated, built by another toolchain) is built again."""
+    try:
+        module = load_built()
+    except (ImportError, OSError):
+        module = None
     if module is not None:
         return module, 0.0
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
+    target = library_path()
     started = time.perf_counter()
     try:
-        load(
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
+    except OSError as exc:
+        raise KernelBuildError(
+            f"cannot write the fused CPU kernels' cache {target.parent} ({exc}); set REWARDCTL_KERNELS_DIR to a "
+            "writable folder, or hardware.cpu_fused_kernels=false"
+        ) from exc
+    try:
+        module = load(
             name=extension_name(),
             sources=[str(SOURCE)],
             extra_cflags=compile_flags(),
-            build_directory=str(directory),
+            build_directory=str(work),
             with_cuda=False,
             verbose=False,
         )
+        os.replace(work / target.name, target)
     except (RuntimeError, OSError, ImportError) as exc:
-        log = directory / "build-error.log"
+        log = target.parent / "build-error.log"
         log.write_text(str(exc))
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise KernelBuildError(
-            f"building the fused CPU kernels failed ({first[:160]}); full output in {log}. They need a C++ "
-            "compiler and ninja (pip install ninja); set hardware.cpu_fused_kernels=false to run without them"
+            f"building the fused CPU kernels failed ({_first_error(str(exc))}); full output in {log}. They need "
+            "a C++ compiler and ninja (pip install ninja); set hardware.cpu_fused_kernels=false to run without them"
         ) from exc
-    seconds = time.perf_counter() - started
-    module = load_built()
-    if module is None:
-        raise KernelBuildError(f"the fused CPU kernels were built but {library_path()} is missing")
-    return module, seconds
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return module, time.perf_counter() - started

@@ -22,15 +22,18 @@ def main(args: list[str]) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     where = build.library_path()
     if args[0] == "status":
-        state = "built" if build.is_built() else "not built"
+        try:
+            loaded = build.load_built() is not None
+            state = "built" if loaded else "not built"
+        except (ImportError, OSError) as exc:
+            loaded, state = False, f"built but does not load ({exc}; `rewardctl kernels build` rebuilds it)"
         print(f"fused CPU kernels ({build.capability()}): {state}: {where}")
-        return 0 if build.is_built() else 1
+        return 0 if loaded else 1
     try:
         _, seconds = build.build()
     except build.KernelBuildError as exc:
         print(f"rewardctl: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"fused CPU kernels ({build.capability()}): {f'built in {seconds:.0f} s' if seconds else 'already built'}: {where}"
-    )
+    done = f"built in {seconds:.0f} s" if seconds else "already built"
+    print(f"fused CPU kernels ({build.capability()}): {done}: {where}")
     return 0

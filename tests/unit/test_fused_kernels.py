@@ -139,6 +139,16 @@ def test_the_gathered_decoder_runs_the_kernels_and_still_equals_the_padded_forwa
     torch.manual_seed(0)
     model = method.build_model()
     batch = method.collate(_features(method, _pair_rows(random.Random(kind), 6, conversational=False)))
+    _step(method, model, batch)  # gathered: a training forward + backward, then an eval forward
+    before_last = len(model.classifier.model.layers) - 1
+    # Per forward: SwiGLU in every layer but the last (which runs at the reward tokens, as a module);
+    # both norms of those layers and the last one's input norm; queries and keys of those layers and the
+    # last one's keys (its queries at the reads rotate in final_layer.output_at_reads, stock).
+    assert gathered_calls == {
+        "swiglu": 2 * before_last,
+        "rms_norm": 2 * (2 * before_last + 1),
+        "rotary": 2 * (2 * before_last + 1),
+    }
     seen: list = []
     original = unpadded_decoder.hidden_at_reads
 
@@ -151,15 +161,11 @@ def test_the_gathered_decoder_runs_the_kernels_and_still_equals_the_padded_forwa
         _assert_gathered_equals_padded(method, model, batch, ("chosen_reward", "rejected_reward"), seen)
     finally:
         unpadded_decoder.hidden_at_reads = original
-    layers = len(model.classifier.model.layers)
-    assert gathered_calls["swiglu"] >= layers - 1  # every layer before the last, per gathered forward
-    assert gathered_calls["rms_norm"] >= 2 * (layers - 1)
-    assert gathered_calls["rotary"] >= 2 * (layers - 1)  # queries and keys
 
 
 def test_under_bf16_autocast_the_kernels_change_no_reward_beyond_fp32_rounding(tmp_path: Path, fused, gathered_calls):
-    """The same gathered forward and backward under CPU bf16 autocast with the kernels and without:
-    SwiGLU is bit for bit, so only the norm's fp32 rounding differs."""
+    """The same gathered forward and backward under CPU bf16 autocast with the kernels and without: the
+    norm's fp32 rounding differences pass through bf16 matmuls, so the rewards agree to bf16 precision."""
     method = _method(PairwiseMethod, _model_dir(tmp_path, "llama"), "data.share_prefix=true")
     torch.manual_seed(0)
     model = method.build_model()
@@ -181,19 +187,29 @@ def test_under_bf16_autocast_the_kernels_change_no_reward_beyond_fp32_rounding(t
 def test_an_mlp_with_its_own_hook_runs_as_a_module(tmp_path: Path, fused, gathered_calls):
     method = _method(PairwiseMethod, _model_dir(tmp_path, "llama"), "data.share_prefix=true")
     model = method.build_model()
+    batch = method.collate(_features(method, _pair_rows(random.Random(4), 4, conversational=False)))
+    _step(method, model, batch)
+    unhooked = dict(gathered_calls)
     seen = []
     handle = model.classifier.model.layers[0].mlp.register_forward_hook(lambda *_: seen.append(1))
     try:
-        batch = method.collate(_features(method, _pair_rows(random.Random(4), 4, conversational=False)))
         _step(method, model, batch)
     finally:
         handle.remove()
-    assert seen  # the hook ran: that layer's MLP went through its module, not the kernel
+    assert len(seen) == 2  # the hook ran in both forwards: that MLP went through its module
+    assert gathered_calls["swiglu"] - unhooked["swiglu"] == unhooked["swiglu"] - 2  # the other layers: the kernel
+    assert gathered_calls["rms_norm"] == 2 * unhooked["rms_norm"]  # still the gathered forward
 
 
 # ---- the cache, the switch, the command --------------------------------------------------------------
-def test_the_cache_key_follows_the_source_torch_and_the_flags(monkeypatch: pytest.MonkeyPatch):
+def test_the_cache_key_follows_the_source_torch_and_the_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     name = build.extension_name()
+    edited = tmp_path / "cpu_fused.cpp"
+    edited.write_bytes(build.SOURCE.read_bytes() + b"// edited\n")
+    monkeypatch.setattr(build, "SOURCE", edited)
+    assert build.extension_name() != name
+    monkeypatch.undo()
+    assert build.extension_name() == name
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
     assert build.extension_name() != name
     monkeypatch.undo()
@@ -216,18 +232,42 @@ def test_auto_uses_built_kernels_only_and_false_or_a_gpu_never(tmp_path: Path, m
 def test_a_failed_build_is_one_line_naming_its_log_and_the_switch(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("REWARDCTL_KERNELS_DIR", str(tmp_path))
 
-    def no_compiler(**_kwargs):
-        raise RuntimeError("Error building extension 'x': c++: command not found\nmore output")
+    def no_compiler(**_kwargs):  # what torch's builder raises: the command line first, then the failure
+        raise RuntimeError(
+            "Error building extension 'x': [1/2] c++ -MMD -MF cpu_fused.o.d -O3 -c cpu_fused.cpp\n"
+            "FAILED: cpu_fused.o\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed."
+        )
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     with pytest.raises(build.KernelBuildError) as info:
         ops.configure("true", cpu=True)
     message = str(info.value)
-    assert "\n" not in message and "c++: command not found" in message
+    assert "\n" not in message and "FAILED: cpu_fused.o" in message
     assert "hardware.cpu_fused_kernels=false" in message
     log = build.build_directory() / "build-error.log"
-    assert str(log) in message and "more output" in log.read_text()
+    assert str(log) in message and "c++: not found" in log.read_text()
+    assert not [p for p in tmp_path.rglob("build-*") if p.is_dir()]  # the build's own folder is gone
     assert not ops.active()
+
+
+def test_a_library_that_does_not_load_is_built_again_and_moved_into_place(tmp_path: Path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("REWARDCTL_KERNELS_DIR", str(tmp_path))
+    target = build.library_path()
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a shared library")  # e.g. a build killed while it wrote the file
+    built = SimpleNamespace(name="fresh")
+
+    def fake_load(*, name, build_directory, **_kwargs):
+        assert Path(build_directory).parent == target.parent and Path(build_directory) != target.parent
+        (Path(build_directory) / f"{name}.so").write_bytes(b"fresh library")
+        return built
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_load)
+    module, _ = build.build()
+    assert module is built and target.read_bytes() == b"fresh library"
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # its build folder is gone
 
 
 def test_the_kernels_command_says_where_they_are(kernels, capsys: pytest.CaptureFixture):
