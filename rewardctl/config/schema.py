@@ -291,10 +291,11 @@ class HardwareConfig:
     # the last step touched, instead of a fresh zero-filled vocab x hidden tensor per step (15 ms a step
     # for a 30522 x 384 vocabulary; rewardctl/modeling/embedding_grad.py). Same gradient, bit for bit.
     cpu_warm_embedding_grad: bool = True
-    # CPU runs: SwiGLU and the RMS norms of Llama / Mistral / Qwen2 decoders (on their real tokens) in
-    # rewardctl's fused C++ kernels, one pass each instead of 2-6 operators (rewardctl/kernels; SwiGLU bit
-    # for bit, the norm within fp32 rounding). auto: when built (`rewardctl kernels build`, once per
-    # machine); true: build them at the start of the run if missing; false: never.
+    # CPU runs: SwiGLU, the RMS norms and the rotary rotation of Llama / Mistral / Qwen2 decoders (on
+    # their real tokens) in rewardctl's fused C++ kernels, one pass each instead of 2-6 operators
+    # (rewardctl/kernels; SwiGLU and the rotation bit for bit, the norm within fp32 rounding). auto: when
+    # built (`rewardctl kernels build`, once per machine); true: build them at the start of the run if
+    # missing; false: never.
     cpu_fused_kernels: str = "auto"
     # How several processes share the work: none (DDP when there are several), fsdp, deepspeed.
     strategy: Strategy = Strategy.none

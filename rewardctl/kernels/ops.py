@@ -24,9 +24,9 @@ log = logging.getLogger("rewardctl.kernels")
 #: The loaded extension while the run uses it (``configure``), else None.
 _loaded: dict[str, ModuleType | None] = {"module": None}
 
-#: The dtypes the kernels take: SwiGLU fp32 or bf16 (a gate and up of another dtype run stock), the
-#: RMS norm fp32 (the stock norms' dtype under autocast with fp32 weights).
-SWIGLU_DTYPES = (torch.float32, torch.bfloat16)
+#: The dtypes SwiGLU and the rotation take (fp16 runs stock); the RMS norm takes fp32 only (the stock
+#: norms' dtype under autocast with fp32 weights).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def configure(mode: str, *, cpu: bool) -> str | None:

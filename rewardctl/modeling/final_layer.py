@@ -153,7 +153,7 @@ def rotated(heads: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if (
         fused_kernels.active()
         and heads.device.type == "cpu"
-        and heads.dtype in fused_kernels.SWIGLU_DTYPES
+        and heads.dtype in fused_kernels.KERNEL_DTYPES
         and cos.dtype == sin.dtype == heads.dtype
         and not (cos.requires_grad or sin.requires_grad)
     ):

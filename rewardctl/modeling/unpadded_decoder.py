@@ -333,7 +333,7 @@ def mlp(module: nn.Module, hidden: Tensor) -> Tensor:
     ):
         return module(hidden)
     gate, up = module.gate_proj(hidden), module.up_proj(hidden)
-    if gate.dtype not in fused_kernels.SWIGLU_DTYPES or up.dtype != gate.dtype:
+    if gate.dtype not in fused_kernels.KERNEL_DTYPES or up.dtype != gate.dtype:
         return module.down_proj(module.act_fn(gate) * up)
     return module.down_proj(fused_kernels.swiglu(gate, up))
 
