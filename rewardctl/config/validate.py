@@ -82,15 +82,16 @@ def _require(condition: bool, key: str, message: str) -> None:
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 
+def _check_switch(section: Any, where: str, key: str) -> None:
+    """An auto / true / false str field, stored lower-case (OmegaConf turns true/false into 'True'/'False')."""
+    value = str(getattr(section, key)).lower()
+    _require(value in SWITCH_VALUES, f"{where}.{key}", f"must be auto, true or false (got {getattr(section, key)!r})")
+    setattr(section, key, value)
+
+
 def check_hardware(hw: Any) -> None:
     """Process counts, machines and sharding values (what this machine has: ``rewardctl.machine``)."""
-    mode = str(hw.cpu_fused_kernels).lower()  # a str field: OmegaConf turns true/false into 'True'/'False'
-    _require(
-        mode in SWITCH_VALUES,
-        "hardware.cpu_fused_kernels",
-        f"must be auto, true or false (got {hw.cpu_fused_kernels!r})",
-    )
-    hw.cpu_fused_kernels = mode
+    _check_switch(hw, "hardware", "cpu_fused_kernels")
     _require(
         hw.num_processes >= 0,
         "hardware.num_processes",
@@ -193,10 +194,8 @@ def check_run_config(cfg: DictConfig, *, for_training: bool = True) -> RunConfig
         _require(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null (got {value})")
     _require(d.pad_buckets >= 0, "data.pad_buckets", f"must be >= 0 (0: pad to the longest row; got {d.pad_buckets})")
     _require(bool(str(d.train).strip()), "data.train", "must name a file, folder or hub dataset")
-    for key in ("share_prefix", "padding_free"):  # str fields: OmegaConf turns true/false into 'True'/'False'
-        value = str(getattr(d, key)).lower()
-        _require(value in SWITCH_VALUES, f"data.{key}", f"must be auto, true or false (got {getattr(d, key)!r})")
-        setattr(d, key, value)
+    for key in ("share_prefix", "padding_free"):
+        _check_switch(d, "data", key)
     check_hardware(run.hardware)
     if not is_dataclass(run.method):
         raise ConfigError("method", "the method config did not validate against its schema")

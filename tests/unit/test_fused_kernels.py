@@ -19,9 +19,12 @@ from rewardctl.methods.pairwise import PairwiseMethod
 from rewardctl.modeling import unpadded_decoder
 
 from ..conftest import _features, _pair_rows
+from . import test_unpadded_decoder
 from .test_final_layer import _method, _step
 from .test_packing import _model_dir
 from .test_unpadded_decoder import _assert_gathered_equals_padded
+
+every_batch = test_unpadded_decoder.every_batch  # its fixture: exact widths, the gathered forwards recorded
 
 
 @pytest.fixture(scope="session")
@@ -114,11 +117,10 @@ def test_the_kernels_refuse_what_they_do_not_compute(fused):
 
 # ---- in the gathered decoder -------------------------------------------------------------------------
 @pytest.fixture
-def gathered_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Every test model may gather (they are narrower than MIN_HIDDEN), exact widths, and a count of
-    the kernels' calls."""
+def gathered_calls(monkeypatch: pytest.MonkeyPatch, every_batch) -> dict[str, int]:
+    """Every test model may gather (they are narrower than MIN_HIDDEN), exact widths (``every_batch``,
+    which also records the gathered forwards), and a count of the kernels' calls."""
     monkeypatch.setattr(unpadded_decoder, "MIN_HIDDEN", 0)
-    monkeypatch.setattr(unpadded_decoder, "TOKEN_ROWS_MULTIPLE", 1)
     calls = {"swiglu": 0, "rms_norm": 0, "rotary": 0}
     for name in calls:
         original = getattr(ops, name)
@@ -133,7 +135,7 @@ def gathered_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_the_gathered_decoder_runs_the_kernels_and_still_equals_the_padded_forward(
-    tmp_path: Path, kind: str, fused, gathered_calls
+    tmp_path: Path, kind: str, fused, gathered_calls, every_batch
 ):
     method = _method(PairwiseMethod, _model_dir(tmp_path, kind), "data.share_prefix=true")
     torch.manual_seed(0)
@@ -149,18 +151,8 @@ def test_the_gathered_decoder_runs_the_kernels_and_still_equals_the_padded_forwa
         "rms_norm": 2 * (2 * before_last + 1),
         "rotary": 2 * (2 * before_last + 1),
     }
-    seen: list = []
-    original = unpadded_decoder.hidden_at_reads
-
-    def recorded(*args, **kwargs):
-        seen.append(args)
-        return original(*args, **kwargs)
-
-    unpadded_decoder.hidden_at_reads = recorded
-    try:
-        _assert_gathered_equals_padded(method, model, batch, ("chosen_reward", "rejected_reward"), seen)
-    finally:
-        unpadded_decoder.hidden_at_reads = original
+    every_batch.clear()  # the comparison below must see the gathered forward run again
+    _assert_gathered_equals_padded(method, model, batch, ("chosen_reward", "rejected_reward"), every_batch)
 
 
 def test_under_bf16_autocast_the_kernels_change_no_reward_beyond_fp32_rounding(tmp_path: Path, fused, gathered_calls):
